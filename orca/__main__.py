@@ -1,0 +1,5 @@
+import sys
+
+from orca.cli import main
+
+sys.exit(main())

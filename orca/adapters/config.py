@@ -1,0 +1,234 @@
+"""The one configuration schema every stage-3 fine-tuning method reads.
+
+Why a single flat dataclass rather than one config class per method (as peft has): a stage-3 run
+sweeps methods with everything else held fixed, so one YAML block must be able to switch
+``method: lora`` to ``method: dylora`` without reshaping the file. Fields that a method does not use
+are ignored by it. All cross-field checks live in ``__post_init__`` and raise ``ValueError`` naming
+the field, the value and what is allowed (never a bare ``assert``: those vanish under ``python -O``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+#: Target presets (module names relative to the timm Swin body, matched with ``re.fullmatch``).
+#: ``attn`` is what seed 001 adapts (its Table 2 parameter counts are 72,192 x r on Swin-B, which is
+#: exactly qkv + proj of every block); LoRA (Hu et al. 2021, Sec. 7.1) found adapting more weight
+#: types beats a larger rank on fewer, hence ``all``. Patch merging (``downsample.reduction``) is
+#: optional because it changes the token grid between stages and is not part of any block.
+TARGET_PRESETS: Dict[str, List[str]] = {
+    "attn": [r"layers\.\d+\.blocks\.\d+\.attn\.(qkv|proj)"],
+    "all": [r"layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"],
+    "all+downsample": [
+        r"layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",
+        r"layers\.\d+\.downsample\.reduction",
+    ],
+}
+
+#: LoRA+ (Hayou et al. 2024, Sec. 4) recommends lr_B / lr_A around 2^4 for most tasks.
+LORAPLUS_DEFAULT_RATIO = 16.0
+
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _help(text: str) -> Dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class AdapterConfig:
+    """Stage-3 fine-tuning method and its hyperparameters (see SPEC.md, "Methods")."""
+
+    method: str = field(default="lora", metadata=_help(
+        "Fine-tuning method: full | head | lora | delta_lora | dylora | qlora."))
+    rank: int = field(default=8, metadata=_help(
+        "Uniform LoRA rank r for every targeted Linear (overridden per module by rank_map)."))
+    alpha: float = field(default=16.0, metadata=_help(
+        "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."))
+    rslora: bool = field(default=False, metadata=_help(
+        "rsLoRA scaling alpha/sqrt(r) (Kalajdzievski 2023): keeps the update's scale stable "
+        "across ranks, which matters when comparing ranks as this project does."))
+    init_a: str = field(default="kaiming", metadata=_help(
+        "Initialisation of A: kaiming (uniform, as nn.Linear / the LoRA reference code) | gaussian."))
+    dropout: float = field(default=0.0, metadata=_help(
+        "Dropout on the LoRA path input; 0 adds no dropout op at all."))
+    targets: Union[str, List[str]] = field(default="attn", metadata=_help(
+        "Which body Linears get LoRA: attn | all | all+downsample | a list of regexes "
+        "(re.fullmatch on module names relative to the body)."))
+    rank_map: Optional[Union[str, Dict[str, int]]] = field(default=None, metadata=_help(
+        "Per-module ranks: path to stage 2's JSON ({'rank_map': {name_or_regex: r}, ...}) or the "
+        "mapping itself. Keys are exact module names (a Linear, or a block: applies to its "
+        "targeted Linears) or regexes; 0 = not adapted. Unnamed targets keep `rank`."))
+    train_embedder: bool = field(default=True, metadata=_help("Train the target embedder."))
+    train_head: bool = field(default=True, metadata=_help("Train the task head."))
+    train_norms: bool = field(default=False, metadata=_help(
+        "Also train the body's LayerNorm weights and biases (not used by full, which trains all)."))
+    loraplus_ratio: Optional[float] = field(default=None, metadata=_help(
+        "LoRA+ (Hayou et al. 2024): lr_B = ratio * lr_A. None disables; true means 16."))
+    delta_lora_start: int = field(default=500, metadata=_help(
+        "Delta-LoRA K: W starts following the LoRA update once the (0-based) step t > K."))
+    delta_lora_lambda: float = field(default=2.0, metadata=_help(
+        "Delta-LoRA lambda: W <- W + lambda * s * (B'A' - BA) after each optimizer step."))
+    dylora_r_min: int = field(default=1, metadata=_help("DyLoRA smallest sampled rank b."))
+    dylora_r_max: Optional[int] = field(default=None, metadata=_help(
+        "DyLoRA largest rank (the size of A and B); None = rank."))
+    dylora_dist: str = field(default="uniform", metadata=_help(
+        "DyLoRA distribution of b over [r_min, r_max]: uniform | linear (p(b) ~ b)."))
+    dylora_frozen: bool = field(default=False, metadata=_help(
+        "DyLoRA 'frozen' variant: each step updates only component b."))
+    dylora_eval_rank: Optional[int] = field(default=None, metadata=_help(
+        "Rank b used for evaluation; None = r_max."))
+    qlora_compute_dtype: str = field(default="bfloat16", metadata=_help(
+        "QLoRA compute dtype of the NF4 matmul: bfloat16 | float16 | float32."))
+    qlora_double_quant: bool = field(default=True, metadata=_help(
+        "QLoRA double quantisation of the NF4 block scales (8-bit, block 256)."))
+    paged_adamw: bool = field(default=False, metadata=_help(
+        "Use bitsandbytes' paged AdamW (CUDA only; QLoRA's optimizer)."))
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        from orca.adapters import ADAPTERS  # lazy: the registry is filled by the package __init__
+        from orca.adapters.dylora import RANK_DISTRIBUTIONS
+        from orca.adapters.lora import INIT_SCHEMES
+
+        _choice("method", self.method, ADAPTERS.names())
+        _int("rank", self.rank, low=1)
+        _number("alpha", self.alpha, positive=True)
+        _bool("rslora", self.rslora)
+        _choice("init_a", self.init_a, INIT_SCHEMES.names())
+        _number("dropout", self.dropout)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1)")
+        self._check_targets()
+        if isinstance(self.rank_map, dict):
+            check_rank_values(self.rank_map, source="rank_map")
+        elif self.rank_map is not None and not isinstance(self.rank_map, (str, Path)):
+            raise ValueError(f"rank_map={self.rank_map!r}: must be None, a JSON path or a dict")
+        for name in ("train_embedder", "train_head", "train_norms", "dylora_frozen",
+                     "qlora_double_quant", "paged_adamw"):
+            _bool(name, getattr(self, name))
+        if self.loraplus_ratio is True:  # bool is an int: without this, True would mean ratio 1
+            self.loraplus_ratio = LORAPLUS_DEFAULT_RATIO
+        elif self.loraplus_ratio is False:
+            self.loraplus_ratio = None
+        if self.loraplus_ratio is not None:
+            _number("loraplus_ratio", self.loraplus_ratio, positive=True)
+        _int("delta_lora_start", self.delta_lora_start, low=0)
+        _number("delta_lora_lambda", self.delta_lora_lambda)
+        _int("dylora_r_min", self.dylora_r_min, low=1)
+        if self.dylora_r_max is not None:
+            _int("dylora_r_max", self.dylora_r_max, low=1)
+        if self.dylora_r_min > self.r_max:
+            raise ValueError(
+                f"dylora_r_min={self.dylora_r_min} > dylora_r_max={self.r_max}"
+                f"{'' if self.dylora_r_max is not None else ' (= rank)'}: DyLoRA needs r_min <= r_max")
+        _choice("dylora_dist", self.dylora_dist, RANK_DISTRIBUTIONS.names())
+        if self.dylora_eval_rank is not None:
+            _int("dylora_eval_rank", self.dylora_eval_rank, low=1)
+            if not self.dylora_r_min <= self.dylora_eval_rank <= self.r_max:
+                raise ValueError(
+                    f"dylora_eval_rank={self.dylora_eval_rank}: must lie in "
+                    f"[dylora_r_min, dylora_r_max] = [{self.dylora_r_min}, {self.r_max}]")
+        _choice("qlora_compute_dtype", self.qlora_compute_dtype, COMPUTE_DTYPES)
+
+    def _check_targets(self) -> None:
+        if isinstance(self.targets, str):
+            _choice("targets", self.targets, list(TARGET_PRESETS),
+                    extra="or a list of regexes")
+            return
+        if not isinstance(self.targets, (list, tuple)) or not self.targets:
+            raise ValueError(f"targets={self.targets!r}: must be one of {sorted(TARGET_PRESETS)} "
+                             "or a non-empty list of regexes")
+        for pattern in self.targets:
+            if not isinstance(pattern, str):
+                raise ValueError(f"targets entry {pattern!r}: must be a string regex")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"targets entry {pattern!r} is not a valid regex: {err}") from None
+        self.targets = list(self.targets)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def r_max(self) -> int:
+        """DyLoRA's largest rank (the allocated size of A and B)."""
+        return self.dylora_r_max if self.dylora_r_max is not None else self.rank
+
+    def target_patterns(self) -> List[str]:
+        """Regexes (``re.fullmatch`` on body-relative names) selected by ``targets``."""
+        if isinstance(self.targets, str):
+            return list(TARGET_PRESETS[self.targets])
+        return list(self.targets)
+
+    def load_rank_map(self) -> Optional[Dict[str, int]]:
+        """The rank map as a dict (read from JSON when ``rank_map`` is a path), or None."""
+        if self.rank_map is None:
+            return None
+        if isinstance(self.rank_map, dict):
+            return dict(self.rank_map)
+        path = Path(self.rank_map)
+        if not path.is_file():
+            raise ValueError(f"rank_map={str(path)!r}: no such file")
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("rank_map"), dict):
+            raise ValueError(f"rank_map file {str(path)!r}: expected a JSON object with a "
+                             "'rank_map' object {module_name_or_regex: rank}")
+        return check_rank_values(data["rank_map"], source=str(path))
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "AdapterConfig":
+        """Build from a plain dict; unknown keys are errors (a typo must not silently default)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown adapter config key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+
+def check_rank_values(rank_map: Dict[str, Any], source: str) -> Dict[str, int]:
+    """Validate ``{name_or_regex: rank}``: string keys, integer ranks >= 0 (0 = not adapted)."""
+    out: Dict[str, int] = {}
+    for key, value in rank_map.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{source}: key {key!r} must be a non-empty module name or regex")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ValueError(f"{source}: rank for {key!r} is {value!r}; must be an integer >= 0")
+        if value < 0:
+            raise ValueError(f"{source}: rank for {key!r} is {value}; must be >= 0 (0 = not adapted)")
+        out[key] = int(value)
+    return out
+
+
+def _choice(name: str, value: Any, allowed, extra: str = "") -> None:
+    if value not in allowed:
+        more = f" {extra}" if extra else ""
+        close = difflib.get_close_matches(str(value), list(allowed), n=2)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"{name}={value!r}: allowed values are {sorted(allowed)}{more}{hint}")
+
+
+def _int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+
+
+def _number(name: str, value: Any, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: must be a finite number")
+    if positive and value <= 0:
+        raise ValueError(f"{name}={value!r}: must be > 0")
+
+
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: must be true or false")

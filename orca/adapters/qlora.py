@@ -1,0 +1,194 @@
+"""QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs"): LoRA on top of a
+frozen base whose Linear weights are stored as 4-bit NormalFloat (NF4), via bitsandbytes.
+
+Settings follow the paper (Sec. 3): NF4 with block size 64; double quantisation of the fp32 block
+scales (8-bit, block 256), which bitsandbytes calls ``compress_statistics``; bf16 compute; paged
+AdamW optionally (``orca.adapters.optim.build_optimizer(paged=True)``).
+
+Every Linear of the body is quantised (the paper quantises the whole base model), adapted or not;
+LayerNorms, biases, relative-position tables and the embedder / head stay in their dtype.
+
+No silent fallback: before quantising, :func:`require_bitsandbytes` runs a tiny NF4 round trip and
+matmul on the body's device and raises a RuntimeError naming the device, the bitsandbytes version
+and the cause if it fails. A run configured as QLoRA is therefore always a quantised run.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from orca.adapters.lora import LoRAMethod
+
+NF4_BLOCKSIZE = 64  # QLoRA Sec. 3: block size 64 for the weights
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def require_bitsandbytes(device: torch.device) -> Any:
+    """Import bitsandbytes and check that NF4 quantisation and the 4-bit matmul run on ``device``.
+
+    Returns:
+        The ``bitsandbytes`` module.
+
+    Raises:
+        RuntimeError: bitsandbytes is missing or cannot run NF4 on ``device``.
+    """
+    device = torch.device(device)
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except Exception as err:  # ImportError, or a broken native library raising at import
+        raise RuntimeError(f"method 'qlora' needs bitsandbytes, which failed to import ({err!r}); "
+                           "install it (pip install bitsandbytes) or use method 'lora'") from err
+    if device.type == "meta":
+        raise RuntimeError("method 'qlora' cannot quantise a body on the meta device; materialise "
+                           "the weights first")
+    try:
+        w = torch.linspace(-1, 1, 64 * 4, device=device).reshape(4, 64)
+        q, state = bnbf.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, quant_type="nf4",
+                                      compress_statistics=True)
+        back = bnbf.dequantize_4bit(q, state)
+        out = bnb.matmul_4bit(torch.ones(2, 64, device=device, dtype=torch.bfloat16), q.t(),
+                              quant_state=state)
+        if back.shape != w.shape or out.shape != (2, 4) or not torch.isfinite(out).all():
+            raise RuntimeError(f"unexpected NF4 round-trip result shapes {tuple(back.shape)}, "
+                               f"{tuple(out.shape)}")
+    except Exception as err:
+        raise RuntimeError(f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot run NF4 "
+                           f"quantisation on device {device} ({type(err).__name__}: {err}). QLoRA "
+                           "has no fallback: run on a CUDA GPU or use method 'lora'") from err
+    return bnb
+
+
+def _nf4_to_dense(weight: nn.Parameter) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks CPU weights for AVX512-BF16 inference; undo that to read them
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    return bnbf.dequantize_4bit(data, state)
+
+
+def _make_nf4(weight: torch.Tensor, blocksize: int, double_quant: bool, device: torch.device,
+              module: nn.Module):
+    import bitsandbytes as bnb
+
+    param = bnb.nn.Params4bit(weight.detach().contiguous(), requires_grad=False, blocksize=blocksize,
+                              compress_statistics=double_quant, quant_type="nf4", module=module)
+    return param.to(device)  # bitsandbytes quantises on the move to a device
+
+
+class NF4Weight:
+    """Weight accessor for a ``Linear4bit`` base: read = dequantise, write = re-quantise. Merging
+    into NF4 is lossy (the merged weight is rounded to the 4-bit grid again), as in peft."""
+
+    kind = "nf4"
+
+    @staticmethod
+    def get(base: nn.Module) -> torch.Tensor:
+        return _nf4_to_dense(base.weight)
+
+    @staticmethod
+    def set(base: nn.Module, weight: torch.Tensor) -> None:
+        old = base.weight
+        new = _make_nf4(weight.to(torch.float32), old.blocksize, old.compress_statistics,
+                        old.device, base)
+        base.weight = new
+        base.quant_state = new.quant_state
+
+    @classmethod
+    def add_(cls, base: nn.Module, delta: torch.Tensor, alpha: float = 1.0) -> None:
+        cls.set(base, cls.get(base).float() + alpha * delta.float())
+
+
+def quantize_linears(body: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
+                     double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE) -> Dict[str, nn.Module]:
+    """Replace every ``nn.Linear`` of ``body`` by a frozen NF4 ``bitsandbytes.nn.Linear4bit``.
+
+    The quantisation runs on the device the weights are on (CPU or CUDA). Biases are kept.
+
+    Returns:
+        ``{name: Linear4bit}``.
+    """
+    first = next(body.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    bnb = require_bitsandbytes(device)
+    out: Dict[str, nn.Module] = {}
+    names = [n for n, m in body.named_modules()
+             if isinstance(m, nn.Linear) and type(getattr(m, "weight", None)).__name__ != "Params4bit"]
+    for name in names:
+        dense = body.get_submodule(name)
+        q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=double_quant,
+                              quant_type="nf4", device="meta")
+        q.weight = _make_nf4(dense.weight.data, blocksize, double_quant, dense.weight.device, q)
+        q.quant_state = q.weight.quant_state
+        if dense.bias is not None:
+            q.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+        q.train(dense.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(body.get_submodule(parent_name) if parent_name else body, child, q)
+        out[name] = q
+    return out
+
+
+def base_weight_bytes(module: nn.Module) -> int:
+    """Bytes held by the Linear weights of ``module``: packed 4-bit data plus the quantisation
+    state (block scales, nested scales, code books) for NF4 layers; ``numel * itemsize`` else."""
+    total = 0
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(m, nn.Linear) or w is None:
+            continue
+        total += w.numel() * w.element_size()
+        state = getattr(w, "quant_state", None)
+        if state is not None:
+            for t in _state_tensors(state):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _state_tensors(state: Any):
+    for attr in ("absmax", "code"):
+        t = getattr(state, attr, None)
+        if isinstance(t, torch.Tensor):
+            yield t
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        yield from _state_tensors(nested)
+    offset = getattr(state, "offset", None)
+    if isinstance(offset, torch.Tensor):
+        yield offset
+
+
+def nf4_error_bound(weight: torch.Tensor, blocksize: int = NF4_BLOCKSIZE,
+                    double_quant: bool = True) -> torch.Tensor:
+    """Per-element bound on |dequant(quant(W)) - W| under NF4: half the widest gap between adjacent
+    NF4 levels (0.139, between 0.723 and 1 on [-1, 1]) times the block's absmax. Double
+    quantisation stores the absmax itself in 8 bits, which moved errors up to 3.4% past the
+    single-quantisation bound on Gaussian weights; the bound allows 5% for it."""
+    import bitsandbytes.functional as bnbf
+
+    levels = bnbf.get_4bit_type("nf4", device="cpu").float().sort().values
+    half_gap = (levels[1:] - levels[:-1]).max() / 2
+    flat = weight.detach().float().reshape(-1).cpu()
+    pad = (-flat.numel()) % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    slack = 1.05 if double_quant else 1.0 + 1e-5
+    bound = (absmax * half_gap * slack).expand_as(blocks).reshape(-1)[: flat.numel()]
+    return bound.reshape(weight.shape).to(weight.device)
+
+
+class QLoRAMethod(LoRAMethod):
+    """LoRA over an NF4-quantised frozen body (adapters and trainable parts stay in float)."""
+
+    name = "qlora"
+
+    def prepare_base(self, body: nn.Module) -> None:
+        quantize_linears(body, compute_dtype=DTYPES[self.cfg.qlora_compute_dtype],
+                         double_quant=self.cfg.qlora_double_quant)

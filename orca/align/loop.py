@@ -1,0 +1,382 @@
+"""Stage 1: align a new target embedder to the source feature distribution (ORCA), body frozen.
+
+    python -m orca stage1 --config configs/darcy_tiny.yaml
+    bash scripts/stage1.sh configs/darcy_swinb.yaml align.objective=mmd seed=1
+    bash scripts/stage1.sh configs/darcy_swinb.yaml align.mode=source_init      # the ablation: no training
+    python -m orca stage3 --config configs/darcy_swinb.yaml model.embedder_from=runs/stage1__darcy__...
+
+ORCA's recipe (SPEC.md, stage 1): source = N labelled images through the body's pretrained patch
+embedding, token-averaged (cached, see ``orca.align.source_features``); target = the new embedder's
+outputs on the target training inputs, token-averaged; target labels = the real classes, or k-means
+clusters of the flattened targets for regression; loss = class-frequency-weighted sum over target
+clusters of objective(cluster, labelled source set), each cluster a single-label set; one AdamW step
+per epoch over the full target set (ORCA accumulates the per-cluster gradients, then steps once).
+
+Why the gradient is taken in two passes: the full-set step needs d(objective)/d(embedder) over every
+target input, and keeping the embedder's activations for all of them (45k CIFAR images at 224 px)
+does not fit in memory. Pass 1 embeds the inputs without autograd, the objective is differentiated
+w.r.t. those features only, and pass 2 re-embeds the inputs chunk by chunk and back-propagates each
+chunk's feature gradient. That is the exact full-batch gradient at O(chunk) memory. Random
+augmentations are replayed identically in both passes (each chunk's RNG is seeded from
+(seed, epoch, chunk)). With ``align.steps_per_epoch > 1`` each step uses a seeded minibatch.
+
+``objective[e]`` in ``alignment.json`` is the full-target-set objective after ``e`` epochs
+(``objective[0]`` = the source-initialised embedder). With one step per epoch it is the value the
+step itself computed, so recording it costs nothing extra.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from datasets.registry import TaskData, build_task
+from orca.align.source_features import SourceFeatures, load_or_compute_source_features, token_mean
+from orca.config import ExperimentConfig, save_config
+from orca.model import EMBEDDER_FILE, build_model
+from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_json
+from orca.train import resolve_device, seed_everything
+
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- target side
+def target_indices(n_train: int, n_target: Optional[int]) -> List[int]:
+    """The first ``n_target`` of ``n_train`` training items (all when None; ORCA uses all)."""
+    if n_target is not None and n_target > n_train:
+        raise ValueError(f"align.n_target={n_target} exceeds the {n_train} training samples of the target task; "
+                         f"lower it or set it to null (all)")
+    return list(range(n_train if n_target is None else n_target))
+
+
+def fetch_inputs(dataset, indices: Sequence[int], seed: int) -> torch.Tensor:
+    """Stack the inputs ``x`` of ``dataset[indices]`` with the torch RNG seeded to ``seed``.
+
+    Why seeded: random augmentations must produce the same inputs in the no-grad pass and the
+    backward pass of one step (module docstring), without disturbing the global RNG.
+
+    Returns:
+        ``[len(indices), C, H, W]`` float32.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([dataset[int(i)][0] for i in indices]).float()
+
+
+def kmeans_labels(targets: torch.Tensor, k: int, n_init: int, seed: int) -> torch.Tensor:
+    """ORCA's pseudo-labels for regression targets: k-means on the flattened target fields.
+
+    Args:
+        targets: ``[n, ...]`` target values (e.g. Darcy solutions ``[n, s, s]``).
+        k: clusters; must be <= n.
+        n_init: k-means restarts (fixed, so the labelling is a function of the seed).
+        seed: k-means ``random_state``.
+    Returns:
+        ``[n]`` int64 cluster ids in ``[0, k)``.
+    """
+    from sklearn.cluster import KMeans
+
+    flat = targets.reshape(targets.shape[0], -1).double().numpy()
+    if k > flat.shape[0]:
+        raise ValueError(f"align.n_clusters={k} is larger than the {flat.shape[0]} target samples; "
+                         f"k-means needs at least k samples: lower align.n_clusters or raise align.n_target")
+    if not np.isfinite(flat).all():
+        bad = int(np.flatnonzero(~np.isfinite(flat).all(1))[0])
+        raise ValueError(f"target labels (regression targets) hold NaN/inf, first in training sample {bad}")
+    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+    return torch.from_numpy(km.fit_predict(flat).astype(np.int64))
+
+
+def target_labels(task: TaskData, indices: Sequence[int], align_cfg, seed: int) -> Tuple[torch.Tensor, str]:
+    """Labels of the target samples: real classes, or k-means clusters for dense/regression tasks.
+
+    Returns:
+        ``(labels [n] int64, how)`` where ``how`` says which rule was used (for ``alignment.json``).
+    """
+    ds = task.train
+    if task.kind == "classification":
+        if hasattr(ds, "targets"):  # avoids decoding every image just for its label
+            all_labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+            return all_labels[torch.as_tensor(list(indices), dtype=torch.int64)], "classes"
+        return torch.tensor([int(ds[int(i)][1]) for i in indices], dtype=torch.int64), "classes"
+    ys = torch.stack([torch.as_tensor(ds[int(i)][1]) for i in indices])
+    return kmeans_labels(ys, align_cfg.n_clusters, align_cfg.kmeans_n_init, seed), f"kmeans(k={align_cfg.n_clusters})"
+
+
+# ----------------------------------------------------------------------------- the objective
+def weighted_objective(objective: Objective, feats: torch.Tensor, labels: torch.Tensor,
+                       source_feats: torch.Tensor, source_labels: torch.Tensor) -> torch.Tensor:
+    """ORCA's stage-1 loss: sum over target clusters k of (n_k / n) * objective(cluster k, source).
+
+    Each cluster enters as a single-label set (label 0), exactly as ORCA's per-class otdd calls.
+
+    Args:
+        objective: ``objective(target_feats [n_k, d], target_labels [n_k], source_feats [m, d],
+            source_labels [m]) -> scalar``.
+        feats: target features ``[n, d]`` (may require grad).
+        labels: ``[n]`` cluster ids.
+        source_feats: ``[m, d]``.
+        source_labels: ``[m]``.
+    Returns:
+        0-dim tensor, differentiable w.r.t. ``feats``.
+    """
+    ids, counts = torch.unique(labels, return_counts=True)
+    total = feats.new_zeros(())
+    for cid, count in zip(ids.tolist(), counts.tolist()):
+        rows = (labels == cid).nonzero().squeeze(1).to(feats.device)
+        zeros = torch.zeros(count, dtype=torch.int64, device=feats.device)
+        total = total + (count / labels.numel()) * objective(feats[rows], zeros, source_feats, source_labels)
+    return total
+
+
+def build_objective(align_cfg) -> Objective:
+    """The registered objective named by ``align.objective`` with stage-1 settings applied."""
+    from orca.align.objectives import OBJECTIVES
+
+    return OBJECTIVES.get(align_cfg.objective)
+
+
+# ----------------------------------------------------------------------------- checks
+def check_source(src: SourceFeatures, align_cfg) -> None:
+    """Refuse a source set that cannot define a labelled source distribution."""
+    feats, labels = src.feats, src.labels
+    bad = int((~torch.isfinite(feats)).any(1).sum())
+    if bad:
+        raise ValueError(f"source features contain NaN/inf in {bad} of {feats.shape[0]} rows "
+                         f"(align.source={align_cfg.source!r}, cache {src.path}); delete that file and rerun")
+    classes = torch.unique(labels)
+    if classes.numel() < 2:
+        raise ValueError(f"the source set has a single label ({int(classes[0])}): align.source={align_cfg.source!r} "
+                         f"with n_source={align_cfg.n_source} and source_options={dict(align_cfg.source_options)} "
+                         f"gave one class. ORCA's source must be labelled with >= 2 classes (the OTDD label term "
+                         f"would be a constant); use more classes or more source samples")
+
+
+def raise_nonfinite_target(x: torch.Tensor, feats: torch.Tensor, items: Sequence[int], epoch: int) -> None:
+    """Raise naming the cause of non-finite target features: NaN inputs, or a diverged embedder.
+
+    Args:
+        x: ``[b, C, H, W]`` the inputs of one chunk.
+        feats: ``[b, D]`` their features.
+        items: the training-set indices of those inputs.
+        epoch: for the message.
+    """
+    bad_rows = (~torch.isfinite(feats).all(1)).nonzero().squeeze(1).tolist()
+    bad_inputs = (~torch.isfinite(x.flatten(1)).all(1)).nonzero().squeeze(1).tolist()
+    if bad_inputs:
+        raise ValueError(f"target inputs contain NaN/inf (training sample {items[bad_inputs[0]]} of task.train, "
+                         f"{len(bad_inputs)} in this chunk), so the target features are NaN; fix the target data")
+    raise FloatingPointError(f"target features became NaN/inf at epoch {epoch} ({len(bad_rows)} rows, first "
+                             f"training sample {items[bad_rows[0]]}) although the inputs are finite: the embedder "
+                             f"diverged; lower align.lr")
+
+
+def check_dims(target_dim: int, src: SourceFeatures, model_cfg) -> None:
+    """Source and target features must live in the same space (the body's token width)."""
+    if src.feats.shape[1] != target_dim:
+        raise ValueError(f"feature dimensions differ: source features have dimension {src.feats.shape[1]} "
+                         f"(cache {src.path}) but the target embedder outputs {target_dim} "
+                         f"(model.body={model_cfg.body}, body_kwargs={model_cfg.body_kwargs})")
+
+
+# ----------------------------------------------------------------------------- one step
+class TargetEmbedding:
+    """The target side of one run: which inputs, their labels, and chunked embedding passes.
+
+    Args:
+        embedder: the trainable target embedder (on ``device``).
+        dataset: the target training set.
+        indices: its items used for alignment.
+        labels: ``[n]`` target labels for those items.
+        chunk: inputs per forward pass.
+        device: where the embedder runs.
+        seed: base of the per-chunk augmentation seeds.
+    """
+
+    def __init__(self, embedder: nn.Module, dataset, indices: Sequence[int], labels: torch.Tensor, chunk: int,
+                 device: torch.device, seed: int):
+        self.embedder, self.dataset, self.indices = embedder, dataset, list(indices)
+        self.labels, self.chunk, self.device, self.seed = labels, chunk, device, seed
+
+    def _chunks(self, positions: Sequence[int], epoch: int):
+        """``(start, positions, items, rng seed)`` per chunk; the seed depends on (seed, epoch, chunk) only."""
+        for c, start in enumerate(range(0, len(positions), self.chunk)):
+            pos = list(positions[start:start + self.chunk])
+            seed = (self.seed * 1_000_003 + epoch * 10_007 + c) % 2**63
+            yield start, pos, [self.indices[p] for p in pos], seed
+
+    @torch.no_grad()
+    def features(self, positions: Sequence[int], epoch: int) -> torch.Tensor:
+        """Token-averaged features ``[len(positions), D]`` (no autograd), on the device."""
+        out = []
+        for _, _, items, seed in self._chunks(positions, epoch):
+            x = fetch_inputs(self.dataset, items, seed).to(self.device)
+            feats = token_mean(self.embedder(x)).float()
+            if not torch.isfinite(feats).all():
+                raise_nonfinite_target(x, feats, items, epoch)
+            out.append(feats)
+        return torch.cat(out)
+
+    def backward(self, positions: Sequence[int], epoch: int, grad: torch.Tensor) -> None:
+        """Accumulate d(objective)/d(embedder) from ``grad [len(positions), D]`` w.r.t. the features."""
+        for start, pos, items, seed in self._chunks(positions, epoch):
+            x = fetch_inputs(self.dataset, items, seed).to(self.device)
+            token_mean(self.embedder(x)).float().backward(grad[start:start + len(pos)])
+
+
+def objective_value(objective: Objective, target: TargetEmbedding, positions: Sequence[int], epoch: int,
+                    src_feats: torch.Tensor, src_labels: torch.Tensor, with_grad: bool) -> float:
+    """The weighted objective on ``positions``; with ``with_grad`` also accumulate the embedder's gradient."""
+    feats = target.features(positions, epoch)
+    labels = target.labels[list(positions)]
+    if not with_grad:
+        with torch.no_grad():
+            value = weighted_objective(objective, feats, labels, src_feats, src_labels)
+        return float(value)
+    feats.requires_grad_(True)
+    value = weighted_objective(objective, feats, labels, src_feats, src_labels)
+    if not torch.isfinite(value):
+        raise FloatingPointError(f"the alignment objective is {float(value)} at epoch {epoch}; lower align.lr")
+    (grad,) = torch.autograd.grad(value, feats)
+    target.backward(positions, epoch, grad)
+    return float(value.detach())
+
+
+# ----------------------------------------------------------------------------- outputs
+def save_embedder(embedder: nn.Module, run: RunDir) -> str:
+    """Write the embedder's state dict as ``embedder.safetensors`` (read by ``model.embedder_from``)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in embedder.state_dict().items()}
+    path = run.file(EMBEDDER_FILE)
+    atomic_write_bytes(path, lambda tmp: save_file(state, str(tmp)))
+    return str(path)
+
+
+def plot_curve(curve: List[float], path, title: str) -> None:
+    """Objective vs epoch (epoch 0 = source init), as ``alignment.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+    ax.plot(range(len(curve)), curve, marker="o", markersize=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("objective")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the stage
+def run_stage1(cfg: ExperimentConfig) -> RunDir:
+    """Align (or, with ``align.mode=source_init``, only initialise) the target embedder; return the run dir.
+
+    Args:
+        cfg: the resolved experiment config (``cfg.align`` holds the stage-1 options).
+    """
+    t0 = time.time()
+    a = cfg.align
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
+    run = RunDir.create(cfg, "stage1")
+    save_config(cfg, run.file("config.yaml"))
+    print(f"[stage1] run directory: {run.path}", flush=True)
+
+    src = None
+    if a.mode == "train":
+        # Seeded right before, so with model.weights=none the source embedder's random body is the
+        # very body build_model draws below (both are the first draws after the same seed).
+        seed_everything(cfg.seed, cfg.train.deterministic)
+        src = load_or_compute_source_features(cfg.model, a, cfg.seed, cfg.task.data_root, device)
+        check_source(src, a)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    model = build_model(cfg.model, task)
+    embedder = model.embedder.to(device)
+    del model  # stage 1 trains only the embedder; the body is not needed after it shaped the embedder
+
+    record: Dict[str, Any] = {"mode": a.mode, "objective_name": a.objective, "epochs": 0, "objective": [],
+                              "epoch_time_s": []}
+    if a.mode == "source_init":
+        embedder_path = save_embedder(embedder, run)
+        record["note"] = "source_init: the pretrained patch embedding tiled over the input channels, not trained"
+    else:
+        objective = build_objective(a)
+        indices = target_indices(len(task.train), a.n_target)
+        labels, how = target_labels(task, indices, a, cfg.seed)
+        target = TargetEmbedding(embedder, task.train, indices, labels, a.batch_size, device, cfg.seed)
+        src_feats, src_labels = src.feats.to(device), src.labels.to(device)
+        check_dims(int(target.features([0], 0).shape[1]), src, cfg.model)
+
+        lr = a.lr if a.lr is not None else 10 * cfg.train.lr
+        optimizer = torch.optim.AdamW(embedder.parameters(), lr=lr, betas=tuple(cfg.train.betas),
+                                      weight_decay=cfg.train.weight_decay)
+        n = len(indices)
+        everyone = list(range(n))
+        order_gen = torch.Generator().manual_seed(cfg.seed)
+        curve: List[float] = []
+        embedder.train()
+        bar = tqdm(range(a.epochs), desc=f"stage1 {a.objective}", dynamic_ncols=True, disable=None)
+        for epoch in bar:
+            t_ep = time.time()
+            if a.steps_per_epoch == 1:
+                value = objective_value(objective, target, everyone, epoch, src_feats, src_labels, with_grad=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                curve.append(value)
+            else:
+                curve.append(objective_value(objective, target, everyone, epoch, src_feats, src_labels, False))
+                perm = torch.randperm(n, generator=order_gen).tolist()
+                size = math.ceil(n / a.steps_per_epoch)
+                for s in range(a.steps_per_epoch):
+                    batch = perm[s * size:(s + 1) * size]
+                    if not batch:
+                        break
+                    objective_value(objective, target, batch, epoch, src_feats, src_labels, with_grad=True)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            record["epoch_time_s"].append(time.time() - t_ep)
+            run.log_metrics({"kind": "align", "epoch": epoch, f"align/{a.objective}": curve[-1], "align/lr": lr})
+            bar.set_postfix(objective=f"{curve[-1]:.4g}")
+        bar.close()
+        embedder.eval()
+        curve.append(objective_value(objective, target, everyone, a.epochs, src_feats, src_labels, with_grad=False))
+        run.log_metrics({"kind": "align", "epoch": a.epochs, f"align/{a.objective}": curve[-1], "align/lr": lr})
+        embedder_path = save_embedder(embedder, run)
+        ids, counts = torch.unique(labels, return_counts=True)
+        record.update(epochs=a.epochs, objective=curve, lr=lr, steps_per_epoch=a.steps_per_epoch,
+                      source=src.describe(), n_target=n, target_labels=how, k=int(ids.numel()),
+                      cluster_sizes=counts.tolist(), entreg=a.entreg, inner=a.inner)
+        plot_curve(curve, run.file("alignment.png"),
+                   f"{a.objective}: {cfg.task.name} vs {a.source} (n={src.feats.shape[0]}, k={int(ids.numel())})")
+    wall = time.time() - t0
+    record["time_s"] = wall
+    write_json(run.file("alignment.json"), record)
+    curve = record["objective"]
+    summary = {
+        "stage": "stage1", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed, "mode": a.mode,
+        "objective": a.objective, "body": cfg.model.body, "weights": cfg.model.weights,
+        "objective_first": curve[0] if curve else None, "objective_last": curve[-1] if curve else None,
+        "epochs": record["epochs"], "source": record.get("source"), "n_target": record.get("n_target"),
+        "k": record.get("k"), "embedder": embedder_path, "wall_time_s": wall, "git": git_info(),
+        "machine": machine_info(), "command": " ".join(sys.argv), "run_dir": str(run.path),
+    }
+    run.write_summary(summary)
+    run.close()
+    if curve:
+        print(f"[stage1] {a.objective} {curve[0]:.5g} -> {curve[-1]:.5g} over {a.epochs} epochs "
+              f"(source {a.source} n={src.feats.shape[0]}, k={record['k']}) in {wall:.1f}s; "
+              f"embedder: {embedder_path}", flush=True)
+    else:
+        print(f"[stage1] source_init: saved the source-initialised embedder in {wall:.1f}s: {embedder_path}", flush=True)
+    return run

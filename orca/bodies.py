@@ -1,0 +1,128 @@
+"""The pretrained body: a timm Swin whose weights come from the hub, a local file, or nowhere.
+
+Why three sources: hub weights (ImageNet-21k) are the paper's setting but need internet; a local
+file serves air-gapped clusters and our own offline-pretrained fractal body (stage 0); random
+weights are the control that shows pretraining matters. Whatever the source, the body's patch
+embedding is detached from it and handed to the embedder, so the body starts at ``layers.0``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import timm
+import torch
+from torch import nn
+
+BODY_META_KEY = "orca_body"  # safetensors metadata key holding {"model": name, "kwargs": {...}}
+
+
+class WeightsError(RuntimeError):
+    """A body's weights could not be found or do not fit the configured variant."""
+
+
+def create_body(name: str, weights: str = "none", hub_tag: str = "ms_in22k", weights_file: Optional[str] = None,
+                img_size: int = 224, **kwargs: Any) -> nn.Module:
+    """Create a timm Swin body without classifier (``num_classes=0``) and load its weights.
+
+    Args:
+        name: timm model name, e.g. ``swin_base_patch4_window7_224``.
+        weights: ``hub`` (timm pretrained ``name.hub_tag``), ``file`` (``weights_file``) or ``none``.
+        img_size: input resolution of the body.
+        kwargs: extra timm kwargs for reduced variants (``embed_dim``, ``depths``, ``num_heads``, ``window_size``).
+    """
+    if name not in timm.list_models("swin*"):
+        raise ValueError(f"model.body={name!r} is not a timm Swin model; options include "
+                         f"{', '.join(timm.list_models('swin_*window7_224'))}")
+    kwargs = dict(kwargs, num_classes=0, img_size=img_size)
+    if weights == "none":
+        body = timm.create_model(name, pretrained=False, **kwargs)
+        body.orca_weights = "none (random init)"
+        return body
+    if weights == "hub":
+        try:
+            body = timm.create_model(f"{name}.{hub_tag}", pretrained=True, **kwargs)
+        except Exception as err:  # network errors come in many types (OSError, HF hub errors)
+            raise WeightsError(
+                f"could not load hub weights {name}.{hub_tag} ({type(err).__name__}: {err}). Offline? Use "
+                f"model.weights=file model.weights_file=PATH with a local checkpoint, the offline fractal body "
+                f"(configs/body_fractal.yaml), or model.weights=none") from None
+        body.orca_weights = f"hub:{name}.{hub_tag}"
+        return body
+    if weights == "file":
+        return load_body_file(name, weights_file, **kwargs)
+    raise ValueError(f"model.weights={weights!r}: choose hub, file or none")
+
+
+def load_body_file(name: str, path: Optional[str], **kwargs: Any) -> nn.Module:
+    """Build ``name`` and load a local checkpoint, refusing one made for another Swin variant."""
+    if not path:
+        raise WeightsError("model.weights=file needs model.weights_file=PATH")
+    file = Path(path)
+    if not file.is_file():
+        raise WeightsError(f"body weights file not found: {file} (set model.weights_file, or run "
+                           f"scripts/stage0_pretrain.sh to make the offline fractal body)")
+    meta = read_body_meta(file)
+    if meta is not None:
+        if meta["model"] != name:
+            raise WeightsError(f"{file} holds weights of {meta['model']}, but model.body={name!r}")
+        saved = {k: _plain(v) for k, v in meta.get("kwargs", {}).items() if k not in ("num_classes", "img_size")}
+        given = {k: _plain(v) for k, v in kwargs.items() if k not in ("num_classes", "img_size")}
+        if saved != given:
+            raise WeightsError(f"{file} was saved for a Swin with {saved}, but model.body_kwargs gives {given}; "
+                               f"set model.body_kwargs to the checkpoint's values")
+    body = timm.create_model(name, pretrained=False, **kwargs)
+    state = load_state_file(file)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = timm.models.swin_transformer.checkpoint_filter_fn(state, body)
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if _size_mismatch := [k for k in missing if not k.startswith("head.")]:
+        raise WeightsError(f"{file} does not fit {name} {kwargs}: missing {len(_size_mismatch)} tensors, "
+                           f"e.g. {_size_mismatch[:3]}")
+    if unexpected:
+        raise WeightsError(f"{file} does not fit {name}: unexpected tensors, e.g. {unexpected[:3]}")
+    body.orca_weights = f"file:{file}"
+    return body
+
+
+def load_state_file(file: Path) -> Dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a torch file without unpickling arbitrary objects."""
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except RuntimeError as err:
+        raise WeightsError(f"could not read {file}: {err}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def read_body_meta(file: Path) -> Optional[Dict[str, Any]]:
+    """The ``{"model", "kwargs"}`` record stage 0 writes into a safetensors header (None if absent)."""
+    if file.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    return json.loads(meta[BODY_META_KEY]) if BODY_META_KEY in meta else None
+
+
+def save_body(body: nn.Module, name: str, kwargs: Dict[str, Any], path: str) -> None:
+    """Save body weights as safetensors with the exact timm config in the header (stage 0)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items() if not k.startswith("head.")}
+    meta = {BODY_META_KEY: json.dumps({"model": name, "kwargs": {k: _plain(v) for k, v in kwargs.items()}})}
+    tmp = f"{path}.tmp"
+    save_file(state, tmp, metadata=meta)
+    Path(tmp).replace(path)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

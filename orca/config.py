@@ -1,0 +1,191 @@
+"""The experiment config: one schema for every stage, loaded as defaults < YAML < CLI overrides.
+
+Why one schema: stage 1, 2 and 3 of one experiment read the same task, body and seed, and the run
+directory of each stage stores the fully resolved config, so any run can be repeated from its
+``config.yaml`` alone. Sections owned by a sub-package (adapters, alignment, rank allocation, a
+task's options) keep their dataclass next to their code; this module only composes them.
+
+YAML files may start with ``base: other.yaml`` (resolved relative to the file) and then list only
+the keys that differ, so an experiment file reads as its difference from the default.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from orca.adapters.config import AdapterConfig
+from orca.align.config import AlignConfig
+from orca.schema import ConfigError, check_choice, check_positive, from_dict, to_dict
+from rank_estimation.config import RankConfig
+
+
+@dataclass
+class TaskConfig:
+    """Which registered task to run and its task-specific options (validated by the task's schema)."""
+
+    name: str = field(default="darcy", metadata={"help": "registered task name (python -m orca list tasks)"})
+    data_root: str = field(default="data", metadata={"help": "root directory for generated caches and downloaded files"})
+    options: Any = field(default_factory=dict, metadata={"help": "options of the task, checked against its schema"})
+
+    def __post_init__(self):
+        from datasets.registry import get_task
+
+        try:
+            entry = get_task(self.name)
+        except KeyError as err:
+            raise ConfigError(f"task.name: {err.args[0]}") from None
+        if not isinstance(self.options, entry.options):
+            self.options = from_dict(entry.options, self.options or {}, "task.options")
+
+
+@dataclass
+class ModelConfig:
+    """The ORCA model: target embedder -> pretrained timm Swin body -> task head."""
+
+    body: str = field(default="swin_base_patch4_window7_224", metadata={"help": "timm model name of the Swin body"})
+    weights: str = field(default="hub", metadata={"help": "hub | file | none: where the body's weights come from"})
+    hub_tag: str = field(default="ms_in22k", metadata={"help": "timm pretrained tag used with weights=hub"})
+    weights_file: Optional[str] = field(default=None, metadata={"help": "checkpoint path used with weights=file (.safetensors/.pth/.bin)"})
+    body_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"help": "extra timm kwargs (embed_dim, depths, num_heads, window_size) for reduced Swins"})
+    img_size: int = field(default=224, metadata={"help": "input resolution the body runs at; target inputs are resized to it"})
+    embedder_init: str = field(default="pretrained", metadata={"help": "pretrained (ORCA: tile the RGB patch embedding over C_in) | random"})
+    embedder_from: Optional[str] = field(default=None, metadata={"help": "stage-1 run directory whose aligned embedder replaces the initial one"})
+    decoder_channels: int = field(default=3, metadata={"help": "channels of the SimMIM-style dense decoder before the channel mean"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing inside the body (memory for compute)"})
+
+    def __post_init__(self):
+        check_choice("model.weights", self.weights, ("hub", "file", "none"))
+        check_choice("model.embedder_init", self.embedder_init, ("pretrained", "random"))
+        check_positive("model.img_size", self.img_size)
+        if self.weights == "file" and not self.weights_file:
+            raise ConfigError("model.weights=file needs model.weights_file=PATH")
+
+
+@dataclass
+class TrainConfig:
+    """Stage-3 optimisation (defaults: ORCA's Darcy recipe, SPEC.md)."""
+
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd | paged_adamw (QLoRA)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    betas: Tuple[float, float] = field(default=(0.9, 0.98), metadata={"help": "AdamW betas"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-3, metadata={"help": "decoupled weight decay (not on biases and norms)"})
+    epochs: int = field(default=100, metadata={"help": "training epochs"})
+    warmup_epochs: float = field(default=5, metadata={"help": "linear warm-up length; then linear decay to 0 (ORCA)"})
+    batch_size: int = field(default=4, metadata={"help": "global batch size per optimizer micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    clip_grad: Optional[float] = field(default=None, metadata={"help": "max global grad norm (None = no clipping)"})
+    amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, off on CPU) | bf16 | off"})
+    eval_every: int = field(default=1, metadata={"help": "validate every N epochs (the last epoch always validates)"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bitwise-reproducible resume on CPU)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU)"})
+    channels_last: bool = field(default=False, metadata={"help": "channels-last memory format for the conv embedder (GPU)"})
+    max_steps_per_epoch: Optional[int] = field(default=None, metadata={"help": "truncate epochs (debugging, smoke tests)"})
+    log_every: int = field(default=50, metadata={"help": "write training scalars every N optimizer steps"})
+    save_every_steps: Optional[int] = field(default=None, metadata={"help": "also checkpoint every N optimizer steps mid-epoch (resume granularity)"})
+
+    def __post_init__(self):
+        check_choice("train.optimizer", self.optimizer, ("adamw", "sgd", "paged_adamw"))
+        check_choice("train.amp", self.amp, ("auto", "bf16", "off"))
+        for name in ("lr", "epochs", "batch_size", "grad_accum", "eval_every", "log_every"):
+            check_positive(f"train.{name}", getattr(self, name))
+        check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("train.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        if self.warmup_epochs >= self.epochs and self.epochs > 1:
+            raise ConfigError(f"train.warmup_epochs={self.warmup_epochs} must be < train.epochs={self.epochs}")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one run of any stage needs."""
+
+    name: str = field(default="default", metadata={"help": "experiment name, part of the run directory"})
+    seed: int = field(default=0, metadata={"help": "global seed (data order, init, sampling)"})
+    output_dir: str = field(default="runs", metadata={"help": "root under which run directories are created"})
+    run_dir: Optional[str] = field(default=None, metadata={"help": "explicit run directory (resume into it if it holds a checkpoint)"})
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""  # "3e-4" stays a str; float fields coerce it
+    return key.split("."), value
+
+
+def read_yaml(path: str | os.PathLike, _seen: Optional[set] = None) -> Dict[str, Any]:
+    """Load a YAML config, following ``base:`` links (relative to the file) and merging on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path} (configs live in configs/; see README)")
+    seen = _seen or set()
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path}: circular 'base:' chain")
+    seen.add(path.resolve())
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = read_yaml(path.parent / base, seen)
+    deep_update(merged, data)
+    return merged
+
+
+def deep_update(dst: Dict[str, Any], src: Dict[str, Any]) -> Dict[str, Any]:
+    """Recursively merge ``src`` into ``dst`` (mappings merge, everything else replaces)."""
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            deep_update(dst[key], value)
+        else:
+            dst[key] = copy.deepcopy(value)
+    return dst
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Defaults < YAML at ``path`` (with its ``base:`` chain) < dotted ``overrides``; then validate.
+
+    Raises:
+        ConfigError: unknown or misspelt key (naming the nearest valid one), bad value.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    data: Dict[str, Any] = read_yaml(path) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for part in keys[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    if isinstance(data.get("task"), dict) and "name" in data["task"] and "options" not in data["task"]:
+        data["task"]["options"] = {}
+    return from_dict(ExperimentConfig, data)
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+    """Write the fully resolved config as YAML (the run directory's ``config.yaml``)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_dict(cfg: ExperimentConfig) -> Dict[str, Any]:
+    """The resolved config as plain data (for summaries and TensorBoard)."""
+    return to_dict(cfg)

@@ -1,0 +1,104 @@
+"""ORCAModel = target embedder -> pretrained Swin body -> task head, and ``build_model(cfg, task)``.
+
+The three parts stay separate attributes (``embedder``, ``body``, ``head``) because every stage
+treats them differently: stage 1 trains only the embedder, stage 2 hooks the body's blocks, and
+stage 3's adapter methods inject into ``body`` while keeping embedder and head fully trainable.
+The body keeps timm's module names (``layers.{i}.blocks.{j}.attn.qkv``), so rank maps written by
+stage 2 name the same modules that stage 3 adapts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from orca.bodies import create_body
+from orca.embedders import ConvEmbedder2d
+from orca.heads import ClassificationHead, DenseDecoderHead
+
+EMBEDDER_FILE = "embedder.safetensors"  # what stage 1 writes into its run directory
+
+
+class ORCAModel(nn.Module):
+    """Embedder -> body (timm Swin without its patch embedding) -> head.
+
+    Args:
+        embedder: maps ``[B, C_in, H, W]`` to tokens ``[B, h, w, D]``.
+        body: timm SwinTransformer whose ``patch_embed`` is the identity.
+        head: maps final features ``[B, h', w', C]`` to the task output.
+    """
+
+    def __init__(self, embedder: nn.Module, body: nn.Module, head: nn.Module):
+        super().__init__()
+        self.embedder, self.body, self.head = embedder, body, head
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final body features ``[B, h', w', C]`` of input ``[B, C_in, H, W]``."""
+        return self.body.forward_features(self.embedder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+    def arch(self) -> Dict[str, Any]:
+        """Shape facts a checkpoint must match before it is loaded into this model."""
+        return {name: list(p.shape) for name, p in self.state_dict().items()}
+
+
+def build_model(model_cfg, task) -> ORCAModel:
+    """Build the model for ``task`` (a :class:`datasets.TaskData`) from ``model_cfg`` (a ModelConfig)."""
+    body = create_body(model_cfg.body, weights=model_cfg.weights, hub_tag=model_cfg.hub_tag,
+                       weights_file=model_cfg.weights_file, img_size=model_cfg.img_size, **model_cfg.body_kwargs)
+    patch = body.patch_embed
+    embed_dim = patch.proj.out_channels
+    embedder = ConvEmbedder2d(task.in_channels, embed_dim, img_size=model_cfg.img_size,
+                              patch_size=patch.proj.kernel_size[0])
+    if model_cfg.embedder_init == "pretrained":
+        embedder.init_from_patch_embed(patch)
+    body.patch_embed = nn.Identity()
+    if model_cfg.grad_checkpointing:
+        body.set_grad_checkpointing(True)
+    if model_cfg.embedder_from:
+        load_embedder(embedder, model_cfg.embedder_from)
+    width = body.num_features
+    if task.kind == "classification":
+        head = ClassificationHead(width, task.out_shape[0])
+    else:
+        scale = patch.proj.kernel_size[0] * 2 ** (len(body.layers) - 1)
+        head = DenseDecoderHead(width, scale, task.out_shape, channels=model_cfg.decoder_channels)
+    model = ORCAModel(embedder, body, head)
+    model.weights_source = body.orca_weights
+    return model
+
+
+def load_embedder(embedder: nn.Module, run_dir: str) -> None:
+    """Load the aligned embedder that stage 1 saved in ``run_dir``."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / EMBEDDER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"model.embedder_from={run_dir!r}: no {EMBEDDER_FILE} there; "
+                                f"point it at a finished stage-1 run directory")
+    state = load_file(str(path))
+    own = embedder.state_dict()
+    bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"stage-1 embedder in {run_dir} does not fit this model ({bad[0]}: "
+                         f"{list(state[bad[0]].shape) if bad[0] in state else 'missing'} vs {list(own[bad[0]].shape)})")
+    embedder.load_state_dict(state)
+
+
+def source_embedder(model_cfg) -> ConvEmbedder2d:
+    """The body's own pretrained patch embedding as an RGB embedder (frozen by the caller).
+
+    Stage 1 and stage 2 push *source* images through it: it defines the source feature distribution
+    that the target embedder is aligned to and compared with.
+    """
+    body = create_body(model_cfg.body, weights=model_cfg.weights, hub_tag=model_cfg.hub_tag,
+                       weights_file=model_cfg.weights_file, img_size=model_cfg.img_size, **model_cfg.body_kwargs)
+    patch = body.patch_embed
+    embedder = ConvEmbedder2d(patch.proj.in_channels, patch.proj.out_channels, img_size=model_cfg.img_size,
+                              patch_size=patch.proj.kernel_size[0])
+    embedder.init_from_patch_embed(patch)
+    return embedder

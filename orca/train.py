@@ -1,0 +1,316 @@
+"""Stage 3: fine-tune the ORCA model with any registered adapter method, one loop for all.
+
+    python -m orca stage3 --config configs/darcy_tiny.yaml train.epochs=3
+    bash scripts/stage3.sh configs/darcy_swinb.yaml adapter.method=lora adapter.rank=8
+    python -m orca stage3 --resume runs/stage3__darcy__...     # continue an interrupted run
+
+The loop knows nothing about which method runs: the method freezes and injects in ``prepare``,
+shapes the optimizer's parameter groups (LoRA+), and gets ``on_step_start`` / ``on_step_end``
+calls (DyLoRA's rank sampling, Delta-LoRA's weight update). Data order is a pure function of
+(seed, epoch), and checkpoints hold the RNG states, so a run killed mid-epoch and resumed from its
+last checkpoint reproduces the uninterrupted run on CPU with ``train.deterministic=true``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from datasets.registry import TaskData, build_task
+from orca.adapters import build_method
+from orca.config import ExperimentConfig, config_dict, save_config
+from orca.model import ORCAModel, build_model
+from orca.runs import RunDir, check_arch, git_info, machine_info
+
+
+# ----------------------------------------------------------------------------- setup helpers
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; refuse an explicit CUDA device that is absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but no CUDA device is visible; use train.device=cpu or auto")
+    return device
+
+
+def autocast_for(amp: str, device: torch.device):
+    """The autocast context of ``train.amp``: bf16 on CUDA by default, full precision on CPU."""
+    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    if not use:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class EpochBatchSampler(Sampler[List[int]]):
+    """Shuffled batches whose order depends only on (seed, epoch), resumable at any batch.
+
+    Args:
+        n: dataset length.
+        batch_size: samples per batch (the last, smaller batch is kept).
+        seed: base seed; epoch ``e`` uses ``seed * 100003 + e``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    def __iter__(self) -> Iterator[List[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        for start in range(self.skip * self.batch_size, self.n, self.batch_size):
+            yield order[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size) - self.skip
+
+
+def warmup_linear_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """ORCA's schedule: linear warm-up to the peak, then linear decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def build_optimizer(cfg: ExperimentConfig, groups: List[Dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA), SGD with momentum, or bitsandbytes' paged AdamW (QLoRA)."""
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+                                 fused=device.type == "cuda")
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if device.type != "cuda":
+        raise RuntimeError("train.optimizer=paged_adamw needs a CUDA device (bitsandbytes paged optimizers)")
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, task: TaskData, device: torch.device,
+             autocast, desc: str = "eval") -> Dict[str, float]:
+    """Mean per-sample error (``task.metric``) and mean loss over ``loader``."""
+    model.eval()
+    errors, loss_sum, n = [], 0.0, 0
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            out = model(x)
+        out = out.float()
+        errors.append(task.metric(decode(task, out), y).float().cpu())
+        loss_sum += float(task.loss(out, y)) * (1 if task.kind == "dense" else len(x))
+        n += len(x)
+    err = torch.cat(errors)
+    if not torch.isfinite(err).all():
+        raise FloatingPointError(f"{desc}: non-finite {task.metric_name} on {int((~torch.isfinite(err)).sum())} samples")
+    return {task.metric_name: float(err.mean()), "loss": loss_sum / max(n, 1)}
+
+
+def decode(task: TaskData, out: torch.Tensor) -> torch.Tensor:
+    """Model output -> physical units (identity for tasks without a decoder)."""
+    return task.decode(out) if task.decode is not None else out
+
+
+# ----------------------------------------------------------------------------- the stage
+def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
+               on_step: Optional[Callable[[int], None]] = None) -> RunDir:
+    """Fine-tune, validate every epoch, test the best-by-validation checkpoint; return the run directory.
+
+    Args:
+        cfg: the resolved experiment config.
+        run: an existing run directory to resume into (default: ``RunDir.create(cfg, "stage3")``,
+            which resumes too when ``cfg.run_dir`` holds ``ckpt/last.pt``).
+        on_step: called with the optimizer step count after every step (tests use it to simulate a kill).
+    """
+    t0 = time.time()
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    device = resolve_device(cfg.train.device)
+    autocast = autocast_for(cfg.train.amp, device)
+
+    task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
+    model: ORCAModel = build_model(cfg.model, task)
+    method = build_method(cfg.adapter)
+    params = method.prepare(model)
+    model.to(device)
+    if task.decode is not None:
+        task.decode.to(device)
+    if cfg.train.channels_last:
+        model.embedder.to(memory_format=torch.channels_last)
+
+    run = run or RunDir.create(cfg, "stage3")
+    resume = run.load_checkpoint("last")  # read before anything in the directory is touched
+    if resume is not None:
+        check_arch(resume["arch"], model, str(run.ckpt_dir / "last.pt"))
+    save_config(cfg, run.file("config.yaml"))
+    print(f"[stage3] run directory: {run.path}", flush=True)
+    print(f"[stage3] body weights: {model.weights_source}; method: {cfg.adapter.method}", flush=True)
+    print_params(params)
+
+    groups = method.param_groups(model, cfg.train.lr, cfg.train.weight_decay)
+    optimizer = build_optimizer(cfg, groups, device)
+    train_sampler = EpochBatchSampler(len(task.train), cfg.train.batch_size, cfg.seed)
+    # Own generator: a DataLoader iterator otherwise draws its base seed from the global RNG at
+    # every epoch start, which would shift dropout / drop-path randomness after a mid-epoch resume.
+    train_loader = DataLoader(task.train, batch_sampler=train_sampler, num_workers=cfg.train.num_workers,
+                              pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    eval_loader = lambda ds: DataLoader(ds, batch_size=cfg.train.batch_size * 2, shuffle=False,  # noqa: E731
+                                        num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
+                                        generator=torch.Generator().manual_seed(cfg.seed))
+    val_loader, test_loader = eval_loader(task.val), eval_loader(task.test)
+
+    micro_per_epoch = len(train_sampler)
+    if cfg.train.max_steps_per_epoch:
+        micro_per_epoch = min(micro_per_epoch, cfg.train.max_steps_per_epoch * cfg.train.grad_accum)
+    steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear_decay(total_steps, round(cfg.train.warmup_epochs * steps_per_epoch)))
+
+    state = {"epoch": 0, "batch": 0, "step": 0, "best": math.inf, "best_epoch": -1,
+             "train_time": 0.0, "train_images": 0}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        method.load_state(resume.get("method", {}))
+        state.update(resume["state"])
+        torch.set_rng_state(resume["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in resume:
+            torch.cuda.set_rng_state(resume["rng_cuda"])
+        run.truncate_metrics(lambda r: (r.get("kind") == "train" and r["step"] <= state["step"])
+                             or (r.get("kind") == "epoch" and r["epoch"] <= state["epoch"]))
+        print(f"[stage3] resumed at epoch {state['epoch']} batch {state['batch']} (step {state['step']})", flush=True)
+
+    train_model = torch.compile(model) if cfg.train.compile else model
+
+    def checkpoint(name: str = "last") -> None:
+        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "state": dict(state), "arch": model.arch(),
+                   "method": method.state_for_checkpoint(), "rng_cpu": torch.get_rng_state(),
+                   "config": config_dict(cfg)}
+        if device.type == "cuda":
+            payload["rng_cuda"] = torch.cuda.get_rng_state()
+        run.save_checkpoint(name, payload)
+
+    metric = task.metric_name
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        model.train()
+        train_sampler.set_epoch(epoch, skip_batches=state["batch"])
+        bar = tqdm(total=micro_per_epoch, initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                   dynamic_ncols=True, disable=None)
+        t_epoch, images, loss_acc = time.time(), 0, 0.0
+        for micro, (x, y) in enumerate(train_loader, start=state["batch"]):
+            if micro >= micro_per_epoch:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if micro % cfg.train.grad_accum == 0:
+                method.on_step_start(model, state["step"])
+            with autocast():
+                out = train_model(x)
+            loss = task.loss(out.float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}, step {state['step']}: "
+                                         f"lower train.lr or set train.clip_grad")
+            (loss / cfg.train.grad_accum).backward()
+            images += len(x)
+            loss_acc += float(loss.detach())
+            bar.update(1)
+            if (micro + 1) % cfg.train.grad_accum:
+                continue
+            if cfg.train.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            method.on_step_end(model, state["step"])
+            state["step"] += 1
+            state["batch"] = micro + 1
+            bar.set_postfix(loss=f"{loss.item():.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if state["step"] % cfg.train.log_every == 0:
+                run.log_metrics({"kind": "train", "epoch": epoch + 1, "step": state["step"],
+                                 "train/loss": float(loss.detach()), "train/lr": scheduler.get_last_lr()[0]})
+            if cfg.train.save_every_steps and state["step"] % cfg.train.save_every_steps == 0:
+                state["train_time"] += time.time() - t_epoch
+                state["train_images"] += images
+                t_epoch, images = time.time(), 0
+                checkpoint()
+            if on_step is not None:
+                on_step(state["step"])
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        state["train_time"] += time.time() - t_epoch
+        state["train_images"] += images
+        record = {"kind": "epoch", "epoch": epoch + 1, "step": state["step"],
+                  "train/loss": loss_acc / max(1, micro_per_epoch - train_sampler.skip),
+                  "train/img_per_s": images / max(time.time() - t_epoch, 1e-9) if images else None}
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            with method.eval_rank(model):
+                val = evaluate(model, val_loader, task, device, autocast, desc="val")
+            record.update({f"val/{k}": v for k, v in val.items()})
+            if val[metric] < state["best"]:
+                state["best"], state["best_epoch"] = val[metric], epoch + 1
+                run.save_checkpoint("best", {"model": model.state_dict(), "arch": model.arch(),
+                                             "epoch": epoch + 1, f"val_{metric}": val[metric]})
+            print(f"[stage3] epoch {epoch + 1}: train loss {record['train/loss']:.4g}, "
+                  f"val {metric} {val[metric]:.4g} (best {state['best']:.4g} @ {state['best_epoch']})", flush=True)
+        run.log_metrics(record)
+        state["epoch"], state["batch"] = epoch + 1, 0
+        checkpoint()
+
+    best = run.load_checkpoint("best")
+    if best is not None:
+        model.load_state_dict(best["model"])
+    with method.eval_rank(model):
+        test = evaluate(model, test_loader, task, device, autocast, desc="test")
+    run.log_metrics({"kind": "test", "epoch": state["best_epoch"], "step": state["step"],
+                     **{f"test/{k}": v for k, v in test.items()}})
+    summary = {
+        "stage": "stage3", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed,
+        "method": cfg.adapter.method, "body": cfg.model.body, "weights": model.weights_source,
+        "metric": metric, "val": {metric: state["best"]}, "test": test, "best_epoch": state["best_epoch"],
+        "epochs": cfg.train.epochs, "steps": state["step"], "params": params,
+        "train_img_per_s": state["train_images"] / max(state["train_time"], 1e-9),
+        "wall_time_s": time.time() - t0, "git": git_info(), "machine": machine_info(),
+        "data": task.info, "command": " ".join(sys.argv), "run_dir": str(run.path),
+    }
+    path = run.write_summary(summary)
+    run.close()
+    print(f"[stage3] test {metric} = {test[metric]:.5g} (best val epoch {state['best_epoch']}); summary: {path}", flush=True)
+    return run
+
+
+def print_params(params: Dict[str, Any]) -> None:
+    """One line of trainable-parameter accounting (orca.adapters.count_parameters) per run."""
+    parts = ", ".join(f"{k} {params[k]:,}" for k in ("embedder", "head", "adapters", "other"))
+    print(f"[stage3] trainable parameters: {params['trainable']:,} ({parts}); body {params['body']:,}, "
+          f"{100 * params['body_fraction']:.3f}% of it trained", flush=True)

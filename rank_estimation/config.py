@@ -1,0 +1,120 @@
+"""Typed options of stage 2's rank allocation (gap -> P(r | D) -> rank map).
+
+Why a dataclass with ``__post_init__`` checks: a YAML typo or an impossible setting (r_min above
+r_max, burn-in longer than the run) should fail when the config is loaded, naming the field, the
+value and what is allowed, not minutes into sampling. The gap metric name is only checked to be a
+non-empty string here; the gap-metric registry validates it where it is built.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Tuple
+
+__all__ = ["RankConfig", "TARGET_PATTERNS", "TARGETS", "SUMMARIES"]
+
+#: Which Linear modules of the Swin body get a LoRA rank, as fnmatch patterns over module names.
+TARGET_PATTERNS: Dict[str, Tuple[str, ...]] = {
+    "attn": ("*.attn.qkv", "*.attn.proj"),
+    "all": ("*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2", "*.downsample.reduction"),
+}
+TARGETS = tuple(TARGET_PATTERNS)
+SUMMARIES = ("mean", "mode")
+
+
+def _bad(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"RankConfig.{name}={value!r} is not allowed; expected {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class RankConfig:
+    """Options for :func:`rank_estimation.allocate.allocate_ranks` (stage 2)."""
+
+    budget: int = field(default=1_600_000, metadata={
+        "help": "trainable LoRA parameters to spend, sum_i r_i (d_in_i + d_out_i); the default is "
+                "about uniform r=8 on all 99 Swin-B Linear layers (1,583,104)"})
+    r_min: int = field(default=1, metadata={"help": "smallest rank a layer may get (0 = may be frozen)"})
+    r_max: int = field(default=64, metadata={"help": "largest rank a layer may get"})
+    gamma: float = field(default=1.0, metadata={
+        "help": "power-law exponent in log D ~ N(log beta + gamma log(1 + r), sigma^2); 1 = rank "
+                "proportional to gap; fit it with rank_estimation.allocate.fit_gamma"})
+    alpha_prior: Tuple[float, float] = field(default=(1.0, 0.1), metadata={
+        "help": "(shape a, rate b) of the Gamma prior on the IBP concentration alpha (prior mean a/b)"})
+    sigma: float = field(default=0.25, metadata={
+        "help": "likelihood sd on log gap: small follows the gaps closely, large returns the IBP prior"})
+    n_chains: int = field(default=4, metadata={"help": "independent MCMC chains (split R-hat needs them)"})
+    n_sweeps: int = field(default=300, metadata={"help": "kept sweeps per chain after burn-in"})
+    burn_in: int = field(default=100, metadata={"help": "discarded sweeps per chain before the kept ones"})
+    truncation: int = field(default=0, metadata={
+        "help": "dish columns K of the finite IBP; 0 picks max(2 r_max, 4 x budget mean rank, 32)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampler's numpy Generator"})
+    targets: str = field(default="all", metadata={
+        "help": f"which Linear modules get a rank: one of {TARGETS}"})
+    summary: str = field(default="mean", metadata={
+        "help": f"posterior summary turned into the rank before the budget repair: one of {SUMMARIES}"})
+    gap_metric: str = field(default="mmd", metadata={
+        "help": "name of the gap metric in the gap-metric registry (validated there)"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha_prior, list):  # YAML gives lists
+            self.alpha_prior = tuple(self.alpha_prior)
+        for name in ("budget", "r_min", "r_max", "n_chains", "n_sweeps", "burn_in", "truncation", "seed"):
+            if not _is_int(getattr(self, name)):
+                raise _bad(name, getattr(self, name), "an integer")
+        if self.budget <= 0:
+            raise _bad("budget", self.budget, "a positive number of parameters")
+        if self.r_min < 0:
+            raise _bad("r_min", self.r_min, "an integer >= 0")
+        if self.r_max < max(self.r_min, 1):
+            raise _bad("r_max", self.r_max, f"an integer >= max(r_min={self.r_min}, 1)")
+        for name in ("gamma", "sigma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise _bad(name, value, "a finite number > 0")
+        prior = self.alpha_prior
+        if (not isinstance(prior, tuple) or len(prior) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           and math.isfinite(v) and v > 0 for v in prior)):
+            raise _bad("alpha_prior", prior, "a pair (a, b) of finite numbers > 0")
+        if self.n_chains < 1:
+            raise _bad("n_chains", self.n_chains, "an integer >= 1")
+        if self.n_sweeps < 4:
+            raise _bad("n_sweeps", self.n_sweeps, "an integer >= 4 (split R-hat halves each chain)")
+        if self.burn_in < 0:
+            raise _bad("burn_in", self.burn_in, "an integer >= 0")
+        if self.truncation != 0 and self.truncation < self.r_max:
+            raise _bad("truncation", self.truncation, f"0 (auto) or an integer >= r_max={self.r_max}")
+        if self.targets not in TARGETS:
+            raise _bad("targets", self.targets, f"one of {TARGETS}")
+        if self.summary not in SUMMARIES:
+            raise _bad("summary", self.summary, f"one of {SUMMARIES}")
+        if not isinstance(self.gap_metric, str) or not self.gap_metric:
+            raise _bad("gap_metric", self.gap_metric, "a non-empty metric name")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain-dict form (tuples as lists) for YAML/JSON run records."""
+        out = asdict(self)
+        out["alpha_prior"] = list(self.alpha_prior)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "RankConfig":
+        """Build from a dict; unknown keys raise, naming the closest valid field.
+
+        Args:
+            values: field name -> value (e.g. the ``rank`` section of a stage-2 YAML).
+        """
+        import difflib
+
+        names = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown RankConfig field {key!r}{hint} (fields: {', '.join(names)})")
+        return cls(**values)

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny Swin, tiny Darcy options, and the gpu marker's auto-skip."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_BODY = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 2}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """Overrides that make a whole stage-3 run take seconds on one CPU core."""
+    return [
+        "name=test", f"output_dir={tmp_path / 'runs'}", f"task.data_root={tmp_path / 'data'}",
+        "task.name=darcy", "task.options.resolution=41", "task.options.subsample=4",
+        "task.options.n_train=24", "task.options.n_val=8", "task.options.n_test=8", "task.options.workers=1",
+        "model.body=swin_tiny_patch4_window7_224", "model.weights=none", "model.img_size=32",
+        "model.body_kwargs={embed_dim: 16, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2], window_size: 2}",
+        "train.epochs=2", "train.warmup_epochs=0.5", "train.batch_size=8", "train.device=cpu",
+        "train.deterministic=true", "train.log_every=1", "adapter.method=full",
+    ]

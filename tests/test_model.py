@@ -1,0 +1,93 @@
+"""ORCA model: shapes, embedder source-init, weight sources and their errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from datasets.registry import TaskData
+from orca.bodies import WeightsError, create_body, save_body
+from orca.config import ModelConfig
+from orca.model import ORCAModel, build_model
+from tests.conftest import TINY_BODY
+
+SWIN = "swin_tiny_patch4_window7_224"
+
+
+def fake_task(kind="dense", in_channels=3, out_shape=(9, 9)):
+    ds = TensorDataset(torch.zeros(2, in_channels, 9, 9), torch.zeros(2, *out_shape))
+    return TaskData(ds, ds, ds, in_channels, kind, out_shape, loss=lambda p, y: (p - y).pow(2).mean(),
+                    metric=lambda p, y: (p - y).flatten(1).norm(dim=1), metric_name="err")
+
+
+def tiny_cfg(**kw):
+    return ModelConfig(body=SWIN, weights="none", img_size=32, body_kwargs=dict(TINY_BODY), **kw)
+
+
+@pytest.mark.parametrize("kind, out_shape, expect", [("dense", (9, 9), (2, 9, 9)),
+                                                     ("classification", (5,), (2, 5))])
+def test_forward_shapes(kind, out_shape, expect):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(), fake_task(kind, out_shape=out_shape))
+    out = model(torch.randn(2, 3, 9, 9))
+    assert out.shape == expect and torch.isfinite(out).all()
+    out.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"No gradient for {missing}"
+
+
+def test_embedder_source_init_tiles_rgb_kernels():
+    torch.manual_seed(0)
+    body = create_body(SWIN, img_size=32, **TINY_BODY)
+    reference = body.patch_embed.proj.weight.detach().clone()
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(), fake_task(in_channels=5))
+    w = model.embedder.proj.weight
+    assert w.shape[1] == 5
+    for c in range(5):
+        torch.testing.assert_close(w[:, c], reference[:, c % 3])
+    assert isinstance(model.body.patch_embed, torch.nn.Identity)
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    model = build_model(tiny_cfg(), fake_task())
+    with pytest.raises(ValueError, match=r"embedder expects input \[B, 3, H, W\], got \[2, 4, 9, 9\]"):
+        model(torch.randn(2, 4, 9, 9))
+
+
+def test_local_file_round_trip_and_variant_mismatch(tmp_path):
+    torch.manual_seed(1)
+    body = create_body(SWIN, img_size=32, **TINY_BODY)
+    path = tmp_path / "body.safetensors"
+    save_body(body, SWIN, dict(TINY_BODY), str(path))
+    loaded = create_body(SWIN, weights="file", weights_file=str(path), img_size=32, **TINY_BODY)
+    for (n, a), (_, b) in zip(body.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    other = dict(TINY_BODY, embed_dim=32, num_heads=[1, 2, 2, 4])
+    with pytest.raises(WeightsError, match="was saved for a Swin with"):
+        create_body(SWIN, weights="file", weights_file=str(path), img_size=32, **other)
+    with pytest.raises(WeightsError, match="holds weights of swin_tiny"):
+        create_body("swin_small_patch4_window7_224", weights="file", weights_file=str(path), img_size=32, **TINY_BODY)
+    # A plain state dict without our header: shape mismatch is still caught by timm's loader.
+    torch.save(body.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises((WeightsError, RuntimeError), match="size mismatch|does not fit"):
+        create_body(SWIN, weights="file", weights_file=str(tmp_path / "plain.pth"), img_size=32, **other)
+
+
+def test_missing_weights_file_and_offline_hub(tmp_path, monkeypatch):
+    with pytest.raises(WeightsError, match="body weights file not found"):
+        create_body(SWIN, weights="file", weights_file=str(tmp_path / "none.safetensors"), img_size=32, **TINY_BODY)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="could not load hub weights .*Offline\\?"):
+        create_body(SWIN, weights="hub", hub_tag="ms_in1k", img_size=32, **TINY_BODY)
+
+
+def test_not_a_swin_is_refused():
+    with pytest.raises(ValueError, match="is not a timm Swin model"):
+        create_body("resnet18")
+
+
+def test_orca_model_arch_lists_every_tensor():
+    model = build_model(tiny_cfg(), fake_task())
+    assert isinstance(model, ORCAModel)
+    assert set(model.arch()) == set(model.state_dict())
