@@ -17,6 +17,7 @@ Conventions shared by every image task here (and the fractal tasks):
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -45,9 +46,16 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[..., 3, H, W]`` float32.
     """
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    mean, std = _imagenet_stats(images.device)
     return (images.float() / 255.0 - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_stats(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean/std ``[3, 1, 1]`` on ``device``, made once: a fresh host-to-GPU copy per batch would
+    synchronise the training loop with the GPU at every step."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1))
 
 
 def cross_entropy_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -135,6 +143,8 @@ def random_resized_crop_flip(images: torch.Tensor, min_area: float = 0.35,
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = side * flip, tx
     theta[:, 1, 1], theta[:, 1, 2] = side, ty
+    if images.is_cuda:  # pinned + non_blocking: the copy does not wait for the GPU to drain
+        theta = theta.pin_memory().to(images.device, non_blocking=True)
     grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 

@@ -42,7 +42,7 @@ from typing import Optional, Tuple
 import numpy as np
 from scipy.special import gammaln
 
-from ibp.process import harmonic
+from ibp.process import harmonic, sample_ibp
 
 __all__ = ["LinearGaussianIBP", "GibbsTrace", "collapsed_log_likelihood"]
 
@@ -142,11 +142,10 @@ class LinearGaussianIBP:
         self.likelihood = bool(likelihood)
         self.rng = rng if rng is not None else np.random.default_rng(seed)
         self.h_n = harmonic(self.n)
-        # Step sizes on log sigma, tuned toward ~40% acceptance during the run.
+        # Step sizes on log sigma, adapted toward ~40% acceptance with a diminishing gain.
         self._log_step = {"sigma_x": 0.05, "sigma_a": 0.1}
+        self._n_sweeps = 0
         if Z_init is None and not self.likelihood:
-            from ibp.process import sample_ibp
-
             Z_init = sample_ibp(self.alpha, self.n, self.rng)
         elif Z_init is None:
             # Over-complete random start: surplus features specialise or die (deaths and merges
@@ -346,8 +345,10 @@ class LinearGaussianIBP:
                     current, accepted = cand, accepted + 1
                 else:
                     setattr(self, name, old)
-            # Robbins-Monro nudge toward ~40% acceptance; it only matters for burn-in.
-            self._log_step[name] *= math.exp(0.1 * (accepted / n_steps - 0.4))
+            # Robbins-Monro nudge toward ~40% acceptance; the gain decays like 1/sqrt(t), so the
+            # adaptation vanishes and the chain keeps the posterior as its limit.
+            gain = 1.0 / math.sqrt(1.0 + self._n_sweeps)
+            self._log_step[name] *= math.exp(gain * (accepted / n_steps - 0.4))
 
     # ------------------------------------------------------------------ driver
     def sweep(self) -> None:
@@ -360,6 +361,7 @@ class LinearGaussianIBP:
             self._update_row(int(i))
         for _ in range(2):
             self._duplicate_move()
+        self._n_sweeps += 1
         if self.sample_sigma:
             self._update_sigmas()
         if self.sample_alpha:

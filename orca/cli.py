@@ -43,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                  "for list: tasks | adapters | objectives | gaps")
     parser.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml)")
     parser.add_argument("--resume", help="run directory to continue (its config.yaml is used)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     if args.command == "list":
         regs = _registries()

@@ -7,13 +7,15 @@ Pipeline (``shared/IBP_RANK.md``, "From posterior to rank map"):
    sum_i c_i E[r_i | D] meets the budget, then samples P(r | D) with several chains.
 3. r_i = clip(round(E[r_i | D]), r_min, r_max) (or the posterior mode), then
    :func:`repair_budget` spends or frees single rank units, best posterior probability per parameter
-   first, until |sum_i c_i r_i - B| <= min_i c_i ("within one unit of the cheapest layer").
+   first (one-for-one swaps when the cheapest layers are saturated), until
+   |sum_i c_i r_i - B| <= min_i c_i ("within one unit of the cheapest layer").
 
 Why a greedy repair after a calibrated posterior: the posterior mean meets the budget only in
-expectation (and only up to Monte-Carlo error), and rounding moves it further; the survival
-function P(r_i >= k | D) says which extra unit the data support most, so spending by
-P(r_i >= r_i + 1 | D) / c_i (and freeing by the smallest P(r_i >= r_i | D) / c_i) is the
-posterior-optimal way to hit the budget one unit at a time.
+expectation (and only up to Monte-Carlo error), and rounding moves it further. The survival
+function P(r_i >= k | D) is the posterior probability that layer i needs its k-th rank, so spending
+by the largest P(r_i >= r_i + 1 | D) / c_i and freeing by the smallest P(r_i >= r_i | D) / c_i is
+the ratio rule of the knapsack that maximises the expected number of needed units per parameter.
+The repair moves few units because beta was calibrated first (``diagnostics["repair_steps"]``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import fnmatch
 import heapq
 import json
 import math
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -147,6 +148,8 @@ def _validate(gaps: Mapping[str, float], costs: Mapping[str, int], budget: int, 
     for label, value in (("r_min", r_min), ("r_max", r_max), ("budget", budget)):
         if isinstance(value, bool) or int(value) != value:
             raise ValueError(f"{label} must be an integer, got {value!r}")
+    if budget <= 0:
+        raise ValueError(f"budget must be a positive integer (parameters to spend), got {budget}")
     if r_min < 0:
         raise ValueError(f"r_min must be >= 0, got {r_min}")
     if r_min > r_max:
@@ -258,7 +261,7 @@ def _neg(key: Tuple[float, float]) -> Tuple[float, float]:
 
 # ---------------------------------------------------------------------------- allocation
 def allocate_ranks(gaps: Mapping[str, float], costs: Mapping[str, int], budget: int, r_min: int,
-                   r_max: int, *, gamma: float = 1.0, sigma: float = 0.25,
+                   r_max: int, *, gamma: float = 1.0, sigma: float = 0.1,
                    alpha_prior: Tuple[float, float] = (1.0, 0.1), n_chains: int = 4,
                    n_sweeps: int = 300, burn_in: int = 100, truncation: int = 0,
                    summary: str = "mean", level: float = 0.9, seed: int = 0,
@@ -293,7 +296,7 @@ def allocate_ranks(gaps: Mapping[str, float], costs: Mapping[str, int], budget: 
         calibration=calibration, gamma=gamma, sigma=sigma, alpha_prior=alpha_prior,
         r_lo=int(r_min), r_hi=int(r_max), truncation=truncation, n_chains=n_chains, seed=seed)
     t_sample = time.perf_counter() - t0
-    mean, sd = post.mean(), post.sd()
+    mean = post.mean()
     start = np.rint(mean) if summary == "mean" else post.mode()
     start = np.clip(start, r_min, r_max).astype(np.int64)
     ranks, steps = repair_budget(start, c, int(budget), post.survival(), int(r_min), int(r_max),
@@ -315,7 +318,7 @@ def _build_allocation(names: List[str], d: np.ndarray, c: np.ndarray, post: Rank
     mean, sd, interval = post.mean(), post.sd(), post.interval(level)
     rhat, ess = post.rhat(), post.ess()
     prior = {
-        "model": "finite IBP (beta-Bernoulli, K columns) x lognormal power-law gap likelihood",
+        "model": "finite IBP (beta-Bernoulli, K columns) x Gaussian power law on log gap",
         "alpha_prior": list(post.alpha_prior) if post.alpha_prior else None,
         "alpha_posterior_mean": float(post.alpha.mean()),
         "log_beta": post.log_beta,

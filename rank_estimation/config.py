@@ -44,8 +44,9 @@ class RankConfig:
                 "proportional to gap; fit it with rank_estimation.allocate.fit_gamma"})
     alpha_prior: Tuple[float, float] = field(default=(1.0, 0.1), metadata={
         "help": "(shape a, rate b) of the Gamma prior on the IBP concentration alpha (prior mean a/b)"})
-    sigma: float = field(default=0.25, metadata={
-        "help": "likelihood sd on log gap: small follows the gaps closely, large returns the IBP prior"})
+    sigma: float = field(default=0.1, metadata={
+        "help": "likelihood sd on log gap: small follows the gaps closely, large returns the IBP prior "
+                "(0.1 gives log(1 + r) a slope of about 0.8 / gamma in log D on Swin-B profiles)"})
     n_chains: int = field(default=4, metadata={"help": "independent MCMC chains (split R-hat needs them)"})
     n_sweeps: int = field(default=300, metadata={"help": "kept sweeps per chain after burn-in"})
     burn_in: int = field(default=100, metadata={"help": "discarded sweeps per chain before the kept ones"})

@@ -22,7 +22,7 @@ from datasets.fractal import (
     instance_points,
     sample_class_ifs,
 )
-from datasets.images import IMAGENET_MEAN, IMAGENET_STD, source_feature_set
+from datasets.images import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8, source_feature_set
 
 SMALL = dict(image_size=32, num_points=3000)
 
@@ -71,6 +71,28 @@ def test_dataset_item_equals_batch_and_cache():
         assert x.shape == (3, 24, 24) and x.dtype == torch.float32
         assert torch.equal(x, xb[i]) and torch.equal(x, xc)
         assert y == yc == int(yb[i]) == i // 2
+
+
+def test_parallel_packed_params_and_uint8_render_match_the_serial_path():
+    gen = _gen(num_points=500, image_size=16)
+    cls, inst = [i // 100 for i in range(300)], [i % 100 for i in range(300)]
+    serial, parallel = gen.instance_params_many(cls, inst), gen.instance_params_many(cls, inst, workers=2)
+    for f in ("maps", "thresholds", "start", "keys", "colors", "splats"):
+        assert np.array_equal(getattr(serial, f), getattr(parallel, f)), f
+    ds = FractalDataset(3, 100, 16, num_points=500)
+    done = []
+    u8, labels = ds.render_uint8(range(0, 300, 7), batch_size=16, workers=2, progress=done.append)
+    assert u8.dtype == torch.uint8 and sum(done) == len(u8) == len(labels) == 43
+    xb, yb = ds.get_batch(range(0, 300, 7))
+    assert torch.equal(xb, normalize_uint8(u8)) and torch.equal(yb, labels)
+
+
+def test_augment_applies_to_training_items_only(tmp_path):
+    task = build_task("fractal", _tiny_opts(augment=True), str(tmp_path))
+    assert task.train.augment and not task.val.augment and not task.test.augment
+    torch.manual_seed(0)
+    assert not torch.equal(task.train.get_batch([0, 1])[0], task.train.get_batch([0, 1])[0])
+    assert torch.equal(task.val[0][0], task.val[0][0])
 
 
 def test_items_are_imagenet_normalised_rgb():

@@ -186,13 +186,13 @@ def _bars_data(rng, n=100, sigma_x=0.5):
     return Z @ A + sigma_x * rng.standard_normal((n, 36)), A
 
 
-@pytest.mark.parametrize("seed", [0, 3])
-def test_gibbs_recovers_four_latent_features(seed):
-    rng = np.random.default_rng(100 + seed)
+def test_gibbs_recovers_four_latent_features():
+    # seed 3 is one of the slower of seeds 0-9 to leave its 5-feature start (all ten reach 4)
+    rng = np.random.default_rng(103)
     X, A = _bars_data(rng)
-    sampler = LinearGaussianIBP(X, alpha=1.0, sigma_x=0.5, sigma_a=1.0, sample_sigma=False, seed=seed)
-    trace = sampler.run(200)
-    kept = trace.k_plus[100:]
+    sampler = LinearGaussianIBP(X, alpha=1.0, sigma_x=0.5, sigma_a=1.0, sample_sigma=False, seed=3)
+    trace = sampler.run(400)
+    kept = trace.k_plus[150:]
     assert np.bincount(kept).argmax() == 4, np.bincount(kept)
     if sampler.Z.shape[1] == 4:  # the learned images match the true ones up to order
         learned = sampler.posterior_mean_features()
@@ -213,7 +213,7 @@ def test_gibbs_targets_the_exact_posterior_over_lof_classes():
     target = dict(zip(classes, post))
     sampler = LinearGaussianIBP(X, alpha=alpha, sigma_x=sx, sigma_a=sa, sample_alpha=False,
                                 sample_sigma=False, k_new_max=8, seed=21)
-    n_sweeps = 6000
+    n_sweeps = 4000
     visited = []
     for _ in range(n_sweeps):
         sampler.sweep()
@@ -230,8 +230,8 @@ def test_gibbs_samples_noise_level():
     rng = np.random.default_rng(8)
     X, _ = _bars_data(rng)
     sampler = LinearGaussianIBP(X, alpha=1.0, sigma_x=1.0, sigma_a=1.0, seed=9)
-    trace = sampler.run(150)
-    assert abs(np.median(trace.sigma_x[75:]) - 0.5) < 0.05
+    trace = sampler.run(100)
+    assert abs(np.median(trace.sigma_x[50:]) - 0.5) < 0.05
 
 
 # ---------------------------------------------------------------------------- diagnostics
@@ -254,7 +254,7 @@ def test_rhat_and_ess_detect_what_they_should():
 # ---------------------------------------------------------------------------- rank posterior
 def test_rank_sampler_without_likelihood_is_the_finite_ibp():
     """sigma = inf: E[r_i] = alpha K / (K + alpha) and E[K+] = the finite-K formula (-> alpha H_N)."""
-    alpha, n, k = 4.0, 12, 160
+    alpha, n, k = 3.0, 12, 200
     sampler = IBPRankSampler(np.ones(n), sigma=math.inf, alpha=alpha, r_lo=0, r_hi=k,
                              truncation=k, n_chains=4, seed=11)
     post = sampler.run(1500, burn_in=100)
@@ -293,7 +293,7 @@ def test_large_sigma_returns_prior_mean_whatever_the_gaps():
 
 
 def _run(gaps, seed, log_beta=-1.0, **kw):
-    kw = {"sigma": 0.25, "r_lo": 0, "r_hi": 64, "n_chains": 4, **kw}
+    kw = {"sigma": 0.1, "r_lo": 0, "r_hi": 64, "n_chains": 4, **kw}
     return IBPRankSampler(gaps, log_beta=log_beta, seed=seed, **kw).run(400, burn_in=100)
 
 
@@ -316,7 +316,7 @@ def test_increasing_gaps_give_non_decreasing_ranks():
 
 def test_outlier_gap_gets_a_wider_interval_not_a_silent_extreme():
     gaps = np.r_[np.full(11, 2.0), 16.0]
-    post = _run(gaps, seed=16, sigma=0.3)
+    post = _run(gaps, seed=16)
     lo, hi = post.interval(0.9).T
     width = hi - lo
     assert width[-1] > 1.5 * width[:-1].max(), (lo, hi)

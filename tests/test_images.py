@@ -178,6 +178,19 @@ def test_augment_keeps_shape_and_changes_pixels():
     assert any(not torch.equal(o, plain[0][0]) for o in outs)
 
 
+def test_batched_crop_flip_is_seeded_and_full_area_is_identity_or_mirror():
+    imgs = torch.rand(6, 3, 12, 12) * 255
+    full = images.random_resized_crop_flip(imgs, min_area=1.0, generator=torch.Generator().manual_seed(0))
+    for out, img in zip(full, imgs):  # a full-area crop only flips (bilinear at pixel centres is exact)
+        assert torch.allclose(out, img, atol=1e-3) or torch.allclose(out, img.flip(-1), atol=1e-3)
+    a = images.random_resized_crop_flip(imgs, 0.3, torch.Generator().manual_seed(1))
+    b = images.random_resized_crop_flip(imgs, 0.3, torch.Generator().manual_seed(1))
+    assert a.shape == imgs.shape and torch.equal(a, b)
+    assert not torch.equal(a, images.random_resized_crop_flip(imgs, 0.3, torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="min_area must be in"):
+        images.random_resized_crop_flip(imgs, 0.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # shared helpers
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import orca.align.source_features as sf
 from datasets.registry import build_task
 from orca.config import load_config
 from orca.model import EMBEDDER_FILE, build_model, source_embedder
+from orca.runs import RunDir
 from orca.train import seed_everything
 
 STAGE1 = ["align.source=fractal", "align.source_options={num_points: 5000}", "align.n_source=60",
@@ -100,7 +101,11 @@ def test_saved_embedder_loads_into_stage3_and_differs_from_source_init(overrides
 
 
 def test_source_init_saves_the_pretrained_patch_embedding_untrained(overrides, own_cache, tmp_path):
-    r = run(overrides, own_cache, "align.mode=source_init")
+    from orca.cli import main as cli_main
+
+    assert cli_main(["stage1", *overrides, own_cache, "align.mode=source_init"]) == 0  # python -m orca stage1
+    (path,) = (tmp_path / "runs").glob("stage1__darcy__test__s0__*")
+    r = RunDir(path)
     saved = load_file(str(r.path / EMBEDDER_FILE))
     cfg = load_config(None, overrides)
     seed_everything(cfg.seed)
@@ -116,7 +121,7 @@ def test_source_init_saves_the_pretrained_patch_embedding_untrained(overrides, o
 
 # ----------------------------------------------------------------------------- source-feature cache
 def test_source_cache_is_reused_and_keyed(overrides, own_cache, monkeypatch, tmp_path):
-    overrides = [*overrides, own_cache, "align.epochs=2"]
+    overrides = [*overrides, own_cache, "align.epochs=1"]
     first = run(overrides)
     assert read(first, "alignment.json")["source"]["from_cache"] is False
     assert len(list((tmp_path / "features").glob("*.safetensors"))) == 1
@@ -150,18 +155,25 @@ def test_cache_key_follows_the_weights_file_content(tmp_path):
 
 
 # ----------------------------------------------------------------------------- pieces
-def test_weighted_objective_is_the_cluster_frequency_weighted_sum():
-    feats = torch.tensor([[0.0, 0.0], [2.0, 0.0], [4.0, 0.0], [0.0, 6.0]])
-    labels = torch.tensor([1, 1, 1, 7])
-    src = torch.zeros(3, 2)
+def test_stage_objective_is_orcas_weighted_sum_of_per_cluster_otdd():
+    """The batched objective equals ORCA's loop: sum_k (n_k / n) OTDD(cluster k as one label, source)."""
+    from orca.align.otdd import OTDD
 
-    def mean_sq_norm(x, y, s, ys):  # objective of one cluster: mean squared norm of its points
-        assert y.unique().tolist() == [0]  # every cluster enters as a single-label set
-        return x.pow(2).sum(1).mean()
+    g = torch.Generator().manual_seed(0)
+    feats, src = torch.randn(9, 4, generator=g), torch.randn(12, 4, generator=g) + 1.0
+    clusters, src_labels = torch.tensor([2, 2, 2, 2, 5, 5, 5, 5, 9]), torch.arange(12) % 3
+    cfg = load_config(None, ["align.objective=otdd"])
+    value = loop.build_objective(cfg.align, seed=0)(feats, clusters, src, src_labels)
+    one = OTDD(inner="exact", reg=0.1, debiased=True)
+    expected = sum(4 / 9 * one.distance(feats[clusters == c], torch.zeros(4), src, src_labels) for c in (2, 5))
+    # the singleton cluster 9 is skipped with its weight dropped, as ORCA's `if feats.shape[0] > 1`
+    assert float(value) == pytest.approx(float(expected), rel=1e-4)
 
-    value = loop.weighted_objective(mean_sq_norm, feats, labels, src, torch.tensor([0, 1, 2]))
-    # cluster 1: mean(0, 4, 16) = 20/3 with weight 3/4; cluster 7: 36 with weight 1/4
-    assert float(value) == pytest.approx(0.75 * 20 / 3 + 0.25 * 36)
+
+def test_objective_options_are_checked():
+    cfg = load_config(None, ["align.objective=mmd", "align.objective_options={bandwith: 2}"])
+    with pytest.raises(ValueError, match=r"align.objective_options=.*its options are: .*multipliers"):
+        loop.build_objective(cfg.align, seed=0)
 
 
 def test_kmeans_labels_recover_separated_groups():

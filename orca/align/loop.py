@@ -11,6 +11,8 @@ outputs on the target training inputs, token-averaged; target labels = the real 
 clusters of the flattened targets for regression; loss = class-frequency-weighted sum over target
 clusters of objective(cluster, labelled source set), each cluster a single-label set; one AdamW step
 per epoch over the full target set (ORCA accumulates the per-cluster gradients, then steps once).
+The objectives (``orca.align.objectives``) take the whole labelled target set and compute that
+weighted sum in one batched call; like ORCA they skip clusters of one sample.
 
 Why the gradient is taken in two passes: the full-set step needs d(objective)/d(embedder) over every
 target input, and keeping the embedder's activations for all of them (45k CIFAR images at 224 px)
@@ -26,6 +28,7 @@ step itself computed, so recording it costs nothing extra.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
@@ -43,6 +46,7 @@ from orca.model import EMBEDDER_FILE, build_model
 from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_json
 from orca.train import resolve_device, seed_everything
 
+#: ``objective(target_feats [n, d], target_labels [n], source_feats [m, d], source_labels [m]) -> scalar``
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -110,52 +114,51 @@ def target_labels(task: TaskData, indices: Sequence[int], align_cfg, seed: int) 
 
 
 # ----------------------------------------------------------------------------- the objective
-def weighted_objective(objective: Objective, feats: torch.Tensor, labels: torch.Tensor,
-                       source_feats: torch.Tensor, source_labels: torch.Tensor) -> torch.Tensor:
-    """ORCA's stage-1 loss: sum over target clusters k of (n_k / n) * objective(cluster k, source).
+def build_objective(align_cfg, seed: int):
+    """The registered objective of ``align.objective`` with the stage-1 settings applied.
 
-    Each cluster enters as a single-label set (label 0), exactly as ORCA's per-class otdd calls.
+    The objective takes the whole labelled target set and returns ORCA's class-frequency-weighted
+    sum over target clusters (each a single-label set) of objective(cluster, labelled source) in one
+    batched call (``orca.align.objectives``) -- the same number as ORCA's loop of per-cluster calls.
+    ``align.entreg`` / ``align.inner`` set OTDD's ``reg`` / ``inner``; ``align.objective_options``
+    passes any other constructor option (and wins over those two).
 
     Args:
-        objective: ``objective(target_feats [n_k, d], target_labels [n_k], source_feats [m, d],
-            source_labels [m]) -> scalar``.
-        feats: target features ``[n, d]`` (may require grad).
-        labels: ``[n]`` cluster ids.
-        source_feats: ``[m, d]``.
-        source_labels: ``[m]``.
+        align_cfg: the AlignConfig.
+        seed: seed of the objective's subsamples (exact-OT class caps, MMD median).
     Returns:
-        0-dim tensor, differentiable w.r.t. ``feats``.
+        an ``AlignmentObjective``: ``objective(target_feats [n, d], target_labels [n],
+        source_feats [m, d], source_labels [m]) -> scalar``.
     """
-    ids, counts = torch.unique(labels, return_counts=True)
-    total = feats.new_zeros(())
-    for cid, count in zip(ids.tolist(), counts.tolist()):
-        rows = (labels == cid).nonzero().squeeze(1).to(feats.device)
-        zeros = torch.zeros(count, dtype=torch.int64, device=feats.device)
-        total = total + (count / labels.numel()) * objective(feats[rows], zeros, source_feats, source_labels)
-    return total
-
-
-def build_objective(align_cfg) -> Objective:
-    """The registered objective named by ``align.objective`` with stage-1 settings applied."""
     from orca.align.objectives import OBJECTIVES
 
-    return OBJECTIVES.get(align_cfg.objective)
+    cls = OBJECTIVES.get(align_cfg.objective)
+    kwargs: Dict[str, Any] = {"seed": seed} if align_cfg.objective in ("otdd", "mmd") else {}
+    if align_cfg.objective == "otdd":
+        kwargs.update(reg=align_cfg.entreg, inner=align_cfg.inner)
+    kwargs.update(align_cfg.objective_options)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        raise ValueError(f"align.objective_options={dict(align_cfg.objective_options)} do not fit objective "
+                         f"{align_cfg.objective!r} ({err}); its options are: {', '.join(params)}") from None
 
 
 # ----------------------------------------------------------------------------- checks
-def check_source(src: SourceFeatures, align_cfg) -> None:
-    """Refuse a source set that cannot define a labelled source distribution."""
+def check_source(src: SourceFeatures, align_cfg, needs_labels: bool) -> None:
+    """Refuse NaN source features, and a single-label source for label-aware objectives (OTDD)."""
     feats, labels = src.feats, src.labels
     bad = int((~torch.isfinite(feats)).any(1).sum())
     if bad:
         raise ValueError(f"source features contain NaN/inf in {bad} of {feats.shape[0]} rows "
                          f"(align.source={align_cfg.source!r}, cache {src.path}); delete that file and rerun")
     classes = torch.unique(labels)
-    if classes.numel() < 2:
+    if needs_labels and classes.numel() < 2:
         raise ValueError(f"the source set has a single label ({int(classes[0])}): align.source={align_cfg.source!r} "
                          f"with n_source={align_cfg.n_source} and source_options={dict(align_cfg.source_options)} "
-                         f"gave one class. ORCA's source must be labelled with >= 2 classes (the OTDD label term "
-                         f"would be a constant); use more classes or more source samples")
+                         f"gave one class. align.objective={align_cfg.objective!r} needs a labelled source with >= 2 "
+                         f"classes (with one, the label term is a constant); use more classes or source samples")
 
 
 def raise_nonfinite_target(x: torch.Tensor, feats: torch.Tensor, items: Sequence[int], epoch: int) -> None:
@@ -235,20 +238,79 @@ def objective_value(objective: Objective, target: TargetEmbedding, positions: Se
     """The weighted objective on ``positions``; with ``with_grad`` also accumulate the embedder's gradient."""
     feats = target.features(positions, epoch)
     labels = target.labels[list(positions)]
-    if not with_grad:
-        with torch.no_grad():
-            value = weighted_objective(objective, feats, labels, src_feats, src_labels)
-        return float(value)
-    feats.requires_grad_(True)
-    value = weighted_objective(objective, feats, labels, src_feats, src_labels)
+    feats.requires_grad_(with_grad)
+    with torch.set_grad_enabled(with_grad):
+        value = objective(feats, labels.to(feats.device), src_feats, src_labels)
     if not torch.isfinite(value):
         raise FloatingPointError(f"the alignment objective is {float(value)} at epoch {epoch}; lower align.lr")
+    if not with_grad:
+        return float(value)
     (grad,) = torch.autograd.grad(value, feats)
     target.backward(positions, epoch, grad)
     return float(value.detach())
 
 
+def align_embedder(objective: Objective, target: TargetEmbedding, src_feats: torch.Tensor,
+                   src_labels: torch.Tensor, align_cfg, optimizer: torch.optim.Optimizer, run: RunDir,
+                   seed: int) -> Tuple[List[float], List[float]]:
+    """ORCA's alignment loop: ``epochs`` x ``steps_per_epoch`` AdamW steps on the weighted objective.
+
+    Args:
+        objective: per-cluster objective (``build_objective``).
+        target: the target side (embedder, inputs, labels).
+        src_feats: ``[m, D]`` source features on the embedder's device.
+        src_labels: ``[m]`` their labels.
+        align_cfg: the AlignConfig (epochs, steps_per_epoch, objective name).
+        optimizer: over the embedder's parameters.
+        run: receives one ``metrics.jsonl`` row per epoch.
+        seed: minibatch order (steps_per_epoch > 1).
+    Returns:
+        ``(curve, epoch_times)``: the full-set objective after 0..epochs epochs, seconds per epoch.
+    """
+    a = align_cfg
+    n = len(target.indices)
+    everyone = list(range(n))
+    order = torch.Generator().manual_seed(seed)
+    curve: List[float] = []
+    times: List[float] = []
+    lr = optimizer.param_groups[0]["lr"]
+    target.embedder.train()
+    bar = tqdm(range(a.epochs), desc=f"stage1 {a.objective}", dynamic_ncols=True, disable=None)
+    for epoch in bar:
+        t_ep = time.time()
+        if a.steps_per_epoch == 1:  # ORCA: the step's own full-set value is the curve point
+            curve.append(objective_value(objective, target, everyone, epoch, src_feats, src_labels, with_grad=True))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            curve.append(objective_value(objective, target, everyone, epoch, src_feats, src_labels, with_grad=False))
+            perm = torch.randperm(n, generator=order).tolist()
+            size = math.ceil(n / a.steps_per_epoch)
+            for batch in (perm[i:i + size] for i in range(0, n, size)):
+                objective_value(objective, target, batch, epoch, src_feats, src_labels, with_grad=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        times.append(time.time() - t_ep)
+        run.log_metrics({"kind": "align", "epoch": epoch, f"align/{a.objective}": curve[-1], "align/lr": lr})
+        bar.set_postfix(objective=f"{curve[-1]:.4g}")
+    bar.close()
+    target.embedder.eval()
+    curve.append(objective_value(objective, target, everyone, a.epochs, src_feats, src_labels, with_grad=False))
+    run.log_metrics({"kind": "align", "epoch": a.epochs, f"align/{a.objective}": curve[-1], "align/lr": lr})
+    return curve, times
+
+
 # ----------------------------------------------------------------------------- outputs
+def objective_settings(objective) -> Dict[str, Any]:
+    """The objective's settings as plain data, for ``alignment.json``."""
+    keep = (int, float, str, bool, tuple, type(None))
+    out = {k: v for k, v in vars(objective).items() if isinstance(v, keep)}
+    inner = getattr(objective, "otdd", None)
+    if inner is not None:
+        out.update(inner=inner.inner, reg=inner.reg, debiased=inner.debiased, inner_max_samples=inner.inner_max_samples)
+    return out
+
+
 def save_embedder(embedder: nn.Module, run: RunDir) -> str:
     """Write the embedder's state dict as ``embedder.safetensors`` (read by ``model.embedder_from``)."""
     from safetensors.torch import save_file
@@ -293,79 +355,45 @@ def run_stage1(cfg: ExperimentConfig) -> RunDir:
     save_config(cfg, run.file("config.yaml"))
     print(f"[stage1] run directory: {run.path}", flush=True)
 
-    src = None
-    if a.mode == "train":
+    record: Dict[str, Any] = {"mode": a.mode, "objective_name": a.objective, "epochs": 0, "objective": []}
+    if a.mode == "train":  # cheap checks first: fail on a bad k before the source set is rendered
+        objective = build_objective(a, cfg.seed)
+        indices = target_indices(len(task.train), a.n_target)
+        labels, how = target_labels(task, indices, a, cfg.seed)
         # Seeded right before, so with model.weights=none the source embedder's random body is the
         # very body build_model draws below (both are the first draws after the same seed).
         seed_everything(cfg.seed, cfg.train.deterministic)
         src = load_or_compute_source_features(cfg.model, a, cfg.seed, cfg.task.data_root, device)
-        check_source(src, a)
+        check_source(src, a, objective.needs_source_labels)
     seed_everything(cfg.seed, cfg.train.deterministic)
     model = build_model(cfg.model, task)
-    embedder = model.embedder.to(device)
+    embedder, weights_source = model.embedder.to(device), model.weights_source
     del model  # stage 1 trains only the embedder; the body is not needed after it shaped the embedder
 
-    record: Dict[str, Any] = {"mode": a.mode, "objective_name": a.objective, "epochs": 0, "objective": [],
-                              "epoch_time_s": []}
     if a.mode == "source_init":
-        embedder_path = save_embedder(embedder, run)
         record["note"] = "source_init: the pretrained patch embedding tiled over the input channels, not trained"
     else:
-        objective = build_objective(a)
-        indices = target_indices(len(task.train), a.n_target)
-        labels, how = target_labels(task, indices, a, cfg.seed)
         target = TargetEmbedding(embedder, task.train, indices, labels, a.batch_size, device, cfg.seed)
         src_feats, src_labels = src.feats.to(device), src.labels.to(device)
         check_dims(int(target.features([0], 0).shape[1]), src, cfg.model)
-
-        lr = a.lr if a.lr is not None else 10 * cfg.train.lr
+        lr = a.lr if a.lr is not None else 10 * cfg.train.lr  # ORCA: 10 x the fine-tuning lr
         optimizer = torch.optim.AdamW(embedder.parameters(), lr=lr, betas=tuple(cfg.train.betas),
                                       weight_decay=cfg.train.weight_decay)
-        n = len(indices)
-        everyone = list(range(n))
-        order_gen = torch.Generator().manual_seed(cfg.seed)
-        curve: List[float] = []
-        embedder.train()
-        bar = tqdm(range(a.epochs), desc=f"stage1 {a.objective}", dynamic_ncols=True, disable=None)
-        for epoch in bar:
-            t_ep = time.time()
-            if a.steps_per_epoch == 1:
-                value = objective_value(objective, target, everyone, epoch, src_feats, src_labels, with_grad=True)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                curve.append(value)
-            else:
-                curve.append(objective_value(objective, target, everyone, epoch, src_feats, src_labels, False))
-                perm = torch.randperm(n, generator=order_gen).tolist()
-                size = math.ceil(n / a.steps_per_epoch)
-                for s in range(a.steps_per_epoch):
-                    batch = perm[s * size:(s + 1) * size]
-                    if not batch:
-                        break
-                    objective_value(objective, target, batch, epoch, src_feats, src_labels, with_grad=True)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            record["epoch_time_s"].append(time.time() - t_ep)
-            run.log_metrics({"kind": "align", "epoch": epoch, f"align/{a.objective}": curve[-1], "align/lr": lr})
-            bar.set_postfix(objective=f"{curve[-1]:.4g}")
-        bar.close()
-        embedder.eval()
-        curve.append(objective_value(objective, target, everyone, a.epochs, src_feats, src_labels, with_grad=False))
-        run.log_metrics({"kind": "align", "epoch": a.epochs, f"align/{a.objective}": curve[-1], "align/lr": lr})
-        embedder_path = save_embedder(embedder, run)
+        curve, times = align_embedder(objective, target, src_feats, src_labels, a, optimizer, run, cfg.seed)
         ids, counts = torch.unique(labels, return_counts=True)
-        record.update(epochs=a.epochs, objective=curve, lr=lr, steps_per_epoch=a.steps_per_epoch,
-                      source=src.describe(), n_target=n, target_labels=how, k=int(ids.numel()),
-                      cluster_sizes=counts.tolist(), entreg=a.entreg, inner=a.inner)
+        record.update(epochs=a.epochs, objective=curve, epoch_time_s=times, lr=lr, steps_per_epoch=a.steps_per_epoch,
+                      source=src.describe(), n_target=len(indices), target_labels=how, k=int(ids.numel()),
+                      cluster_sizes=counts.tolist(), objective_settings=objective_settings(objective))
         plot_curve(curve, run.file("alignment.png"),
                    f"{a.objective}: {cfg.task.name} vs {a.source} (n={src.feats.shape[0]}, k={int(ids.numel())})")
+    embedder_path = save_embedder(embedder, run)
     wall = time.time() - t0
     record["time_s"] = wall
     write_json(run.file("alignment.json"), record)
     curve = record["objective"]
     summary = {
         "stage": "stage1", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed, "mode": a.mode,
-        "objective": a.objective, "body": cfg.model.body, "weights": cfg.model.weights,
+        "objective": a.objective, "body": cfg.model.body, "weights": weights_source,
         "objective_first": curve[0] if curve else None, "objective_last": curve[-1] if curve else None,
         "epochs": record["epochs"], "source": record.get("source"), "n_target": record.get("n_target"),
         "k": record.get("k"), "embedder": embedder_path, "wall_time_s": wall, "git": git_info(),
@@ -375,7 +403,7 @@ def run_stage1(cfg: ExperimentConfig) -> RunDir:
     run.close()
     if curve:
         print(f"[stage1] {a.objective} {curve[0]:.5g} -> {curve[-1]:.5g} over {a.epochs} epochs "
-              f"(source {a.source} n={src.feats.shape[0]}, k={record['k']}) in {wall:.1f}s; "
+              f"(source {a.source} n={record['source']['n']}, k={record['k']}) in {wall:.1f}s; "
               f"embedder: {embedder_path}", flush=True)
     else:
         print(f"[stage1] source_init: saved the source-initialised embedder in {wall:.1f}s: {embedder_path}", flush=True)

@@ -1,0 +1,253 @@
+"""OTDD: exactness of the inner distances, agreement with the plain reference, gradients, errors."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from orca.align import OBJECTIVES, build_objective
+from orca.align.otdd import (OTDD, SinkhornOptions, label_distances_exact, label_distances_gaussian, otdd,
+                             otdd_reference)
+
+TIGHT = SinkhornOptions(tol=1e-7, max_iter=20000)
+
+
+def labelled(n, n_classes, dim=4, seed=0, spread=1.0, noise=0.3, dtype=torch.float64):
+    """Gaussian blobs, one per class; labels cycle so every class has n // n_classes points."""
+    gen = torch.Generator().manual_seed(seed)
+    means = spread * torch.randn(n_classes, dim, generator=gen, dtype=dtype)
+    labels = torch.arange(n) % n_classes
+    return means[labels] + noise * torch.randn(n, dim, generator=gen, dtype=dtype), labels
+
+
+@pytest.fixture(scope="module")
+def source():
+    return labelled(150, 3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def target():
+    x, _ = labelled(60, 2, seed=1)
+    return x + 0.3, torch.arange(60) % 2
+
+
+def test_self_distance_is_zero_only_when_debiased(source):
+    xs, ys = source
+    debiased = float(otdd(xs, ys, xs, ys, sinkhorn=TIGHT))
+    raw = float(otdd(xs, ys, xs, ys, debiased=False, sinkhorn=TIGHT))
+    shifted = float(otdd(xs + 0.5, ys, xs, ys, sinkhorn=TIGHT))
+    assert abs(debiased) < 1e-8 * shifted + 1e-10
+    assert raw > 0.01 * shifted  # the entropic bias is real, so the debiasing is doing the work
+
+
+def test_grows_monotonically_as_one_class_moves(source):
+    xs, ys = source
+    direction = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=xs.dtype)
+    values = []
+    for t in (0.0, 0.25, 0.5, 1.0, 2.0):
+        moved = xs.clone()
+        moved[ys == 0] += t * direction
+        values.append(float(otdd(moved, ys, xs, ys, sinkhorn=TIGHT)))
+    assert abs(values[0]) < 1e-8
+    assert all(b > a for a, b in zip(values, values[1:])), values
+
+
+def _bures_scipy(x1, x2):
+    """Independent W_2^2 between Gaussians fitted to two clouds (unbiased covariances, scipy sqrtm)."""
+    mu1, mu2 = x1.mean(0), x2.mean(0)
+    s1, s2 = np.cov(x1, rowvar=False), np.cov(x2, rowvar=False)
+    r1 = scipy.linalg.sqrtm(s1)
+    cross = np.real(scipy.linalg.sqrtm(r1 @ s2 @ r1))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * cross))
+
+
+@pytest.mark.parametrize("per_class", [40, 4], ids=["n>d (eigh route)", "n<d (nuclear-norm route)"])
+def test_gaussian_inner_equals_bures_closed_form(per_class):
+    gen = np.random.default_rng(0)
+    dim = 6
+    clouds, labels = [], []
+    for c in range(3):
+        mix = gen.normal(size=(dim, dim)) / math.sqrt(dim)
+        clouds.append(gen.normal(size=(per_class, dim)) @ mix + gen.normal(size=dim))
+        labels += [c] * per_class
+    x = torch.tensor(np.concatenate(clouds))
+    y = torch.tensor(labels)
+    got = label_distances_gaussian(x[y < 2], y[y < 2], x[y == 2], y[y == 2])
+    self_got = label_distances_gaussian(x, y)
+    for i in range(2):
+        assert float(got[i, 0]) == pytest.approx(_bures_scipy(clouds[i], clouds[2]), rel=1e-6, abs=1e-9)
+    for i, j in itertools.product(range(3), repeat=2):
+        expect = 0.0 if i == j else _bures_scipy(clouds[i], clouds[j])
+        assert float(self_got[i, j]) == pytest.approx(expect, rel=1e-6, abs=1e-9)
+
+
+def test_exact_inner_equals_brute_force_assignment():
+    gen = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(10, 3, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    y1 = torch.tensor([7] * 5 + [9] * 5)  # arbitrary label values: classes in sorted order
+    got = label_distances_exact(x1, y1, x2, torch.zeros(5, dtype=torch.long))
+    for c in range(2):
+        u = x1[5 * c:5 * c + 5]
+        cost = ((u[:, None] - x2[None]) ** 2).sum(-1)
+        brute = min(sum(cost[i, p[i]] for i in range(5)) / 5 for p in itertools.permutations(range(5)))
+        assert float(got[c, 0]) == pytest.approx(float(brute), rel=1e-10)
+    self_d = label_distances_exact(x1, y1)
+    assert float(self_d[0, 0]) == 0.0 and float(self_d[0, 1]) == pytest.approx(float(self_d[1, 0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_plain_reference(source, target, dtype):
+    xs, ys = source
+    xt, yt = target
+    ours = float(otdd(xt.to(dtype), yt, xs.to(dtype), ys))
+    ref = otdd_reference(xt, yt, xs, ys)
+    assert ours == pytest.approx(ref, rel=1e-2 if dtype == torch.float32 else 1e-5)
+    assert ref > 0.1  # a real gap, so the relative check is meaningful
+
+
+def test_per_cluster_batch_equals_separate_calls(source):
+    xs, ys = source
+    gen = torch.Generator().manual_seed(5)
+    xt = torch.randn(47, 4, generator=gen, dtype=torch.float64) * 0.5
+    clusters = torch.tensor([3] * 5 + [8] * 30 + [11] * 12)  # unequal sizes exercise the padding
+    solver = OTDD(sinkhorn=TIGHT)
+    values, ids = solver.per_cluster(xt, clusters, xs, ys)
+    assert ids.tolist() == [3, 8, 11]
+    for value, cid in zip(values, ids):
+        members = xt[clusters == cid]
+        single = otdd(members, torch.zeros(len(members)), xs, ys, sinkhorn=TIGHT)
+        assert float(value) == pytest.approx(float(single), rel=1e-7)
+    assert float(values[0]) == pytest.approx(otdd_reference(xt[:5], torch.zeros(5), xs, ys), rel=1e-4)
+
+
+def test_source_terms_are_cached_per_source_tensor(source, monkeypatch):
+    xs, ys = source
+    xs = xs.clone()
+    solver = OTDD()
+    calls = []
+    real = solver._inner
+    monkeypatch.setattr(solver, "_inner", lambda *a: calls.append(len(a)) or real(*a))
+    xt = xs[:20] + 0.1
+    solver.per_cluster(xt, torch.zeros(20), xs, ys)
+    solver.per_cluster(xt + 0.1, torch.zeros(20), xs, ys)
+    assert calls.count(2) == 1  # source-source label distances computed once
+    xs.add_(0.0)  # an in-place write bumps the version: the cache must not survive it
+    solver.per_cluster(xt, torch.zeros(20), xs, ys)
+    assert calls.count(2) == 2
+
+
+def _directional_fd(fn, x, direction, h=1e-5):
+    with torch.no_grad():
+        return float((fn(x + h * direction) - fn(x - h * direction)) / (2 * h))
+
+
+@pytest.mark.parametrize("inner", ["exact", "gaussian"])
+def test_gradient_matches_finite_differences(source, target, inner):
+    xs, ys = source
+    xt, yt = target
+    gen = torch.Generator().manual_seed(1)
+    direction = torch.randn(xt.shape, generator=gen, dtype=xt.dtype)
+    # Full gradient (inner label distances differentiated through their fixed plans / closed form).
+    full = OTDD(inner=inner, inner_grad=True, sinkhorn=TIGHT)
+    for fn in (lambda x: full.distance(x, yt, xs, ys), lambda x: full.per_cluster(x, yt, xs, ys)[0].sum()):
+        x = xt.clone().requires_grad_(True)
+        fn(x).backward()
+        assert float((x.grad * direction).sum()) == pytest.approx(_directional_fd(fn, xt, direction), rel=1e-4)
+    # ORCA's gradient: label distances frozen, so compare with a finite difference that freezes them.
+    frozen = OTDD(inner=inner, sinkhorn=TIGHT)
+    w = {}
+    real = frozen._inner
+    frozen._inner = lambda *a: w[(len(a), a[0].shape)] if (len(a), a[0].shape) in w else w.setdefault((len(a), a[0].shape), real(*a))
+    fn = lambda x: frozen.distance(x, yt, xs, ys)  # noqa: E731
+    x = xt.clone().requires_grad_(True)
+    fn(x).backward()
+    assert float((x.grad * direction).sum()) == pytest.approx(_directional_fd(fn, xt, direction), rel=1e-4)
+
+
+def test_padding_gives_finite_gradients(source):
+    xs, ys = source
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(31, 4, generator=gen, dtype=torch.float64) * 0.5).requires_grad_(True)
+    clusters = torch.tensor([0] * 2 + [1] * 29)
+    values, _ = OTDD().per_cluster(x, clusters, xs, ys)
+    values.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[:2].abs().sum() > 0
+
+
+def test_adam_on_a_linear_embedder_reduces_the_objective(source):
+    xs, ys = source
+    xs, gen = xs.float(), torch.Generator().manual_seed(2)
+    inputs = torch.randn(80, 6, generator=gen)
+    clusters = torch.randint(0, 3, (80,), generator=gen)
+    torch.manual_seed(0)
+    embedder = nn.Linear(6, 4)
+    objective = build_objective("otdd")
+    opt = torch.optim.Adam(embedder.parameters(), lr=0.05)
+    history = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = objective(embedder(inputs), clusters, xs, ys)
+        loss.backward()
+        assert embedder.weight.grad.abs().sum() > 0 and embedder.bias.grad.abs().sum() > 0
+        opt.step()
+        history.append(float(loss))
+    assert history[-1] < 0.8 * history[0], history
+
+
+def test_objective_registry_names_and_errors():
+    assert OBJECTIVES.names() == ["l2", "mmd", "otdd"]
+    with pytest.raises(KeyError, match="did you mean 'otdd'"):
+        build_objective("otd")
+    with pytest.raises(ValueError, match="weighting"):
+        build_objective("otdd", weighting="size")
+
+
+@pytest.mark.parametrize("case, match", [
+    ("nan", "target_feats contains 1 NaN"),
+    ("single_source_label", "source_labels has a single distinct label"),
+    ("dim", "target_feats has feature dimension 3 but the dimension of source_feats is 4"),
+    ("empty_target", "target_feats is empty"),
+    ("empty_source", "source_feats is empty"),
+    ("label_length", "target_labels has 59 labels but target_feats has 60 rows"),
+    ("float_labels", "target_labels must hold integer class labels"),
+    ("not_2d", r"source_feats must be 2-D \[n, d\]"),
+])
+def test_bad_inputs_raise_with_the_argument_name(source, target, case, match):
+    xs, ys = source
+    xt, yt = target
+    args = {"target_feats": xt.clone(), "target_labels": yt, "source_feats": xs, "source_labels": ys}
+    if case == "nan":
+        args["target_feats"][3, 1] = float("nan")
+    elif case == "single_source_label":
+        args["source_labels"] = torch.zeros_like(ys)
+    elif case == "dim":
+        args["target_feats"] = xt[:, :3]
+    elif case == "empty_target":
+        args["target_feats"], args["target_labels"] = xt[:0], yt[:0]
+    elif case == "empty_source":
+        args["source_feats"], args["source_labels"] = xs[:0], ys[:0]
+    elif case == "label_length":
+        args["target_labels"] = yt[:-1]
+    elif case == "float_labels":
+        args["target_labels"] = yt.double() + 0.5
+    elif case == "not_2d":
+        args["source_feats"] = xs[:, 0]
+    with pytest.raises(ValueError, match=match):
+        otdd(**args)
+    with pytest.raises(ValueError, match=match):
+        build_objective("otdd")(**args)
+
+
+def test_option_errors(source):
+    xs, ys = source
+    with pytest.raises(ValueError, match="inner='sinkhorn' is not one of"):
+        OTDD(inner="sinkhorn")
+    with pytest.raises(ValueError, match="reg=0"):
+        OTDD(reg=0)
+    with pytest.raises(ValueError, match="needs >= 2 samples per class"):
+        otdd(xs[:3], torch.tensor([0, 1, 1]), xs, ys, inner="gaussian")
