@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import shutil
 import sys
@@ -420,8 +421,6 @@ def export_checkpoint(run_dir: str, dest: str) -> Path:
     facts = file_facts(out)
     summary_path = Path(run_dir) / "summary.json"
     if summary_path.is_file():
-        import json
-
         summary = json.loads(summary_path.read_text())
         summary["exported_checkpoint"] = facts
         write_json(summary_path, summary)

@@ -25,7 +25,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -38,6 +38,7 @@ __all__ = [
     "RankAllocation",
     "allocate_ranks",
     "allocate_from_config",
+    "check_budget",
     "repair_budget",
     "expand",
     "fit_gamma",
@@ -100,12 +101,16 @@ class RankAllocation:
         """Load from a JSON string or a path to a JSON file.
 
         Args:
-            source: JSON text (starting with ``{``) or a file path.
+            source: JSON text (starting with ``{``) or a file path; keys that are not fields
+                (the extra records of stage 2's ``rank_map.json``) are ignored.
         """
         text = str(source)
         if not text.lstrip().startswith("{"):
             text = Path(source).read_text()
         payload = json.loads(text)
+        # stage 2's rank_map.json adds records (gap profile, provenance) around these fields
+        known = {f.name for f in fields(cls)}
+        payload = {k: v for k, v in payload.items() if k in known}
         payload["intervals"] = {k: (int(v[0]), int(v[1])) for k, v in payload["intervals"].items()}
         payload["rank_map"] = {k: int(v) for k, v in payload["rank_map"].items()}
         payload["costs"] = {k: int(v) for k, v in payload["costs"].items()}
@@ -156,14 +161,32 @@ def _validate(gaps: Mapping[str, float], costs: Mapping[str, int], budget: int, 
         raise ValueError(f"r_min={r_min} > r_max={r_max}: no rank is allowed")
     c = np.array([int(costs[n]) for n in names], dtype=np.int64)
     d = np.array([float(gaps[n]) for n in names])
-    smallest, largest = int(c.sum()) * r_min, int(c.sum()) * r_max
+    check_budget(costs, budget, r_min, r_max)
+    return names, d, c
+
+
+def check_budget(costs: Mapping[str, int], budget: int, r_min: int, r_max: int) -> None:
+    """Raise ValueError unless some rank map in [r_min, r_max] can spend ``budget`` parameters.
+
+    Stage 2 calls this before it measures any gap, so an impossible budget fails in seconds.
+
+    Args:
+        costs: module name -> d_in + d_out.
+        budget: B.
+        r_min, r_max: allowed ranks.
+    """
+    if not costs:
+        raise ValueError("no module to allocate ranks to (costs is empty): check the rank targets")
+    if r_min > r_max:
+        raise ValueError(f"r_min={r_min} > r_max={r_max}: no rank is allowed")
+    total = int(sum(int(v) for v in costs.values()))
+    smallest, largest = total * r_min, total * r_max
     if budget < smallest:
         raise ValueError(f"budget {budget} is below the smallest feasible rank map: r_min={r_min} on "
-                         f"all {len(names)} modules already costs {smallest} parameters")
+                         f"all {len(costs)} modules already costs {smallest} parameters")
     if budget > largest:
         raise ValueError(f"budget {budget} is above the largest feasible rank map: r_max={r_max} on "
-                         f"all {len(names)} modules costs {largest} parameters")
-    return names, d, c
+                         f"all {len(costs)} modules costs {largest} parameters")
 
 
 # ---------------------------------------------------------------------------- budget repair

@@ -1,4 +1,4 @@
-"""Typed options of stage 2's rank allocation (gap -> P(r | D) -> rank map).
+"""Typed options of stage 2: per-layer features -> gaps -> P(r | D) -> rank map.
 
 Why a dataclass with ``__post_init__`` checks: a YAML typo or an impossible setting (r_min above
 r_max, burn-in longer than the run) should fail when the config is loaded, naming the field, the
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["RankConfig", "TARGET_PATTERNS", "TARGETS", "SUMMARIES"]
+__all__ = ["RankConfig", "TARGET_PATTERNS", "TARGETS", "SUMMARIES", "POOLS", "DEFAULT_METRICS"]
 
 #: Which Linear modules of the Swin body get a LoRA rank, as fnmatch patterns over module names.
 TARGET_PATTERNS: Dict[str, Tuple[str, ...]] = {
@@ -20,6 +20,10 @@ TARGET_PATTERNS: Dict[str, Tuple[str, ...]] = {
 }
 TARGETS = tuple(TARGET_PATTERNS)
 SUMMARIES = ("mean", "mode")
+#: How a block's token grid becomes feature rows (rank_estimation.features).
+POOLS = ("mean", "tokens")
+#: Every registered gap metric (rank_estimation.gaps); otdd uses k-means labels on regression targets.
+DEFAULT_METRICS = ("mmd", "sliced_wasserstein", "sinkhorn", "otdd", "pad")
 
 
 def _bad(name: str, value: Any, allowed: str) -> ValueError:
@@ -32,7 +36,7 @@ def _is_int(value: Any) -> bool:
 
 @dataclass
 class RankConfig:
-    """Options for :func:`rank_estimation.allocate.allocate_ranks` (stage 2)."""
+    """Options of stage 2: feature capture, gap metrics, and :func:`rank_estimation.allocate.allocate_ranks`."""
 
     budget: int = field(default=1_600_000, metadata={
         "help": "trainable LoRA parameters to spend, sum_i r_i (d_in_i + d_out_i); the default is "
@@ -58,12 +62,41 @@ class RankConfig:
     summary: str = field(default="mean", metadata={
         "help": f"posterior summary turned into the rank before the budget repair: one of {SUMMARIES}"})
     gap_metric: str = field(default="mmd", metadata={
-        "help": "name of the gap metric in the gap-metric registry (validated there)"})
+        "help": "the gap metric whose per-block values become D_i (measured even when not in metrics)"})
+    metrics: Tuple[str, ...] = field(default=DEFAULT_METRICS, metadata={
+        "help": "gap metrics measured at every layer for gaps.json / gaps.png (python -m orca list gaps)"})
+    n_source: int = field(default=5000, metadata={
+        "help": "source images through the pretrained patch embedding and the body (ORCA: 5,000)"})
+    n_target: Optional[int] = field(default=None, metadata={
+        "help": "first N target training inputs through the target embedder and the body (None = all)"})
+    source: Optional[str] = field(default=None, metadata={
+        "help": "labelled source task (cifar10, fractal); None = align.source, the set stage 1 aligned to"})
+    source_options: Optional[Dict[str, Any]] = field(default=None, metadata={
+        "help": "options of the source task; None = align.source_options when source is None, else {}"})
+    n_boot: int = field(default=20, metadata={
+        "help": "bootstrap resamples per (layer, metric) for the intervals; 0 = point estimates only "
+                "(each resample costs one more metric evaluation per layer)"})
+    ci_level: float = field(default=0.95, metadata={"help": "coverage of the bootstrap intervals"})
+    pool: str = field(default="mean", metadata={
+        "help": f"one of {POOLS}: mean = one token-averaged row per image (ORCA's features); "
+                "tokens = token rows (see tokens_per_sample)"})
+    tokens_per_sample: int = field(default=16, metadata={
+        "help": "with pool=tokens, seeded random tokens kept per image and block (0 = all: the "
+                "metrics are O(rows^2), so all tokens of thousands of images do not fit)"})
+    standardize: bool = field(default=True, metadata={
+        "help": "divide each layer's features by the source RMS spread, so gaps of layers with "
+                "different activation scales are comparable"})
+    metric_kwargs: Dict[str, Dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": "per-metric options, e.g. {sinkhorn: {blur: 0.1}, pad: {max_samples: 1000}}"})
+    batch_size: int = field(default=64, metadata={"help": "images per forward pass of the feature capture"})
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha_prior, list):  # YAML gives lists
             self.alpha_prior = tuple(self.alpha_prior)
-        for name in ("budget", "r_min", "r_max", "n_chains", "n_sweeps", "burn_in", "truncation", "seed"):
+        if isinstance(self.metrics, (list, str)):  # YAML gives lists; one name is a metric list too
+            self.metrics = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
+        for name in ("budget", "r_min", "r_max", "n_chains", "n_sweeps", "burn_in", "truncation", "seed",
+                     "n_source", "n_boot", "tokens_per_sample", "batch_size"):
             if not _is_int(getattr(self, name)):
                 raise _bad(name, getattr(self, name), "an integer")
         if self.budget <= 0:
@@ -96,11 +129,40 @@ class RankConfig:
             raise _bad("summary", self.summary, f"one of {SUMMARIES}")
         if not isinstance(self.gap_metric, str) or not self.gap_metric:
             raise _bad("gap_metric", self.gap_metric, "a non-empty metric name")
+        if not isinstance(self.metrics, tuple) or not all(isinstance(m, str) and m for m in self.metrics):
+            raise _bad("metrics", self.metrics, "a list of gap-metric names")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise _bad("metrics", self.metrics, "a list without repeated names")
+        if self.n_source < 2:
+            raise _bad("n_source", self.n_source, "an integer >= 2 (a gap compares two samples)")
+        if self.n_target is not None and (not _is_int(self.n_target) or self.n_target < 2):
+            raise _bad("n_target", self.n_target, "None (all) or an integer >= 2")
+        if self.source is not None and (not isinstance(self.source, str) or not self.source):
+            raise _bad("source", self.source, "None (= align.source) or a registered task name")
+        if self.source_options is not None and not isinstance(self.source_options, dict):
+            raise _bad("source_options", self.source_options, "None or a mapping of task options")
+        if self.n_boot < 0:
+            raise _bad("n_boot", self.n_boot, "an integer >= 0")
+        if isinstance(self.ci_level, bool) or not isinstance(self.ci_level, (int, float)) or not (
+                0 < self.ci_level < 1):
+            raise _bad("ci_level", self.ci_level, "a number in (0, 1)")
+        if self.pool not in POOLS:
+            raise _bad("pool", self.pool, f"one of {POOLS}")
+        if self.tokens_per_sample < 0:
+            raise _bad("tokens_per_sample", self.tokens_per_sample, "an integer >= 0 (0 = all tokens)")
+        if self.batch_size < 1:
+            raise _bad("batch_size", self.batch_size, "an integer >= 1")
+        if not isinstance(self.standardize, bool):
+            raise _bad("standardize", self.standardize, "true or false")
+        if not isinstance(self.metric_kwargs, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in self.metric_kwargs.items()):
+            raise _bad("metric_kwargs", self.metric_kwargs, "a mapping metric name -> mapping of options")
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-dict form (tuples as lists) for YAML/JSON run records."""
         out = asdict(self)
         out["alpha_prior"] = list(self.alpha_prior)
+        out["metrics"] = list(self.metrics)
         return out
 
     @classmethod

@@ -15,7 +15,7 @@ memory is the peak during its own block minus the other configurations' resident
 it would need alone. One configuration running out of memory is recorded as "oom" and the others
 go on.
 
-Writes ``results/bench/adapters.json`` and ``adapters.md`` with the GPU, torch version, git commit
+Writes ``results/bench/adapters.json`` and ``adapters.md`` (``adapters_compile.*`` with --compile) with the GPU, torch version, git commit
 (+ dirty flag) and the exact command.
 """
 from __future__ import annotations
@@ -57,7 +57,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench")
-    p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--tag", default=None,
+                   help="suffix of the output file names (default: '' eager, '_compile' compiled)")
     return p.parse_args(argv)
 
 
@@ -232,7 +233,8 @@ def write(results: Dict[str, Any], args: argparse.Namespace) -> Path:
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     rows = [results[k] for k in sorted(results, key=lambda k: (results[k]["batch"],
                                                                 METHODS.index(results[k]["method"])))]
-    stem = f"adapters{args.tag}"
+    tag = args.tag if args.tag is not None else ("_compile" if args.compile else "")
+    stem = f"adapters{tag}"
     (args.out / f"{stem}.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     full = {r["batch"]: r.get("img_per_s") for r in rows if r["method"] == "full"}
     lines = [f"# Adapter training throughput ({meta['machine']['gpu']}, "

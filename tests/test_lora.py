@@ -263,6 +263,46 @@ def test_gradients_reach_only_trainable_parts(case_id, kind, kwargs, merge_atol)
     assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+FUSED_CASES = [  # (id, input shape, bias, W trainable, dtype, atol)
+    ("3d-bias", (2, 5, 12), True, False, torch.float64, 1e-12),
+    ("2d-nobias-wgrad", (7, 12), False, True, torch.float64, 1e-12),
+    ("fp32", (3, 4, 12), True, True, torch.float32, 1e-5),
+]
+
+
+@pytest.mark.parametrize("case_id,shape,bias,w_grad,dtype,atol", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad, dtype, atol):
+    from orca.adapters.lora import fused_lora_linear
+
+    gen = torch.Generator().manual_seed(0)
+    make = lambda *s, grad=True: torch.randn(*s, generator=gen, dtype=dtype).requires_grad_(grad)
+    x, w, a, b = make(*shape), make(9, 12, grad=w_grad), make(3, 12), make(9, 3)
+    bvec = make(9) if bias else None
+    inputs = [t for t in (x, w, bvec, a, b) if t is not None and t.requires_grad]
+    ours = fused_lora_linear(x, w, bvec, a, b, 0.7)
+    ref = nn.functional.linear(x, w, bvec) + 0.7 * nn.functional.linear(nn.functional.linear(x, a), b)
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
+    g = torch.randn(ref.shape, generator=gen, dtype=dtype)
+    for got, want in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    if not w_grad:
+        assert not w.requires_grad  # and so the weight-gradient GEMM is skipped
+
+
+def test_autocast_path_matches_reference():
+    """Under (CPU) bf16 autocast the wrapper casts once and agrees with F.linear's autocast."""
+    model, x, _, _, _ = prepared("mlp", dict(rank=4, targets=MLP_T))
+    randomize_b(model)
+    layer = model.body.lin1
+    h = torch.randn(5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(h)
+        ref = nn.functional.linear(h, layer.base_layer.weight, layer.base_layer.bias) + layer.scaling * \
+            nn.functional.linear(nn.functional.linear(h, layer.lora_A), layer.lora_B)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=0.05, rtol=0.02)
+
+
 def test_safe_merge_names_broken_adapter():
     model, _, _, _, _ = prepared("mlp", dict(rank=2, targets=MLP_T))
     with torch.no_grad():

@@ -195,7 +195,7 @@ def test_adam_on_a_linear_embedder_reduces_the_objective(source):
         loss.backward()
         assert embedder.weight.grad.abs().sum() > 0 and embedder.bias.grad.abs().sum() > 0
         opt.step()
-        history.append(float(loss))
+        history.append(loss.item())
     assert history[-1] < 0.8 * history[0], history
 
 
@@ -251,3 +251,16 @@ def test_option_errors(source):
         OTDD(reg=0)
     with pytest.raises(ValueError, match="needs >= 2 samples per class"):
         otdd(xs[:3], torch.tensor([0, 1, 1]), xs, ys, inner="gaussian")
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(source, target):
+    xs, ys = (t.float() if t.is_floating_point() else t for t in source)
+    xt, yt = target[0].float(), target[1]
+    cpu, _ = OTDD().per_cluster(xt, yt, xs, ys)
+    x = xt.cuda().requires_grad_(True)
+    gpu, _ = OTDD().per_cluster(x, yt.cuda(), xs.cuda(), ys.cuda())
+    gpu.sum().backward()
+    assert torch.allclose(gpu.cpu(), cpu, rtol=1e-3) and torch.isfinite(x.grad).all()
+    assert float(otdd(xt.cuda(), yt.cuda(), xs.cuda(), ys.cuda(), inner="gaussian")) == pytest.approx(
+        float(otdd(xt, yt, xs, ys, inner="gaussian")), rel=1e-3)

@@ -218,3 +218,14 @@ def test_stage0_config_pretrains_the_body_of_the_fragment():
         pytest.skip("TrainConfig has no time_budget_s / label_smoothing yet (orca/config.py)")
     cfg = load_config(str(REPO / "configs" / "stage0_fractal.yaml"))
     assert cfg.model.weights == "none" and cfg.task.name == "fractal" and cfg.train.time_budget_s > 0
+
+
+@pytest.mark.gpu
+def test_tiny_run_on_cuda_renders_trains_and_saves_there(tmp_path):
+    """The CUDA-only paths: GPU-resident render, pinned augmentation, bf16 autocast, fused AdamW, memory check."""
+    cfg = load_config(None, [*stage0_overrides(tmp_path / "runs"), "train.device=cuda", "train.deterministic=false"])
+    run = pretrain.run_stage0(cfg)
+    s = _summary(run.path)
+    assert s["val"]["top1"] >= 0.5 and s["peak_gpu_mem_gib"] > 0 and s["optim"]["amp"] == "auto"
+    body = pretrain.load_saved_body(run.path / "body.safetensors")
+    assert body.orca_weights.startswith("file:")

@@ -15,7 +15,6 @@ import contextlib
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from orca.adapters.lora import LoRALayer, LoRAMethod, LoRAVariant
 from orca.registry import Registry
@@ -69,15 +68,6 @@ class DynamicRank(LoRAVariant):
             a = torch.cat([a[: b - 1].detach(), a[b - 1:]], dim=0)
             bmat = torch.cat([bmat[:, : b - 1].detach(), bmat[:, b - 1:]], dim=1)
         return a, bmat, layer.scaling_for(b)
-
-    def delta_weight(self, layer: LoRALayer) -> torch.Tensor:
-        a, bmat, scale = self.factors(layer)
-        return (bmat.float() @ a.float()) * scale
-
-    def forward(self, layer: LoRALayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        a, bmat, scale = self.factors(layer)
-        update = F.linear(F.linear(layer.lora_input(x), a), bmat)
-        return torch.add(result, update.to(result.dtype), alpha=scale)
 
     def extra_repr(self) -> str:
         return f"dylora(b={self.b}/{self.r_max}, frozen={self.frozen})"

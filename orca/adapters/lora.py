@@ -73,6 +73,88 @@ class DenseWeight:
     def add_(base: nn.Module, delta: torch.Tensor, alpha: float = 1.0) -> None:
         base.weight.data.add_(delta.to(base.weight.dtype), alpha=alpha)
 
+    @staticmethod
+    def lora_forward(layer: "LoRALinear", x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+        """W0 x + bias + scale * B A x through :class:`FusedLoRALinear` (dropout needs the generic
+        path: its LoRA input differs from the base input)."""
+        if layer.lora_dropout is not None:
+            return lora_forward_generic(layer, x, a, b, scale)
+        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA forward: generic (any base layer) and fused (dense base)
+# ---------------------------------------------------------------------------------------------
+def lora_forward_generic(layer: "LoRALinear", x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """base(x) + scale * (x A^T) B^T for any base layer (NF4 included); the scaled add is folded
+    into the second matmul (addmm, beta = 1) instead of a separate elementwise pass."""
+    result = layer.base_layer(x)
+    xa = F.linear(layer.lora_input(x), a)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]).to(result.dtype),
+                      b.t().to(result.dtype), alpha=scale)
+    return out.view(result.shape)
+
+
+class FusedLoRALinear(torch.autograd.Function):
+    """h = x W^T + bias + s (x A^T) B^T with a hand-written backward.
+
+    Why: autograd of the composed ops makes extra full-size passes over the activations -- the
+    update (N x d_out) is written, added, and scaled again in backward, and the two input
+    gradients (N x d_in) are summed by a separate kernel. Here every full-size tensor is produced by
+    one GEMM and the LoRA terms are accumulated into it (addmm_ with beta = 1). W gets a gradient
+    only if it requires one (never under LoRA), so the step skips the weight-gradient GEMM that
+    costs full fine-tuning a third of its linear-layer FLOPs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xa = torch.mm(x2, a.t())
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        out.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, weight, a, b)
+        ctx.scale, ctx.in_shape, ctx.has_bias = scale, shape, bias is not None
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, xa, weight, a, b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        s = ctx.scale
+        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        gb = torch.mm(g, b).mul_(s)  # dL/d(x A^T), N x r
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if need_x:
+            grad_x = torch.mm(g, weight).addmm_(gb, a).view(ctx.in_shape)
+        if need_w:
+            grad_w = torch.mm(g.t(), x2)
+        if need_bias and ctx.has_bias:
+            grad_bias = g.sum(0)
+        if need_a:
+            grad_a = torch.mm(gb.t(), x2)
+        if need_b:
+            grad_b = torch.mm(g.t(), xa).mul_(s)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Autocast-aware entry to :class:`FusedLoRALinear`: under autocast every operand is cast to
+    the autocast dtype once (as F.linear would) and the function runs with autocast off."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        cast = [t.to(dtype) if t is not None else None for t in (x, weight, bias, a, b)]
+        with torch.autocast(device, enabled=False):
+            return FusedLoRALinear.apply(*cast, scale)
+    dtype = weight.dtype
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale)
+
 
 def _is_nf4_linear(module: nn.Module) -> bool:
     return type(getattr(module, "weight", None)).__name__ == "Params4bit"
@@ -99,17 +181,24 @@ def dispatch_base(module: nn.Module, name: str = "") -> Any:
 class LoRAVariant:
     """Strategy for the low-rank path of a :class:`LoRALinear`.
 
-    ``forward`` adds the update to the frozen layer's output; ``delta_weight`` returns the same
-    update as a dense (out, in) matrix, so merge(), export and Delta-LoRA agree with forward.
+    A variant says which factors and which scaling are in use (:meth:`factors`); the forward pass,
+    the dense ``delta_weight`` (merge, export, Delta-LoRA) and the base accessor's kernels all go
+    through it, so they cannot disagree.
     """
 
     name = "variant"
 
-    def delta_weight(self, layer: "LoRALinear") -> torch.Tensor:
+    def factors(self, layer: "LoRALinear") -> Tuple[torch.Tensor, torch.Tensor, float]:
+        """(A in use, B in use, scaling)."""
         raise NotImplementedError
 
-    def forward(self, layer: "LoRALinear", x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def delta_weight(self, layer: "LoRALinear") -> torch.Tensor:
+        a, b, scale = self.factors(layer)
+        return (b.float() @ a.float()) * scale
+
+    def forward(self, layer: "LoRALinear", x: torch.Tensor) -> torch.Tensor:
+        a, b, scale = self.factors(layer)
+        return layer.weight_access.lora_forward(layer, x, a, b, scale)
 
     def extra_repr(self) -> str:
         return self.name
@@ -121,15 +210,8 @@ class VanillaLoRA(LoRAVariant):
 
     name = "lora"
 
-    def delta_weight(self, layer: "LoRALinear") -> torch.Tensor:
-        a, b = layer.lora_A.float(), layer.lora_B.float()
-        return (b @ a) * layer.scaling
-
-    def forward(self, layer: "LoRALinear", x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        x = layer.lora_input(x)
-        update = F.linear(F.linear(x, layer.lora_A), layer.lora_B)
-        # one fused kernel: result + scaling * update (no separate scaled copy)
-        return torch.add(result, update.to(result.dtype), alpha=layer.scaling)
+    def factors(self, layer: "LoRALinear") -> Tuple[torch.Tensor, torch.Tensor, float]:
+        return layer.lora_A, layer.lora_B, layer.scaling
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,10 +304,9 @@ class LoRALinear(nn.Module, LoRALayer):
             # Cast once for both paths: autocast would cast x separately for the base matmul and for
             # x A^T, and keep both low-precision copies alive for backward. Same numbers either way.
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        result = self.base_layer(x)
         if self.merged:
-            return result
-        return self.variant.forward(self, x, result)
+            return self.base_layer(x)
+        return self.variant.forward(self, x)
 
     def get_delta_weight(self) -> torch.Tensor:
         """The dense update s B A of shape (d_out, d_in), in fp32."""

@@ -104,6 +104,13 @@ class NF4Weight:
     def add_(cls, base: nn.Module, delta: torch.Tensor, alpha: float = 1.0) -> None:
         cls.set(base, cls.get(base).float() + alpha * delta.float())
 
+    @staticmethod
+    def lora_forward(layer, x, a, b, scale):
+        """The 4-bit matmul is bitsandbytes' kernel, so only the generic composition applies."""
+        from orca.adapters.lora import lora_forward_generic
+
+        return lora_forward_generic(layer, x, a, b, scale)
+
 
 def quantize_linears(body: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
                      double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE) -> Dict[str, nn.Module]:

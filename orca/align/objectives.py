@@ -20,6 +20,7 @@ Usage::
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -33,7 +34,7 @@ OBJECTIVES = Registry("alignment objective")
 WEIGHTINGS = ("frequency", "uniform")
 
 
-class AlignmentObjective:
+class AlignmentObjective(ABC):
     """Base class: validation, cluster weighting and the weighted sum; subclasses give per-cluster values.
 
     Args:
@@ -52,9 +53,10 @@ class AlignmentObjective:
         self.weighting = weighting
         self.min_cluster_size = min_cluster_size
 
+    @abstractmethod
     def _cluster_values(self, target_feats: Tensor, index: Tensor, n_clusters: int, source_feats: Tensor,
                         source_labels: Optional[Tensor]) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement _cluster_values")
+        """Values ``[K]`` for clusters ``index [n]`` in 0..K-1 (validated, every cluster kept)."""
 
     def per_cluster(self, target_feats, target_labels, source_feats, source_labels=None) -> Tuple[Tensor, Tensor, Tensor]:
         """Per-cluster values and weights (for logging); skipped clusters are left out.
@@ -120,6 +122,7 @@ class OTDDObjective(AlignmentObjective):
         inner_max_samples: per-class cap in exact inner OT (None = all).
         seed: seed of that cap's subsample.
         max_iter, tol: outer Sinkhorn settings (see :class:`SinkhornOptions`).
+        inner_grad: also differentiate the cluster-to-class label distances (ORCA: False).
         weighting, min_cluster_size: see :class:`AlignmentObjective`.
     """
 
@@ -128,10 +131,10 @@ class OTDDObjective(AlignmentObjective):
 
     def __init__(self, inner: str = "exact", reg: float = 0.1, debiased: bool = True,
                  inner_max_samples: Optional[int] = None, seed: int = 0, max_iter: int = 2000, tol: float = 1e-4,
-                 weighting: str = "frequency", min_cluster_size: int = 2):
+                 inner_grad: bool = False, weighting: str = "frequency", min_cluster_size: int = 2):
         super().__init__(weighting, min_cluster_size)
         self.otdd = OTDD(inner=inner, reg=reg, debiased=debiased, inner_max_samples=inner_max_samples, seed=seed,
-                         sinkhorn=SinkhornOptions(max_iter=max_iter, tol=tol))
+                         sinkhorn=SinkhornOptions(max_iter=max_iter, tol=tol), inner_grad=inner_grad)
 
     def _cluster_values(self, target_feats, index, n_clusters, source_feats, source_labels):
         values, _ = self.otdd.per_cluster(target_feats, index, source_feats, source_labels)

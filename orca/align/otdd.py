@@ -22,16 +22,16 @@ and the source self-transport term, neither of which depends on the target. Here
 log-domain Sinkhorn problem on the features' device, and only the target-vs-source-class label
 distances (the part that moves) are recomputed per call.
 
-Gradients: w.r.t. the *target* features. By default through the outer problem only: the inner
-label distances are constants per step, as in microsoft/otdd, which ORCA calls (it stores each
-label distance with ``.item()``). That is not the full gradient -- moving a cluster also moves its
-distance to every source class, and on small problems the two parts can even disagree in sign --
-so ``inner_grad=True`` adds the label term: for exact inner OT through sum_ij P_ij ||x_i - z_j||^2
-with the optimal plans P held fixed (envelope theorem again), for the Gaussian one through the
-closed form. The outer gradient
-comes from the envelope theorem, as in geomloss: the Sinkhorn loop runs without autograd, and one
-last half-step from the detached optimal potentials is taken with autograd on, so backward is one
-pass over the cost matrix instead of one per iteration. Source features never receive a gradient.
+Gradients: w.r.t. the *target* features. The outer gradient comes from the envelope theorem, as
+in geomloss: the Sinkhorn loop runs without autograd, and one last half-step from the detached
+optimal potentials is taken with autograd on, so backward is one pass over the cost matrix instead
+of one per iteration. By default that is all: the inner label distances are constants per step,
+as in microsoft/otdd, which ORCA calls (it stores each label distance with ``.item()``). That is
+not the full gradient -- moving a cluster also moves its distance to every source class, and on
+small problems the two parts can even disagree in sign -- so ``inner_grad=True`` adds the label
+term: for exact inner OT through sum_ij P_ij ||x_i - z_j||^2 with the optimal plans P held fixed
+(the envelope theorem again), for the Gaussian one through the closed form. Source features never
+receive a gradient.
 
 Label rules (ValueError otherwise): the source needs >= 2 distinct labels, because with one label
 the label term collapses to a constant and OTDD silently degenerates into feature-space OT -- in
@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ INNER_METHODS = ("exact", "gaussian")
 
 # ----------------------------------------------------------------------------- input checks
 def check_features(name: str, x, dim: Optional[int] = None, dim_name: Optional[str] = None) -> Tensor:
-    """Return ``x`` as a floating tensor after checking shape and finiteness.
+    """Return ``x`` as a float32/float64 tensor after checking shape and finiteness.
 
     Args:
         name: argument name used in error messages.
@@ -72,8 +72,8 @@ def check_features(name: str, x, dim: Optional[int] = None, dim_name: Optional[s
         raise ValueError(f"{name} must be 2-D [n, d], got shape {tuple(x.shape)}")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); need at least one [d>0]-dim sample")
-    if not x.is_floating_point():
-        x = x.float()
+    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # log-domain Sinkhorn at eps = 0.1 and kernel sums need at least float32
     bad = (~torch.isfinite(x)).sum().item()
     if bad:
         raise ValueError(f"{name} contains {bad} NaN/inf entries")
@@ -393,18 +393,33 @@ def sinkhorn_potentials(cost: Tensor, log_a: Tensor, log_b: Tensor, eps: float,
         f = _softmin_rows(e, cost, log_b + g / e)
         g = _softmin_cols(e, cost, log_a + f / e)
     f = _softmin_rows(eps, cost, log_b + g / eps)
+    # Over-relaxed Sinkhorn (Thibault et al. 2017; Lehmann et al. 2021): x <- (1 - w) x + w T(x).
+    # Plain sweeps (w = 1) converge linearly at a rate r close to 1 when eps << max C (r ~ 0.98
+    # per sweep at ORCA's eps = 0.1); w = 2 / (1 + sqrt(1 - r)), Young's SOR optimum estimated from
+    # the observed rate, cuts the sweep count ~5-10x. If the error ever grows, w falls back to 1.
+    omega, locked, prev = 1.0, False, None
     err = math.inf
     for it in range(1, opts.max_iter + 1):
-        g = _softmin_cols(eps, cost, log_a + f / eps)
-        f_new = _softmin_rows(eps, cost, log_b + g / eps)
+        g = (1 - omega) * g + omega * _softmin_cols(eps, cost, log_a + f / eps)
+        f_hat = _softmin_rows(eps, cost, log_b + g / eps)
         if it % opts.check_every == 0 or it == opts.max_iter:
-            err = _marginal_error(log_a, f, f_new, eps)
-        f = f_new
-        if err < opts.tol:
-            break
+            g_hat = _softmin_cols(eps, cost, log_a + f / eps)
+            err = max(_marginal_error(log_a, f, f_hat, eps), _marginal_error(log_b, g, g_hat, eps))
+            if err < opts.tol:
+                f = f_hat
+                break
+            if prev is not None:
+                if not math.isfinite(err) or err >= prev:
+                    omega, locked = 1.0, True
+                elif omega == 1.0 and not locked:
+                    rate = (err / prev) ** (1.0 / opts.check_every)
+                    omega = min(1.9, 2.0 / (1.0 + math.sqrt(max(1.0 - rate, 0.0))))
+            prev = err
+        f = (1 - omega) * f + omega * f_hat
     else:
         warnings.warn(f"Sinkhorn stopped after {opts.max_iter} sweeps with marginal error {err:.2e} "
                       f"> tol {opts.tol:.1e}; raise max_iter or eps", RuntimeWarning, stacklevel=3)
+        f = _softmin_rows(eps, cost, log_b + g / eps)
     return f, g
 
 
