@@ -90,6 +90,8 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = field(default=None, metadata={"help": "truncate epochs (debugging, smoke tests)"})
     log_every: int = field(default=50, metadata={"help": "write training scalars every N optimizer steps"})
     save_every_steps: Optional[int] = field(default=None, metadata={"help": "also checkpoint every N optimizer steps mid-epoch (resume granularity)"})
+    time_budget_s: Optional[float] = field(default=None, metadata={"help": "stage 0: stop after this many seconds, rendering and compilation included (None = epochs only)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "stage 0: label smoothing of the cross entropy"})
 
     def __post_init__(self):
         check_choice("train.optimizer", self.optimizer, ("adamw", "sgd", "paged_adamw"))
@@ -98,6 +100,10 @@ class TrainConfig:
             check_positive(f"train.{name}", getattr(self, name))
         check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
         check_positive("train.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        if self.time_budget_s is not None:
+            check_positive("train.time_budget_s", self.time_budget_s)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
             raise ConfigError(f"train.warmup_epochs={self.warmup_epochs} must be < train.epochs={self.epochs}")
 

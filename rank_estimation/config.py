@@ -76,6 +76,10 @@ class RankConfig:
     n_boot: int = field(default=20, metadata={
         "help": "bootstrap resamples per (layer, metric) for the intervals; 0 = point estimates only "
                 "(each resample costs one more metric evaluation per layer)"})
+    boot_metrics: Optional[Tuple[str, ...]] = field(default=None, metadata={
+        "help": "metrics that get bootstrap intervals (None = all measured); the others report "
+                "lo = hi = value. otdd's exact inner OT runs on the CPU, so leaving it out saves most "
+                "of the bootstrap time"})
     ci_level: float = field(default=0.95, metadata={"help": "coverage of the bootstrap intervals"})
     pool: str = field(default="mean", metadata={
         "help": f"one of {POOLS}: mean = one token-averaged row per image (ORCA's features); "
@@ -95,6 +99,9 @@ class RankConfig:
             self.alpha_prior = tuple(self.alpha_prior)
         if isinstance(self.metrics, (list, str)):  # YAML gives lists; one name is a metric list too
             self.metrics = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
+        if isinstance(self.boot_metrics, (list, str)):
+            self.boot_metrics = ((self.boot_metrics,) if isinstance(self.boot_metrics, str)
+                                 else tuple(self.boot_metrics))
         for name in ("budget", "r_min", "r_max", "n_chains", "n_sweeps", "burn_in", "truncation", "seed",
                      "n_source", "n_boot", "tokens_per_sample", "batch_size"):
             if not _is_int(getattr(self, name)):
@@ -133,6 +140,11 @@ class RankConfig:
             raise _bad("metrics", self.metrics, "a list of gap-metric names")
         if len(set(self.metrics)) != len(self.metrics):
             raise _bad("metrics", self.metrics, "a list without repeated names")
+        if self.boot_metrics is not None:
+            measured = set(self.metrics) | {self.gap_metric}
+            if not isinstance(self.boot_metrics, tuple) or any(m not in measured for m in self.boot_metrics):
+                raise _bad("boot_metrics", self.boot_metrics, f"None or a list of measured metrics "
+                           f"(rank.metrics + rank.gap_metric: {sorted(measured)})")
         if self.n_source < 2:
             raise _bad("n_source", self.n_source, "an integer >= 2 (a gap compares two samples)")
         if self.n_target is not None and (not _is_int(self.n_target) or self.n_target < 2):
@@ -163,6 +175,7 @@ class RankConfig:
         out = asdict(self)
         out["alpha_prior"] = list(self.alpha_prior)
         out["metrics"] = list(self.metrics)
+        out["boot_metrics"] = None if self.boot_metrics is None else list(self.boot_metrics)
         return out
 
     @classmethod

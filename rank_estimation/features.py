@@ -169,7 +169,7 @@ def capture_block_features(model: nn.Module, inputs: Inputs, *, embedder: Option
         embedder = getattr(model, "embedder", None) if hasattr(model, "body") else None
     wanted = resolve_layers(body, layers)
     if device is None:
-        device = next(body.parameters()).device
+        device = next(iter(body.parameters()), torch.empty(0)).device
     device = torch.device(device)
     autocast = autocast_for(amp, device)
 

@@ -125,29 +125,35 @@ def measure_profile(src: Dict[str, torch.Tensor], tgt: Dict[str, torch.Tensor], 
     Args:
         src, tgt: layer -> ``[rows, d]`` features of the two streams.
         metrics: registered gap metrics.
-        rank_cfg: the RankConfig (n_boot, ci_level, standardize, metric_kwargs).
+        rank_cfg: the RankConfig (n_boot, boot_metrics, ci_level, standardize, metric_kwargs).
         seed: bootstrap seed.
         device: where the metrics run.
         source_labels, target_labels: per-image labels ``[m]`` / ``[n]`` (for otdd), or None.
     """
     from rank_estimation.gaps import gap_profile
 
-    merged: Dict[str, Any] = {"layers": [], "metrics": metrics, "values": {}, "scale": {},
+    merged: Dict[str, Any] = {"layers": [], "metrics": metrics, "values": {}, "scale": {}, "rows": {},
                               "seconds": {m: 0.0 for m in metrics}}
-    kwargs = {m: dict(v) for m, v in rank_cfg.metric_kwargs.items()}
+    boot = [m for m in metrics if rank_cfg.boot_metrics is None or m in rank_cfg.boot_metrics]
+    groups = [(ms, n) for ms, n in ((boot, rank_cfg.n_boot), ([m for m in metrics if m not in boot], 0)) if ms]
     for layer in tqdm(list(src), desc="stage2 gaps", unit="layer", dynamic_ncols=True, disable=None):
-        part = gap_profile({layer: src[layer]}, {layer: tgt[layer]}, metrics, n_boot=rank_cfg.n_boot,
-                           alpha=1.0 - rank_cfg.ci_level, seed=seed,
-                           source_labels=_row_labels(source_labels, src[layer].shape[0]),
-                           target_labels=_row_labels(target_labels, tgt[layer].shape[0]),
-                           metric_kwargs=kwargs or None,
-                           standardize=rank_cfg.standardize, device=device)
         merged["layers"].append(layer)
-        merged["values"][layer] = part["values"][layer]
-        merged["scale"][layer] = part["scale"][layer]
-        for m, s in part["seconds"].items():
-            merged["seconds"][m] += s
-        merged["settings"] = part["settings"]
+        merged["values"][layer] = {}
+        for names, n_boot in groups:
+            kwargs = {m: dict(rank_cfg.metric_kwargs[m]) for m in names if m in rank_cfg.metric_kwargs}
+            part = gap_profile({layer: src[layer]}, {layer: tgt[layer]}, names, n_boot=n_boot,
+                               alpha=round(1.0 - rank_cfg.ci_level, 12), seed=seed,
+                               source_labels=_row_labels(source_labels, src[layer].shape[0]),
+                               target_labels=_row_labels(target_labels, tgt[layer].shape[0]),
+                               metric_kwargs=kwargs or None, standardize=rank_cfg.standardize, device=device)
+            merged["values"][layer].update(part["values"][layer])
+            merged["scale"][layer] = part["scale"][layer]
+            for m, s in part["seconds"].items():
+                merged["seconds"][m] += s
+            merged["settings"] = {**part["settings"], "n_boot": rank_cfg.n_boot, "boot_metrics": boot,
+                                  "metric_kwargs": dict(rank_cfg.metric_kwargs)}
+        merged["values"][layer] = {m: merged["values"][layer][m] for m in metrics}
+        merged["rows"][layer] = {"source": int(src[layer].shape[0]), "target": int(tgt[layer].shape[0])}
     return merged
 
 
@@ -180,8 +186,10 @@ def plot_gaps(profile: Mapping[str, Any], chosen: str, path) -> None:
     axes[-1, 0].set_xticklabels([_short(layer) for layer in layers], rotation=90, fontsize=7)
     axes[-1, 0].set_xlabel("layer (stage.block)")
     s = profile["settings"]
+    boot = s.get("boot_metrics", metrics)
+    which = "" if set(boot) == set(metrics) else f" for {', '.join(boot)}"
     fig.suptitle(f"gap per layer: n_source={s['n_source']}, n_target={s['n_target']}, "
-                 f"{int(100 * (1 - s['alpha']))}% bootstrap CI (n_boot={s['n_boot']})", fontsize=9)
+                 f"{round(100 * (1 - s['alpha']))}% bootstrap CI{which} (n_boot={s['n_boot']})", fontsize=9)
     fig.tight_layout()
     atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -193,6 +201,7 @@ def plot_ranks(alloc: RankAllocation, blocks: List[str], block_d: Mapping[str, A
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (integer rank ticks)
 
     pos = {b: i for i, b in enumerate(blocks)}
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.32 * len(blocks)), 5.6), dpi=120, sharex=True,
@@ -223,6 +232,7 @@ def plot_ranks(alloc: RankAllocation, blocks: List[str], block_d: Mapping[str, A
         bottom.errorbar([v + off for v in xs], rs, yerr=err, fmt="o", markersize=3, capsize=1.5, label=kind,
                         elinewidth=0.7)
     bottom.set_ylabel("rank")
+    bottom.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     bottom.legend(fontsize=7, ncol=min(len(kinds), 5))
     bottom.grid(alpha=0.3)
     bottom.set_xticks(x)
@@ -295,6 +305,7 @@ def run_stage2(cfg: ExperimentConfig) -> RunDir:
     t = time.time()
     labels = {"source_labels": src_labels, "target_labels": tgt_labels} if "otdd" in metrics else {}
     profile = measure_profile(src, tgt, metrics, r, cfg.seed, device, **labels)
+    profile["settings"].update(n_source=int(src_labels.shape[0]), n_target=len(positions))  # images, not rows
     times["gaps_s"] = time.time() - t
 
     blocks = [layer for layer in profile["layers"] if layer != EMBED]

@@ -81,7 +81,7 @@ class Model(nn.Module):
 def build(method: str, args: argparse.Namespace) -> Dict[str, Any]:
     import timm
 
-    from orca.adapters import AdapterConfig, build_method, count_parameters
+    from orca.adapters import AdapterConfig, build_method
 
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -3,6 +3,7 @@
     python scripts/bench_stage2.py                                   # the setting, one GPU
     python scripts/bench_stage2.py --metrics mmd sinkhorn --n 2000
     python scripts/bench_stage2.py --n-boot 20                       # with bootstrap intervals
+    python scripts/bench_stage2.py --metric-kwargs '{"otdd": {"inner_max_samples": 64}}'
     python scripts/bench_stage2.py --device cpu --n 32 --body swin_tiny_patch4_window7_224 --img-size 32 \\
         --body-kwargs '{"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 2}' \\
         --out /tmp/bench                                             # CPU smoke test
@@ -52,6 +53,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench", help="directory for stage2.json/.md")
     p.add_argument("--n-boot", type=int, default=0, help="bootstrap resamples per (block, metric)")
+    p.add_argument("--metric-kwargs", type=json.loads, default={},
+                   help='JSON per-metric options, e.g. \'{"otdd": {"inner_max_samples": 64}}\'')
     p.add_argument("--body", default="swin_base_patch4_window7_224")
     p.add_argument("--body-kwargs", type=json.loads, default={}, help="JSON timm kwargs for reduced bodies")
     p.add_argument("--img-size", type=int, default=224)
@@ -137,11 +140,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     labels = {"source_labels": src_labels.to(device), "target_labels": tgt_labels.to(device)} if labelled else {}
     first = blocks[0]
     for name in args.metrics:  # warm-up, excluded from the timing
-        kw = labels if name == "otdd" else {}
+        kw = {**(labels if name == "otdd" else {}), **args.metric_kwargs.get(name, {})}
         get_gap_metric(name)(src[first], tgt[first], **kw)
     sync(device)
     t3 = time.perf_counter()
-    profile = gap_profile(src, tgt, args.metrics, n_boot=args.n_boot, seed=args.seed, device=device, **labels)
+    profile = gap_profile(src, tgt, args.metrics, n_boot=args.n_boot, seed=args.seed, device=device,
+                          metric_kwargs=args.metric_kwargs or None, **labels)
     sync(device)
     t4 = time.perf_counter()
 
@@ -154,7 +158,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "settings": {"body": args.body, "body_kwargs": args.body_kwargs, "weights": "random (timm init)",
                      "img_size": args.img_size, "target_size": args.target_size, "n_source": args.n,
                      "n_target": args.n, "source": args.source, "blocks": len(blocks), "pool": "mean",
-                     "metrics": args.metrics, "n_boot": args.n_boot, "batch_size": args.batch_size,
+                     "metrics": args.metrics, "metric_kwargs": args.metric_kwargs, "n_boot": args.n_boot,
+                     "batch_size": args.batch_size,
                      "amp": "bf16" if device.type == "cuda" else "off", "standardize": True,
                      "otdd_classes": int(torch.unique(src_labels).numel()) if labelled else None},
         "dims": {b: int(src[b].shape[1]) for b in blocks},
@@ -183,7 +188,8 @@ def markdown(rec: Dict[str, Any]) -> str:
         f"- body: {s['body']} {s['body_kwargs'] or ''} with {s['weights']} weights, {s['blocks']} blocks, "
         f"{s['img_size']} px, amp {s['amp']}",
         f"- samples: {s['n_source']} source ({s['source']}) + {s['n_target']} target ({s['target_size']}x"
-        f"{s['target_size']} fields), token-mean features, standardised, n_boot={s['n_boot']}",
+        f"{s['target_size']} fields), token-mean features, standardised, n_boot={s['n_boot']}"
+        + (f", metric options {s['metric_kwargs']}" if s["metric_kwargs"] else ""),
         f"- feature capture (not in the total): source {rec['capture_s']['source']:.2f} s, "
         f"target {rec['capture_s']['target']:.2f} s", "",
         "| metric | seconds (all blocks) | per block |", "|---|---:|---:|",

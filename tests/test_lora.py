@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
-import warnings
 
 import pytest
 import timm
 import torch
 from torch import nn
 
-from orca.adapters import (ADAPTERS, AdapterConfig, LoRALinear, build_method, count_parameters,
-                           lora_layers)
+from orca.adapters import ADAPTERS, AdapterConfig, build_method, lora_layers
 from orca.adapters.io import export_merged, export_peft, load_adapter, save_adapter
 from orca.adapters.lora import resolve_ranks
 

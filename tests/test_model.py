@@ -77,7 +77,10 @@ def test_local_file_round_trip_and_variant_mismatch(tmp_path):
 def test_missing_weights_file_and_offline_hub(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="body weights file not found"):
         create_body(SWIN, weights="file", weights_file=str(tmp_path / "none.safetensors"), img_size=32, **TINY_BODY)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once instead of waiting for a network timeout
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsError, match="could not load hub weights .*Offline\\?"):
         create_body(SWIN, weights="hub", hub_tag="ms_in1k", img_size=32, **TINY_BODY)
 

@@ -13,7 +13,13 @@ Two kinds of strategy objects keep the wrapper free of if/elif chains:
 - a *variant* (:class:`LoRAVariant`) decides how the update B A enters the forward pass and the
   merged weight: :class:`VanillaLoRA` here, DyLoRA's truncated rank in ``dylora.py``;
 - a *base-weight accessor* (:class:`DenseWeight` here, ``NF4Weight`` in ``qlora.py``) reads and
-  writes the frozen W, chosen by :func:`dispatch_base` (first match wins, as peft's dispatchers).
+  writes the frozen W and runs the forward pass for that kind of base: a fused autograd Function
+  (:class:`FusedLoRALinear`) for dense W, bitsandbytes' kernel plus the LoRA matmuls for NF4. It
+  is chosen by :func:`dispatch_base` (first match wins, as peft's dispatchers).
+
+Speed (measured on one H100, Swin-B, batch 256, bf16 autocast, eager): the naive composition
+``base(x) + s * B(A(x))`` ran at 0.91x full fine-tuning, the fused Function at 0.98x, HF peft at
+0.75x; see ``scripts/bench_adapters.py``.
 
 One adapter per layer (peft keeps a dict of named adapters): a stage-3 run trains one method, and
 the adapter is named by its module path, which is what error messages report.
@@ -90,6 +96,10 @@ def lora_forward_generic(layer: "LoRALinear", x: torch.Tensor, a: torch.Tensor, 
                          scale: float) -> torch.Tensor:
     """base(x) + scale * (x A^T) B^T for any base layer (NF4 included); the scaled add is folded
     into the second matmul (addmm, beta = 1) instead of a separate elementwise pass."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        # Cast once for both paths: autocast would cast x separately for the base matmul and for
+        # x A^T, and keep both low-precision copies alive for backward. Same numbers either way.
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     result = layer.base_layer(x)
     xa = F.linear(layer.lora_input(x), a)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]).to(result.dtype),
@@ -143,13 +153,15 @@ class FusedLoRALinear(torch.autograd.Function):
 def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """Autocast-aware entry to :class:`FusedLoRALinear`: under autocast every operand is cast to
-    the autocast dtype once (as F.linear would) and the function runs with autocast off."""
+    the autocast dtype once, as F.linear would (x once for both paths). The matmuls inside then
+    see matching dtypes, so autocast leaves them alone; no context switch is needed, which
+    matters at small batches where eager mode is bound by Python overhead per layer."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        cast = [t.to(dtype) if t is not None else None for t in (x, weight, bias, a, b)]
-        with torch.autocast(device, enabled=False):
-            return FusedLoRALinear.apply(*cast, scale)
+        return FusedLoRALinear.apply(x.to(dtype), weight.to(dtype),
+                                     None if bias is None else bias.to(dtype), a.to(dtype),
+                                     b.to(dtype), scale)
     dtype = weight.dtype
     if x.dtype != dtype:
         x = x.to(dtype)
@@ -300,10 +312,6 @@ class LoRALinear(nn.Module, LoRALayer):
         self.train(base_layer.training)  # injected into an eval-mode model, stay in eval mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-            # Cast once for both paths: autocast would cast x separately for the base matmul and for
-            # x A^T, and keep both low-precision copies alive for backward. Same numbers either way.
-            x = x.to(torch.get_autocast_dtype(x.device.type))
         if self.merged:
             return self.base_layer(x)
         return self.variant.forward(self, x)

@@ -1,0 +1,270 @@
+"""Stage 2 (rank_estimation.stage): monotone gaps and ranks on a constructed model, the tiny end-to-end run
+whose rank map stage 3 loads, bad inputs, and the benchmark script's CPU smoke test."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from orca.config import load_config
+from orca.model import ORCAModel
+from orca.schema import ConfigError
+from rank_estimation.allocate import allocate_ranks, costs_from_model, expand
+from rank_estimation.features import EMBED, capture_block_features
+from rank_estimation.gaps import gap_profile
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_RANK = ["rank.n_chains=2", "rank.n_sweeps=40", "rank.burn_in=20"]
+
+
+# ----------------------------------------------------------------------------- constructed model
+class Stream:
+    """Which stream is running: the stand-in embedders set it, the blocks read it."""
+
+    target = False
+
+
+class Patchify(nn.Module):
+    """A fixed 2x2 patch embedding to NHWC tokens; ``is_target`` marks the stream it starts."""
+
+    def __init__(self, weight: torch.Tensor, stream: Stream, is_target: bool):
+        super().__init__()
+        self.weight, self.stream, self.is_target = nn.Parameter(weight.clone()), stream, is_target
+
+    def forward(self, x):
+        self.stream.target = self.is_target
+        return nn.functional.conv2d(x, self.weight, stride=2).permute(0, 2, 3, 1)
+
+
+class DistortingBlock(nn.Module):
+    """A Swin-shaped block (attn.qkv/proj, mlp.fc1/fc2 with zero output weights, so the base path is the
+    identity) that shifts target tokens along a fixed direction by ``shift``; source tokens pass unchanged."""
+
+    def __init__(self, dim: int, shift: float, direction: torch.Tensor, stream: Stream):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        for lin in (self.attn.proj, self.mlp.fc2):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.shift, self.stream = shift, stream
+        self.register_buffer("direction", direction)
+
+    def forward(self, x):
+        dim = x.shape[-1]
+        x = x + self.attn.proj(self.attn.qkv(x)[..., :dim]) + self.mlp.fc2(self.mlp.fc1(x))
+        return x + self.shift * self.direction if self.stream.target else x
+
+
+class StandInBody(nn.Module):
+    """``layers[i].blocks[j]`` of distorting blocks; block k (in forward order) adds a shift 0.15 (k + 1)."""
+
+    def __init__(self, dim: int, depths, stream: Stream):
+        super().__init__()
+        direction = torch.randn(dim, generator=torch.Generator().manual_seed(3))
+        direction = direction / direction.norm() * dim ** 0.5 / 4  # source rows have RMS spread ~ sqrt(dim) / 4
+        self.layers, k = nn.ModuleList(), 0
+        for depth in depths:
+            stage = nn.Module()
+            stage.blocks = nn.ModuleList()
+            for _ in range(depth):
+                k += 1
+                stage.blocks.append(DistortingBlock(dim, 0.15 * k, direction, stream))
+            self.layers.append(stage)
+
+    def forward_features(self, x):
+        for stage in self.layers:
+            for block in stage.blocks:
+                x = block(x)
+        return x
+
+
+def test_growing_target_distortion_gives_non_decreasing_gaps_and_ranks():
+    torch.manual_seed(0)
+    dim, stream = 16, Stream()
+    weight = torch.randn(dim, 3, 2, 2) / 2
+    body = StandInBody(dim, depths=[2, 3, 1], stream=stream)
+    model = ORCAModel(Patchify(weight, stream, is_target=True), body, nn.Identity())
+    source = Patchify(weight, stream, is_target=False)
+    gen = torch.Generator().manual_seed(1)
+    x_src, x_tgt = torch.randn(300, 3, 8, 8, generator=gen), torch.randn(300, 3, 8, 8, generator=gen)
+    src = capture_block_features(model, x_src, embedder=source, batch_size=64)
+    tgt = capture_block_features(model, x_tgt, batch_size=64)
+    blocks = [n for n in src if n != EMBED]
+    assert len(blocks) == 6
+
+    metrics = ["mmd", "sliced_wasserstein", "sinkhorn", "pad"]
+    profile = gap_profile(src, tgt, metrics, n_boot=0, seed=0)
+    for m in metrics:
+        d = [profile["values"][b][m]["value"] for b in [EMBED, *blocks]]
+        assert all(b >= a for a, b in zip(d, d[1:])), f"{m} is not non-decreasing over the layers: {d}"
+        if m != "pad":  # pad saturates at 2 once the domains separate; the others keep growing
+            assert d[-1] > 2 * d[1] and d[1] > d[0], f"{m} does not grow with the distortion: {d}"
+
+    d_block = {b: profile["values"][b]["mmd"]["value"] for b in blocks}
+    costs = costs_from_model(body, "all")
+    assert len(costs) == 4 * 6 and len(set(costs[n] for n in costs if n.endswith("qkv"))) == 1
+    alloc = allocate_ranks(expand(d_block, list(costs)), costs, budget=4 * sum(costs.values()),  # mean rank 4
+                           r_min=1, r_max=32, n_chains=2, n_sweeps=80, burn_in=40, seed=0)
+    for kind in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+        ranks = [alloc.rank_map[f"{b}.{kind}"] for b in blocks]
+        assert all(b >= a for a, b in zip(ranks, ranks[1:])), f"{kind} ranks decrease with depth: {ranks}"
+        assert ranks[-1] > ranks[0], f"{kind} ranks do not follow the gap: {ranks}"
+    assert abs(alloc.trainable - alloc.budget) <= alloc.tolerance
+
+
+# ----------------------------------------------------------------------------- end to end
+def _stage2_overrides(tiny_overrides, *extra):
+    return [*tiny_overrides, "align.source=fractal", "align.n_clusters=3", "rank.n_source=40", "rank.n_boot=3",
+            "rank.budget=20000", "rank.r_max=16", *FAST_RANK, *extra]
+
+
+def test_stage2_rank_map_loads_into_stage3(tiny_overrides):
+    from orca.train import run_stage3
+    from rank_estimation.allocate import RankAllocation
+    from rank_estimation.stage import run_stage2
+
+    run = run_stage2(load_config(None, _stage2_overrides(tiny_overrides)))
+    for name in ("rank_map.json", "gaps.json", "gaps.png", "ranks.png", "config.yaml", "summary.json"):
+        assert (run.path / name).is_file(), name
+    data = json.loads((run.path / "rank_map.json").read_text())
+    blocks = ["layers.0.blocks.0", "layers.1.blocks.0", "layers.2.blocks.0", "layers.3.blocks.0"]
+    assert data["gap_profile"]["layers"] == blocks and data["gap_metric"] == "mmd"
+    assert data["budget"] == 20000 and abs(data["trainable"] - 20000) <= data["tolerance"]
+    assert data["trainable"] == sum(data["costs"][n] * r for n, r in data["rank_map"].items())
+    assert set(data["prior"]) >= {"alpha_prior", "beta", "gamma", "sigma", "truncation"}
+    assert len(data["rank_map"]) == 4 * 4 + 3 and set(data["intervals"]) == set(data["rank_map"])
+    assert RankAllocation.from_json(run.path / "rank_map.json").rank_map == data["rank_map"]
+    gaps = json.loads((run.path / "gaps.json").read_text())
+    assert gaps["layers"] == [EMBED, *blocks]
+    assert set(gaps["metrics"]) == {"mmd", "sliced_wasserstein", "sinkhorn", "otdd", "pad"}
+    for layer in gaps["layers"]:
+        for v in gaps["values"][layer].values():
+            assert np.isfinite([v["value"], v["lo"], v["hi"]]).all()
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert set(summary["seconds_per_metric"]) == set(gaps["metrics"]) and summary["git"]["commit"]
+
+    cfg3 = load_config(None, [*tiny_overrides, "adapter.method=lora", f"adapter.rank_map={run.path / 'rank_map.json'}",
+                              "train.epochs=1", "train.warmup_epochs=0", "train.max_steps_per_epoch=1"])
+    run3 = run_stage3(cfg3)
+    state = torch.load(run3.path / "ckpt" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    injected = {k[len("body."):-len(".lora_A")]: int(v.shape[0]) for k, v in state.items() if k.endswith(".lora_A")}
+    assert injected == data["rank_map"]
+    params = json.loads((run3.path / "summary.json").read_text())["params"]
+    assert params["adapters"] == data["trainable"]
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("extra, error, message", [
+    (["rank.budget=100"], ValueError, "budget 100 is below the smallest feasible rank map: r_min=1 on all 19 modules"),
+    (["rank.budget=100000000"], ValueError, "is above the largest feasible rank map: r_max=16"),
+    (["rank.metrics=[mmd, sliced_wasserstien]"], ValueError, "unknown gap metric 'sliced_wasserstien'; did you mean"),
+    (["rank.gap_metric=mdd"], ValueError, "rank.gap_metric: unknown gap metric 'mdd'; did you mean 'mmd'"),
+    (["rank.n_target=25"], ValueError, "rank.n_target=25 exceeds the 24 training samples"),
+    (["rank.metric_kwargs={sinkhorn: {blur: 0.1}}", "rank.metrics=[mmd]"], ValueError,
+     "rank.metric_kwargs has options for metrics that are not measured: ['sinkhorn']"),
+])
+def test_stage2_bad_settings_fail_before_measuring(tiny_overrides, extra, error, message):
+    from rank_estimation.stage import run_stage2
+
+    cfg = load_config(None, _stage2_overrides(tiny_overrides, *extra))
+    with pytest.raises(error) as err:
+        run_stage2(cfg)
+    assert message in str(err.value)
+    assert not (Path(cfg.output_dir)).exists() or not any(Path(cfg.output_dir).glob("stage2__*/gaps.json"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["rank.r_min=5", "rank.r_max=3"], "RankConfig.r_max=3 is not allowed; expected an integer >= max(r_min=5, 1)"),
+    (["rank.pool=max"], "RankConfig.pool='max' is not allowed"),
+    (["rank.n_source=0"], "RankConfig.n_source=0"),
+    (["rank.n_target=1"], "RankConfig.n_target=1"),
+    (["rank.metrics=[mmd, mmd]"], "without repeated names"),
+    (["rank.ci_level=1.5"], "RankConfig.ci_level=1.5"),
+    (["rank.metrics=[mmd]", "rank.boot_metrics=[pad]"], "RankConfig.boot_metrics=('pad',) is not allowed"),
+])
+def test_bad_rank_config(tiny_overrides, extra, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, _stage2_overrides(tiny_overrides, *extra))
+    assert message in str(err.value)
+
+
+def test_unresolved_gaps_and_empty_targets_are_refused():
+    from rank_estimation.allocate import check_budget
+    from rank_estimation.stage import block_gaps, target_positions
+
+    profile = {"values": {"a": {"mmd": {"value": -0.01}}, "b": {"mmd": {"value": 0.0}}}}
+    with pytest.raises(ValueError, match="gap metric 'mmd' is <= 0 at every block"):
+        block_gaps(profile, "mmd", ["a", "b"])
+    profile["values"]["b"]["mmd"]["value"] = 0.2
+    assert block_gaps(profile, "mmd", ["a", "b"]) == ({"a": 0.0, "b": 0.2}, ["a"])
+    with pytest.raises(ValueError, match="the target task has 0 training samples"):
+        target_positions(0, None)
+    with pytest.raises(ValueError, match="r_min=4 > r_max=2"):
+        check_budget({"a": 10}, 30, 4, 2)
+    with pytest.raises(ValueError, match="costs is empty"):
+        check_budget({}, 30, 1, 2)
+    with pytest.raises(ValueError, match="source_feats is empty"):
+        gap_profile({}, {}, ["mmd"])
+
+
+# ----------------------------------------------------------------------------- benchmark script
+def test_bench_stage2_cpu_smoke(tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_stage2.py"), "--device", "cpu", "--n", "24",
+           "--body", "swin_tiny_patch4_window7_224", "--img-size", "32", "--target-size", "12",
+           "--body-kwargs", json.dumps({"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2],
+                                        "window_size": 2}), "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rec = json.loads((tmp_path / "stage2.json").read_text())
+    assert rec["settings"]["blocks"] == 4 and rec["settings"]["n_source"] == 24
+    assert set(rec["seconds_per_metric"]) == {"mmd", "otdd", "pad", "sinkhorn", "sliced_wasserstein"}
+    assert rec["git"]["commit"] and "bench_stage2.py" in rec["command"] and rec["machine"]["cpus"]
+    assert "| **all** |" in (tmp_path / "stage2.md").read_text()
+
+
+def test_stage1_embedder_lowers_the_embedding_gap(tiny_overrides):
+    """Stage 2 reads stage 1's embedder (model.embedder_from) and uses the source set stage 1 aligned to:
+    the aligned embedder must be closer to the source at the embedding than the initial one."""
+    from orca.align.loop import run_stage1
+    from rank_estimation.stage import run_stage2
+
+    common = _stage2_overrides(tiny_overrides, "align.n_source=40", "rank.n_boot=0", "rank.metrics=[otdd]")
+    stage1 = run_stage1(load_config(None, [*common, "align.epochs=3"]))
+    before = run_stage2(load_config(None, common))
+    after = run_stage2(load_config(None, [*common, f"model.embedder_from={stage1.path}"]))
+    gap = {k: json.loads((r.path / "gaps.json").read_text())["values"][EMBED]["otdd"]["value"]
+           for k, r in (("before", before), ("after", after))}
+    assert gap["after"] < 0.8 * gap["before"], gap
+
+
+def test_token_rows_and_stage3_coverage_warning(tiny_overrides):
+    """pool=tokens keeps tokens_per_sample rows per image (fewer where a block has fewer tokens), otdd labels
+    follow their image; a rank map that does not cover stage 3's adapter.targets is flagged."""
+    from rank_estimation.stage import run_stage2
+
+    cfg = load_config(None, _stage2_overrides(tiny_overrides, "rank.pool=tokens", "rank.tokens_per_sample=4",
+                                              "rank.n_boot=2", "rank.boot_metrics=[mmd]", "rank.targets=attn",
+                                              "adapter.targets=all"))
+    with pytest.warns(RuntimeWarning, match="would get the uniform adapter.rank"):
+        run = run_stage2(cfg)
+    gaps = json.loads((run.path / "gaps.json").read_text())
+    tokens = {EMBED: 64, "layers.0.blocks.0": 64, "layers.1.blocks.0": 16, "layers.2.blocks.0": 4,
+              "layers.3.blocks.0": 1}  # 32 px / patch 4 = 8x8, halved per stage
+    assert gaps["rows"] == {k: {"source": 40 * min(4, t), "target": 24 * min(4, t)} for k, t in tokens.items()}
+    assert gaps["settings"]["n_source"] == 40 and gaps["settings"]["n_target"] == 24
+    for layer in tokens:  # intervals only where asked for
+        otdd, mmd = gaps["values"][layer]["otdd"], gaps["values"][layer]["mmd"]
+        assert otdd["lo"] == otdd["value"] == otdd["hi"] and mmd["lo"] < mmd["hi"]
+    assert list(gaps["values"][EMBED]) == gaps["metrics"]
+    data = json.loads((run.path / "rank_map.json").read_text())
+    assert all(k.endswith(("attn.qkv", "attn.proj")) for k in data["rank_map"])
+    assert data["stage3"]["uncovered_by_adapter_targets"][0] == "layers.0.blocks.0.mlp.fc1"
