@@ -47,6 +47,7 @@ from orca.bodies import create_body, read_body_meta, save_body
 from orca.config import ExperimentConfig, save_config
 from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_json
 from orca.schema import ConfigError
+from orca.adapters.optim import build_param_groups
 from orca.train import autocast_for, build_optimizer, evaluate, resolve_device, seed_everything, warmup_linear_decay
 
 BODY_FILE = "body.safetensors"
@@ -131,16 +132,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
-def decay_groups(model: torch.nn.Module) -> List[Dict[str, Any]]:
+def decay_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> List[Dict[str, Any]]:
     """AdamW groups: weight decay on matrices only, never on biases, norms or position-bias tables."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        plain = p.ndim <= 1 or name in skip or "relative_position_bias_table" in name
-        (no_decay if plain else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return build_param_groups(model.named_parameters(), lr, weight_decay, no_decay=lambda name, p: (
+        p.ndim <= 1 or name in skip or "relative_position_bias_table" in name))
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -221,7 +217,7 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
         return {"val/acc": 1.0 - out[task.metric_name], "val/error": out[task.metric_name], "val/loss": out["loss"]}
 
     # --- optimisation: AdamW, progress-based warm-up + linear decay (see the module docstring)
-    optimizer = build_optimizer(cfg, decay_groups(body), device)
+    optimizer = build_optimizer(cfg, decay_groups(body, cfg.train.lr, cfg.train.weight_decay), device)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     micro_per_epoch = n_train // bs

@@ -98,18 +98,15 @@ def warmup_linear_decay(total_steps: int, warmup_steps: int) -> Callable[[int], 
 
 
 def build_optimizer(cfg: ExperimentConfig, groups: List[Dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA), SGD with momentum, or bitsandbytes' paged AdamW (QLoRA)."""
-    t = cfg.train
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
-                                 fused=device.type == "cuda")
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    if device.type != "cuda":
-        raise RuntimeError("train.optimizer=paged_adamw needs a CUDA device (bitsandbytes paged optimizers)")
-    import bitsandbytes as bnb
+    """The configured optimizer over ``groups`` (AdamW fused on CUDA, SGD, or paged AdamW for QLoRA)."""
+    from orca.adapters.optim import build_optimizer as make_optimizer
 
-    return bnb.optim.PagedAdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    t = cfg.train
+    paged = t.optimizer == "paged_adamw" or cfg.adapter.paged_adamw
+    if paged and device.type != "cuda":
+        raise RuntimeError("paged AdamW (train.optimizer=paged_adamw or adapter.paged_adamw) needs a CUDA device")
+    return make_optimizer(groups, "adamw" if paged else t.optimizer, lr=t.lr, betas=t.betas,
+                          momentum=t.momentum, paged=paged)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -225,7 +222,9 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
         train_sampler.set_epoch(epoch, skip_batches=state["batch"])
         bar = tqdm(total=micro_per_epoch, initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    dynamic_ncols=True, disable=None)
-        t_epoch, images, loss_acc = time.time(), 0, 0.0
+        # Losses accumulate on the device and are read back only at log steps: a host sync per
+        # step stalls the kernel queue, which dominates small-batch steps (ORCA's batch 4).
+        t_epoch, images, loss_acc = time.time(), 0, torch.zeros((), device=device)
         for micro, (x, y) in enumerate(train_loader, start=state["batch"]):
             if micro >= micro_per_epoch:
                 break
@@ -237,12 +236,9 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
             with autocast():
                 out = train_model(x)
             loss = task.loss(out.float(), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}, step {state['step']}: "
-                                         f"lower train.lr or set train.clip_grad")
             (loss / cfg.train.grad_accum).backward()
             images += len(x)
-            loss_acc += float(loss.detach())
+            loss_acc += loss.detach()
             bar.update(1)
             if (micro + 1) % cfg.train.grad_accum:
                 continue
@@ -254,8 +250,9 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
             method.on_step_end(model, state["step"])
             state["step"] += 1
             state["batch"] = micro + 1
-            bar.set_postfix(loss=f"{loss.item():.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if state["step"] % cfg.train.log_every == 0:
+                check_finite(loss, epoch, state["step"])
+                bar.set_postfix(loss=f"{loss.item():.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 run.log_metrics({"kind": "train", "epoch": epoch + 1, "step": state["step"],
                                  "train/loss": float(loss.detach()), "train/lr": scheduler.get_last_lr()[0]})
             if cfg.train.save_every_steps and state["step"] % cfg.train.save_every_steps == 0:
@@ -266,12 +263,13 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
             if on_step is not None:
                 on_step(state["step"])
         bar.close()
+        check_finite(loss_acc, epoch, state["step"])
         if device.type == "cuda":
             torch.cuda.synchronize()
         state["train_time"] += time.time() - t_epoch
         state["train_images"] += images
         record = {"kind": "epoch", "epoch": epoch + 1, "step": state["step"],
-                  "train/loss": loss_acc / max(1, micro_per_epoch - train_sampler.skip),
+                  "train/loss": float(loss_acc) / max(1, micro_per_epoch - train_sampler.skip),
                   "train/img_per_s": images / max(time.time() - t_epoch, 1e-9) if images else None}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             with method.eval_rank(model):
@@ -307,6 +305,13 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
     run.close()
     print(f"[stage3] test {metric} = {test[metric]:.5g} (best val epoch {state['best_epoch']}); summary: {path}", flush=True)
     return run
+
+
+def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    """Stop a diverged run with advice instead of training on NaNs."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}, step {step}: "
+                                 f"lower train.lr or set train.clip_grad")
 
 
 def print_params(params: Dict[str, Any]) -> None:

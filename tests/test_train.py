@@ -122,3 +122,9 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
 def test_warmup_then_linear_decay_to_zero():
     f = warmup_linear_decay(total_steps=10, warmup_steps=2)
     assert [round(f(i), 3) for i in range(11)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
+
+
+def test_diverged_training_stops_with_advice(tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["train.epochs=1", "train.lr=1e12", "train.warmup_epochs=0"])
+    with pytest.raises(FloatingPointError, match="non-finite training loss .*lower train.lr"):
+        run_stage3(cfg)
