@@ -180,17 +180,7 @@ class RankConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "RankConfig":
-        """Build from a dict; unknown keys raise, naming the closest valid field.
+        """Build from a dict (the ``rank`` section); unknown keys raise, naming the closest field."""
+        from orca.schema import from_dict
 
-        Args:
-            values: field name -> value (e.g. the ``rank`` section of a stage-2 YAML).
-        """
-        import difflib
-
-        names = [f.name for f in fields(cls)]
-        for key in values:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown RankConfig field {key!r}{hint} (fields: {', '.join(names)})")
-        return cls(**values)
+        return from_dict(cls, values, "rank")

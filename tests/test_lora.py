@@ -153,7 +153,7 @@ def test_config_conversions():
     assert AdapterConfig(loraplus_ratio=True).loraplus_ratio == 16.0  # not 1.0 (bool is an int)
     assert AdapterConfig(loraplus_ratio=False).loraplus_ratio is None
     assert AdapterConfig(rank=4, dylora_r_max=None).r_max == 4
-    with pytest.raises(ValueError, match="unknown adapter config key.*'rnak'"):
+    with pytest.raises(ValueError, match="unknown config key 'adapter.rnak'; did you mean 'rank'"):
         AdapterConfig.from_dict({"rnak": 4})
     cfg = AdapterConfig(method="dylora", targets=["a", "b"])
     assert AdapterConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

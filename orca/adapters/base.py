@@ -9,6 +9,7 @@ The loop knows nothing about LoRA. It calls, in this order::
         method.on_step_start(model, step)             # once per optimizer step, before forward
         loss = ...; loss.backward(); opt.step(); opt.zero_grad()
         method.on_step_end(model, step)               # after opt.step()
+    # and inside each micro-step: loss = task_loss + method.regularization(model) (if not None)
     with method.eval_rank(model):                     # evaluation rank (DyLoRA; no-op otherwise)
         evaluate(model)
     ckpt["adapter_state"] = method.state_for_checkpoint()   # resume: method.load_state(...)
@@ -190,6 +191,10 @@ class AdapterMethod:
 
     def on_step_end(self, model: Any, step: int) -> None:
         """Called after ``optimizer.step()`` (Delta-LoRA updates W here)."""
+
+    def regularization(self, model: Any) -> Optional[torch.Tensor]:
+        """An extra loss term added to the task loss each micro-step (AdaLoRA's orthogonality), or None."""
+        return None
 
     @contextlib.contextmanager
     def eval_rank(self, model: Any, b: Optional[int] = None) -> Iterator[None]:

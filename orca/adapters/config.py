@@ -187,12 +187,10 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "AdapterConfig":
-        """Build from a plain dict; unknown keys are errors (a typo must not silently default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown adapter config key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**data)
+        """Build from a plain dict; unknown keys are errors naming the nearest key (a typo must not silently default)."""
+        from orca.schema import from_dict
+
+        return from_dict(cls, data, "adapter")
 
 
 def check_rank_values(rank_map: Dict[str, Any], source: str) -> Dict[str, int]:
