@@ -54,14 +54,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from orca.config import load_config, save_config
+    from orca.schema import ConfigError
 
-    if args.resume:
-        if args.config:
-            parser.error("--resume uses the run directory's config.yaml; do not pass --config too")
-        cfg_path = Path(args.resume) / "config.yaml"
-        cfg = load_config(str(cfg_path), [*args.what, f"run_dir={args.resume}"])
-    else:
-        cfg = load_config(args.config, args.what)
+    if args.resume and args.config:
+        parser.error("--resume uses the run directory's config.yaml; do not pass --config too")
+    try:  # a bad key or a missing file is the user's input: one clear line, no traceback
+        if args.resume:
+            cfg = load_config(str(Path(args.resume) / "config.yaml"), [*args.what, f"run_dir={args.resume}"])
+        else:
+            cfg = load_config(args.config, args.what)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.command == "show-config":
         save_config(cfg, "/dev/stdout")
         return 0

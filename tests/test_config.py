@@ -77,3 +77,13 @@ def test_registry_refuses_duplicates_and_suggests():
 
 def test_experiment_config_is_plain_dataclass():
     assert ExperimentConfig().train.lr == 1e-3
+
+
+def test_cli_reports_config_errors_in_one_line(capsys, tmp_path):
+    from orca.cli import main
+
+    assert main(["stage3", "--config", "configs/darcy_tiny.yaml", "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'train.lrr'; did you mean 'lr'?") and "Traceback" not in err
+    assert main(["stage3", "--resume", str(tmp_path / "missing_run")]) == 2
+    assert "config file not found" in capsys.readouterr().err
