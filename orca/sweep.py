@@ -1,0 +1,419 @@
+"""Sweeps: a grid of stage-3 runs from one experiment YAML, resumable, one GPU per run.
+
+    bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml --dry-run     # list runs, done/pending
+    bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml               # every visible GPU, one run each
+    bash scripts/sweep.sh configs/experiments/table4_darcy_otdd.yaml model.embedder_from=results/runs/stage1__...
+    bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml --gpus 0 train.epochs=2   # sequential, in-process
+    python -m orca.sweep configs/experiments/table1_smallgap.yaml sweep.output_dir=/tmp/runs
+
+A sweep file is an ordinary experiment config (``base:`` chain, sections, keys) plus a ``sweep:``
+section that the experiment schema does not know, so it is taken out here and checked against
+:class:`SweepSpec` with the same nearest-key errors as every other config section::
+
+    base: ../darcy_swinb.yaml
+    train: {epochs: 20}
+    sweep:
+      table: table2                                 # which seed table the runs belong to
+      output_dir: results/runs                      # runs go to {output_dir}/{table}/{name}
+      grid: {adapter.rank: [1, 8], seed: [0, 1]}    # cartesian product of dotted overrides
+      exclude: [{adapter.rank: 8, seed: 1}]         # drop points whose resolved config matches
+      include: [{adapter.method: full, seed: [0, 1]}]   # extra sub-grids on top of the base config
+      require: [model.embedder_from]                # keys every run must have set (else an error)
+
+A sweep file may be the ``base:`` of another (Table 3 and 4 build on Table 2's): the ``sweep:``
+sections merge like any other section, key by key inside ``grid``, while lists (``include``,
+``exclude``, each grid's values) replace the base's. A value that is itself a list is written as a
+one-element list of it (``adapter.targets: [[...]]``).
+
+Why deterministic run directories (``lora_r8_s1``) instead of the time-stamped ones of single runs:
+a sweep restarted after a crash must find its own runs again. A run whose ``summary.json`` exists
+is done and skipped; any other run is started with ``run_dir=`` set, so stage 3 resumes it from
+``ckpt/last.pt`` when it got that far. Each run directory also gets ``sweep.json`` (table tag, row,
+grid point), which ``scripts/make_tables.py`` groups by.
+
+Command-line overrides apply to every run and are not part of the run name: changing
+``train.epochs`` on the command line does not rerun runs that are already complete.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from orca.config import ExperimentConfig, config_dict, parse_override, read_yaml, save_config
+from orca.runs import REPO_ROOT, write_json
+from orca.schema import ConfigError, from_dict, nearest
+
+#: Methods whose result does not depend on ``adapter.rank``: their run names and table rows omit it.
+RANKLESS_METHODS = ("full", "head")
+#: Tasks that generate their data into a cache under ``task.data_root`` on first use (built once
+#: before parallel workers start). Fractal tasks render in memory per run: building them here would
+#: only cost time and memory in the driver.
+DISK_CACHED_TASKS = ("darcy",)
+#: torchrun's variables: a sweep started under torchrun must not make each single-GPU run join a group.
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+#: Grid keys that are always part of a run's name in a fixed place (method, rank, then seed last).
+_NAMED_KEYS = ("adapter.method", "adapter.rank", "seed")
+
+
+@dataclass
+class SweepSpec:
+    """The ``sweep:`` section of a sweep file."""
+
+    grid: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "dotted override key -> list of values; the runs are their cartesian product"})
+    include: List[Dict[str, Any]] = field(default_factory=list, metadata={
+        "help": "extra sub-grids (key -> value or list of values), each applied to the base config alone"})
+    exclude: List[Dict[str, Any]] = field(default_factory=list, metadata={
+        "help": "drop runs whose resolved config matches every key of one entry (key -> value or list)"})
+    table: str = field(default="untagged", metadata={
+        "help": "which results table the runs belong to (table1..table4 are the seed's), also a path component"})
+    output_dir: str = field(default="results/runs", metadata={"help": "runs go to {output_dir}/{table}/{run name}"})
+    require: List[str] = field(default_factory=list, metadata={
+        "help": "dotted keys that must be set (not null) in every run, e.g. model.embedder_from for Table 4"})
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.table):
+            raise ConfigError(f"sweep.table={self.table!r} must be a plain name such as table2 (it names a directory)")
+        self.grid = _as_subgrid(self.grid, "sweep.grid")
+        self.include = [_as_subgrid(entry, f"sweep.include[{i}]") for i, entry in enumerate(self.include)]
+        self.exclude = [_as_subgrid(entry, f"sweep.exclude[{i}]") for i, entry in enumerate(self.exclude)]
+        if not self.grid and not self.include:
+            raise ConfigError("sweep: needs a non-empty sweep.grid or sweep.include (nothing to run)")
+
+
+def _as_subgrid(entry: Any, where: str) -> Dict[str, List[Any]]:
+    """``{key: value | [values]}`` -> ``{key: [values]}``; a list-valued override must be written [[...]]."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping of dotted keys to values, got {entry!r}")
+    out = {}
+    for key, values in entry.items():
+        if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"{where}: key {key!r} must be a dotted config key such as adapter.rank")
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        if not values:
+            raise ConfigError(f"{where}.{key}: empty list of values")
+        out[key] = values
+    return out
+
+
+def _expand(subgrid: Dict[str, List[Any]]) -> List[Dict[str, Any]]:
+    keys = list(subgrid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(subgrid[k] for k in keys))]
+
+
+@dataclass
+class SweepRun:
+    """One grid point: its name, overrides, resolved config (``run_dir`` set) and table tag."""
+
+    name: str
+    table: str
+    point: Dict[str, Any]
+    cfg: ExperimentConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "summary.json").is_file()
+
+    @property
+    def row(self) -> str:
+        """The run name without its seed: the runs of one table row differ only in seed."""
+        return re.sub(r"_s-?\d+$", "", self.name)
+
+    def record(self, sweep_file: str, cli_overrides: Sequence[str]) -> Dict[str, Any]:
+        """What ``sweep.json`` holds: enough for the tables to group runs without reading configs."""
+        a = self.cfg.adapter
+        return {"table": self.table, "name": self.name, "row": self.row, "seed": self.cfg.seed,
+                "method": a.method, "rank": None if a.method in RANKLESS_METHODS or a.rank_map is not None else a.rank,
+                "rank_map": a.rank_map if isinstance(a.rank_map, (str, type(None))) else "inline",
+                "targets": a.targets, "task": self.cfg.task.name, "epochs": self.cfg.train.epochs,
+                "point": self.point, "cli_overrides": list(cli_overrides), "sweep_file": sweep_file}
+
+
+def _set(data: Dict[str, Any], key: str, value: Any, where: str) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {part!r} in {key!r} is not a section")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def _lookup(resolved: Dict[str, Any], key: str, where: str) -> Any:
+    node: Any = resolved
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            hint = nearest(part, list(node)) if isinstance(node, dict) else ""
+            raise ConfigError(f"{where}: {key!r} is not a config key{hint} (see `python -m orca show-config`)")
+        node = node[part]
+    return node
+
+
+def _slug(value: Any) -> str:
+    text = "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")[:40] or "x"
+
+
+def run_name(cfg: ExperimentConfig, point: Dict[str, Any]) -> str:
+    """``{method}[_r{rank}|_rankmap][_{key}-{value}...]_s{seed}``: stable across invocations."""
+    a = cfg.adapter
+    parts = [a.method]
+    if a.method not in RANKLESS_METHODS:
+        parts.append("rankmap" if a.rank_map is not None else f"r{a.rank}")
+    for key in sorted(k for k in point if k not in _NAMED_KEYS):
+        parts.append(f"{key.split('.')[-1]}-{_slug(point[key])}")
+    parts.append(f"s{cfg.seed}")
+    return "_".join(parts)
+
+
+def _build_config(data: Dict[str, Any], where: str) -> ExperimentConfig:
+    if isinstance(data.get("task"), dict) and "name" in data["task"] and "options" not in data["task"]:
+        data["task"]["options"] = {}  # as load_config: a changed task must not inherit the old task's options
+    try:
+        return from_dict(ExperimentConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Tuple[SweepSpec, List[SweepRun]]:
+    """Read a sweep file and expand it into runs (in grid order, then include order; duplicates dropped).
+
+    Args:
+        path: the sweep YAML (an experiment config with a ``sweep:`` section).
+        overrides: dotted ``key=value`` strings; ``sweep.*`` keys edit the sweep section, all others
+            apply to every run.
+
+    Raises:
+        ConfigError: unknown sweep or config key (naming the nearest valid one), bad value, or a
+            grid point whose config does not validate (naming the point).
+    """
+    data = read_yaml(path)
+    sweep_data = data.pop("sweep", None)
+    if not isinstance(sweep_data, dict):
+        raise ConfigError(f"{path}: a sweep file needs a 'sweep:' mapping (grid, include, exclude, table, output_dir)")
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] == "sweep":
+            if len(keys) < 2:
+                raise ConfigError(f"override {text!r}: name a key of the sweep section, e.g. sweep.output_dir=DIR")
+            _set(sweep_data, ".".join(keys[1:]), value, f"override {text!r}")
+        else:
+            _set(data, ".".join(keys), value, f"override {text!r}")
+    spec = from_dict(SweepSpec, sweep_data, "sweep")
+
+    points = _expand(spec.grid) if spec.grid else []
+    for entry in spec.include:
+        points.extend(_expand(entry))
+    runs: Dict[str, SweepRun] = {}
+    for point in points:
+        where = f"sweep point {point}"
+        run_data = copy.deepcopy(data)
+        for key, value in point.items():
+            _set(run_data, key, value, where)
+        cfg = _build_config(run_data, where)
+        resolved = config_dict(cfg)
+        for key in spec.require:
+            if _lookup(resolved, key, "sweep.require") is None:
+                raise ConfigError(f"{path}: this sweep needs {key}=... (sweep.require); pass it on the command line, "
+                                  f"e.g. `bash scripts/sweep.sh {path} {key}=VALUE`")
+        if any(all(_lookup(resolved, k, f"sweep.exclude entry {entry}") in vals for k, vals in entry.items())
+               for entry in spec.exclude):
+            continue
+        name = run_name(cfg, point)
+        if name in runs:  # e.g. full fine-tuning crossed with ranks: the rank does not change the run
+            continue
+        run_data["run_dir"] = str(Path(spec.output_dir) / spec.table / name)
+        runs[name] = SweepRun(name=name, table=spec.table, point=point, cfg=_build_config(run_data, where))
+    return spec, list(runs.values())
+
+
+# ----------------------------------------------------------------------------- running
+def visible_devices(n: Optional[int]) -> List[str]:
+    """The GPU ids to hand out, honouring an existing CUDA_VISIBLE_DEVICES (``n=None``: all of them).
+
+    Raises:
+        ValueError: more workers asked for than GPUs exist -- a worker given an absent GPU would
+            see no CUDA at all and quietly train on the CPU.
+    """
+    import torch
+
+    count = torch.cuda.device_count()
+    n = count if n is None else n
+    env = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    ids = [d.strip() for d in env.split(",") if d.strip()] if env else [str(i) for i in range(max(count, n))]
+    if n > len(ids) or (count and n > count):
+        raise ValueError(f"--gpus {n} but only {min(len(ids), count) if count else len(ids)} GPU(s) are visible"
+                         + (f" (CUDA_VISIBLE_DEVICES={env!r})" if env else ""))
+    if n and not count:
+        print(f"[sweep] no CUDA device visible: the {n} parallel workers run on the CPU", flush=True)
+    return ids[:n]
+
+
+def build_data_once(runs: Sequence[SweepRun]) -> None:
+    """Build each distinct task's data here before the workers start.
+
+    Why: generated tasks (Darcy) write their cache on first use; parallel workers that all find an
+    empty cache would each generate it and race on the files. Built once, they only read it.
+    """
+    from datasets.registry import build_task
+    from orca.schema import to_dict
+
+    seen = set()
+    for run in runs:
+        task = run.cfg.task
+        if task.name not in DISK_CACHED_TASKS:
+            continue
+        key = repr((task.name, task.data_root, to_dict(task.options)))
+        if key not in seen:
+            seen.add(key)
+            print(f"[sweep] preparing data of task {task.name} under {task.data_root}", flush=True)
+            build_task(task.name, task.options, task.data_root)
+
+
+def stage3_command(run: SweepRun) -> List[str]:
+    """The subprocess that runs one sweep point: stage 3 on the run directory's own config.yaml."""
+    return [sys.executable, "-m", "orca", "stage3", "--config", str(run.run_dir / "config.yaml")]
+
+
+def prepare(run: SweepRun, sweep_file: str, cli_overrides: Sequence[str]) -> None:
+    """Write ``config.yaml`` (what the subprocess runs) and ``sweep.json`` into the run directory."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(run.cfg, run.run_dir / "config.yaml")
+    write_json(run.run_dir / "sweep.json", run.record(sweep_file, cli_overrides))
+
+
+def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
+    from orca.train import run_stage3
+
+    failed = []
+    for run in pending:
+        bar.set_postfix_str(run.name)
+        (run.run_dir / "sweep_error.log").unlink(missing_ok=True)  # from an earlier failed attempt
+        try:
+            run_stage3(run.cfg)
+        except Exception:  # noqa: BLE001 - one broken run must not stop the sweep; it is reported at the end
+            (run.run_dir / "sweep_error.log").write_text(traceback.format_exc())
+            failed.append((run, str(run.run_dir / "sweep_error.log")))
+            print(f"[sweep] FAILED {run.name}; traceback in {run.run_dir / 'sweep_error.log'}", flush=True)
+        bar.update(1)
+    return failed
+
+
+def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callable[[SweepRun], List[str]],
+              poll_s: float) -> List[Tuple[SweepRun, str]]:
+    """One subprocess per device from a shared queue; each writes ``sweep.log`` in its run directory."""
+    queue, active, failed = deque(pending), {}, []
+    try:
+        while queue or active:
+            for dev in devices:
+                if dev not in active and queue:
+                    run = queue.popleft()
+                    # cwd stays the caller's, so relative paths in the config mean what they meant here
+                    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+                    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV}  # one process per run
+                    env.update(CUDA_VISIBLE_DEVICES=dev, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
+                    log = open(run.run_dir / "sweep.log", "ab")
+                    proc = subprocess.Popen(command(run), env=env, stdout=log, stderr=subprocess.STDOUT)
+                    active[dev] = (proc, run, log)
+                    print(f"[sweep] GPU {dev}: {run.name}", flush=True)
+            time.sleep(poll_s)
+            for dev, (proc, run, log) in list(active.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                del active[dev]
+                bar.update(1)
+                if rc != 0 or not run.done:
+                    failed.append((run, str(run.run_dir / "sweep.log")))
+                    print(f"[sweep] FAILED {run.name} (exit {rc}); log: {run.run_dir / 'sweep.log'}", flush=True)
+    finally:  # Ctrl-C or an error here: do not leave orphaned training processes on the GPUs
+        for proc, _, log in active.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return failed
+
+
+def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Optional[int] = None,
+              dry_run: bool = False, command: Callable[[SweepRun], List[str]] = stage3_command,
+              poll_s: float = 2.0) -> List[Tuple[SweepRun, str]]:
+    """Run every pending point of a sweep; return the failed runs with the path of their log.
+
+    Args:
+        path: sweep YAML.
+        overrides: dotted overrides (``sweep.*`` edit the sweep section; others apply to every run).
+        gpus: parallel workers, one GPU each (``None``: all visible GPUs). 0 runs sequentially in this
+            process (CPU, or a GPU the runs find by themselves).
+        dry_run: only print each run's status and directory.
+        command: the subprocess command of one run (tests substitute a cheap one).
+        poll_s: how often the worker pool checks its subprocesses.
+    """
+    from tqdm.auto import tqdm
+
+    spec, runs = load_sweep(path, overrides)
+    pending = [r for r in runs if not r.done]
+    print(f"[sweep] {path}: {len(runs)} runs in {Path(spec.output_dir) / spec.table}, "
+          f"{len(runs) - len(pending)} done, {len(pending)} pending", flush=True)
+    if dry_run:
+        for run in runs:
+            print(f"  {'done   ' if run.done else 'pending'}  {run.run_dir}", flush=True)
+        return []
+    devices = visible_devices(gpus)
+    for run in pending:
+        prepare(run, str(path), overrides)
+    if devices and pending:
+        build_data_once(pending)
+    with tqdm(total=len(pending), desc="sweep", unit="run", dynamic_ncols=True) as bar:
+        if not devices:
+            failed = _run_in_process(pending, bar)
+        else:
+            failed = _run_pool(pending, devices, bar, command, poll_s)
+    return failed
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orca.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", help="sweep YAML (configs/experiments/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every run; sweep.KEY=VALUE edits the sweep")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="parallel runs, one GPU each (default: all visible; 0 = sequential in this process)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run nothing")
+    args = parser.parse_intermixed_args(argv)
+    if args.gpus is not None and args.gpus < 0:
+        parser.error(f"--gpus must be >= 0, got {args.gpus}")
+    try:
+        failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run)
+    except (ConfigError, FileNotFoundError) as err:  # a user mistake: the message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if failed:
+        print(f"[sweep] {len(failed)} run(s) failed:", file=sys.stderr)
+        for run, log in failed:
+            print(f"  {run.name}: {log}", file=sys.stderr)
+        return 1
+    if not args.dry_run:
+        print("[sweep] all runs complete", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

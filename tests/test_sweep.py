@@ -1,0 +1,214 @@
+"""The sweep driver: grid expansion, resumable runs, dry runs, the GPU worker pool, config errors.
+
+Real stage-3 runs happen only in ``test_sweep_runs_then_skips`` (4 tiny runs, ~20 s on one core);
+the pool test swaps the training command for a one-line Python script, so it checks the queue and
+the GPU assignment without training anything.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from orca import sweep as sweep_mod
+from orca.schema import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """One Darcy cache for the module: the tiny data is generated once, not per test."""
+    return tmp_path_factory.mktemp("data")
+
+
+def tiny_sweep(tmp_path: Path, data_root: Path, sweep_section: str) -> Path:
+    """A sweep file whose runs take seconds on one CPU core (the tiny_overrides settings as YAML)."""
+    path = tmp_path / "tiny_sweep.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: test
+        task:
+          name: darcy
+          data_root: {data_root}
+          options: {{resolution: 41, subsample: 4, n_train: 16, n_val: 8, n_test: 8, workers: 1}}
+        model:
+          body: swin_tiny_patch4_window7_224
+          weights: none
+          img_size: 32
+          body_kwargs: {{embed_dim: 16, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2], window_size: 2}}
+        train: {{epochs: 1, warmup_epochs: 0.5, batch_size: 8, device: cpu, log_every: 1}}
+        adapter: {{method: lora, targets: attn}}
+        """) + textwrap.dedent(sweep_section).replace("OUT", str(tmp_path / "runs")))
+    return path
+
+
+GRID_2x2 = """\
+    sweep:
+      table: table2
+      output_dir: OUT
+      grid: {adapter.rank: [1, 2], seed: [0, 1]}
+    """
+
+
+def test_sweep_runs_then_skips(tmp_path, data_root, monkeypatch, capsys):
+    path = tiny_sweep(tmp_path, data_root, GRID_2x2)
+    assert sweep_mod.run_sweep(path, gpus=0) == []
+    names = ["lora_r1_s0", "lora_r1_s1", "lora_r2_s0", "lora_r2_s1"]
+    out_dir = tmp_path / "runs" / "table2"
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(names)
+    for name in names:
+        summary = json.loads((out_dir / name / "summary.json").read_text())
+        record = json.loads((out_dir / name / "sweep.json").read_text())
+        assert summary["seed"] == record["seed"] == int(name[-1])
+        assert record["table"] == "table2" and record["row"] == name[:-3] and record["rank"] == int(name[6])
+    # the rank really reached the model: rank-2 LoRA has twice rank-1's adapter parameters
+    adapters = {n: json.loads((out_dir / n / "summary.json").read_text())["params"]["adapters"] for n in names}
+    assert adapters["lora_r2_s0"] == 2 * adapters["lora_r1_s0"] > 0
+    mtimes = {n: (out_dir / n / "summary.json").stat().st_mtime_ns for n in names}
+
+    # the tables read what the sweep wrote: Table 2's "LoRA r=1" row holds both seeds, linked
+    from tests.test_tables import make_tables
+    md, _, _ = make_tables.make_tables(tmp_path / "runs", tmp_path / "tables.md", None)
+    (r1,) = [line for line in md.splitlines() if line.startswith("| LoRA r=1 |")]
+    assert "(runs/table2/lora_r1_s0)" in r1 and "(runs/table2/lora_r1_s1)" in r1 and " ± " in r1
+
+    # A second invocation must not train anything: stage 3 is replaced by a function that fails loudly.
+    def must_not_run(cfg, *args, **kwargs):
+        raise AssertionError(f"completed run {cfg.run_dir} was started again")
+
+    monkeypatch.setattr("orca.train.run_stage3", must_not_run)
+    assert sweep_mod.run_sweep(path, gpus=0) == []
+    assert {n: (out_dir / n / "summary.json").stat().st_mtime_ns for n in names} == mtimes
+
+    capsys.readouterr()
+    (out_dir / "lora_r2_s1" / "summary.json").unlink()  # as if that run had been interrupted
+    assert sweep_mod.run_sweep(path, dry_run=True) == []
+    lines = capsys.readouterr().out.splitlines()
+    assert "3 done, 1 pending" in lines[0]
+    status = {Path(line.split()[1]).name: line.split()[0] for line in lines[1:]}
+    assert status == {"lora_r1_s0": "done", "lora_r1_s1": "done", "lora_r2_s0": "done", "lora_r2_s1": "pending"}
+
+
+FAKE_RUN = textwrap.dedent("""\
+    import json, os, sys, pathlib
+    run_dir = pathlib.Path(sys.argv[1])
+    if run_dir.name.startswith("lora_r2"):
+        sys.exit(3)  # a run that crashes
+    (run_dir / "summary.json").write_text(json.dumps({"gpu": os.environ["CUDA_VISIBLE_DEVICES"]}))
+    """)
+
+
+def test_pool_one_gpu_per_run_and_failures_reported(tmp_path, data_root, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    path = tiny_sweep(tmp_path, data_root, GRID_2x2)
+    failed = sweep_mod.run_sweep(path, gpus=2, poll_s=0.05,
+                                 command=lambda run: [sys.executable, "-c", FAKE_RUN, str(run.run_dir)])
+    out_dir = tmp_path / "runs" / "table2"
+    assert sorted(run.name for run, _ in failed) == ["lora_r2_s0", "lora_r2_s1"]  # the sweep went on past them
+    for run, log in failed:
+        assert Path(log) == run.run_dir / "sweep.log"
+    gpus = {n: json.loads((out_dir / n / "summary.json").read_text())["gpu"] for n in ("lora_r1_s0", "lora_r1_s1")}
+    assert set(gpus.values()) <= {"0", "1"}
+    # each run directory got the resolved config the subprocess would train from
+    assert "run_dir: " + str(out_dir / "lora_r1_s0") in (out_dir / "lora_r1_s0" / "config.yaml").read_text()
+
+
+def test_visible_devices_respects_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert sweep_mod.visible_devices(2) == ["3", "5"]
+    assert sweep_mod.visible_devices(0) == []
+    with pytest.raises(ValueError, match="--gpus 4 but only 2"):
+        sweep_mod.visible_devices(4)
+
+
+def test_include_exclude_and_names(tmp_path, data_root):
+    path = tiny_sweep(tmp_path, data_root, """\
+        sweep:
+          table: table3
+          output_dir: OUT
+          grid: {adapter.rank: [1, 2, 4], seed: [0, 1]}
+          exclude: [{adapter.rank: [2, 4], seed: 1}]
+          include:
+            - {adapter.method: full, seed: [0, 1]}
+            - {adapter.method: full, adapter.rank: 4, seed: 0}   # the rank does not change a full run: dropped
+            - {adapter.rank: 1, train.lr: 0.01, seed: 0}
+        """)
+    spec, runs = sweep_mod.load_sweep(path)
+    assert [r.name for r in runs] == ["lora_r1_s0", "lora_r1_s1", "lora_r2_s0", "lora_r4_s0",
+                                      "full_s0", "full_s1", "lora_r1_lr-0.01_s0"]
+    assert runs[-1].cfg.train.lr == 0.01 and runs[-1].row == "lora_r1_lr-0.01"
+    assert all(Path(r.cfg.run_dir).parent == tmp_path / "runs" / "table3" for r in runs)
+    # command-line overrides reach every run; sweep.* overrides edit the sweep section
+    _, runs = sweep_mod.load_sweep(path, ["train.epochs=3", "sweep.grid={seed: [5]}", "sweep.include=[]"])
+    assert [(r.name, r.cfg.train.epochs) for r in runs] == [("lora_r8_s5", 3)]
+
+
+@pytest.mark.parametrize("section, message", [
+    ("sweep:\n  gird: {seed: [0]}\n", "unknown config key 'sweep.gird'; did you mean 'grid'?"),
+    ("sweep:\n  grid: {adapter.rnak: [1]}\n", "unknown config key 'adapter.rnak'; did you mean 'rank'?"),
+    ("sweep:\n  grid: {seed: [0]}\n  exclude: [{adapter.rnk: 1}]\n", "'adapter.rnk' is not a config key; did you mean 'rank'?"),
+    ("sweep:\n  grid: {seed: [0]}\n  require: [model.embedder_from]\n", "needs model.embedder_from="),
+    ("sweep:\n  table: table2\n", "needs a non-empty sweep.grid"),
+])
+def test_bad_sweep_files_name_the_key(tmp_path, data_root, section, message):
+    path = tiny_sweep(tmp_path, data_root, section)
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace(".", r"\.")):
+        sweep_mod.load_sweep(path)
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, data_root, capsys):
+    path = tiny_sweep(tmp_path, data_root, GRID_2x2)
+    assert sweep_mod.main([str(path), "--dry-run", "sweep.tabel=x"]) == 2
+    assert "did you mean 'table'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, n_runs", [("table1_smallgap", 6), ("table2_darcy_attn", 15),
+                                          ("table3_darcy_all", 18), ("table4_darcy_otdd", 15)])
+def test_experiment_sweeps_expand(name, n_runs):
+    """The committed sweep files load, and hold 3 seeds where the brief asks for them."""
+    spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml",
+                                      ["model.embedder_from=results/runs/table4/stage1_otdd_s0"])
+    assert len(runs) == n_runs and spec.table == name[:6]
+    seeds = {}
+    for run in runs:
+        seeds.setdefault(run.row, set()).add(run.cfg.seed)
+    assert seeds["full"] == {0, 1, 2}
+    if name != "table1_smallgap":
+        assert seeds["lora_r1"] == seeds["lora_r8"] == seeds["lora_r64"] == {0, 1, 2} and seeds["lora_r2"] == {0}
+        assert all(r.cfg.train.epochs == 20 for r in runs)
+
+
+def test_interrupted_run_fails_then_resumes(tmp_path, data_root, monkeypatch, capsys):
+    """A run killed mid-epoch is reported as failed; the next invocation resumes it from ckpt/last.pt."""
+    import orca.train
+
+    path = tiny_sweep(tmp_path, data_root, """\
+        sweep:
+          table: table2
+          output_dir: OUT
+          grid: {adapter.rank: [1]}
+        """)
+    real = orca.train.run_stage3
+
+    def killed_at_step_3(cfg, run=None, on_step=None):  # 2 steps per epoch: dies inside epoch 2
+        def kill(step):
+            if step == 3:
+                raise KeyError("simulated crash")
+        return real(cfg, run, on_step=kill)
+
+    monkeypatch.setattr("orca.train.run_stage3", killed_at_step_3)
+    failed = sweep_mod.run_sweep(path, ["train.epochs=2"], gpus=0)
+    run_dir = tmp_path / "runs" / "table2" / "lora_r1_s0"
+    assert [(run.name, log) for run, log in failed] == [("lora_r1_s0", str(run_dir / "sweep_error.log"))]
+    assert "simulated crash" in (run_dir / "sweep_error.log").read_text()
+    assert (run_dir / "ckpt" / "last.pt").is_file() and not (run_dir / "summary.json").exists()
+
+    monkeypatch.setattr("orca.train.run_stage3", real)
+    capsys.readouterr()
+    assert sweep_mod.run_sweep(path, ["train.epochs=2"], gpus=0) == []
+    assert "[stage3] resumed at epoch 1" in capsys.readouterr().out
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    assert not (run_dir / "sweep_error.log").exists()
