@@ -120,7 +120,7 @@ def prepared(kind, kwargs):
 # registry and config
 # ----------------------------------------------------------------------------------------------
 def test_registry_holds_every_method():
-    assert ADAPTERS.names() == ["delta_lora", "dylora", "full", "head", "lora", "qlora"]
+    assert ADAPTERS.names() == ["adalora", "delta_lora", "dylora", "full", "head", "lora", "qlora"]
     for name in ADAPTERS:
         assert ADAPTERS.get(name).name == name
 

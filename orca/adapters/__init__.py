@@ -25,6 +25,7 @@ from orca.adapters.lora import (
     resolve_ranks,
     unmerge_adapters,
 )
+from orca.adapters.adalora import AdaLoRAMethod
 from orca.adapters.qlora import QLoRAMethod
 
 ADAPTERS.register("full", FullFineTuning)
@@ -33,6 +34,7 @@ ADAPTERS.register("lora", LoRAMethod)
 ADAPTERS.register("delta_lora", DeltaLoRAMethod)
 ADAPTERS.register("dylora", DyLoRAMethod)
 ADAPTERS.register("qlora", QLoRAMethod)
+ADAPTERS.register("adalora", AdaLoRAMethod)
 
 __all__ = [
     "ADAPTERS", "AdapterConfig", "AdapterMethod", "TARGET_PRESETS", "build_method",

@@ -189,6 +189,9 @@ class AdapterMethod:
     def on_step_start(self, model: Any, step: int) -> None:
         """Called once per optimizer step before the forward pass (DyLoRA samples b here)."""
 
+    def on_train_start(self, model: Any, total_steps: int) -> None:
+        """Called once before training with the run's optimizer-step count (AdaLoRA's schedule)."""
+
     def on_step_end(self, model: Any, step: int) -> None:
         """Called after ``optimizer.step()`` (Delta-LoRA updates W here)."""
 

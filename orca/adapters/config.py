@@ -46,7 +46,7 @@ class AdapterConfig:
     """Stage-3 fine-tuning method and its hyperparameters (see SPEC.md, "Methods")."""
 
     method: str = field(default="lora", metadata=_help(
-        "Fine-tuning method: full | head | lora | delta_lora | dylora | qlora."))
+        "Fine-tuning method: full | head | lora | delta_lora | dylora | qlora | adalora (peft baseline)."))
     rank: int = field(default=8, metadata=_help(
         "Uniform LoRA rank r for every targeted Linear (overridden per module by rank_map)."))
     alpha: float = field(default=16.0, metadata=_help(
@@ -90,6 +90,18 @@ class AdapterConfig:
         "QLoRA double quantisation of the NF4 block scales (8-bit, block 256)."))
     paged_adamw: bool = field(default=False, metadata=_help(
         "Use bitsandbytes' paged AdamW (CUDA only; QLoRA's optimizer)."))
+    adalora_init_rank: Optional[int] = field(default=None, metadata=_help(
+        "AdaLoRA initial rank per module (it prunes down to `rank` on average); None = ceil(1.5 rank), "
+        "peft's 12 -> 8 ratio."))
+    adalora_orth_reg_weight: float = field(default=0.5, metadata=_help(
+        "AdaLoRA orthogonality penalty weight on ||AA^T - I|| and ||B^TB - I|| (peft's default)."))
+    adalora_tinit: float = field(default=0.1, metadata=_help(
+        "AdaLoRA warm-up before any pruning, as a fraction of the run's optimizer steps."))
+    adalora_tfinal: float = field(default=0.2, metadata=_help(
+        "AdaLoRA final phase with the rank pattern fixed, as a fraction of the run's optimizer steps."))
+    adalora_total_step: Optional[int] = field(default=None, metadata=_help(
+        "AdaLoRA run length in optimizer steps (train.epochs x steps per epoch) for its budget "
+        "schedule; None = set by the training loop through method.set_total_steps."))
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -136,6 +148,20 @@ class AdapterConfig:
                     f"dylora_eval_rank={self.dylora_eval_rank}: must lie in "
                     f"[dylora_r_min, dylora_r_max] = [{self.dylora_r_min}, {self.r_max}]")
         _choice("qlora_compute_dtype", self.qlora_compute_dtype, COMPUTE_DTYPES)
+        if self.adalora_init_rank is not None:  # >= rank only matters when AdaLoRA runs (it only prunes)
+            _int("adalora_init_rank", self.adalora_init_rank, low=self.rank if self.method == "adalora" else 1)
+        _number("adalora_orth_reg_weight", self.adalora_orth_reg_weight)
+        if self.adalora_orth_reg_weight < 0:
+            raise ValueError(f"adalora_orth_reg_weight={self.adalora_orth_reg_weight!r}: must be >= 0")
+        for name in ("adalora_tinit", "adalora_tfinal"):
+            _number(name, getattr(self, name))
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a fraction in [0, 1)")
+        if self.adalora_tinit + self.adalora_tfinal >= 1.0:
+            raise ValueError(f"adalora_tinit + adalora_tfinal = {self.adalora_tinit + self.adalora_tfinal:g}: "
+                             "must be < 1, or no step is left for AdaLoRA's budget allocation")
+        if self.adalora_total_step is not None:
+            _int("adalora_total_step", self.adalora_total_step, low=1)
 
     def _check_targets(self) -> None:
         if isinstance(self.targets, str):

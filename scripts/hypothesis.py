@@ -1,0 +1,428 @@
+"""Does the LoRA rank a task needs grow with its modality gap? Test it on the runs that exist.
+
+    python scripts/hypothesis.py                                   # results/runs -> results/hypothesis.md
+    python scripts/hypothesis.py --runs runs --out results --tol 0.05 --split test
+    python scripts/hypothesis.py --base-state body_init.pt         # (c): initial weights from a file
+
+Reads every ``summary.json`` under ``--runs`` (stage-3 runs, grouped by task and by method / rank
+through the ``config.yaml`` beside it; stage-2 runs through their ``rank_map.json``) and writes
+``hypothesis.md`` plus three PNGs to ``--out``:
+
+(a) knee rank per task: the smallest uniform LoRA rank (0 = head only) whose seed-mean error is
+    within ``--tol`` (relative) of the best rank's, with a bootstrap interval over seeds;
+(b) across tasks, Spearman rho between the task's stage-2 gap (mean over blocks: primary; max,
+    first, last block: secondary) and its knee, with a bootstrap CI and a permutation p-value;
+(c) per full fine-tuning run, Spearman rho between each block's gap D_i and the effective rank of
+    that block's update Delta W_i (energy rank at ``--energy``, stable rank), averaged over the
+    block's Linears; W_0 is rebuilt from the run's config (the seed fixes random init) unless
+    ``--base-state`` gives it;
+(d) stage-2 (adaptive) rank maps vs uniform ranks vs AdaLoRA at equal adapter budgets
+    (``--budget-tol``); AdaLoRA's budget is its live rank units at the end (``ckpt/last.pt``).
+
+Every analysis ends in one line: held / failed / inconclusive (reason: ...), by the rule of
+``rank_estimation.hypothesis.verdict``. Nothing is estimated for what is missing: the report says
+which runs it would need. The output is a pure function of the runs (sorted inputs, fixed seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rank_estimation.hypothesis import (  # noqa: E402
+    bootstrap_knee, budget_matched, combine_verdicts, delta_w_ranks, knee_order_verdict, mean_difference_ci,
+    permutation_pvalue, spearman_with_ci, verdict,
+)
+
+GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
+
+
+@dataclass
+class Run:
+    path: Path
+    task: str
+    variant: str          # "uniform", "adaptive", "adalora", "full"
+    rank: Optional[int]   # uniform rank (0 = head only)
+    seed: int
+    error: float
+    budget: float         # adapter parameters (AdaLoRA: live at the end)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_runs(root: Path, split: str) -> tuple:
+    """Stage-3 runs, stage-2 gap profiles per task, and notes on what was skipped."""
+    runs: List[Run] = []
+    gaps: Dict[str, List[dict]] = defaultdict(list)
+    notes: List[str] = []
+    for summary_path in sorted(root.rglob("summary.json")) if root.is_dir() else []:
+        d = summary_path.parent
+        s = json.loads(summary_path.read_text())
+        if s.get("stage") == "stage2" and (d / "rank_map.json").is_file():
+            rm = json.loads((d / "rank_map.json").read_text())
+            prof = rm.get("gap_profile") or {}
+            if prof.get("layers") and prof.get("D"):
+                gaps[s["task"]].append({"metric": rm.get("gap_metric"), "layers": prof["layers"],
+                                        "D": [float(v) for v in prof["D"]], "path": d})
+            continue
+        if s.get("stage") != "stage3":
+            continue
+        cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
+        adapter = (cfg or {}).get("adapter", {}) or {}
+        method = s.get("method")
+        metric = s.get("metric")
+        error = (s.get(split) or {}).get(metric)
+        if error is None:
+            notes.append(f"{d.relative_to(root)}: no {split} {metric}; skipped")
+            continue
+        budget = float((s.get("params") or {}).get("adapters", 0))
+        rank = None
+        if method == "head":
+            variant, rank = "uniform", 0
+        elif method == "lora" and not adapter.get("rank_map"):
+            variant, rank = "uniform", int(adapter.get("rank", 0))
+        elif method == "lora":
+            variant = "adaptive"
+        elif method == "adalora":
+            variant, budget = "adalora", adalora_budget(d, budget, notes, root)
+        elif method == "full":
+            variant = "full"
+        else:
+            notes.append(f"{d.relative_to(root)}: method {method!r} is not part of these analyses")
+            continue
+        runs.append(Run(d, s["task"], variant, rank, int(s.get("seed", 0)), float(error), budget))
+    return runs, dict(gaps), notes
+
+
+def adalora_budget(d: Path, allocated: float, notes: List[str], root: Path) -> float:
+    """AdaLoRA's live adapter parameters at the end of training (its allocated count otherwise)."""
+    ckpt = d / "ckpt" / "last.pt"
+    if ckpt.is_file():
+        import torch
+
+        state = torch.load(ckpt, map_location="cpu", weights_only=True).get("method") or {}
+        if "final_budget" in state:
+            return float(state["final_budget"]["adapter_params"])
+    notes.append(f"{d.relative_to(root)}: no AdaLoRA final budget in ckpt/last.pt; using its allocated "
+                 f"{int(allocated):,} adapter parameters")
+    return allocated
+
+
+def task_gaps(gaps: Dict[str, List[dict]]) -> tuple:
+    """Per task: block -> D averaged over its stage-2 runs; the gap metric(s) in use."""
+    out, metrics = {}, set()
+    for task in sorted(gaps):
+        profiles = gaps[task]
+        layers = profiles[0]["layers"]
+        same = [p for p in profiles if p["layers"] == layers]
+        out[task] = {"layers": layers, "D": np.mean([p["D"] for p in same], axis=0), "n_runs": len(same)}
+        metrics.update(p["metric"] for p in same)
+    return out, sorted(m for m in metrics if m)
+
+
+# ----------------------------------------------------------------------------- the analyses
+def analysis_knees(runs: List[Run], a) -> Dict[str, dict]:
+    knees = {}
+    for task in sorted({r.task for r in runs}):
+        by_rank: Dict[int, List[float]] = defaultdict(list)
+        for r in sorted((r for r in runs if r.task == task and r.variant == "uniform"), key=lambda r: (r.rank, r.seed)):
+            by_rank[r.rank].append(r.error)
+        if len(by_rank) < 2:
+            continue
+        ranks = sorted(by_rank)
+        res = bootstrap_knee(ranks, [by_rank[k] for k in ranks], a.tol, rel=True, n_boot=a.n_boot, seed=a.seed)
+        means = [float(np.mean(by_rank[k])) for k in ranks]
+        res.update(ranks=ranks, errors=[by_rank[k] for k in ranks], means=means,
+                   best_rank=ranks[int(np.argmin(means))], best=min(means))
+        knees[task] = res
+    return knees
+
+
+def verdict_knees(knees: dict, tg: dict) -> str:
+    both = [t for t in knees if t in tg]
+    if len(both) < 2:
+        return f"inconclusive (reason: {len(both)} task(s) with both a rank sweep and a stage-2 gap, need 2)"
+    by_gap = sorted(both, key=lambda t: float(np.mean(tg[t]["D"])))
+    return knee_order_verdict(knees[by_gap[0]], knees[by_gap[-1]], (by_gap[0], by_gap[-1]))
+
+
+def correlate(x, y, a) -> Dict[str, Any]:
+    try:
+        ci = spearman_with_ci(x, y, n_boot=a.n_boot, seed=a.seed)
+        p = permutation_pvalue(x, y, n_perm=a.n_perm, seed=a.seed)
+    except ValueError as err:
+        return {"error": str(err), "verdict": f"inconclusive (reason: {err})"}
+    return {**ci, "p": p, "verdict": verdict(ci["lo"], ci["hi"], p, a.alpha)}
+
+
+def analysis_delta_w(runs: List[Run], tg: dict, a) -> List[dict]:
+    out = []
+    for run in [r for r in runs if r.variant == "full"]:
+        ckpt = run.path / "ckpt" / "best.pt"
+        if run.task not in tg or not ckpt.is_file():
+            continue
+        import torch
+
+        tuned = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+        base, how = initial_state(run.path, a.base_state)
+        layers = tg[run.task]["layers"]
+        names = sorted({k[len("body."):-len(".weight")] for k, v in tuned.items()
+                        if k.startswith("body.") and k.endswith(".weight") and v.ndim == 2
+                        and any(k.startswith(f"body.{b}.") for b in layers)})
+        ranks = delta_w_ranks({f"body.{n}.weight": base[f"body.{n}.weight"] for n in names},
+                              {f"body.{n}.weight": tuned[f"body.{n}.weight"] for n in names},
+                              [f"body.{n}" for n in names], energy=a.energy)
+        per_block = {b: [v for k, v in ranks.items() if k.startswith(f"body.{b}.")] for b in layers}
+        keep = [b for b in layers if per_block[b]]
+        D = [float(tg[run.task]["D"][layers.index(b)]) for b in keep]
+        energy = [float(np.mean([v["energy_rank"] for v in per_block[b]])) for b in keep]
+        stable = [float(np.mean([v["stable_rank"] for v in per_block[b]])) for b in keep]
+        # A W_0 that is not the run's starting point (a different random init) shows as updates as
+        # large as the weights themselves; fine-tuning moves weights by a small fraction.
+        rel = float(np.median([ranks[f"body.{n}"]["fro"] / max(float(np.linalg.norm(base[f"body.{n}.weight"].double().numpy())), 1e-12)
+                               for n in names]))
+        out.append({"run": run, "how": how, "blocks": keep, "D": D, "energy": energy, "stable": stable, "rel_update": rel,
+                    "energy_corr": correlate(D, energy, a), "stable_corr": correlate(D, stable, a)})
+    return out
+
+
+def initial_state(run_dir: Path, base_state: Optional[str]) -> tuple:
+    """W_0: a given state dict, or the model rebuilt exactly as stage 3 built it (seed, task, model)."""
+    import torch
+
+    if base_state:
+        state = torch.load(base_state, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        return ({k if k.startswith("body.") else f"body.{k}": v for k, v in state.items()}, f"--base-state {base_state}")
+    from datasets.registry import build_task
+    from orca.config import load_config
+    from orca.model import build_model
+    from orca.train import seed_everything
+
+    cfg = load_config(str(run_dir / "config.yaml"))
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
+    return build_model(cfg.model, task).state_dict(), "rebuilt from the run's config.yaml (same seed)"
+
+
+def analysis_budgets(runs: List[Run], a) -> tuple:
+    rows = [{"task": r.task, "variant": f"uniform r={r.rank}" if r.variant == "uniform" else r.variant,
+             "budget": r.budget, "error": r.error}
+            for r in runs if r.variant in ("uniform", "adaptive", "adalora") and r.budget > 0]
+    buckets = budget_matched(rows, rel_tol=a.budget_tol)
+    verdicts, reasons = [], []
+    for b in buckets:
+        v = b["variants"]
+        uniform = [k for k in v if k.startswith("uniform")]
+        if "adaptive" not in v or not uniform:
+            continue
+        best_u = min(uniform, key=lambda k: v[k]["mean"])
+        d = mean_difference_ci(v[best_u]["errors"], v["adaptive"]["errors"], n_boot=a.n_boot, seed=a.seed)
+        b["uniform_minus_adaptive"] = {**d, "uniform": best_u}
+        if "adalora" in v:
+            b["adalora_minus_adaptive"] = mean_difference_ci(v["adalora"]["errors"], v["adaptive"]["errors"],
+                                                              n_boot=a.n_boot, seed=a.seed)
+        if not d["spread"]:
+            reasons.append("1 seed per variant")
+        verdicts.append(verdict(d["lo"], d["hi"]))
+    if not verdicts:
+        return buckets, "inconclusive (reason: no budget bucket holds both an adaptive and a uniform run)"
+    if reasons:
+        return buckets, verdict(0, 0, extra_reasons=sorted(set(reasons)))
+    return buckets, combine_verdicts(verdicts)
+
+
+# ----------------------------------------------------------------------------- plots
+def plots(out: Path, knees: dict, tg: dict, dw: List[dict]) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    meta = {"Software": None}  # no version string: the file depends on the data alone
+    if knees:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for task, k in knees.items():
+            sd = [float(np.std(e, ddof=1)) if len(e) > 1 else 0.0 for e in k["errors"]]
+            ax.errorbar(k["ranks"], k["means"], yerr=sd, marker="o", capsize=3, label=f"{task} (knee {k['knee']})")
+            ax.axvline(k["knee"], ls=":", color=ax.lines[-1].get_color())
+        ax.set_xscale("symlog", base=2, linthresh=1)
+        ax.set(xlabel="uniform LoRA rank (0 = head only)", ylabel="error (mean +- sd over seeds)",
+               title="rank vs error per task")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "hypothesis_rank_vs_error.png", dpi=110, metadata=meta)
+        plt.close(fig)
+        made.append("hypothesis_rank_vs_error.png")
+    both = [t for t in knees if t in tg]
+    if both:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        x = [float(np.mean(tg[t]["D"])) for t in both]
+        y = [knees[t]["knee"] for t in both]
+        err = [[k - knees[t]["lo"] for t, k in zip(both, y)], [knees[t]["hi"] - k for t, k in zip(both, y)]]
+        ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
+        for t, xi, yi in zip(both, x, y):
+            ax.annotate(t, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(xlabel="task gap (mean over blocks)", ylabel="knee rank", title="gap vs knee rank")
+        fig.tight_layout()
+        fig.savefig(out / "hypothesis_gap_vs_knee.png", dpi=110, metadata=meta)
+        plt.close(fig)
+        made.append("hypothesis_gap_vs_knee.png")
+    if dw:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+        for item in dw:
+            label = f"{item['run'].task} s{item['run'].seed}"
+            axes[0].scatter(item["D"], item["energy"], label=label)
+            axes[1].scatter(item["D"], item["stable"], label=label)
+        axes[0].set(xlabel="block gap D_i", ylabel="energy rank of Delta W (mean over Linears)")
+        axes[1].set(xlabel="block gap D_i", ylabel="stable rank of Delta W (mean over Linears)")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "hypothesis_gap_vs_delta_w.png", dpi=110, metadata=meta)
+        plt.close(fig)
+        made.append("hypothesis_gap_vs_delta_w.png")
+    return made
+
+
+# ----------------------------------------------------------------------------- the report
+def fmt_corr(c: dict) -> str:
+    if "error" in c:
+        return f"not computed ({c['error']})"
+    return f"rho = {c['rho']:.3f}, {int(c['level'] * 100)}% CI [{c['lo']:.3f}, {c['hi']:.3f}], permutation p = {c['p']:.3g}, n = {c['n']}"
+
+
+def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> str:
+    L = ["# Rank-gap hypothesis", "",
+         "Hypothesis (seed 001): the LoRA rank a task needs grows with its modality gap.", "",
+         f"Inputs: {len(runs)} stage-3 runs and stage-2 gaps for {len(tg)} task(s) under `{a.runs}`; "
+         f"errors on the {a.split} split; knee tolerance {a.tol:g} (relative); {a.n_boot} bootstrap "
+         f"replicates, {a.n_perm} permutations, seed {a.seed}, alpha {a.alpha:g}.", ""]
+    if not runs:
+        L += ["**No stage-3 runs were found**, so nothing below is estimated. Needed:", "",
+              "- (a), (b): per task, a uniform-rank sweep (`adapter.method=lora adapter.rank=R`, several R, "
+              ">= 2 seeds each; `adapter.method=head` for rank 0) and a stage-2 run (`rank_map.json`) on >= 3 tasks;",
+              "- (c): a full fine-tuning run (`adapter.method=full`, keeps `ckpt/best.pt`) per task;",
+              "- (d): stage-3 runs with `adapter.rank_map=<stage-2 rank_map.json>` and `adapter.method=adalora` "
+              "at the budget of a uniform rank.", ""]
+    if metrics and len(metrics) > 1:
+        L += [f"Warning: the stage-2 runs use different gap metrics {metrics}; gaps are not comparable across tasks.", ""]
+    # (a)
+    L += ["## (a) Knee rank per task", ""]
+    if knees:
+        L += ["| task | knee | CI | best rank | best error | ranks | seeds per rank |", "|---|---|---|---|---|---|---|"]
+        for t, k in knees.items():
+            L.append(f"| {t} | {k['knee']} | [{k['lo']}, {k['hi']}] ({int(k['level'] * 100)}%) | {k['best_rank']} | "
+                     f"{k['best']:.4g} | {', '.join(map(str, k['ranks']))} | {', '.join(map(str, k['n_seeds']))} |")
+        L.append("")
+    else:
+        L += ["Missing: no task has uniform-rank runs at >= 2 ranks.", ""]
+    L += [f"Verdict (a), larger-gap task has a larger knee: **{verdict_knees(knees, tg)}**", ""]
+    # (b)
+    L += ["## (b) Task gap vs knee rank across tasks", ""]
+    both = [t for t in knees if t in tg]
+    if both:
+        L += ["| task | mean gap | max gap | first block | last block | knee |", "|---|---|---|---|---|---|"]
+        for t in both:
+            D = np.asarray(tg[t]["D"])
+            L.append(f"| {t} | " + " | ".join(f"{float(f(D)):.4g}" for f in GAP_SUMMARIES.values()) + f" | {knees[t]['knee']} |")
+        L.append("")
+    primary = "inconclusive (reason: n tasks = %d < 3)" % len(both)
+    if len(both) >= 3:
+        for name, f in GAP_SUMMARIES.items():
+            c = correlate([float(f(np.asarray(tg[t]["D"]))) for t in both], [knees[t]["knee"] for t in both], a)
+            tag = "primary" if name == "mean" else "secondary"
+            L.append(f"- {name} gap ({tag}): {fmt_corr(c)}")
+            if name == "mean":
+                primary = c["verdict"] if not (metrics and len(metrics) > 1) else \
+                    "inconclusive (reason: gap metrics differ across tasks)"
+        try:
+            from rank_estimation.allocate import fit_gamma
+
+            fit = fit_gamma({t: (float(np.mean(tg[t]["D"])), knees[t]["knee"]) for t in both})
+            L.append(f"- power law log D = log beta + gamma log(1 + r): gamma = {fit.gamma:.3f} +- {fit.gamma_se:.3f} (n = {fit.n})")
+        except ValueError as err:
+            L.append(f"- power law fit not possible: {err}")
+        L.append("")
+    L += [f"Verdict (b), gap rank-correlates with knee (mean gap): **{primary}**", ""]
+    # (c)
+    L += ["## (c) Per-layer gap vs rank of the full fine-tuning update", ""]
+    c_verdicts = []
+    for item in dw:
+        r = item["run"]
+        warn = (" **Warning: the median ||Delta W|| / ||W_0|| is > 0.5; W_0 is probably not this run's starting "
+                "point (pass --base-state).**" if item["rel_update"] > 0.5 else "")
+        L += [f"- {r.task} seed {r.seed} (`{r.path.relative_to(a.runs)}`, W_0 {item['how']}), {len(item['blocks'])} blocks, "
+              f"median ||Delta W||_F / ||W_0||_F = {item['rel_update']:.3g}.{warn}",
+              f"  - energy rank ({a.energy:g}): {fmt_corr(item['energy_corr'])} -> {item['energy_corr']['verdict']}",
+              f"  - stable rank: {fmt_corr(item['stable_corr'])} -> {item['stable_corr']['verdict']}"]
+        c_verdicts.append(item["energy_corr"]["verdict"])
+    if not dw:
+        L.append("Missing: no full fine-tuning run (`adapter.method=full` with `ckpt/best.pt`) of a task that has stage-2 gaps.")
+    c_final = combine_verdicts(c_verdicts) if c_verdicts else "inconclusive (reason: no full fine-tuning run with gaps)"
+    L += ["", f"Verdict (c), D_i rank-correlates with the energy rank of Delta W_i: **{c_final}**", ""]
+    # (d)
+    L += ["## (d) Adaptive rank maps vs uniform ranks vs AdaLoRA at equal budgets", ""]
+    if buckets:
+        L += ["| task | adapter params | variant | error mean | sd | n |", "|---|---|---|---|---|---|"]
+        for b in buckets:
+            for name, v in b["variants"].items():
+                L.append(f"| {b['task']} | {int(b['budget_lo']):,}-{int(b['budget_hi']):,} | {name} | {v['mean']:.4g} | {v['sd']:.2g} | {v['n']} |")
+        L.append("")
+        for b in buckets:
+            for key, what in (("uniform_minus_adaptive", "best uniform"), ("adalora_minus_adaptive", "AdaLoRA")):
+                if key in b:
+                    d = b[key]
+                    L.append(f"- {b['task']} @ {int(b['budget_lo']):,}: {what} - adaptive error = {d['diff']:.4g} "
+                             f"(95% CI [{d['lo']:.4g}, {d['hi']:.4g}]; > 0 favours adaptive)")
+        L.append("")
+    else:
+        L += ["Missing: no adaptive, uniform or AdaLoRA runs with adapter parameters.", ""]
+    L += [f"Verdict (d), adaptive maps beat the best uniform rank at equal budget: **{d_verdict}**", ""]
+    L += ["## Overall", "", f"The hypothesis (gap predicts the needed rank, test (b)): **{primary}**.", ""]
+    if pngs:
+        L += ["## Figures", ""] + [f"![{p}]({p})" for p in pngs] + [""]
+    if notes:
+        L += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(L)
+
+
+def main(argv: Optional[List[str]] = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=Path, default=Path("results/runs"), help="root searched for run directories")
+    p.add_argument("--out", type=Path, default=Path("results"), help="where hypothesis.md and the PNGs go")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which error the knees are read from")
+    p.add_argument("--tol", type=float, default=0.05, help="knee: error within (1 + tol) x the best rank's")
+    p.add_argument("--energy", type=float, default=0.9, help="(c) energy fraction of the effective rank")
+    p.add_argument("--budget-tol", type=float, default=0.1, help="(d) relative width of an equal-budget bucket")
+    p.add_argument("--base-state", default=None, help="(c) state dict of the initial model (default: rebuild)")
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--n-perm", type=int, default=10000)
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if not 0 <= a.tol < 1 or not 0 < a.energy <= 1 or a.budget_tol < 0 or a.n_boot < 1 or a.n_perm < 1:
+        p.error("need 0 <= --tol < 1, 0 < --energy <= 1, --budget-tol >= 0, --n-boot >= 1, --n-perm >= 1")
+    runs, gaps, notes = load_runs(a.runs, a.split)
+    tg, metrics = task_gaps(gaps)
+    knees = analysis_knees(runs, a)
+    dw = analysis_delta_w(runs, tg, a)
+    buckets, d_verdict = analysis_budgets(runs, a)
+    a.out.mkdir(parents=True, exist_ok=True)
+    pngs = plots(a.out, knees, tg, dw)
+    path = a.out / "hypothesis.md"
+    path.write_text(report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs))
+    print(f"[hypothesis] wrote {path} ({', '.join(pngs) or 'no figures'})")
+    return path
+
+
+if __name__ == "__main__":
+    main()

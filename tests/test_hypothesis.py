@@ -1,0 +1,295 @@
+"""The hypothesis statistics on hand-computed cases, and scripts/hypothesis.py end to end."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from rank_estimation.hypothesis import (
+    bootstrap_knee,
+    budget_matched,
+    combine_verdicts,
+    delta_w_ranks,
+    effective_rank_energy,
+    knee_order_verdict,
+    knee_rank,
+    mean_difference_ci,
+    permutation_pvalue,
+    spearman_with_ci,
+    stable_rank,
+    verdict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+RANKS = [1, 2, 4, 8, 16]
+
+
+# ----------------------------------------------------------------------------- (a) knee
+def test_knee_is_smallest_rank_within_tolerance():
+    # Seed-means 0.10, 0.08, 0.062, 0.0605, 0.060: best 0.060; 5% relative -> limit 0.063 -> rank 4.
+    errors = [[0.11, 0.09], [0.08, 0.08], [0.062, 0.062], [0.061, 0.060], [0.060, 0.060]]
+    assert knee_rank(RANKS, errors, tol=0.05) == 4
+    assert knee_rank(RANKS, errors, tol=0.0) == 16  # only the best itself
+    assert knee_rank(RANKS, errors, tol=0.021, rel=False) == 2  # absolute: limit 0.081
+    # Order of the sweep does not matter.
+    assert knee_rank(RANKS[::-1], errors[::-1], tol=0.05) == 4
+
+
+def test_bootstrap_knee_interval_brackets_and_single_seed_is_flagged():
+    rng = np.random.default_rng(0)
+    means = [0.10, 0.08, 0.062, 0.0605, 0.060]
+    errors = [list(m + 0.0005 * rng.standard_normal(5)) for m in means]
+    out = bootstrap_knee(RANKS, errors, tol=0.05, n_boot=300, seed=1)
+    assert out["lo"] <= out["knee"] <= out["hi"] and out["spread"] and out["n_seeds"] == [5] * 5
+    single = bootstrap_knee(RANKS, [[m] for m in means], tol=0.05, n_boot=50)
+    assert single["lo"] == single["hi"] == single["knee"] == 4 and not single["spread"]
+
+
+@pytest.mark.parametrize("ranks, errors, match", [
+    ([1, 2], [[0.1]], "2 ranks but errors for 1"),
+    ([1, 1], [[0.1], [0.2]], "distinct"),
+    ([1, 2], [[0.1], [float("nan")]], "non-finite"),
+])
+def test_knee_errors(ranks, errors, match):
+    with pytest.raises(ValueError, match=match):
+        knee_rank(ranks, errors)
+
+
+# ----------------------------------------------------------------------------- (b) correlation
+def test_monotone_relation_gives_rho_one_and_small_p():
+    x = [0.1, 0.3, 0.35, 0.9, 1.2, 2.0, 2.1, 5.0]
+    y = [1, 2, 4, 8, 16, 32, 64, 128]
+    out = spearman_with_ci(x, y, n_boot=500, seed=0)
+    assert out["rho"] == pytest.approx(1.0) and out["lo"] == pytest.approx(1.0)
+    # Exact: only the identity and the reversal reach |rho| = 1 among 8! orderings.
+    assert permutation_pvalue(x, y, n_perm=50000) == pytest.approx(2 / math.factorial(8))
+    assert permutation_pvalue(x, y, n_perm=2000, seed=0) == pytest.approx(1 / 2001)  # Monte Carlo
+    # Three tasks cannot be significant: exact p = 2/6.
+    assert permutation_pvalue([1, 2, 3], [1, 5, 9]) == pytest.approx(1 / 3)
+
+
+def test_random_relation_p_not_small():
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal(12), rng.standard_normal(12)
+    p = permutation_pvalue(x, y, n_perm=4000, seed=0)
+    assert p > 0.2
+    ci = spearman_with_ci(x, y, n_boot=500)
+    assert ci["lo"] < 0 < ci["hi"]
+    assert verdict(ci["lo"], ci["hi"], p).startswith("inconclusive (reason: CI spans 0")
+
+
+@pytest.mark.parametrize("x, y, match", [
+    ([1, 2], [1, 2], "at least 3"),
+    ([1, 2, 3], [1, 2], "equal length"),
+    ([1, 2, float("nan")], [1, 2, 3], "finite"),
+    ([1, 1, 1], [1, 2, 3], "constant"),
+])
+def test_correlation_errors(x, y, match):
+    with pytest.raises(ValueError, match=match):
+        spearman_with_ci(x, y)
+    with pytest.raises(ValueError, match=match):
+        permutation_pvalue(x, y)
+
+
+def test_verdict_rule():
+    assert verdict(0.2, 0.9, 0.01) == "held"
+    assert verdict(-0.9, -0.1, 0.01) == "failed"
+    assert verdict(0.2, 0.9, 0.2) == "inconclusive (reason: p = 0.2 >= 0.05)"
+    assert verdict(0.2, 0.9, 0.01, extra_reasons=["n tasks = 2 < 3"]) == "inconclusive (reason: n tasks = 2 < 3)"
+    small, large = {"lo": 2, "hi": 4, "spread": True}, {"lo": 8, "hi": 16, "spread": True}
+    assert knee_order_verdict(small, large) == "held" and knee_order_verdict(large, small) == "failed"
+    assert "overlap" in knee_order_verdict(small, {"lo": 4, "hi": 8, "spread": True})
+    assert "1 seed per rank" in knee_order_verdict(small, {**large, "spread": False})
+    assert combine_verdicts(["held", "held"]) == "held"
+    assert combine_verdicts(["held", "failed"]).startswith("inconclusive (reason: the parts disagree")
+
+
+# ----------------------------------------------------------------------------- (c) Delta W
+def _matrix(singular_values, shape=(12, 10), seed=0):
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((shape[0], shape[0])))
+    v, _ = np.linalg.qr(rng.standard_normal((shape[1], shape[1])))
+    s = np.zeros(shape)
+    s[range(len(singular_values)), range(len(singular_values))] = singular_values
+    return u @ s @ v.T
+
+
+def test_effective_and_stable_rank_of_known_spectrum():
+    # s^2 = 16, 9, 4, 1 (total 30): cumulative 0.533, 0.833, 0.967, 1 -> 90% needs k = 3.
+    w = _matrix([4, 3, 2, 1])
+    assert effective_rank_energy(w, 0.9) == 3
+    assert effective_rank_energy(w, 0.8) == 2
+    assert effective_rank_energy(w, 1.0) == 4
+    assert stable_rank(w) == pytest.approx(30 / 16)
+    assert stable_rank(np.eye(5)) == pytest.approx(5.0)
+    assert effective_rank_energy(np.zeros((3, 3))) == 0 and stable_rank(np.zeros((3, 3))) == 0.0
+    with pytest.raises(ValueError, match="2-D"):
+        stable_rank(np.ones(3))
+
+
+def test_delta_w_ranks_compares_state_dicts():
+    import torch
+
+    base = {"a.weight": torch.zeros(12, 10), "b.weight": torch.ones(4, 4), "b.bias": torch.ones(4)}
+    tuned = {"a.weight": torch.tensor(_matrix([4, 3, 2, 1])), "b.weight": torch.ones(4, 4) + torch.eye(4),
+             "b.bias": torch.zeros(4)}
+    out = delta_w_ranks(base, tuned)
+    assert list(out) == ["a", "b"]
+    assert out["a"]["energy_rank"] == 3 and out["a"]["stable_rank"] == pytest.approx(30 / 16)
+    assert out["b"]["energy_rank"] == 4 and out["b"]["max_rank"] == 4
+    with pytest.raises(ValueError, match="missing"):
+        delta_w_ranks(base, tuned, ["c"])
+
+
+# ----------------------------------------------------------------------------- (d) budgets
+def test_budget_matched_groups_within_tolerance():
+    runs = [
+        {"task": "darcy", "variant": "uniform r=4", "budget": 1000, "error": 0.10},
+        {"task": "darcy", "variant": "uniform r=4", "budget": 1000, "error": 0.12},
+        {"task": "darcy", "variant": "adaptive", "budget": 1050, "error": 0.08},
+        {"task": "darcy", "variant": "adalora", "budget": 1090, "error": 0.09},
+        {"task": "darcy", "variant": "uniform r=8", "budget": 2000, "error": 0.07},
+        {"task": "cifar", "variant": "adaptive", "budget": 1000, "error": 0.3},
+    ]
+    buckets = budget_matched(runs, rel_tol=0.1)
+    assert [(b["task"], b["budget_lo"], b["budget_hi"]) for b in buckets] == [
+        ("cifar", 1000, 1000), ("darcy", 1000, 1090), ("darcy", 2000, 2000)]
+    v = buckets[1]["variants"]
+    assert sorted(v) == ["adalora", "adaptive", "uniform r=4"]
+    assert v["uniform r=4"]["mean"] == pytest.approx(0.11) and v["uniform r=4"]["n"] == 2
+    assert v["uniform r=4"]["sd"] == pytest.approx(math.sqrt(2) * 0.01)
+    d = mean_difference_ci([0.10, 0.12], [0.08], n_boot=200)
+    assert d["diff"] == pytest.approx(0.03) and d["lo"] <= d["diff"] <= d["hi"]
+    with pytest.raises(ValueError, match="finite budget"):
+        budget_matched([{"task": "t", "variant": "v", "budget": 0, "error": 0.1}])
+
+
+# ----------------------------------------------------------------------------- the script
+def _write_run(root: Path, name: str, summary: dict, config: dict) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    return d
+
+
+def _synthetic_results(root: Path) -> None:
+    """Three tasks; knee ranks 2, 4, 16 rise with the mean gap 0.1, 0.4, 1.5; a full run for (c)."""
+    knees = {"cifar": (0.1, 2), "ecg": (0.4, 4), "darcy": (1.5, 16)}
+    blocks = [f"layers.{i}.blocks.0" for i in range(4)]
+    for task, (gap, knee) in knees.items():
+        for seed in (0, 1):
+            for r in RANKS:
+                err = 0.05 + (0.05 if r < knee else 0.0) * (knee / r) + 0.001 * seed
+                _write_run(root, f"stage3__{task}__r{r}__s{seed}", {
+                    "stage": "stage3", "task": task, "method": "lora", "metric": "err", "seed": seed,
+                    "test": {"err": err}, "val": {"err": err}, "params": {"adapters": 1000 * r},
+                    "run_dir": "x"}, {"adapter": {"method": "lora", "rank": r, "rank_map": None}})
+            _write_run(root, f"stage3__{task}__adaptive__s{seed}", {
+                "stage": "stage3", "task": task, "method": "lora", "metric": "err", "seed": seed,
+                "test": {"err": 0.049 + 0.001 * seed}, "val": {"err": 0.05}, "params": {"adapters": 4100},
+                "run_dir": "x"}, {"adapter": {"method": "lora", "rank": 8, "rank_map": "runs/x/rank_map.json"}})
+        d = root / f"stage2__{task}"
+        d.mkdir()
+        profile = [gap * (0.5 + i / 3) for i in range(4)]
+        (d / "rank_map.json").write_text(json.dumps({
+            "rank_map": {}, "gap_metric": "mmd",
+            "gap_profile": {"layers": blocks, "D": profile}}))
+        (d / "summary.json").write_text(json.dumps({"stage": "stage2", "task": task}))
+
+
+def _run_script(runs: Path, out: Path):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs),
+                           "--out", str(out), "--n-boot", "200", "--n-perm", "2000"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_script_end_to_end_is_deterministic(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    _synthetic_results(runs)
+    first = _run_script(runs, out)
+    assert first.returncode == 0, first.stderr
+    report = (out / "hypothesis.md").read_text()
+    assert "| darcy | 16 |" in report and "| cifar | 2 |" in report
+    assert "rho = 1.000" in report  # knees rise with the mean gap
+    # 3 tasks: exact permutation p = 1/3, so the correlation cannot be called "held".
+    assert "inconclusive (reason: p = 0.333" in report
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "hypothesis_rank_vs_error.png" in pngs and "hypothesis_gap_vs_knee.png" in pngs
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    second = _run_script(runs, out)
+    assert second.returncode == 0, second.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_script_without_runs_says_what_is_missing(tmp_path):
+    proc = _run_script(tmp_path / "nothing", tmp_path / "results")
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "results" / "hypothesis.md").read_text()
+    assert "No stage-3 runs" in report and "rho =" not in report
+
+
+def test_script_delta_w_from_a_given_base_state(tmp_path):
+    """(c) on a synthetic full fine-tuning checkpoint whose update rank rises with the block gap."""
+    import torch
+
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    _synthetic_results(runs)
+    d = _write_run(runs, "stage3__darcy__full__s0", {
+        "stage": "stage3", "task": "darcy", "method": "full", "metric": "err", "seed": 0,
+        "test": {"err": 0.04}, "val": {"err": 0.04}, "params": {"adapters": 0}, "run_dir": "x"},
+        {"adapter": {"method": "full"}})
+    gen = torch.Generator().manual_seed(0)
+    base, tuned = {}, {}
+    for i in range(4):  # block i: Delta W of rank i + 1, gaps rise with i (see _synthetic_results)
+        key = f"body.layers.{i}.blocks.0.attn.qkv.weight"
+        base[key] = torch.randn(24, 8, generator=gen, dtype=torch.float64)
+        # Orthonormal factors: i + 1 equal singular values, so energy rank ceil(0.9 k) = k, stable rank k.
+        u = torch.linalg.qr(torch.randn(24, i + 1, generator=gen, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(8, i + 1, generator=gen, dtype=torch.float64))[0]
+        tuned[key] = base[key] + 0.01 * u @ v.T
+    (d / "ckpt").mkdir()
+    torch.save({"model": tuned}, d / "ckpt" / "best.pt")
+    torch.save(base, tmp_path / "base.pt")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs),
+                           "--out", str(out), "--n-boot", "100", "--n-perm", "1000",
+                           "--base-state", str(tmp_path / "base.pt")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = (out / "hypothesis.md").read_text()
+    section = report.split("## (c)")[1].split("## (d)")[0]
+    # 4 blocks: exact permutation p = 2/24 for a perfect rank order -> inconclusive at alpha 0.05.
+    assert "energy rank (0.9): rho = 1.000" in section and "p = 0.0833" in section
+    assert "Warning" not in section
+    assert (out / "hypothesis_gap_vs_delta_w.png").is_file()
+
+
+def test_script_rebuilds_initial_weights_of_a_real_full_run(tiny_overrides, tmp_path):
+    """(c) without --base-state: W_0 rebuilt from the run's config matches the run's start."""
+    import torch
+
+    from orca.config import load_config
+    from orca.train import run_stage3
+
+    torch.set_num_threads(1)
+    runs = tmp_path / "runs"
+    run_stage3(load_config(None, tiny_overrides + ["train.epochs=1", f"output_dir={runs}", "train.lr=1e-4"]))
+    d = runs / "stage2__darcy"
+    d.mkdir()
+    (d / "rank_map.json").write_text(json.dumps({"rank_map": {}, "gap_metric": "mmd", "gap_profile": {
+        "layers": [f"layers.{i}.blocks.0" for i in range(4)], "D": [0.1, 0.2, 0.3, 0.4]}}))
+    (d / "summary.json").write_text(json.dumps({"stage": "stage2", "task": "darcy"}))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import hypothesis as script
+    finally:
+        sys.path.pop(0)
+    path = script.main(["--runs", str(runs), "--out", str(tmp_path / "out"), "--n-boot", "50", "--n-perm", "100"])
+    section = path.read_text().split("## (c)")[1].split("## (d)")[0]
+    assert "rebuilt from the run's config.yaml" in section and "rho = " in section
+    assert "Warning" not in section  # a wrong W_0 would make ||Delta W|| ~ ||W_0||
