@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -73,7 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import importlib
 
     run = getattr(importlib.import_module(module_name), fn_name)(cfg)
-    print(f"[{args.command}] outputs: {run.path}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
+        print(f"[{args.command}] outputs: {run.path}")
     return 0
 
 

@@ -85,7 +85,9 @@ class TrainConfig:
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bitwise-reproducible resume on CPU)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU); the train loader then drops its last partial batch so shapes stay static"})
+    compile_mode: str = field(default="default", metadata={"help": "torch.compile mode: default | reduce-overhead (CUDA graphs: small batches, launch-bound) | max-autotune | max-autotune-no-cudagraphs"})
+    grad_checkpointing: Optional[List[int]] = field(default=None, metadata={"help": "body stages (0-based, e.g. [0, 1]) whose blocks recompute activations in backward: memory for compute; None = off (model.grad_checkpointing covers all stages)"})
     channels_last: bool = field(default=False, metadata={"help": "channels-last memory format for the conv embedder (GPU)"})
     max_steps_per_epoch: Optional[int] = field(default=None, metadata={"help": "truncate epochs (debugging, smoke tests)"})
     log_every: int = field(default=50, metadata={"help": "write training scalars every N optimizer steps"})
@@ -96,6 +98,14 @@ class TrainConfig:
     def __post_init__(self):
         check_choice("train.optimizer", self.optimizer, ("adamw", "sgd", "paged_adamw"))
         check_choice("train.amp", self.amp, ("auto", "bf16", "off"))
+        check_choice("train.compile_mode", self.compile_mode,
+                     ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        if self.grad_checkpointing is not None:
+            stages = list(self.grad_checkpointing)
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in stages) or len(set(stages)) != len(stages):
+                raise ConfigError(f"train.grad_checkpointing={self.grad_checkpointing!r} must be a list of distinct "
+                                  f"0-based stage indices, e.g. [0, 1]")
+            self.grad_checkpointing = stages
         for name in ("lr", "epochs", "batch_size", "grad_accum", "eval_every", "log_every"):
             check_positive(f"train.{name}", getattr(self, name))
         check_positive("train.weight_decay", self.weight_decay, allow_zero=True)

@@ -9,10 +9,25 @@ shapes the optimizer's parameter groups (LoRA+), and gets ``on_step_start`` / ``
 calls (DyLoRA's rank sampling, Delta-LoRA's weight update). Data order is a pure function of
 (seed, epoch), and checkpoints hold the RNG states, so a run killed mid-epoch and resumed from its
 last checkpoint reproduces the uninterrupted run on CPU with ``train.deterministic=true``.
+
+Several GPUs (DistributedDataParallel, one process per GPU; ``train.batch_size`` stays the global batch):
+
+    torchrun --standalone --nproc_per_node=2 -m orca stage3 --config configs/darcy_swinb.yaml
+
+Each rank takes its contiguous slice of every global batch, so the data order and the steps match
+the single-GPU run; gradients are averaged over ranks. All ranks draw from the same RNG streams
+(same seed): per-step random choices of a method (DyLoRA's rank) must agree across ranks, and
+dropout masks falling on different samples are harmless. Rank 0 alone prints, writes the run
+directory and checkpoints, and evaluates on the whole validation / test set (they are small next to
+training; the others wait at a barrier), so metrics are computed exactly as on one GPU.
+
+Fast path (GPU): ``train.compile=true`` (``train.compile_mode``), ``train.channels_last=true``;
+``train.grad_checkpointing=[0, 1]`` trades compute for activation memory in those body stages.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 import sys
@@ -27,8 +42,10 @@ from tqdm.auto import tqdm
 from datasets.registry import TaskData, build_task
 from orca.adapters import build_method
 from orca.config import ExperimentConfig, config_dict, save_config
+from orca.distributed import Dist, setup_distributed
 from orca.model import ORCAModel, build_model
 from orca.runs import RunDir, check_arch, git_info, machine_info
+from orca.schema import ConfigError
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -63,27 +80,45 @@ def autocast_for(amp: str, device: torch.device):
 class EpochBatchSampler(Sampler[List[int]]):
     """Shuffled batches whose order depends only on (seed, epoch), resumable at any batch.
 
+    Under DDP every rank builds the same global batches and keeps its contiguous slice of each, so
+    the union over ranks of step ``t`` is exactly the single-process batch ``t``.
+
     Args:
         n: dataset length.
-        batch_size: samples per batch (the last, smaller batch is kept).
+        batch_size: samples per global batch.
         seed: base seed; epoch ``e`` uses ``seed * 100003 + e``.
+        rank, world: this process's slice of each global batch (``batch_size % world == 0``).
+        drop_last: drop the last, smaller batch (static shapes for torch.compile / CUDA graphs).
+            Without it the last batch is kept, unless ``world`` does not divide its size: an uneven
+            split would weigh samples unequally in the averaged gradient.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 drop_last: bool = False):
+        if batch_size % world:
+            raise ConfigError(f"train.batch_size={batch_size} is not divisible by world size {world}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world, self.drop_last = rank, world, drop_last
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
 
+    def _global_batches(self) -> int:
+        tail = self.n % self.batch_size
+        keep_tail = tail and not self.drop_last and tail % self.world == 0
+        return self.n // self.batch_size + (1 if keep_tail else 0)
+
     def __iter__(self) -> Iterator[List[int]]:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        for start in range(self.skip * self.batch_size, self.n, self.batch_size):
-            yield order[start:start + self.batch_size]
+        for i in range(self.skip, self._global_batches()):
+            batch = order[i * self.batch_size:(i + 1) * self.batch_size]
+            share = len(batch) // self.world
+            yield batch[self.rank * share:(self.rank + 1) * share]
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size) - self.skip
+        return self._global_batches() - self.skip
 
 
 def warmup_linear_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -146,13 +181,25 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
             which resumes too when ``cfg.run_dir`` holds ``ckpt/last.pt``).
         on_step: called with the optimizer step count after every step (tests use it to simulate a kill).
     """
+    dist_, device = setup_distributed(cfg.train.batch_size, resolve_device(cfg.train.device))
+    try:
+        return _run_stage3(cfg, run, on_step, dist_, device)
+    finally:
+        dist_.close()
+
+
+def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[Callable[[int], None]],
+                dist_: Dist, device: torch.device) -> RunDir:
     t0 = time.time()
+    main = dist_.main
+    log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+    quiet = None if main else True  # tqdm: auto on rank 0, off elsewhere
     seed_everything(cfg.seed, cfg.train.deterministic)
-    device = resolve_device(cfg.train.device)
     autocast = autocast_for(cfg.train.amp, device)
 
-    task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
+    task = dist_.main_first(lambda: build_task(cfg.task.name, cfg.task.options, cfg.task.data_root))
     model: ORCAModel = build_model(cfg.model, task)
+    set_stage_checkpointing(model, cfg.train.grad_checkpointing)
     method = build_method(cfg.adapter)
     params = method.prepare(model)
     model.to(device)
@@ -161,24 +208,36 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
     if cfg.train.channels_last:
         model.embedder.to(memory_format=torch.channels_last)
 
-    run = run or RunDir.create(cfg, "stage3")
+    if run is None:
+        path = dist_.broadcast(str(RunDir.create(cfg, "stage3").path) if main else None)
+        run = RunDir(path)
     resume = run.load_checkpoint("last")  # read before anything in the directory is touched
     if resume is not None:
         check_arch(resume["arch"], model, str(run.ckpt_dir / "last.pt"))
-    save_config(cfg, run.file("config.yaml"))
-    print(f"[stage3] run directory: {run.path}", flush=True)
-    print(f"[stage3] body weights: {model.weights_source}; method: {cfg.adapter.method}", flush=True)
-    print_params(params)
+    dist_.barrier()  # every rank has read the checkpoint before rank 0 writes anything
+    if main:
+        save_config(cfg, run.file("config.yaml"))
+    log(f"[stage3] run directory: {run.path}")
+    log(f"[stage3] body weights: {model.weights_source}; method: {cfg.adapter.method}"
+        + (f"; {dist_.world} processes, {cfg.train.batch_size // dist_.world} samples each per step" if dist_.world > 1 else ""))
+    if main:
+        print_params(params)
 
     groups = method.param_groups(model, cfg.train.lr, cfg.train.weight_decay)
     optimizer = build_optimizer(cfg, groups, device)
-    train_sampler = EpochBatchSampler(len(task.train), cfg.train.batch_size, cfg.seed)
+    # Compiled steps keep static shapes: a smaller last batch would trigger a recompile (or a new
+    # CUDA graph) every epoch, so it is dropped when compiling.
+    train_sampler = EpochBatchSampler(len(task.train), cfg.train.batch_size, cfg.seed, rank=dist_.rank,
+                                      world=dist_.world, drop_last=cfg.train.compile)
     # Own generator: a DataLoader iterator otherwise draws its base seed from the global RNG at
     # every epoch start, which would shift dropout / drop-path randomness after a mid-epoch resume.
-    train_loader = DataLoader(task.train, batch_sampler=train_sampler, num_workers=cfg.train.num_workers,
-                              pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    pin = device.type == "cuda"
+    workers = cfg.train.num_workers
+    train_loader = DataLoader(task.train, batch_sampler=train_sampler, num_workers=workers, pin_memory=pin,
+                              persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                              generator=torch.Generator().manual_seed(cfg.seed))
     eval_loader = lambda ds: DataLoader(ds, batch_size=cfg.train.batch_size * 2, shuffle=False,  # noqa: E731
-                                        num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
+                                        num_workers=workers, pin_memory=pin,
                                         generator=torch.Generator().manual_seed(cfg.seed))
     val_loader, test_loader = eval_loader(task.val), eval_loader(task.test)
 
@@ -192,7 +251,7 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
 
     state = {"epoch": 0, "batch": 0, "step": 0, "best": math.inf, "best_epoch": -1,
              "train_time": 0.0, "train_images": 0}
-    if resume is not None:
+    if resume is not None:  # every rank loads the same checkpoint, so ranks stay identical
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -201,13 +260,30 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
         torch.set_rng_state(resume["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in resume:
             torch.cuda.set_rng_state(resume["rng_cuda"])
-        run.truncate_metrics(lambda r: (r.get("kind") == "train" and r["step"] <= state["step"])
-                             or (r.get("kind") == "epoch" and r["epoch"] <= state["epoch"]))
-        print(f"[stage3] resumed at epoch {state['epoch']} batch {state['batch']} (step {state['step']})", flush=True)
+        if main:
+            run.truncate_metrics(lambda r: (r.get("kind") == "train" and r["step"] <= state["step"])
+                                 or (r.get("kind") == "epoch" and r["epoch"] <= state["epoch"]))
+        log(f"[stage3] resumed at epoch {state['epoch']} batch {state['batch']} (step {state['step']})")
 
-    train_model = torch.compile(model) if cfg.train.compile else model
+    method.on_train_start(model, total_steps)  # after load_state: a resumed method keeps its own
+    train_model = wrap_for_training(model, cfg, dist_, device)
+    # DDP averages gradients over ranks. That is the full-batch gradient for a per-batch mean loss,
+    # but half of it for a per-batch *sum* (ORCA's Darcy loss): scale sums by the world size.
+    summed = loss_reduction(task) == "sum"
+    rescale = summed and dist_.world > 1
+    graphs = cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and device.type == "cuda"
+
+    def global_loss(value: torch.Tensor) -> torch.Tensor:
+        """The whole global batch's loss (sum or mean as the task defines it); a collective under DDP."""
+        if dist_.world == 1:
+            return value.detach()
+        total = value.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total if summed else total / dist_.world
 
     def checkpoint(name: str = "last") -> None:
+        if not main:
+            return
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "state": dict(state), "arch": model.arch(),
                    "method": method.state_for_checkpoint(), "rng_cpu": torch.get_rng_state(),
@@ -221,7 +297,7 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
         model.train()
         train_sampler.set_epoch(epoch, skip_batches=state["batch"])
         bar = tqdm(total=micro_per_epoch, initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   dynamic_ncols=True, disable=None)
+                   dynamic_ncols=True, disable=quiet)
         # Losses accumulate on the device and are read back only at log steps: a host sync per
         # step stalls the kernel queue, which dominates small-batch steps (ORCA's batch 4).
         t_epoch, images, loss_acc = time.time(), 0, torch.zeros((), device=device)
@@ -233,14 +309,22 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
                 x = x.contiguous(memory_format=torch.channels_last)
             if micro % cfg.train.grad_accum == 0:
                 method.on_step_start(model, state["step"])
-            with autocast():
-                out = train_model(x)
-            loss = task.loss(out.float(), y)
-            (loss / cfg.train.grad_accum).backward()
-            images += len(x)
+            last_micro = (micro + 1) % cfg.train.grad_accum == 0
+            # DDP all-reduces at every backward unless told otherwise: accumulate locally first.
+            sync = contextlib.nullcontext() if last_micro or dist_.world == 1 else train_model.no_sync()
+            if graphs:  # a new step: the previous step's graph outputs may now be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            with sync:
+                with autocast():
+                    out = train_model(x)
+                loss = task.loss(out.float(), y)
+                reg = method.regularization(model)
+                scaled = loss * dist_.world if rescale else loss
+                ((scaled if reg is None else scaled + reg) / cfg.train.grad_accum).backward()
+            images += len(x) * dist_.world
             loss_acc += loss.detach()
             bar.update(1)
-            if (micro + 1) % cfg.train.grad_accum:
+            if not last_micro:
                 continue
             if cfg.train.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
@@ -251,10 +335,12 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
             state["step"] += 1
             state["batch"] = micro + 1
             if state["step"] % cfg.train.log_every == 0:
-                check_finite(loss, epoch, state["step"])
-                bar.set_postfix(loss=f"{loss.item():.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                run.log_metrics({"kind": "train", "epoch": epoch + 1, "step": state["step"],
-                                 "train/loss": float(loss.detach()), "train/lr": scheduler.get_last_lr()[0]})
+                step_loss = global_loss(loss)
+                check_finite(step_loss, epoch, state["step"])
+                if main:
+                    bar.set_postfix(loss=f"{step_loss.item():.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                    run.log_metrics({"kind": "train", "epoch": epoch + 1, "step": state["step"],
+                                     "train/loss": float(step_loss), "train/lr": scheduler.get_last_lr()[0]})
             if cfg.train.save_every_steps and state["step"] % cfg.train.save_every_steps == 0:
                 state["train_time"] += time.time() - t_epoch
                 state["train_images"] += images
@@ -263,6 +349,7 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
             if on_step is not None:
                 on_step(state["step"])
         bar.close()
+        loss_acc = global_loss(loss_acc)
         check_finite(loss_acc, epoch, state["step"])
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -271,7 +358,7 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
         record = {"kind": "epoch", "epoch": epoch + 1, "step": state["step"],
                   "train/loss": float(loss_acc) / max(1, micro_per_epoch - train_sampler.skip),
                   "train/img_per_s": images / max(time.time() - t_epoch, 1e-9) if images else None}
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+        if main and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
             with method.eval_rank(model):
                 val = evaluate(model, val_loader, task, device, autocast, desc="val")
             record.update({f"val/{k}": v for k, v in val.items()})
@@ -279,12 +366,16 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
                 state["best"], state["best_epoch"] = val[metric], epoch + 1
                 run.save_checkpoint("best", {"model": model.state_dict(), "arch": model.arch(),
                                              "epoch": epoch + 1, f"val_{metric}": val[metric]})
-            print(f"[stage3] epoch {epoch + 1}: train loss {record['train/loss']:.4g}, "
-                  f"val {metric} {val[metric]:.4g} (best {state['best']:.4g} @ {state['best_epoch']})", flush=True)
-        run.log_metrics(record)
+            log(f"[stage3] epoch {epoch + 1}: train loss {record['train/loss']:.4g}, "
+                f"val {metric} {val[metric]:.4g} (best {state['best']:.4g} @ {state['best_epoch']})")
+        if main:
+            run.log_metrics(record)
         state["epoch"], state["batch"] = epoch + 1, 0
         checkpoint()
+        dist_.barrier()  # the others wait out rank 0's evaluation and checkpoint
 
+    if not main:
+        return run
     best = run.load_checkpoint("best")
     if best is not None:
         model.load_state_dict(best["model"])
@@ -298,6 +389,7 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
         "metric": metric, "val": {metric: state["best"]}, "test": test, "best_epoch": state["best_epoch"],
         "epochs": cfg.train.epochs, "steps": state["step"], "params": params,
         "train_img_per_s": state["train_images"] / max(state["train_time"], 1e-9),
+        "world_size": dist_.world,
         "wall_time_s": time.time() - t0, "git": git_info(), "machine": machine_info(),
         "data": task.info, "command": " ".join(sys.argv), "run_dir": str(run.path),
     }
@@ -305,6 +397,54 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
     run.close()
     print(f"[stage3] test {metric} = {test[metric]:.5g} (best val epoch {state['best_epoch']}); summary: {path}", flush=True)
     return run
+
+
+def loss_reduction(task: TaskData) -> str:
+    """``sum`` or ``mean``: how ``task.loss`` reduces over the batch (dense tasks sum, as ORCA/FNO)."""
+    return getattr(task.loss, "reduction", "sum" if task.kind == "dense" else "mean")
+
+
+def set_stage_checkpointing(model: ORCAModel, stages: Optional[List[int]]) -> None:
+    """Recompute the activations of the listed body stages in backward (``train.grad_checkpointing``).
+
+    Per stage because activation memory is not spread evenly: Swin's first stages hold the most
+    tokens, so checkpointing them alone buys most of the memory for a fraction of the recompute.
+    """
+    if stages is None:
+        return
+    layers = getattr(model.body, "layers", None)
+    if layers is None:
+        raise ConfigError(f"train.grad_checkpointing: body {type(model.body).__name__} has no stages (layers)")
+    for i in stages:
+        if i >= len(layers):
+            raise ConfigError(f"train.grad_checkpointing={stages}: stage {i} does not exist; the body has "
+                              f"{len(layers)} stages (0..{len(layers) - 1})")
+        layers[i].grad_checkpointing = True
+
+
+def wrap_for_training(model: torch.nn.Module, cfg: ExperimentConfig, dist_: Dist,
+                      device: torch.device) -> torch.nn.Module:
+    """The module the training step calls: DDP-wrapped under torchrun, then compiled if asked.
+
+    DDP sees only parameters that require grad, so frozen body weights get neither gradient buffers
+    nor all-reduce traffic. Buffers (Swin's attention masks and position indices, QLoRA's quantised
+    weights) are constant and identical on every rank, so they are not re-broadcast each forward.
+    Compiling the DDP module (rather than the reverse) lets dynamo split graphs at bucket boundaries
+    so the all-reduce overlaps the backward.
+    """
+    train_model = model
+    if dist_.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # torch >= 2.14 renames broadcast_buffers; syncing the (identical) buffers once at init is harmless.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                          find_unused_parameters=False, gradient_as_bucket_view=True, **no_sync)
+    if cfg.train.compile:
+        mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+        train_model = torch.compile(train_model, mode=mode)
+    return train_model
 
 
 def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:

@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,8 +37,15 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from orca.bench import BLOCK_LINEARS, free_memory, git_state  # noqa: E402  (shared with bench_train.py)
+from orca.bench import BenchModel as Model  # noqa: E402
+from orca.bench import machine as _machine  # noqa: E402
+
 METHODS = ("full", "lora", "peft", "qlora")
-BLOCK_LINEARS = r"layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+
+
+def machine() -> Dict[str, Any]:
+    return _machine(torch.device("cuda"))
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -65,19 +69,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 # configurations
 # ---------------------------------------------------------------------------------------------
-class Model(nn.Module):
-    """embedder (identity: the body's own patch embedding) -> body -> head, as ORCAModel."""
-
-    def __init__(self, body: nn.Module, num_features: int, num_classes: int):
-        super().__init__()
-        self.embedder = nn.Identity()
-        self.body = body
-        self.head = nn.Linear(num_features, num_classes)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
 def build(method: str, args: argparse.Namespace) -> Dict[str, Any]:
     import timm
 
@@ -117,11 +108,6 @@ def train_step(cfg: Dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> None:
     loss.backward()
     cfg["opt"].step()
     cfg["opt"].zero_grad(set_to_none=True)
-
-
-def free_memory() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,23 +194,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # provenance and output
 # ---------------------------------------------------------------------------------------------
-def git_state() -> Dict[str, Any]:
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True)
-
-    head = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain")
-    return {"commit": head.stdout.strip() if head.returncode == 0 else None,
-            "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
-
-
-def machine() -> Dict[str, Any]:
-    props = torch.cuda.get_device_properties(0)
-    return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-            "sms": props.multi_processor_count, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "host": platform.node()}
-
-
 def write(results: Dict[str, Any], args: argparse.Namespace) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), "git": git_state(),

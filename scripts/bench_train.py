@@ -1,0 +1,263 @@
+"""Training throughput, model FLOP utilisation and peak memory of every fine-tuning method, one GPU.
+
+    python scripts/bench_train.py                                     # all methods, batch 64 and 256, eager
+    python scripts/bench_train.py --rank-map runs/stage2__.../rank_map.json    # adds lora_map
+    python scripts/bench_train.py --compile --methods full lora peft --batch-sizes 256
+    python scripts/bench_train.py --grad-checkpointing 0 1 2 3 --methods full lora --batch-sizes 256
+    python scripts/bench_train.py --smoke                             # CPU: tiny Swin, 2 steps (tests)
+
+Setup (SPEC.md "Reference numbers"): timm Swin-B at 224 with random weights, random images and
+labels, mean-pooled features -> Linear(1024, 100) -> cross-entropy, bf16 autocast, fused AdamW.
+Configurations: ``full``; ``lora`` (ours, r = 8 on every block qkv/proj/fc1/fc2); ``lora_map``
+(ours, a stage-2 rank map); ``dylora``; ``delta_lora`` (W update active from step 0); ``qlora``
+(NF4 base + LoRA); ``peft`` (HF peft LoRA r = 8, the reference); with ``--grad-checkpointing``
+also ``full+gc`` and ``lora+gc`` (activation checkpointing in the listed body stages).
+
+Method: all configurations stay resident and are timed in interleaved blocks (each repeat visits
+every configuration once), so clock or thermal drift hits them alike; warm-up steps (compilation
+included) are excluded; the median over repeats is reported. FLOPs per step come from
+``torch.utils.flop_counter`` on one eager step of that configuration; MFU = FLOPs/step x steps/s
+over the bf16 matmul peak measured here (8192^3). A LoRA step does fewer FLOPs than a full step
+(no frozen-weight gradients), so ``mfu_full_equiv`` also reports the full step's FLOPs per image at
+the configuration's speed: the utilisation it would take to reach that img/s with full fine-tuning.
+A configuration's peak memory is its own block's peak minus the other configurations' resident
+memory. Compiling Swin-B takes about 2 min per configuration and batch size: with ``--compile``
+pick a few methods per call (10 min per command on the lent GPUs).
+
+Writes ``results/bench/train{tag}.json`` and ``.md`` (tag: ``_compile``, ``_gc``, ``_smoke`` or
+``--tag``) with machine, torch version, git commit (+ dirty flag) and the exact command.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from orca.bench import (build_config, count_step_flops, free_memory, git_state, machine,  # noqa: E402
+                        matmul_peak_tflops, median_rate, synchronize, train_step)
+
+METHODS = ("full", "lora", "lora_map", "dylora", "delta_lora", "qlora", "peft")
+GC_METHODS = ("full", "lora")
+SMOKE_BODY = {"img_size": 32, "embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "window_size": 2}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                   help="default: all (lora_map only with --rank-map; qlora only on CUDA)")
+    p.add_argument("--rank-map", default=None, help="stage-2 rank-map JSON for the lora_map configuration")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per block")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration and batch size")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed blocks per configuration")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--model", default="swin_base_patch4_window7_224")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--compile", action="store_true", help="torch.compile each configuration's model")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    p.add_argument("--grad-checkpointing", nargs="+", type=int, default=None, metavar="STAGE",
+                   help="also time full+gc and lora+gc with these body stages checkpointed (e.g. 0 1 2 3)")
+    p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny Swin, batch 4, 2 steps")
+    p.add_argument("--out", type=Path, default=REPO / "results" / "bench")
+    p.add_argument("--tag", default=None, help="file-name suffix (default from --compile/--grad-checkpointing/--smoke)")
+    args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = [m for m in METHODS if (m != "lora_map" or args.rank_map)
+                        and (m != "qlora" or (torch.cuda.is_available() and not args.smoke))]
+    if "lora_map" in args.methods and not args.rank_map:
+        p.error("--methods lora_map needs --rank-map PATH (a stage-2 rank_map.json)")
+    if args.rank_map and not Path(args.rank_map).is_file():
+        p.error(f"--rank-map {args.rank_map}: no such file")
+    if args.smoke:
+        args.model, args.batch_sizes, args.steps, args.warmup, args.repeats = "swin_tiny_patch4_window7_224", [4], 2, 1, 1
+    if args.compile_mode == "default":
+        args.compile_mode = None
+    return args
+
+
+def configurations(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """(name, method, rank map, checkpointed stages) of every configuration, in table order."""
+    out = [{"name": m, "method": "lora" if m == "lora_map" else m,
+            "rank_map": args.rank_map if m == "lora_map" else None, "gc": ()} for m in args.methods]
+    if args.grad_checkpointing:
+        out += [{"name": f"{m}+gc", "method": m, "rank_map": None, "gc": tuple(args.grad_checkpointing)}
+                for m in GC_METHODS if m in args.methods]
+    return out
+
+
+def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    cuda = device.type == "cuda"
+    img = 32 if args.smoke else 224
+    body_kwargs = dict(SMOKE_BODY) if args.smoke else {}
+    data = {}
+    for b in args.batch_sizes:
+        gen = torch.Generator(device=device).manual_seed(b)
+        data[b] = (torch.randn(b, 3, img, img, device=device, generator=gen),
+                   torch.randint(0, args.num_classes, (b,), device=device, generator=gen))
+    free_memory()
+    configs: Dict[str, Dict[str, Any]] = {}
+    results: Dict[str, Dict[str, Any]] = {}
+    oom = (torch.cuda.OutOfMemoryError,) if cuda else ()
+    for spec in configurations(args):
+        name = spec["name"]
+        before = torch.cuda.memory_allocated(device) if cuda else 0
+        try:
+            cfg = build_config(spec["method"], model_name=args.model, device=device, rank=args.rank,
+                               num_classes=args.num_classes, rank_map=spec["rank_map"], body_kwargs=body_kwargs,
+                               grad_ckpt_stages=spec["gc"], compile=args.compile, compile_mode=args.compile_mode)
+            cfg["flops"], t0 = {}, time.perf_counter()
+            for b in args.batch_sizes:  # FLOP count, then warm-up (and compilation) at every batch size
+                try:
+                    try:
+                        cfg["flops"][b] = count_step_flops(cfg, *data[b])
+                    except oom:
+                        raise
+                    except Exception as err:  # noqa: BLE001 - a FLOP-counter gap must not cost the timing
+                        print(f"[{name}] FLOP count failed at batch {b}: {type(err).__name__}: {err}", flush=True)
+                        cfg["opt"].zero_grad(set_to_none=True)
+                        cfg["flops"][b] = None
+                    for _ in range(args.warmup):
+                        train_step(cfg, *data[b])
+                    synchronize(device)
+                except oom:
+                    cfg["opt"].zero_grad(set_to_none=True)
+                    free_memory()
+                    results[f"{name}@{b}"] = {"config": name, "batch": b, "status": "oom"}
+            cfg["warmup_s"] = time.perf_counter() - t0
+        except oom:
+            free_memory()
+            for b in args.batch_sizes:
+                results[f"{name}@{b}"] = {"config": name, "batch": b, "status": "oom"}
+            continue
+        free_memory()
+        cfg["resident"] = (torch.cuda.memory_allocated(device) if cuda else 0) - before
+        configs[name] = cfg
+        print(f"[{name}] built; resident {cfg['resident'] / 2**30:.2f} GiB, warm-up {cfg['warmup_s']:.1f} s, "
+              f"{cfg['counts']}", flush=True)
+
+    times: Dict[str, List[float]] = {}
+    peaks: Dict[str, List[int]] = {}
+    for rep in range(args.repeats):
+        for b in args.batch_sizes:
+            for name, cfg in configs.items():
+                key = f"{name}@{b}"
+                if results.get(key, {}).get("status") == "oom":
+                    continue
+                x, y = data[b]
+                synchronize(device)
+                if cuda:
+                    others = torch.cuda.memory_allocated(device) - cfg["resident"]
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    t0 = time.perf_counter()
+                    for _ in range(args.steps):
+                        train_step(cfg, x, y)
+                    synchronize(device)
+                    elapsed = time.perf_counter() - t0
+                except oom:
+                    cfg["opt"].zero_grad(set_to_none=True)
+                    free_memory()
+                    results[key] = {"config": name, "batch": b, "status": "oom"}
+                    continue
+                times.setdefault(key, []).append(elapsed)
+                if cuda:
+                    peaks.setdefault(key, []).append(torch.cuda.max_memory_allocated(device) - others)
+        print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
+
+    peak_tflops = args.peak_tflops
+    full_flops = {b: configs["full"]["flops"].get(b) for b in args.batch_sizes} if "full" in configs else {}
+    for key, ts in times.items():
+        name, b = key.rsplit("@", 1)
+        b = int(b)
+        ips = median_rate(b * args.steps, ts)
+        flops = configs[name]["flops"].get(b)
+        mfu = (lambda f: float(f"{f / b * ips / (peak_tflops * 1e12):.4g}") if f else None)  # noqa: E731
+        row = {"config": name, "batch": b, "status": "ok", "img_per_s": round(ips, 1),
+               "img_per_s_repeats": [round(b * args.steps / t, 1) for t in ts],
+               "flop_per_step": flops, "gflop_per_img": round(flops / b / 1e9, 4) if flops else None,
+               "mfu": mfu(flops),
+               "peak_gib": round(max(peaks[key]) / 2**30, 2) if key in peaks else None,
+               "trainable_params": configs[name]["counts"]["trainable"],
+               "warmup_s": round(configs[name]["warmup_s"], 1)}
+        if full_flops.get(b):
+            row["mfu_full_equiv"] = mfu(full_flops[b])
+        results[key] = row
+    return results
+
+
+def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.device) -> Path:
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": machine(device), "git": git_state(),
+            "command": args.command,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "matmul_peak_tflops": float(f"{args.peak_tflops:.4g}"),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    order = [c["name"] for c in configurations(args)]
+    rows = [results[k] for k in sorted(results, key=lambda k: (results[k]["batch"], order.index(results[k]["config"])))]
+    tag = args.tag if args.tag is not None else ("_smoke" if args.smoke else "") + \
+        ("_compile" if args.compile else "") + ("_gc" if args.grad_checkpointing else "")
+    stem = f"train{tag}"
+    (args.out / f"{stem}.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    ref = {(r["batch"], r["config"]): r.get("img_per_s") for r in rows if r["status"] == "ok"}
+    gpu = meta["machine"]["gpu"] or f"CPU {meta['machine']['cpu']}"
+    lines = [f"# Training throughput ({gpu}, {'torch.compile' if args.compile else 'eager'})", "",
+             f"`{meta['command']}`", "",
+             f"torch {meta['machine']['torch']}, git {meta['git']['commit']}{' (dirty)' if meta['git']['dirty'] else ''}, "
+             f"{meta['date']}; {args.model}, {'bf16 autocast, fused AdamW' if device.type == 'cuda' else 'fp32, AdamW'}, "
+             f"r = {args.rank}; median of {args.repeats} interleaved blocks of {args.steps} steps after "
+             f"{args.warmup} warm-up steps; matmul peak {meta['matmul_peak_tflops']} TFLOP/s.", "",
+             "| batch | config | img/s | vs full | vs peft | GFLOP/img | MFU | MFU (full-step FLOPs) | peak GiB | trainable |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['batch']} | {r['config']} | {r['status']} | | | | | | | |")
+            continue
+        rel = lambda other: (f"{r['img_per_s'] / ref[(r['batch'], other)]:.2f}x"  # noqa: E731
+                             if ref.get((r["batch"], other)) else "")
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
+        pct = lambda v: f"{100 * v:.1f}%" if v is not None else "n/a"  # noqa: E731
+        equiv = pct(r["mfu_full_equiv"]) if "mfu_full_equiv" in r else ""
+        gflop = f"{r['gflop_per_img']:.4g}" if r["gflop_per_img"] is not None else "n/a"
+        lines.append(f"| {r['batch']} | {r['config']} | {r['img_per_s']:.1f} | {rel('full')} | {rel('peft')} | "
+                     f"{gflop} | {pct(r['mfu'])} | {equiv} | {peak} | {r['trainable_params']:,} |")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return args.out / f"{stem}.md"
+
+
+def main(argv: Optional[List[str]] = None) -> Path:
+    args = parse_args(argv)
+    args.command = " ".join(shlex.quote(a) for a in [sys.executable, str(Path(__file__).relative_to(REPO)),
+                                                     *(sys.argv[1:] if argv is None else argv)])
+    if args.smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        raise SystemExit("bench_train.py needs a CUDA GPU (or --smoke for the CPU smoke run)")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        args.peak_tflops = matmul_peak_tflops(device)
+    else:
+        args.peak_tflops = matmul_peak_tflops(device, n=256, dtype=torch.float32, iters=5)
+    print(f"matmul peak: {args.peak_tflops:.4g} TFLOP/s", flush=True)
+    results = run(args, device)
+    path = write(results, args, device)
+    print(path.read_text())
+    return path
+
+
+if __name__ == "__main__":
+    main()
