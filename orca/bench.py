@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import platform
 import re
 import statistics
-import subprocess
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
+from orca.runs import git_info as git_state, machine_info  # noqa: F401  (one source of run facts)
+
 BLOCK_LINEARS = r"layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 
 
@@ -150,26 +148,13 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def git_state() -> Dict[str, Any]:
-    """Commit and dirty flag (untracked files included: a benchmark script may itself be new)."""
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True)
-
-    head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain")
-    return {"commit": head.stdout.strip() if head.returncode == 0 else None,
-            "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
-
-
 def machine(device: torch.device) -> Dict[str, Any]:
-    info: Dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
-                            "python": platform.python_version(), "host": platform.node(),
-                            "cpu": platform.processor() or platform.machine()}
+    """orca.runs.machine_info plus the GPU's memory and SM count (what the throughput depends on)."""
+    info = machine_info()
+    info["cuda"] = torch.version.cuda
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    sms=props.multi_processor_count)
-    else:
-        info["gpu"] = None
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
     return info
 
 

@@ -211,7 +211,7 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
     stem = f"train{tag}"
     (args.out / f"{stem}.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     ref = {(r["batch"], r["config"]): r.get("img_per_s") for r in rows if r["status"] == "ok"}
-    gpu = meta["machine"]["gpu"] or f"CPU {meta['machine']['cpu']}"
+    gpu = meta["machine"]["gpu"] or f"CPU, {meta['machine']['cpus']} cores"
     lines = [f"# Training throughput ({gpu}, {'torch.compile' if args.compile else 'eager'})", "",
              f"`{meta['command']}`", "",
              f"torch {meta['machine']['torch']}, git {meta['git']['commit']}{' (dirty)' if meta['git']['dirty'] else ''}, "

@@ -19,7 +19,7 @@ Two kinds of strategy objects keep the wrapper free of if/elif chains:
 
 Speed (measured on one H100, Swin-B, batch 256, bf16 autocast, eager): the naive composition
 ``base(x) + s * B(A(x))`` ran at 0.91x full fine-tuning, the fused Function at 0.98x, HF peft at
-0.75x; see ``scripts/bench_adapters.py``.
+0.75x; see ``scripts/bench_train.py`` / ``scripts/bench_adapters.py``.
 
 One adapter per layer (peft keeps a dict of named adapters): a stage-3 run trains one method, and
 the adapter is named by its module path, which is what error messages report.
