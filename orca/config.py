@@ -56,7 +56,6 @@ class ModelConfig:
     embedder_init: str = field(default="pretrained", metadata={"help": "pretrained (ORCA: tile the RGB patch embedding over C_in) | random"})
     embedder_from: Optional[str] = field(default=None, metadata={"help": "stage-1 run directory whose aligned embedder replaces the initial one"})
     decoder_channels: int = field(default=3, metadata={"help": "channels of the SimMIM-style dense decoder before the channel mean"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing inside the body (memory for compute)"})
 
     def __post_init__(self):
         check_choice("model.weights", self.weights, ("hub", "file", "none"))
@@ -87,7 +86,7 @@ class TrainConfig:
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bitwise-reproducible resume on CPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU); the train loader then drops its last partial batch so shapes stay static"})
     compile_mode: str = field(default="default", metadata={"help": "torch.compile mode: default | reduce-overhead (CUDA graphs: small batches, launch-bound) | max-autotune | max-autotune-no-cudagraphs"})
-    grad_checkpointing: Optional[List[int]] = field(default=None, metadata={"help": "body stages (0-based, e.g. [0, 1]) whose blocks recompute activations in backward: memory for compute; None = off (model.grad_checkpointing covers all stages)"})
+    grad_checkpointing: Optional[List[int]] = field(default=None, metadata={"help": "body stages (0-based, e.g. [0, 1]) whose blocks recompute activations in backward: memory for compute; None = off"})
     channels_last: bool = field(default=False, metadata={"help": "channels-last memory format for the conv embedder (GPU)"})
     max_steps_per_epoch: Optional[int] = field(default=None, metadata={"help": "truncate epochs (debugging, smoke tests)"})
     log_every: int = field(default=50, metadata={"help": "write training scalars every N optimizer steps"})

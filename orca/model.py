@@ -57,8 +57,6 @@ def build_model(model_cfg, task) -> ORCAModel:
     if model_cfg.embedder_init == "pretrained":
         embedder.init_from_patch_embed(patch)
     body.patch_embed = nn.Identity()
-    if model_cfg.grad_checkpointing:
-        body.set_grad_checkpointing(True)
     if model_cfg.embedder_from:
         load_embedder(embedder, model_cfg.embedder_from)
     width = body.num_features

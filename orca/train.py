@@ -199,7 +199,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
 
     task = dist_.main_first(lambda: build_task(cfg.task.name, cfg.task.options, cfg.task.data_root))
     model: ORCAModel = build_model(cfg.model, task)
-    set_stage_checkpointing(model, cfg.train.grad_checkpointing)
+    set_stage_checkpointing(model.body, cfg.train.grad_checkpointing)
     method = build_method(cfg.adapter)
     params = method.prepare(model)
     model.to(device)
@@ -404,7 +404,7 @@ def loss_reduction(task: TaskData) -> str:
     return getattr(task.loss, "reduction", "sum" if task.kind == "dense" else "mean")
 
 
-def set_stage_checkpointing(model: ORCAModel, stages: Optional[List[int]]) -> None:
+def set_stage_checkpointing(body: torch.nn.Module, stages: Optional[List[int]]) -> None:
     """Recompute the activations of the listed body stages in backward (``train.grad_checkpointing``).
 
     Per stage because activation memory is not spread evenly: Swin's first stages hold the most
@@ -412,9 +412,9 @@ def set_stage_checkpointing(model: ORCAModel, stages: Optional[List[int]]) -> No
     """
     if stages is None:
         return
-    layers = getattr(model.body, "layers", None)
+    layers = getattr(body, "layers", None)
     if layers is None:
-        raise ConfigError(f"train.grad_checkpointing: body {type(model.body).__name__} has no stages (layers)")
+        raise ConfigError(f"train.grad_checkpointing: body {type(body).__name__} has no stages (layers)")
     for i in stages:
         if i >= len(layers):
             raise ConfigError(f"train.grad_checkpointing={stages}: stage {i} does not exist; the body has "
