@@ -157,7 +157,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: TaskData, device:
             out = model(x)
         out = out.float()
         errors.append(task.metric(decode(task, out), y).float().cpu())
-        loss_sum += float(task.loss(out, y)) * (1 if task.kind == "dense" else len(x))
+        loss_sum += float(task.loss(out, y)) * (1 if loss_reduction(task) == "sum" else len(x))
         n += len(x)
     err = torch.cat(errors)
     if not torch.isfinite(err).all():

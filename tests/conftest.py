@@ -7,6 +7,18 @@ import torch
 TINY_BODY = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 2}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: 1 thread avoids OpenMP spin-waiting on a busy 2-core machine (50x measured).
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

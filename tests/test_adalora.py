@@ -15,12 +15,7 @@ from orca.train import run_stage3  # noqa: E402
 from tests.test_adapters_variants import build  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_stage3_run_allocates_every_step_and_counts_only_lora(tiny_overrides, monkeypatch):

@@ -20,13 +20,7 @@ from orca.adapters.optim import build_optimizer, build_param_groups
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: 1 thread avoids OpenMP spin-waiting on a busy 2-core machine (50x measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Stand(nn.Module):

@@ -19,14 +19,7 @@ from orca.adapters.io import export_merged, export_peft, load_adapter, save_adap
 from orca.adapters.lora import resolve_ranks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with 2 OpenMP threads on a busy 2-core machine a tiny-Swin step was
-    measured 50x slower (spin-waiting) than with 1 thread. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
