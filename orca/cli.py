@@ -4,6 +4,7 @@
     python -m orca stage3 --resume runs/stage3__darcy__tiny__s0__20261123-120000
     python -m orca list tasks|adapters|objectives|gaps
     python -m orca show-config --config configs/darcy_swinb.yaml adapter.method=lora
+    python -m orca data --config configs/darcy_swinb.yaml task.options.workers=16   # build/cache the data only
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def _registries():
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orca", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*STAGES, "list", "show-config"])
-    parser.add_argument("what", nargs="*", help="for stages and show-config: dotted overrides (train.lr=3e-4); "
+    parser.add_argument("command", choices=[*STAGES, "list", "show-config", "data"])
+    parser.add_argument("what", nargs="*", help="for stages, data and show-config: dotted overrides (train.lr=3e-4); "
                                                  "for list: tasks | adapters | objectives | gaps")
     parser.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml)")
     parser.add_argument("--resume", help="run directory to continue (its config.yaml is used)")
@@ -69,6 +70,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.command == "show-config":
         save_config(cfg, "/dev/stdout")
+        return 0
+    if args.command == "data":  # generate or check the task's data now (e.g. beside a GPU job), train nothing
+        import json
+
+        from datasets.registry import build_task
+
+        task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
+        sizes = {split: len(getattr(task, split)) for split in ("train", "val", "test")}
+        print(json.dumps({"task": cfg.task.name, "sizes": sizes, "info": task.info}, default=str))
         return 0
     module_name, fn_name = STAGES[args.command]
     import importlib

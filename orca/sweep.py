@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -318,12 +319,15 @@ def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
 
 def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callable[[SweepRun], List[str]],
               poll_s: float) -> List[Tuple[SweepRun, str]]:
-    """One subprocess per device from a shared queue; each writes ``sweep.log`` in its run directory."""
+    """One subprocess per slot from a shared queue; each writes ``sweep.log`` in its run directory.
+
+    ``devices`` lists one GPU id per slot; an id listed k times runs k processes on that GPU.
+    """
     queue, active, failed = deque(pending), {}, []
     try:
         while queue or active:
-            for dev in devices:
-                if dev not in active and queue:
+            for slot, dev in enumerate(devices):
+                if slot not in active and queue:
                     run = queue.popleft()
                     # cwd stays the caller's, so relative paths in the config mean what they meant here
                     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -331,15 +335,15 @@ def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callabl
                     env.update(CUDA_VISIBLE_DEVICES=dev, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
                     log = open(run.run_dir / "sweep.log", "ab")
                     proc = subprocess.Popen(command(run), env=env, stdout=log, stderr=subprocess.STDOUT)
-                    active[dev] = (proc, run, log)
+                    active[slot] = (proc, run, log)
                     print(f"[sweep] GPU {dev}: {run.name}", flush=True)
             time.sleep(poll_s)
-            for dev, (proc, run, log) in list(active.items()):
+            for slot, (proc, run, log) in list(active.items()):
                 rc = proc.poll()
                 if rc is None:
                     continue
                 log.close()
-                del active[dev]
+                del active[slot]
                 bar.update(1)
                 if rc != 0 or not run.done:
                     failed.append((run, str(run.run_dir / "sweep.log")))
@@ -352,9 +356,34 @@ def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callabl
     return failed
 
 
+def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
+    """Refuse run directories that another sweep file already wrote.
+
+    Why: completion is "summary.json exists", so two sweep files whose run names and ``sweep.table``
+    coincide (say the same grid on another task) would silently take each other's results.
+
+    Raises:
+        ConfigError: naming the directory, the sweep that owns it and the way out.
+    """
+    for run in runs:
+        record = run.run_dir / "sweep.json"
+        if not record.is_file():
+            continue
+        try:
+            owner = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue  # unreadable: prepare() rewrites it
+        mine = run.record(sweep_file, ())
+        theirs = {k: owner.get(k) for k in ("sweep_file", "task")}
+        if theirs != {k: mine[k] for k in theirs}:
+            raise ConfigError(
+                f"{run.run_dir} belongs to sweep {theirs['sweep_file']!r} (task {theirs['task']!r}), not to "
+                f"{sweep_file!r} (task {mine['task']!r}): give this sweep its own sweep.table or sweep.output_dir")
+
+
 def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Optional[int] = None,
               dry_run: bool = False, command: Callable[[SweepRun], List[str]] = stage3_command,
-              poll_s: float = 2.0) -> List[Tuple[SweepRun, str]]:
+              poll_s: float = 2.0, per_gpu: int = 1) -> List[Tuple[SweepRun, str]]:
     """Run every pending point of a sweep; return the failed runs with the path of their log.
 
     Args:
@@ -364,11 +393,13 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
             process (CPU, or a GPU the runs find by themselves).
         dry_run: only print each run's status and directory.
         command: the subprocess command of one run (tests substitute a cheap one).
+        per_gpu: concurrent runs per GPU (small, launch-bound models leave most of a GPU idle).
         poll_s: how often the worker pool checks its subprocesses.
     """
     from tqdm.auto import tqdm
 
     spec, runs = load_sweep(path, overrides)
+    check_ownership(runs, str(path))
     pending = [r for r in runs if not r.done]
     print(f"[sweep] {path}: {len(runs)} runs in {Path(spec.output_dir) / spec.table}, "
           f"{len(runs) - len(pending)} done, {len(pending)} pending", flush=True)
@@ -376,7 +407,9 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         for run in runs:
             print(f"  {'done   ' if run.done else 'pending'}  {run.run_dir}", flush=True)
         return []
-    devices = visible_devices(gpus)
+    if per_gpu < 1:
+        raise ValueError(f"per_gpu must be >= 1, got {per_gpu}")
+    devices = [dev for dev in visible_devices(gpus) for _ in range(per_gpu)]
     for run in pending:
         prepare(run, str(path), overrides)
     if devices and pending:
@@ -397,11 +430,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--gpus", type=int, default=None,
                         help="parallel runs, one GPU each (default: all visible; 0 = sequential in this process)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run nothing")
+    parser.add_argument("--per-gpu", type=int, default=1,
+                        help="concurrent runs on each GPU (default 1; more for small, launch-bound models)")
     args = parser.parse_intermixed_args(argv)
     if args.gpus is not None and args.gpus < 0:
         parser.error(f"--gpus must be >= 0, got {args.gpus}")
+    if args.per_gpu < 1:
+        parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
     try:
-        failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run)
+        failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu)
     except (ConfigError, FileNotFoundError) as err:  # a user mistake: the message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

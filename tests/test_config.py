@@ -87,3 +87,19 @@ def test_cli_reports_config_errors_in_one_line(capsys, tmp_path):
     assert err.startswith("error: unknown config key 'train.lrr'; did you mean 'lr'?") and "Traceback" not in err
     assert main(["stage3", "--resume", str(tmp_path / "missing_run")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_cli_data_builds_the_task_and_reports_its_sizes(capsys, tmp_path):
+    """`python -m orca data` generates and caches the data alone; a second call reads the cache."""
+    import json
+
+    from orca.cli import main
+
+    args = ["data", "--config", "configs/darcy_tiny.yaml", f"task.data_root={tmp_path}",
+            "task.options={resolution: 41, subsample: 4, n_train: 6, n_val: 2, n_test: 3, workers: 1}"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["task"] == "darcy" and report["sizes"] == {"train": 6, "val": 2, "test": 3}
+    cached = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert cached and main(args) == 0
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == cached

@@ -116,6 +116,35 @@ def test_pool_one_gpu_per_run_and_failures_reported(tmp_path, data_root, monkeyp
     assert "run_dir: " + str(out_dir / "lora_r1_s0") in (out_dir / "lora_r1_s0" / "config.yaml").read_text()
 
 
+def test_pool_runs_several_processes_per_gpu(tmp_path, data_root, monkeypatch):
+    """--per-gpu 2 on one GPU: two slots, both on GPU 0, every run done once."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(sweep_mod, "visible_devices", lambda n: ["0"])
+    path = tiny_sweep(tmp_path, data_root, GRID_2x2)
+    fake = FAKE_RUN.replace("sys.exit(3)", "pass")  # every run succeeds here
+    failed = sweep_mod.run_sweep(path, gpus=1, per_gpu=2, poll_s=0.05,
+                                 command=lambda run: [sys.executable, "-c", fake, str(run.run_dir)])
+    assert failed == []
+    out_dir = tmp_path / "runs" / "table2"
+    assert {json.loads((d / "summary.json").read_text())["gpu"] for d in out_dir.iterdir()} == {"0"}
+    assert len(list(out_dir.iterdir())) == 4
+    with pytest.raises(ValueError, match="per_gpu must be >= 1"):
+        sweep_mod.run_sweep(path, gpus=1, per_gpu=0)
+
+
+def test_run_directories_of_another_sweep_are_refused(tmp_path, data_root):
+    """Same table and run names from another sweep file: an error, not its results taken as ours."""
+    first = tiny_sweep(tmp_path, data_root, GRID_2x2)
+    spec, runs = sweep_mod.load_sweep(first)
+    for run in runs:
+        sweep_mod.prepare(run, str(first), [])
+    second = tmp_path / "other.yaml"
+    second.write_text(first.read_text().replace("name: test", "name: other"))
+    with pytest.raises(ConfigError, match=r"belongs to sweep .*tiny_sweep.yaml.*own sweep.table"):
+        sweep_mod.run_sweep(second, dry_run=True)
+    sweep_mod.run_sweep(first, dry_run=True)  # its own runs are fine
+
+
 def test_visible_devices_respects_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert sweep_mod.visible_devices(2) == ["3", "5"]
