@@ -112,10 +112,13 @@ class FusedLoRALinear(torch.autograd.Function):
 
     Why: autograd of the composed ops makes extra full-size passes over the activations -- the
     update (N x d_out) is written, added, and scaled again in backward, and the two input
-    gradients (N x d_in) are summed by a separate kernel. Here every full-size tensor is produced by
-    one GEMM and the LoRA terms are accumulated into it (addmm_ with beta = 1). W gets a gradient
-    only if it requires one (never under LoRA), so the step skips the weight-gradient GEMM that
-    costs full fine-tuning a third of its linear-layer FLOPs.
+    gradients (N x d_in) are summed by a separate kernel. Here the output is one GEMM with the LoRA
+    term accumulated into it (addmm_ with beta = 1), and the input gradient is one GEMM against
+    W + s B A, formed on the small d_out x d_in weight (in fp32 equal to the two-term sum to
+    rounding; under bf16 autocast it carries one more bf16 rounding of W + s B A, the size of the
+    rounding W itself already has). W gets a gradient only if it requires one (never under LoRA),
+    so the step skips the weight-gradient GEMM that costs full fine-tuning a third of its
+    linear-layer FLOPs.
     """
 
     @staticmethod
@@ -135,18 +138,20 @@ class FusedLoRALinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         s = ctx.scale
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        gb = torch.mm(g, b).mul_(s)  # dL/d(x A^T), N x r
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if need_x:
-            grad_x = torch.mm(g, weight).addmm_(gb, a).view(ctx.in_shape)
+            # g W + (s g B) A = g (W + s B A): one GEMM against the d_out x d_in effective weight
+            # (tiny to form) instead of a second full-size pass that reads and rewrites grad_x.
+            grad_x = torch.mm(g, torch.addmm(weight, b, a, alpha=s)).view(ctx.in_shape)
         if need_w:
             grad_w = torch.mm(g.t(), x2)
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
         if need_a:
+            gb = torch.mm(g, b * s)  # dL/d(x A^T), N x r (scaled on the small factor, not on N x r)
             grad_a = torch.mm(gb.t(), x2)
         if need_b:
-            grad_b = torch.mm(g.t(), xa).mul_(s)
+            grad_b = torch.mm(g.t(), xa).mul_(s)  # d_out x r
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
 
