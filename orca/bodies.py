@@ -75,7 +75,7 @@ def load_body_file(name: str, path: Optional[str], **kwargs: Any) -> nn.Module:
     body = timm.create_model(name, pretrained=False, **kwargs)
     state = load_state_file(file)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    state = timm.models.swin_transformer.checkpoint_filter_fn(state, body)
+    state = _to_timm_layout(state, body)
     missing, unexpected = body.load_state_dict(state, strict=False)
     if _size_mismatch := [k for k in missing if not k.startswith("head.")]:
         raise WeightsError(f"{file} does not fit {name} {kwargs}: missing {len(_size_mismatch)} tensors, "
@@ -84,6 +84,19 @@ def load_body_file(name: str, path: Optional[str], **kwargs: Any) -> nn.Module:
         raise WeightsError(f"{file} does not fit {name}: unexpected tensors, e.g. {unexpected[:3]}")
     body.orca_weights = f"file:{file}"
     return body
+
+
+def _to_timm_layout(state: Dict[str, torch.Tensor], body: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Convert only checkpoints in the original Swin layout (PatchMerging at the end of a stage).
+
+    Why not always timm's ``checkpoint_filter_fn``: before timm 1.0.31 it tells the layouts apart by
+    the classifier, so a headless file in timm's own layout -- every body we save -- had its
+    ``layers.N.downsample`` keys shifted to N + 1 (seen with timm 1.0.29 on the GPU image).
+    Our files are in timm's layout and only lose the buffers that timm rebuilds.
+    """
+    if "layers.0.downsample.reduction.weight" in state:  # Microsoft's layout: timm converts it
+        return timm.models.swin_transformer.checkpoint_filter_fn(state, body)
+    return {k: v for k, v in state.items() if not k.endswith(("relative_position_index", "attn_mask"))}
 
 
 def load_state_file(file: Path) -> Dict[str, torch.Tensor]:

@@ -35,7 +35,14 @@ class CheckpointMismatch(ValueError):
 
 
 def git_info() -> Dict[str, Any]:
-    """Commit and dirty flag of the code that runs (``unknown`` outside a git checkout)."""
+    """Commit and dirty flag of the code that runs (``unknown`` outside a git checkout).
+
+    ``ORCA_GIT_COMMIT`` overrides both (dirty = False): for machines that receive a copy of a clean,
+    committed tree without its current history (a lent GPU machine), where ``git`` would report
+    whatever stale ``.git`` happens to be there.
+    """
+    if os.environ.get("ORCA_GIT_COMMIT"):
+        return {"commit": os.environ["ORCA_GIT_COMMIT"], "dirty": False, "source": "ORCA_GIT_COMMIT"}
 
     def _git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()

@@ -5,8 +5,8 @@ check that our solver matches a plain sparse direct solve.
     python scripts/bench_darcy.py --n-train 20 --n-test 4  # a quick check
 
 Why both: generation speed decides whether users regenerate the data or wait for files, and the
-faster factorisation (nested-dissection order, no pivoting) is only worth having if it gives the
-answer of the textbook solve. The check solves ``--check`` samples again with
+multifrontal solver (batched dense fronts in a nested-dissection order) is only worth having if it
+gives the answer of the textbook solve. The check solves ``--check`` samples again with
 ``scipy.sparse.linalg.spsolve`` in its default ordering on the same assembled operator and reports
 the largest relative L2 difference of u on the 421 grid (goal: <= 1e-6).
 
@@ -36,7 +36,7 @@ from orca.runs import git_info, machine_info, write_json  # noqa: E402
 
 def reference_solve(coeff: np.ndarray) -> np.ndarray:
     """u on the cell centres by the same discretisation, solved by spsolve (SuperLU with its own
-    fill-reducing ordering and partial pivoting) instead of our unpivoted factorisation."""
+    fill-reducing ordering and partial pivoting) instead of our multifrontal elimination."""
     K = coeff.shape[0]
     to_nodes, to_centres = spline_matrices(K)
     coef_nodes = to_nodes @ coeff @ to_nodes.T

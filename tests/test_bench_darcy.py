@@ -15,5 +15,5 @@ def test_bench_darcy_smoke(tmp_path):
                     "--check", "2", "--workers", "1", "--out", str(out)], cwd=REPO, check=True, capture_output=True)
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["samples"] == 4 and result["seconds"] > 0
-    assert result["max_rel_l2_vs_spsolve"] < 1e-9  # our unpivoted factorisation == SuperLU's pivoted solve
+    assert result["max_rel_l2_vs_spsolve"] < 1e-9  # our multifrontal solve == SuperLU's pivoted solve
     assert "| 4 | 41 -> 9 |" in out.with_suffix(".md").read_text()

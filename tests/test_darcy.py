@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import scipy.io
+import scipy.sparse.linalg
 import torch
 
 import datasets
@@ -40,6 +41,66 @@ def test_constant_coefficient_matches_poisson_maximum():
     u = solve_darcy(np.ones((101, 101)))
     assert float(f"{u.max():.4g}") == 0.07367
     assert np.unravel_index(u.argmax(), u.shape) == (50, 50)
+
+
+def _spsolve_reference(a, forcing=None):
+    """u by the same discretisation, solved by SuperLU's pivoted spsolve instead of our fronts."""
+    K = a.shape[0]
+    to_nodes, to_centres = darcy_solver.spline_matrices(K)
+    f = np.ones((K, K)) if forcing is None else forcing
+    f_nodes = to_nodes @ f @ to_nodes.T
+    order, rank = darcy_solver._ordering(K - 2)
+    x = scipy.sparse.linalg.spsolve(darcy_solver.assemble_operator(to_nodes @ a @ to_nodes.T),
+                                    f_nodes[1:-1, 1:-1].ravel()[order])
+    u = np.zeros((K, K))
+    u[1:-1, 1:-1] = x[rank].reshape(K - 2, K - 2)
+    return to_centres @ u @ to_centres.T
+
+
+@pytest.mark.parametrize("K", [5, 6, 7, 12, 23, 40, 41])
+def test_multifrontal_solve_equals_sparse_direct_solve(K):
+    # Sizes that give leaf-only trees, odd/even halvings and uneven boxes; a = 12/3 like FNO, a 1e4
+    # contrast whose splined coefficient is far from SPD, and a random forcing.
+    rng = np.random.default_rng(K)
+    for a_high, a_low, forcing in [(12.0, 3.0, None), (100.0, 0.01, rng.standard_normal((K, K)))]:
+        a = darcy_solver.threshold_coefficient(darcy_solver.sample_grf(rng, K), a_high, a_low)
+        ref = _spsolve_reference(a, forcing)
+        u = solve_darcy(a, forcing)
+        assert np.linalg.norm(u - ref) <= 1e-10 * np.linalg.norm(ref)
+
+
+def test_solver_falls_back_to_pivoting_lu(monkeypatch):
+    a = darcy_solver.threshold_coefficient(darcy_solver.sample_grf(np.random.default_rng(0), 23))
+    ref = _spsolve_reference(a)
+
+    def singular(*args):
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    for broken in (singular, lambda diag, east, south, b: np.zeros_like(b)):  # raises / fails the residual check
+        monkeypatch.setattr(darcy_solver, "_multifrontal_solve", broken)
+        u = solve_darcy(a)
+        assert np.linalg.norm(u - ref) <= 1e-10 * np.linalg.norm(ref)
+
+
+def test_spline_matrices_equal_cubic_splines_along_each_axis():
+    # M @ F @ M.T is MATLAB's interp2(..., 'spline'): a not-a-knot CubicSpline along each axis.
+    from scipy.interpolate import CubicSpline
+
+    K = 17
+    centres, nodes = (np.arange(K) + 0.5) / K, np.linspace(0.0, 1.0, K)
+    F = np.random.default_rng(1).standard_normal((K, K))
+    to_nodes, to_centres = darcy_solver.spline_matrices(K)
+    for M, x_from, x_to in ((to_nodes, centres, nodes), (to_centres, nodes, centres)):
+        rows = CubicSpline(x_from, F, axis=0, bc_type="not-a-knot")(x_to)
+        both = CubicSpline(x_from, rows, axis=1, bc_type="not-a-knot")(x_to)
+        np.testing.assert_allclose(M @ F @ M.T, both, rtol=0, atol=1e-12 * np.abs(both).max())
+
+
+def test_nested_dissection_is_a_permutation_with_the_root_separator_last():
+    n = 23
+    order = darcy_solver._nested_dissection(n)
+    np.testing.assert_array_equal(np.sort(order), np.arange(n * n))
+    np.testing.assert_array_equal(order[-n:], (n // 2) * n + np.arange(n))  # the middle row splits the square first
 
 
 @pytest.mark.skipif(not REFERENCE.is_file(), reason=f"no reference statistics at {REFERENCE} (needs shared/ beside the repo)")

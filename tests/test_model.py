@@ -74,6 +74,35 @@ def test_local_file_round_trip_and_variant_mismatch(tmp_path):
         create_body(SWIN, weights="file", weights_file=str(tmp_path / "plain.pth"), img_size=32, **other)
 
 
+def test_own_files_bypass_timms_layout_guess(tmp_path, monkeypatch):
+    """timm < 1.0.31 shifted layers.N.downsample of headless timm-layout files to N + 1 (a GPU run
+    failed so); our files must load whatever that filter does, and original-layout ones still go to it."""
+    import timm.models.swin_transformer as swin
+
+    def old_timm_filter(state, model):  # the pre-1.0.31 behaviour on a headless file
+        import re
+        calls.append(sorted(state))
+        return {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) + 1}.downsample", k): v
+                for k, v in state.items()}
+
+    calls = []
+    monkeypatch.setattr(swin, "checkpoint_filter_fn", old_timm_filter)
+    torch.manual_seed(2)
+    body = create_body(SWIN, img_size=32, **TINY_BODY)
+    path = tmp_path / "body.safetensors"
+    save_body(body, SWIN, dict(TINY_BODY), str(path))
+    loaded = create_body(SWIN, weights="file", weights_file=str(path), img_size=32, **TINY_BODY)
+    assert calls == []
+    for (n, a), (_, b) in zip(body.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    original = {k: v for k, v in body.state_dict().items()}
+    original["layers.0.downsample.reduction.weight"] = original.pop("layers.1.downsample.reduction.weight")
+    torch.save(original, tmp_path / "original.pth")
+    with pytest.raises((WeightsError, RuntimeError)):  # shapes no longer fit; what matters is the route
+        create_body(SWIN, weights="file", weights_file=str(tmp_path / "original.pth"), img_size=32, **TINY_BODY)
+    assert len(calls) == 1
+
+
 def test_missing_weights_file_and_offline_hub(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="body weights file not found"):
         create_body(SWIN, weights="file", weights_file=str(tmp_path / "none.safetensors"), img_size=32, **TINY_BODY)

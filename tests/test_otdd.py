@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from orca.align import OBJECTIVES, build_objective
-from orca.align.otdd import (OTDD, SinkhornOptions, label_distances_exact, label_distances_gaussian, otdd,
-                             otdd_reference)
+from orca.align.otdd import (OTDD, SinkhornOptions, _emd_uniform, _exact_plan, label_distances_exact,
+                             label_distances_gaussian, otdd, otdd_reference)
 
 TIGHT = SinkhornOptions(tol=1e-7, max_iter=20000)
 
@@ -98,6 +98,54 @@ def test_exact_inner_equals_brute_force_assignment():
         assert float(got[c, 0]) == pytest.approx(float(brute), rel=1e-10)
     self_d = label_distances_exact(x1, y1)
     assert float(self_d[0, 0]) == 0.0 and float(self_d[0, 1]) == pytest.approx(float(self_d[1, 0]))
+
+
+@pytest.mark.parametrize("sizes", [(40, 40), (7, 7), (12, 30), (30, 12), (1, 5)],
+                         ids=["equal (assignment)", "equal small", "unequal (simplex)", "transposed", "one point"])
+def test_exact_plan_is_optimal_and_feasible(sizes):
+    """The fast plan (assignment / reduced-cost simplex) has uniform marginals and emd2's value."""
+    import ot
+
+    gen = np.random.default_rng(sum(sizes))
+    for trial in range(3):
+        u = gen.normal(size=(sizes[0], 6)) + gen.normal(size=6) * 3  # an offset, as between class clouds
+        v = gen.normal(size=(sizes[1], 6)) * (1 + trial)
+        cost = ot.dist(u, v, metric="sqeuclidean")
+        rows, cols, mass = _exact_plan(cost)
+        plan = np.zeros_like(cost)
+        np.add.at(plan, (rows, cols), mass)
+        np.testing.assert_allclose(plan.sum(1), 1 / sizes[0], rtol=1e-12)
+        np.testing.assert_allclose(plan.sum(0), 1 / sizes[1], rtol=1e-12)
+        assert float(mass @ cost[rows, cols]) == pytest.approx(_emd_uniform(u, v), rel=1e-9)
+
+
+def test_exact_inner_equals_plain_emd_and_threads_do_not_matter():
+    """label_distances_exact (assignment for equal class sizes, simplex otherwise, threaded) == POT emd2."""
+    x1, y1 = labelled(90, 3, dim=5, seed=6, spread=2.0, noise=0.5)  # 30 points per class
+    x2, y2 = labelled(40, 4, dim=5, seed=7, spread=2.0, noise=0.5)
+    y2 = torch.where(torch.arange(40) < 4, torch.tensor(0), y2)  # class sizes 13, 9, 9, 9: both solvers
+    for args in ((x1, y1), (x1, y1, x2, y2), (x2, y2)):
+        xa, ya = args[0].numpy(), args[1].numpy()
+        xb, yb = (args[2].numpy(), args[3].numpy()) if len(args) > 2 else (xa, ya)
+        ca, cb = np.unique(ya), np.unique(yb)
+        plain = np.array([[_emd_uniform(xa[ya == i], xb[yb == j]) for j in cb] for i in ca])
+        if len(args) == 2:
+            np.fill_diagonal(plain, 0.0)
+        serial = label_distances_exact(*args, threads=1)
+        np.testing.assert_allclose(serial.numpy(), plain, rtol=1e-9, atol=0)
+        assert torch.equal(label_distances_exact(*args, threads=3), serial)
+        assert torch.equal(label_distances_exact(*args, threads=None), serial)
+        grad = label_distances_exact(*args, differentiable=True, threads=3)
+        torch.testing.assert_close(grad, serial, rtol=1e-12, atol=1e-12)
+
+
+def test_otdd_threads_do_not_change_values(source, target):
+    xs, ys = source
+    xt, yt = target
+    one = OTDD(inner_threads=1)
+    many = OTDD(inner_threads=4)
+    assert float(one.distance(xt, yt, xs, ys)) == float(many.distance(xt, yt, xs, ys))
+    assert torch.equal(one.per_cluster(xt, yt, xs, ys)[0], many.per_cluster(xt, yt, xs, ys)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -249,6 +297,8 @@ def test_option_errors(source):
         OTDD(inner="sinkhorn")
     with pytest.raises(ValueError, match="reg=0"):
         OTDD(reg=0)
+    with pytest.raises(ValueError, match="inner_threads=0"):
+        OTDD(inner_threads=0)
     with pytest.raises(ValueError, match="needs >= 2 samples per class"):
         otdd(xs[:3], torch.tensor([0, 1, 1]), xs, ys, inner="gaussian")
 

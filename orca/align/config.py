@@ -24,7 +24,7 @@ class AlignConfig:
     lr: Optional[float] = field(default=None, metadata={"help": "embedder learning rate (None = 10 x train.lr, ORCA)"})
     entreg: float = field(default=0.1, metadata={"help": "entropic regularisation of the outer OT"})
     inner: str = field(default="exact", metadata={"help": "exact | gaussian: label-to-label distance in OTDD"})
-    objective_options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "extra constructor options of the objective (e.g. otdd inner_max_samples, mmd multipliers, min_cluster_size)"})
+    objective_options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "extra constructor options of the objective (e.g. otdd inner_max_samples, otdd inner_threads, mmd multipliers, min_cluster_size)"})
     batch_size: int = field(default=64, metadata={"help": "batch size for computing features"})
     cache_dir: str = field(default="features", metadata={"help": "source-feature cache, relative to task.data_root"})
 

@@ -124,6 +124,7 @@ class OTDDObjective(AlignmentObjective):
         max_iter, tol: outer Sinkhorn settings (see :class:`SinkhornOptions`).
         inner_grad: also differentiate the cluster-to-class label distances (ORCA: False).
         weighting, min_cluster_size: see :class:`AlignmentObjective`.
+        inner_threads: worker threads for the exact label pairs (None = one per usable CPU).
     """
 
     name = "otdd"
@@ -131,10 +132,12 @@ class OTDDObjective(AlignmentObjective):
 
     def __init__(self, inner: str = "exact", reg: float = 0.1, debiased: bool = True,
                  inner_max_samples: Optional[int] = None, seed: int = 0, max_iter: int = 2000, tol: float = 1e-4,
-                 inner_grad: bool = False, weighting: str = "frequency", min_cluster_size: int = 2):
+                 inner_grad: bool = False, weighting: str = "frequency", min_cluster_size: int = 2,
+                 inner_threads: Optional[int] = None):
         super().__init__(weighting, min_cluster_size)
         self.otdd = OTDD(inner=inner, reg=reg, debiased=debiased, inner_max_samples=inner_max_samples, seed=seed,
-                         sinkhorn=SinkhornOptions(max_iter=max_iter, tol=tol), inner_grad=inner_grad)
+                         sinkhorn=SinkhornOptions(max_iter=max_iter, tol=tol), inner_grad=inner_grad,
+                         inner_threads=inner_threads)
 
     def _cluster_values(self, target_feats, index, n_clusters, source_feats, source_labels):
         values, _ = self.otdd.per_cluster(target_feats, index, source_feats, source_labels)
