@@ -30,15 +30,18 @@ body)
   "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
   ;;
 stages)
-  step "issue 4 evidence: fractal vs random body, Darcy-85 and natural patches"
-  for sweep in body_evidence_darcy body_evidence_patches; do
-    "$PY" -m orca.sweep configs/experiments/$sweep.yaml --per-gpu 3 sweep.output_dir="$out"
-  done
+  step "Darcy-85 generation (background, 12 processes)"
+  "$PY" -m orca data --config $darcy task.options.workers=12 >"$out/darcy_data.log" 2>&1 &
+  data_pid=$!
+  step "issue 4 evidence: fractal vs random body on natural patches, then on Darcy-85"
+  "$PY" -m orca.sweep configs/experiments/body_evidence_patches.yaml --per-gpu 3 sweep.output_dir="$out"
+  wait $data_pid
+  "$PY" -m orca.sweep configs/experiments/body_evidence_darcy.yaml --per-gpu 3 sweep.output_dir="$out"
   step "stage 1 on Darcy-85, Swin-B, OTDD against fractal source features"
   "$PY" -m orca stage1 --config $darcy "${swinb_offline[@]}" run_dir="$out/stage1_swinb"
-  step "stage 2 on Darcy-85, Swin-B, the stage-1 embedder"
+  step "stage 2 on Darcy-85, Swin-B, the stage-1 embedder (bootstrap CIs for the cheap metrics)"
   "$PY" -m orca stage2 --config $darcy "${swinb_offline[@]}" run_dir="$out/stage2_swinb" \
-      model.embedder_from="$out/stage1_swinb"
+      model.embedder_from="$out/stage1_swinb" 'rank.boot_metrics=[mmd,sliced_wasserstein,sinkhorn,pad]' 
   step "bench_otdd"
   "$PY" scripts/bench_otdd.py --out "$out/otdd"
   step "bench_stage2"
