@@ -14,8 +14,8 @@ The solve is exact (direct elimination, no iteration) and checked by its residua
 elimination in a geometric nested-dissection order (halve the grid by a separator line,
 recursively; eliminate the halves, then the separator). The fronts of one tree depth are dense and
 alike, so each group of them is one batched LU (partial pivoting within a separator) and one
-batched product in numpy, on one BLAS thread, with A's symmetry saving the lower half of every
-front. At K = 421 that is about 0.45 s per solve where SuperLU factorising the same matrix in the
+batched product in numpy, on one BLAS thread; A's symmetry spares each front its D-by-E block.
+At K = 421 that is about 0.45 s per solve where SuperLU factorising the same matrix in the
 same order without pivoting (this module's previous solver; SuperLU's best built-in ordering was
 slower still) takes 0.9 s: medians of interleaved runs, one core each, on a busy 2-core machine.
 u equals SuperLU's pivoted ``spsolve`` to ~1e-13 relative L2 (``scripts/bench_darcy.py``). If a
