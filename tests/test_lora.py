@@ -253,9 +253,9 @@ def test_gradients_reach_only_trainable_parts(case_id, kind, kwargs, merge_atol)
     assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-FUSED_CASES = [  # (id, input shape, bias, W trainable, dtype, atol)
-    ("3d-bias", (2, 5, 12), True, False, torch.float64, 1e-12),
-    ("2d-nobias-wgrad", (7, 12), False, True, torch.float64, 1e-12),
+FUSED_CASES = [  # (id, input shape, bias, W trainable, dtype, atol); tokens N vs d_out = 9 cover both grad_x paths
+    ("3d-bias", (2, 5, 12), True, False, torch.float64, 1e-12),  # N = 10 >= 9: W + s B A
+    ("2d-nobias-wgrad", (7, 12), False, True, torch.float64, 1e-12),  # N = 7 < 9: two terms
     ("fp32", (3, 4, 12), True, True, torch.float32, 1e-5),
 ]
 

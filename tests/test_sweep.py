@@ -97,7 +97,8 @@ FAKE_RUN = textwrap.dedent("""\
     run_dir = pathlib.Path(sys.argv[1])
     if run_dir.name.startswith("lora_r2"):
         sys.exit(3)  # a run that crashes
-    (run_dir / "summary.json").write_text(json.dumps({"gpu": os.environ["CUDA_VISIBLE_DEVICES"]}))
+    (run_dir / "summary.json").write_text(json.dumps({"gpu": os.environ["CUDA_VISIBLE_DEVICES"],
+                                                      "omp": os.environ.get("OMP_NUM_THREADS")}))
     """)
 
 
@@ -119,6 +120,7 @@ def test_pool_one_gpu_per_run_and_failures_reported(tmp_path, data_root, monkeyp
 def test_pool_runs_several_processes_per_gpu(tmp_path, data_root, monkeypatch):
     """--per-gpu 2 on one GPU: two slots, both on GPU 0, every run done once."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(sweep_mod, "visible_devices", lambda n: ["0"])
     path = tiny_sweep(tmp_path, data_root, GRID_2x2)
     fake = FAKE_RUN.replace("sys.exit(3)", "pass")  # every run succeeds here
@@ -127,6 +129,8 @@ def test_pool_runs_several_processes_per_gpu(tmp_path, data_root, monkeypatch):
     assert failed == []
     out_dir = tmp_path / "runs" / "table2"
     assert {json.loads((d / "summary.json").read_text())["gpu"] for d in out_dir.iterdir()} == {"0"}
+    omp = {json.loads((d / "summary.json").read_text())["omp"] for d in out_dir.iterdir()}
+    assert omp == {str(max(1, sweep_mod._usable_cpus() // 2))}  # the CPUs shared by the 2 slots
     assert len(list(out_dir.iterdir())) == 4
     with pytest.raises(ValueError, match="per_gpu must be >= 1"):
         sweep_mod.run_sweep(path, gpus=1, per_gpu=0)

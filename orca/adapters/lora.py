@@ -139,16 +139,22 @@ class FusedLoRALinear(torch.autograd.Function):
         s = ctx.scale
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        many_tokens = g.shape[0] >= weight.shape[0]
+        gb = torch.mm(g, b * s) if need_a or (need_x and not many_tokens) else None  # dL/d(x A^T), N x r
         if need_x:
-            # g W + (s g B) A = g (W + s B A): one GEMM against the d_out x d_in effective weight
-            # (tiny to form) instead of a second full-size pass that reads and rewrites grad_x.
-            grad_x = torch.mm(g, torch.addmm(weight, b, a, alpha=s)).view(ctx.in_shape)
+            if many_tokens:
+                # g W + (s g B) A = g (W + s B A): one GEMM against the d_out x d_in effective weight
+                # instead of a second full-size pass that reads and rewrites grad_x. Forming it costs
+                # 2 r d_in d_out FLOPs, less than the 2 N r d_in it saves once N >= d_out.
+                grad_x = torch.mm(g, torch.addmm(weight, b, a, alpha=s))
+            else:
+                grad_x = torch.mm(g, weight).addmm_(gb, a)
+            grad_x = grad_x.view(ctx.in_shape)
         if need_w:
             grad_w = torch.mm(g.t(), x2)
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
         if need_a:
-            gb = torch.mm(g, b * s)  # dL/d(x A^T), N x r (scaled on the small factor, not on N x r)
             grad_a = torch.mm(gb.t(), x2)
         if need_b:
             grad_b = torch.mm(g.t(), xa).mul_(s)  # d_out x r
