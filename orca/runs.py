@@ -55,6 +55,14 @@ def git_info() -> Dict[str, Any]:
     return {"commit": commit, "dirty": dirty}
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (a container's or a job's share), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def machine_info() -> Dict[str, Any]:
     """Host, CPU count, accelerator and library versions, for the summary of every run."""
     info = {"host": socket.gethostname(), "platform": platform.platform(), "python": sys.version.split()[0],
@@ -77,6 +85,15 @@ def atomic_write_bytes(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_png(fig, path: Path) -> None:
+    """Lay out, atomically write and close a matplotlib figure (closed: stages draw many plots)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write_bytes(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
 
 
 def write_json(path: Path, data: Any) -> None:

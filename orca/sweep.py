@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from orca.config import ExperimentConfig, config_dict, parse_override, read_yaml, save_config
-from orca.runs import REPO_ROOT, write_json
+from orca.runs import REPO_ROOT, usable_cpus, write_json
 from orca.schema import ConfigError, from_dict, nearest
 
 #: Methods whose result does not depend on ``adapter.rank``: their run names and table rows omit it.
@@ -317,13 +317,6 @@ def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
     return failed
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callable[[SweepRun], List[str]],
               poll_s: float) -> List[Tuple[SweepRun, str]]:
     """One subprocess per slot from a shared queue; each writes ``sweep.log`` in its run directory.
@@ -342,7 +335,7 @@ def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callabl
                     env.update(CUDA_VISIBLE_DEVICES=dev, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
                     # Concurrent runs each start a full-size intra-op thread pool by default; spinning
                     # pools oversubscribe the cores (a 3-per-GPU sweep ran its CPU-side data at 8 img/s).
-                    env.setdefault("OMP_NUM_THREADS", str(max(1, _usable_cpus() // len(devices))))
+                    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // len(devices))))
                     log = open(run.run_dir / "sweep.log", "ab")
                     proc = subprocess.Popen(command(run), env=env, stdout=log, stderr=subprocess.STDOUT)
                     active[slot] = (proc, run, log)

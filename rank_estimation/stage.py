@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from datasets.registry import build_task
 from orca.config import ExperimentConfig, save_config
 from orca.model import build_model, source_embedder
-from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_json
+from orca.runs import RunDir, git_info, machine_info, save_png, write_json
 from orca.train import resolve_device, seed_everything
 from rank_estimation.allocate import RankAllocation, allocate_from_config, check_budget, costs_from_model, expand
 from rank_estimation.features import EMBED, capture_block_features
@@ -190,9 +190,7 @@ def plot_gaps(profile: Mapping[str, Any], chosen: str, path) -> None:
     which = "" if set(boot) == set(metrics) else f" for {', '.join(boot)}"
     fig.suptitle(f"gap per layer: n_source={s['n_source']}, n_target={s['n_target']}, "
                  f"{round(100 * (1 - s['alpha']))}% bootstrap CI{which} (n_boot={s['n_boot']})", fontsize=9)
-    fig.tight_layout()
-    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_ranks(alloc: RankAllocation, blocks: List[str], block_d: Mapping[str, Any], metric: str, path) -> None:
@@ -240,9 +238,7 @@ def plot_ranks(alloc: RankAllocation, blocks: List[str], block_d: Mapping[str, A
     bottom.set_xlabel("block (stage.block)")
     fig.suptitle(f"rank map: {alloc.trainable:,} of budget {alloc.budget:,} parameters, "
                  f"ranks in [{alloc.r_min}, {alloc.r_max}], {int(100 * alloc.level)}% credible intervals", fontsize=9)
-    fig.tight_layout()
-    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- the stage

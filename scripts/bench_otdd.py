@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -43,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orca.align.otdd import OTDD, otdd_reference  # noqa: E402
-from orca.runs import git_info  # noqa: E402
+from orca.runs import git_info, usable_cpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +108,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
 
 def machine(device: torch.device) -> Dict:
     info = {"device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+            "usable_cpus": usable_cpus()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -16,12 +16,16 @@ mkdir -p "$out"
 darcy=configs/darcy_swinb.yaml
 swinb_offline=(model.weights=none align.source=fractal)   # no hub weights, no CIFAR here
 step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+# Darcy-85 in the background on N CPU processes while the GPU works; sets data_pid to wait on.
+darcy_in_background() {
+  step "Darcy-85 generation (background, $1 processes)"
+  "$PY" -m orca data --config $darcy task.options.workers="$1" >"$out/darcy_data.log" 2>&1 &
+  data_pid=$!
+}
 
 case $part in
 body)
-  step "Darcy-85 generation (background, 10 processes)"
-  "$PY" -m orca data --config $darcy task.options.workers=10 >"$out/darcy_data.log" 2>&1 &
-  data_pid=$!
+  darcy_in_background 10
   step "stage 0: fractal pretraining"
   bash scripts/stage0_pretrain.sh --export results/checkpoints/fractal_swin.safetensors \
       configs/stage0_fractal.yaml output_dir="$out"
@@ -30,9 +34,7 @@ body)
   "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
   ;;
 stages)
-  step "Darcy-85 generation (background, 12 processes)"
-  "$PY" -m orca data --config $darcy task.options.workers=12 >"$out/darcy_data.log" 2>&1 &
-  data_pid=$!
+  darcy_in_background 12
   step "issue 4 evidence: fractal vs random body on natural patches, then on Darcy-85"
   "$PY" -m orca.sweep configs/experiments/body_evidence_patches.yaml --per-gpu 3 sweep.output_dir="$out"
   wait $data_pid

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from orca import sweep as sweep_mod
+from orca.runs import usable_cpus
 from orca.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_pool_runs_several_processes_per_gpu(tmp_path, data_root, monkeypatch):
     out_dir = tmp_path / "runs" / "table2"
     assert {json.loads((d / "summary.json").read_text())["gpu"] for d in out_dir.iterdir()} == {"0"}
     omp = {json.loads((d / "summary.json").read_text())["omp"] for d in out_dir.iterdir()}
-    assert omp == {str(max(1, sweep_mod._usable_cpus() // 2))}  # the CPUs shared by the 2 slots
+    assert omp == {str(max(1, usable_cpus() // 2))}  # the CPUs shared by the 2 slots
     assert len(list(out_dir.iterdir())) == 4
     with pytest.raises(ValueError, match="per_gpu must be >= 1"):
         sweep_mod.run_sweep(path, gpus=1, per_gpu=0)

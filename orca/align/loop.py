@@ -43,7 +43,7 @@ from datasets.registry import TaskData, build_task
 from orca.align.source_features import SourceFeatures, load_or_compute_source_features, token_mean
 from orca.config import ExperimentConfig, save_config
 from orca.model import EMBEDDER_FILE, build_model
-from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_json
+from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, save_png, write_json
 from orca.train import resolve_device, seed_everything
 
 #: ``objective(target_feats [n, d], target_labels [n], source_feats [m, d], source_labels [m]) -> scalar``
@@ -334,9 +334,7 @@ def plot_curve(curve: List[float], path, title: str) -> None:
     ax.set_ylabel("objective")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -43,7 +43,6 @@ single label: that is ORCA's use, where each k-means cluster is one single-label
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +51,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from orca.runs import usable_cpus
 
 INNER_METHODS = ("exact", "gaussian")
 
@@ -182,14 +183,6 @@ def _exact_plan(cost: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows, cols, plan[rows, cols]
 
 
-def _cpu_count() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. a container's or a job's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _parallel_map(fn, items: list, threads: Optional[int]) -> list:
     """``[fn(x) for x in items]`` on ``threads`` worker threads (None: one per usable CPU), BLAS at 1.
 
@@ -202,7 +195,7 @@ def _parallel_map(fn, items: list, threads: Optional[int]) -> list:
     """
     from threadpoolctl import threadpool_limits
 
-    workers = min(threads or _cpu_count(), len(items))
+    workers = min(threads or usable_cpus(), len(items))
     with threadpool_limits(1, user_api="blas"):
         if workers <= 1:
             return [fn(x) for x in items]
