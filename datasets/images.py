@@ -162,17 +162,28 @@ class ImageTensorDataset(Dataset):
         image_size: output height = width.
         interpolation: resize mode (``INTERPOLATIONS``).
         augment: random crop (pad h/8, reflect) + horizontal flip at source resolution; train only.
+        presize: resize every item once at construction and keep the uint8 result (``3 * image_size^2``
+            bytes per item); for splits without augmentation. Items are rounded to uint8 levels on
+            either path, so presized and on-access items are bit-identical.
     Items:
         ``([3, image_size, image_size] float32, label int)``.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int], image_size: int,
-                 interpolation: str = "bilinear", augment: bool = False):
+                 interpolation: str = "bilinear", augment: bool = False, presize: bool = False):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 [N, 3, h, w], got {images.dtype} {tuple(images.shape)}")
+        if presize and augment:
+            raise ValueError("ImageTensorDataset: presize=True needs augment=False (augmentation happens "
+                             "at source resolution, before the resize)")
         self.images, self.labels = images, labels
         self.indices = np.asarray(indices, dtype=np.int64)
         self.image_size, self.interpolation, self.augment = image_size, interpolation, augment
+        self._presized: Optional[torch.Tensor] = None
+        if presize:  # chunks keep the float intermediate small
+            chunks = [self._resize_uint8(images[torch.from_numpy(self.indices[i:i + 256])].float())
+                      for i in range(0, len(self.indices), 256)]
+            self._presized = torch.cat(chunks) if chunks else images.new_empty((0, 3, image_size, image_size))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -190,13 +201,18 @@ class ImageTensorDataset(Dataset):
         img = padded[:, top:top + h, left:left + w]
         return img.flip(-1) if bool(torch.rand(()) < 0.5) else img
 
+    def _resize_uint8(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, h, w]`` float 0..255 -> ``[B, 3, S, S]`` uint8 (what a stored S px image would hold)."""
+        return resize_images(imgs, self.image_size, self.interpolation).clamp_(0, 255).round_().to(torch.uint8)
+
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         j = int(self.indices[index])
+        if self._presized is not None:
+            return normalize_uint8(self._presized[index].float()), int(self.labels[j])
         img = self.images[j].float()
         if self.augment:
             img = self._augment(img)
-        img = resize_images(img[None], self.image_size, self.interpolation)[0].clamp_(0, 255)
-        return normalize_uint8(img), int(self.labels[j])
+        return normalize_uint8(self._resize_uint8(img[None])[0].float()), int(self.labels[j])
 
 
 def _stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> List[np.ndarray]:
@@ -274,6 +290,8 @@ class NaturalPatchesOptions:
     split_seed: int = field(default=0, metadata={"help": "seed of the fixed block-to-split assignment"})
     image_size: int = field(default=224, metadata={"help": "patches are resized to image_size x image_size"})
     interpolation: str = field(default="bilinear", metadata={"help": f"resize mode: {' | '.join(INTERPOLATIONS)}"})
+    presize: bool = field(default=True, metadata={
+        "help": "resize all patches once at build time (uint8, 3 * image_size^2 bytes each) instead of per item"})
 
     def __post_init__(self):
         if isinstance(self.photos, str):
@@ -363,7 +381,8 @@ def build_natural_patches(opts: NaturalPatchesOptions, data_root: str) -> TaskDa
     """Medium-gap target: which scikit-image photograph a patch comes from (offline, no files needed)."""
     table = natural_patch_table(opts)
     def make(split: str) -> ImageTensorDataset:
-        return ImageTensorDataset(table.patches, table.labels, table.splits[split], opts.image_size, opts.interpolation)
+        return ImageTensorDataset(table.patches, table.labels, table.splits[split], opts.image_size, opts.interpolation,
+                                  presize=opts.presize)
 
     splits = ClassificationSplits(make("train"), make("val"), make("test"), num_classes=len(opts.photos))
     info = dict(_options_info(opts), source="skimage.data photographs", normalization="imagenet")
@@ -382,6 +401,8 @@ class DigitsOptions:
     test_fraction: float = field(default=0.2, metadata={"help": "stratified fraction for test"})
     split_seed: int = field(default=0, metadata={"help": "seed of the fixed stratified split"})
     interpolation: str = field(default="bilinear", metadata={"help": f"upsampling: {' | '.join(INTERPOLATIONS)}"})
+    presize: bool = field(default=True, metadata={
+        "help": "upsample all digits once at build time (uint8, 3 * image_size^2 bytes each) instead of per item"})
 
     def __post_init__(self):
         _check_common(self, ("image_size",), ("val_fraction", "test_fraction"))
@@ -407,7 +428,7 @@ def build_digits(opts: DigitsOptions, data_root: str) -> TaskData:
     labels = torch.from_numpy(d.target.astype(np.int64))
     idx = digits_split_indices(opts)
     def make(split: str) -> ImageTensorDataset:
-        return ImageTensorDataset(imgs, labels, idx[split], opts.image_size, opts.interpolation)
+        return ImageTensorDataset(imgs, labels, idx[split], opts.image_size, opts.interpolation, presize=opts.presize)
 
     splits = ClassificationSplits(make("train"), make("val"), make("test"), num_classes=10)
     info = dict(_options_info(opts), source="sklearn.datasets.load_digits", normalization="imagenet")

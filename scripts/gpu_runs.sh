@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# The GPU runs behind results/: one part per GPU session-sized block (<= 10 min on one H100).
-# Usage: bash scripts/gpu_runs.sh PART OUT_DIR
+# The GPU runs behind results/: one part per GPU command (<= 10 min on one H100).
+# Usage: bash scripts/gpu_runs.sh PART OUT_DIR [SECONDS]
 #   body      generate Darcy-85 (CPU, in the background) while stage 0 pretrains the fractal body;
 #             export it to results/checkpoints/fractal_swin.safetensors; the GPU-marked tests
-#   stages    issue 4's fractal-vs-random evidence sweeps (3 runs per GPU at a time), stage 1 and
-#             stage 2 on Darcy-85 with a random Swin-B body, bench_otdd, bench_stage2
-#   finetune  Swin-B full fine-tuning on Darcy-85 (ORCA's recipe, 20 epochs), bench_adapters
-# Each part writes its run directories, logs and bench outputs under OUT_DIR and reuses the Darcy
-# cache under data/ when a previous part made it on the same machine. Runs are sequential inside a
-# part unless said otherwise, so every timing is taken on an otherwise idle GPU.
+#   finetune  Darcy-85, then Swin-B full fine-tuning on it (ORCA's recipe, 20 epochs, compiled with
+#             CUDA graphs), stage 1 (OTDD, fractal source) and stage 2 on it with a random Swin-B body
+#   bench     bench_otdd, bench_stage2, the GPU-marked tests, bench_train (every method, batch 64
+#             and 256, activation checkpointing, the stage-2 rank map when RANK_MAP is set),
+#             bench_adapters
+#   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, then Darcy-85)
+#   tables    issue 8's table sweeps, Table 2 first, as far as the time allows (resumable)
+# SECONDS (default 560) is the part's whole budget: every step runs under `timeout` with what is
+# left, so a slow step cannot take the later steps' logs with it. Each part writes its run
+# directories, logs and bench outputs under OUT_DIR. Steps run one after another unless said
+# otherwise, so every timing is taken on an otherwise idle GPU.
 source "$(dirname "$0")/_env.sh"
-[ $# -eq 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|stages|finetune OUT_DIR" >&2; exit 2; }
-part=$1 out=$2
+[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|evidence|tables OUT_DIR [SECONDS]" >&2; exit 2; }
+part=$1 out=$2 deadline=$(( $(date +%s) + ${3:-560} ))
 mkdir -p "$out"
 darcy=configs/darcy_swinb.yaml
 swinb_offline=(model.weights=none align.source=fractal)   # no hub weights, no CIFAR here
 step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+# within MAX_S CMD...: run CMD under timeout min(MAX_S, time left); a failure is logged, not fatal.
+within() {
+  local cap=$1 left=$(( deadline - $(date +%s) )); shift
+  (( left < cap )) && cap=$left
+  if (( cap < 10 )); then echo "(skipped, ${left}s left): $*"; return 0; fi
+  timeout "$cap" "$@" || echo "(exit $? after at most ${cap}s): $*"
+}
 # Darcy-85 in the background on N CPU processes while the GPU works; sets data_pid to wait on.
 darcy_in_background() {
   step "Darcy-85 generation (background, $1 processes)"
@@ -33,29 +45,49 @@ body)
   step "GPU-marked tests (QLoRA NF4 error, bf16 match, memory)"
   "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
   ;;
-stages)
-  darcy_in_background 12
-  step "issue 4 evidence: fractal vs random body on natural patches, then on Darcy-85"
-  "$PY" -m orca.sweep configs/experiments/body_evidence_patches.yaml --per-gpu 3 sweep.output_dir="$out"
-  wait $data_pid
-  "$PY" -m orca.sweep configs/experiments/body_evidence_darcy.yaml --per-gpu 3 sweep.output_dir="$out"
-  step "stage 1 on Darcy-85, Swin-B, OTDD against fractal source features"
-  "$PY" -m orca stage1 --config $darcy "${swinb_offline[@]}" run_dir="$out/stage1_swinb"
-  step "stage 2 on Darcy-85, Swin-B, the stage-1 embedder (bootstrap CIs for the cheap metrics)"
-  "$PY" -m orca stage2 --config $darcy "${swinb_offline[@]}" run_dir="$out/stage2_swinb" \
-      model.embedder_from="$out/stage1_swinb" 'rank.boot_metrics=[mmd,sliced_wasserstein,sinkhorn,pad]' 
-  step "bench_otdd"
-  "$PY" scripts/bench_otdd.py --out "$out/otdd"
-  step "bench_stage2"
-  "$PY" scripts/bench_stage2.py --out "$out"
-  ;;
 finetune)
-  step "stage 3: Swin-B full fine-tuning on Darcy-85, ORCA's recipe for 20 epochs"
-  "$PY" -m orca stage3 --config $darcy model.weights=none train.epochs=20 run_dir="$out/stage3_swinb_full"
+  step "Darcy-85 generation (16 processes)"
+  within 200 "$PY" -m orca data --config $darcy task.options.workers=16 >"$out/darcy_data.log" 2>&1
+  tail -n 2 "$out/darcy_data.log"
+  step "stage 3: Swin-B full fine-tuning on Darcy-85, ORCA's recipe for 20 epochs (compiled, CUDA graphs)"
+  within 340 "$PY" -m orca stage3 --config $darcy model.weights=none train.epochs=20 train.compile=true \
+      train.compile_mode=reduce-overhead run_dir="$out/stage3_swinb_full"
+  step "stage 1 on Darcy-85, Swin-B, OTDD against fractal source features"
+  within 120 "$PY" -m orca stage1 --config $darcy "${swinb_offline[@]}" run_dir="$out/stage1_swinb"
+  step "stage 2 on Darcy-85, Swin-B, the stage-1 embedder (bootstrap CIs for the cheap metrics)"
+  within 200 "$PY" -m orca stage2 --config $darcy "${swinb_offline[@]}" run_dir="$out/stage2_swinb" \
+      model.embedder_from="$out/stage1_swinb" 'rank.boot_metrics=[mmd,sliced_wasserstein,sinkhorn,pad]'
+  ;;
+bench)
+  step "bench_otdd"
+  within 120 "$PY" scripts/bench_otdd.py --out "$out/otdd"
+  step "bench_stage2"
+  within 90 "$PY" scripts/bench_stage2.py --out "$out"
+  step "GPU-marked tests (QLoRA NF4 error, bf16 match, memory)"
+  within 90 "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
+  step "bench_train: every method, batch 64 and 256, eager; activation checkpointing in all stages"
+  within 240 "$PY" scripts/bench_train.py --out "$out" --grad-checkpointing 0 1 2 3 \
+      ${RANK_MAP:+--rank-map "$RANK_MAP"}
   step "bench_adapters"
-  "$PY" scripts/bench_adapters.py --out "$out"
+  within 150 "$PY" scripts/bench_adapters.py --out "$out"
+  ;;
+evidence)
+  darcy_in_background 10
+  step "issue 4 evidence: fractal vs random body on natural patches (3 runs at a time)"
+  within 300 "$PY" -m orca.sweep configs/experiments/body_evidence_patches.yaml --per-gpu 3 sweep.output_dir="$out"
+  wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
+  step "issue 4 evidence: fractal vs random body on Darcy-85 (3 runs at a time)"
+  within 400 "$PY" -m orca.sweep configs/experiments/body_evidence_darcy.yaml --per-gpu 3 sweep.output_dir="$out"
+  ;;
+tables)
+  darcy_in_background 16
+  wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
+  for t in table2_darcy_attn table3_darcy_all table1_smallgap; do
+    step "issue 8: $t (4 runs at a time)"
+    within 600 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu 4 sweep.output_dir="$out"
+  done
   ;;
 *)
-  echo "unknown part '$part' (body, stages or finetune)" >&2; exit 2 ;;
+  echo "unknown part '$part' (body, finetune, bench, evidence or tables)" >&2; exit 2 ;;
 esac
 step "done: $part"

@@ -204,3 +204,20 @@ def test_source_feature_set_from_digits_and_too_many():
         images.source_feature_set("digits", n=5000, image_size=8)
     x, y = images.source_feature_set("digits", n=12, image_size=8, seed=1)
     assert x.shape == (12, 3, 8, 8) and y.shape == (12,)
+
+
+def test_presized_items_equal_on_access_items():
+    imgs = torch.randint(0, 256, (5, 3, 9, 11), dtype=torch.uint8)
+    labels = torch.arange(5)
+    lazy = images.ImageTensorDataset(imgs, labels, [4, 0, 2], 20)
+    eager = images.ImageTensorDataset(imgs, labels, [4, 0, 2], 20, presize=True)
+    assert eager._presized.shape == (3, 3, 20, 20) and eager._presized.dtype == torch.uint8
+    for i in range(3):
+        (a, ya), (b, yb) = lazy[i], eager[i]
+        assert torch.equal(a, b) and ya == yb
+
+
+def test_presize_with_augmentation_is_refused():
+    imgs = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="presize=True needs augment=False"):
+        images.ImageTensorDataset(imgs, torch.zeros(1, dtype=torch.int64), [0], 16, augment=True, presize=True)
