@@ -5,9 +5,9 @@
 #             export it to results/checkpoints/fractal_swin.safetensors; the GPU-marked tests
 #   finetune  Darcy-85, then Swin-B full fine-tuning on it (ORCA's recipe, 20 epochs, compiled with
 #             CUDA graphs), stage 1 (OTDD, fractal source) and stage 2 on it with a random Swin-B body
-#   bench     bench_otdd, bench_stage2, the GPU-marked tests, bench_train (every method, batch 64
-#             and 256, activation checkpointing, the stage-2 rank map when RANK_MAP is set),
-#             bench_adapters
+#   bench     the GPU-marked tests, bench_adapters, bench_otdd, bench_stage2, bench_train (every
+#             method, batch 64 and 256, activation checkpointing, the stage-2 rank map when
+#             RANK_MAP is set), in order of need
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, then Darcy-85)
 #   tables    issue 8's table sweeps, Table 2 first, as far as the time allows (resumable)
 # SECONDS (default 560) is the part's whole budget: every step runs under `timeout` with what is
@@ -59,17 +59,17 @@ finetune)
       model.embedder_from="$out/stage1_swinb" 'rank.boot_metrics=[mmd,sliced_wasserstein,sinkhorn,pad]'
   ;;
 bench)
-  step "bench_otdd"
-  within 120 "$PY" scripts/bench_otdd.py --out "$out/otdd"
-  step "bench_stage2"
-  within 90 "$PY" scripts/bench_stage2.py --out "$out"
   step "GPU-marked tests (QLoRA NF4 error, bf16 match, memory)"
   within 90 "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
-  step "bench_train: every method, batch 64 and 256, eager; activation checkpointing in all stages"
-  within 240 "$PY" scripts/bench_train.py --out "$out" --grad-checkpointing 0 1 2 3 \
-      ${RANK_MAP:+--rank-map "$RANK_MAP"}
-  step "bench_adapters"
+  step "bench_adapters: full, our LoRA, peft LoRA, our QLoRA at batch 64 and 256"
   within 150 "$PY" scripts/bench_adapters.py --out "$out"
+  step "bench_otdd"
+  within 100 "$PY" scripts/bench_otdd.py --out "$out/otdd"
+  step "bench_stage2"
+  within 80 "$PY" scripts/bench_stage2.py --out "$out"
+  step "bench_train: every method, batch 64 and 256, eager; activation checkpointing in all stages"
+  within 300 "$PY" scripts/bench_train.py --out "$out" --grad-checkpointing 0 1 2 3 \
+      ${RANK_MAP:+--rank-map "$RANK_MAP"}
   ;;
 evidence)
   darcy_in_background 10
