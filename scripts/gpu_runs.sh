@@ -8,7 +8,8 @@
 #   bench     the GPU-marked tests, bench_adapters, bench_otdd, bench_stage2, bench_train (every
 #             method, batch 64 and 256, activation checkpointing, the stage-2 rank map when
 #             RANK_MAP is set), in order of need
-#   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, then Darcy-85)
+#   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, then Darcy-85),
+#             bench_otdd, then issue 8's Table 2 sweep as far as the time allows
 #   tables    issue 8's table sweeps, Table 2 first, as far as the time allows (resumable)
 # SECONDS (default 560) is the part's whole budget: every step runs under `timeout` with what is
 # left, so a slow step cannot take the later steps' logs with it. Each part writes its run
@@ -64,7 +65,7 @@ bench)
   step "bench_adapters: full, our LoRA, peft LoRA, our QLoRA at batch 64 and 256"
   within 150 "$PY" scripts/bench_adapters.py --out "$out"
   step "bench_otdd"
-  within 100 "$PY" scripts/bench_otdd.py --out "$out/otdd"
+  within 100 "$PY" scripts/bench_otdd.py --out "$out/otdd" --ref-clusters 1 --repeats 2
   step "bench_stage2"
   within 80 "$PY" scripts/bench_stage2.py --out "$out"
   step "bench_train: every method, batch 64 and 256, eager; activation checkpointing in all stages"
@@ -78,6 +79,10 @@ evidence)
   wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
   step "issue 4 evidence: fractal vs random body on Darcy-85 (3 runs at a time)"
   within 400 "$PY" -m orca.sweep configs/experiments/body_evidence_darcy.yaml --per-gpu 3 sweep.output_dir="$out"
+  step "bench_otdd (the reference's ORCA epoch timed on one cluster and scaled: ~30 s per cluster)"
+  within 130 "$PY" scripts/bench_otdd.py --out "$out/otdd" --ref-clusters 1 --repeats 2
+  step "issue 8: Table 2 sweep with what is left (4 runs at a time; finished runs only)"
+  within 600 "$PY" -m orca.sweep configs/experiments/table2_darcy_attn.yaml --per-gpu 4 sweep.output_dir="$out"
   ;;
 tables)
   darcy_in_background 16
