@@ -179,7 +179,12 @@ def run_name(cfg: ExperimentConfig, point: Dict[str, Any]) -> str:
     if a.method not in RANKLESS_METHODS:
         parts.append("rankmap" if a.rank_map is not None else f"r{a.rank}")
     for key in sorted(k for k in point if k not in _NAMED_KEYS):
-        parts.append(f"{key.split('.')[-1]}-{_slug(point[key])}")
+        value = point[key]
+        if key == "adapter.rank_map" and isinstance(value, str):
+            # A stage-2 map is its run directory's rank_map.json: the directory names it, not the path.
+            path = Path(value)
+            value = path.parent.name if path.name == "rank_map.json" and path.parent.name else path.stem
+        parts.append(f"{key.split('.')[-1]}-{_slug(value)}")
     parts.append(f"s{cfg.seed}")
     return "_".join(parts)
 

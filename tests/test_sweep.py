@@ -246,3 +246,21 @@ def test_interrupted_run_fails_then_resumes(tmp_path, data_root, monkeypatch, ca
     assert "[stage3] resumed at epoch 1" in capsys.readouterr().out
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
     assert not (run_dir / "sweep_error.log").exists()
+
+
+@pytest.mark.parametrize("name", ["adaptive_darcy", "adaptive_patches"])
+def test_adaptive_sweeps_match_budgets(name):
+    """Issue 8 (d): uniform, AdaLoRA and stage-2 maps at the same three budgets, 3 seeds each; a map's
+    run is named after its stage-2 directory, and the sweep's grid is not inherited from a table."""
+    spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml")
+    assert spec.table == name and len(runs) == 27
+    rows = {}
+    for run in runs:
+        rows.setdefault(run.row, set()).add(run.cfg.seed)
+    budgets = (282624, 1177600, 3014656)
+    expected = {f"lora_r{r}" for r in (6, 25, 64)} | {f"adalora_r{r}" for r in (6, 25, 64)} \
+        | {f"lora_rankmap_rank_map-stage2-b{b}" for b in budgets}
+    assert set(rows) == expected and all(seeds == {0, 1, 2} for seeds in rows.values())
+    maps = {run.cfg.adapter.rank_map for run in runs if run.cfg.adapter.rank_map}
+    assert maps == {f"results/runs/{name}/stage2_b{b}/rank_map.json" for b in budgets}
+    assert all(run.cfg.adapter.targets == "all" for run in runs)
