@@ -10,13 +10,16 @@
 #             RANK_MAP is set), in order of need
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, then Darcy-85),
 #             bench_otdd, then issue 8's Table 2 sweep as far as the time allows
-#   tables    issue 8's table sweeps, Table 2 first, as far as the time allows (resumable)
+#   tables    issue 8's table sweeps (Tables 2, 3, 4 with its stage 1, then 1) into results/runs/,
+#             as far as the time allows; sweeps are resumable, so the next call continues
+#   adaptive  issue 8 (d): stage-2 rank maps at three budgets per task, then the adaptive vs
+#             uniform vs AdaLoRA sweeps, into results/runs/
 # SECONDS (default 560) is the part's whole budget: every step runs under `timeout` with what is
 # left, so a slow step cannot take the later steps' logs with it. Each part writes its run
 # directories, logs and bench outputs under OUT_DIR. Steps run one after another unless said
 # otherwise, so every timing is taken on an otherwise idle GPU.
 source "$(dirname "$0")/_env.sh"
-[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|evidence|tables OUT_DIR [SECONDS]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|evidence|tables|adaptive OUT_DIR [SECONDS]" >&2; exit 2; }
 part=$1 out=$2 deadline=$(( $(date +%s) + ${3:-560} ))
 mkdir -p "$out"
 darcy=configs/darcy_swinb.yaml
@@ -85,14 +88,39 @@ evidence)
   within 600 "$PY" -m orca.sweep configs/experiments/table2_darcy_attn.yaml --per-gpu 4 sweep.output_dir="$out"
   ;;
 tables)
+  # Run directories go to results/runs/<table>/ (the sweep files' output_dir), so that the
+  # committed tables and make_tables.sh read them where a user's own runs would be.
   darcy_in_background 16
   wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
-  for t in table2_darcy_attn table3_darcy_all table1_smallgap; do
+  for t in table2_darcy_attn table3_darcy_all; do
     step "issue 8: $t (4 runs at a time)"
-    within 600 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu 4 sweep.output_dir="$out"
+    within 600 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu 4
+  done
+  step "issue 8: stage 1 (OTDD) for Table 4, then its sweep"
+  within 120 bash scripts/stage1.sh configs/body_fractal.yaml name=t4_otdd task.name=darcy align.objective=otdd \
+      align.source=fractal run_dir=results/runs/table4/stage1_otdd_s0
+  within 600 "$PY" -m orca.sweep configs/experiments/table4_darcy_otdd.yaml --per-gpu 4 \
+      model.embedder_from=results/runs/table4/stage1_otdd_s0
+  step "issue 8: table1_smallgap (4 runs at a time)"
+  within 600 "$PY" -m orca.sweep configs/experiments/table1_smallgap.yaml --per-gpu 4
+  ;;
+adaptive)
+  # Stage-2 maps at the three budgets of configs/experiments/adaptive_*.yaml, then the sweeps
+  # (uniform, AdaLoRA and adaptive at equal budgets); run directories under results/runs/.
+  darcy_in_background 16
+  wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
+  for task in darcy natural_patches; do
+    name=adaptive_${task/natural_/}
+    for b in 282624 1177600 3014656; do
+      step "issue 8 (d): stage 2 on $task at budget $b"
+      within 120 bash scripts/stage2.sh configs/body_fractal.yaml name=$name task.name=$task rank.budget=$b \
+          run_dir=results/runs/$name/stage2_b$b
+    done
+    step "issue 8 (d): $name sweep (4 runs at a time)"
+    within 600 "$PY" -m orca.sweep configs/experiments/$name.yaml --per-gpu 4
   done
   ;;
 *)
-  echo "unknown part '$part' (body, finetune, bench, evidence or tables)" >&2; exit 2 ;;
+  echo "unknown part '$part' (body, finetune, bench, evidence, tables or adaptive)" >&2; exit 2 ;;
 esac
 step "done: $part"

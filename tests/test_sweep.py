@@ -258,9 +258,10 @@ def test_adaptive_sweeps_match_budgets(name):
     for run in runs:
         rows.setdefault(run.row, set()).add(run.cfg.seed)
     budgets = (282624, 1177600, 3014656)
-    expected = {f"lora_r{r}" for r in (6, 25, 64)} | {f"adalora_r{r}" for r in (6, 25, 64)} \
+    expected = {f"lora_r{r}" for r in (6, 25, 64)} | {f"adalora_r{r}_compile-False" for r in (6, 25, 64)} \
         | {f"lora_rankmap_rank_map-stage2-b{b}" for b in budgets}
     assert set(rows) == expected and all(seeds == {0, 1, 2} for seeds in rows.values())
     maps = {run.cfg.adapter.rank_map for run in runs if run.cfg.adapter.rank_map}
     assert maps == {f"results/runs/{name}/stage2_b{b}/rank_map.json" for b in budgets}
     assert all(run.cfg.adapter.targets == "all" for run in runs)
+    assert all(run.cfg.train.compile == (run.cfg.adapter.method != "adalora") for run in runs)
