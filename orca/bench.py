@@ -13,14 +13,16 @@ import gc
 import re
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
 from orca.runs import git_info as git_state, machine_info  # noqa: F401  (one source of run facts)
 
+GC_WHERE = "--grad-checkpointing"  # how checkpointing errors name the setting (bench_train.py's flag)
 BLOCK_LINEARS = r"layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 
 
@@ -48,7 +50,7 @@ def create_body(model_name: str, device: torch.device, **kwargs) -> nn.Module:
 
 def build_config(method: str, *, model_name: str, device: torch.device, rank: int = 8, num_classes: int = 100,
                  rank_map: Optional[str] = None, body_kwargs: Optional[Dict[str, Any]] = None,
-                 grad_ckpt_stages: Sequence[int] = (), compile: bool = False,
+                 grad_ckpt_stages: Sequence[Union[int, str]] = (), compile: bool = False,
                  compile_mode: Optional[str] = None) -> Dict[str, Any]:
     """One resident benchmark configuration: model, (compiled) forward, optimizer, adapter method.
 
@@ -56,11 +58,14 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         method: ``peft`` (HF peft LoRA, the reference) or a registered adapter method
             (full, lora, dylora, delta_lora, qlora); LoRA-type methods adapt every block
             qkv/proj/fc1/fc2 with rank ``rank`` unless ``rank_map`` (a stage-2 JSON) says otherwise.
-        grad_ckpt_stages: body stages whose activations are recomputed in backward.
+        grad_ckpt_stages: what recomputes its activations in backward, as ``train.grad_checkpointing``:
+            a body stage S (all its blocks) or ``"S:K"`` (its first K blocks), e.g. ``(0, 1, "2:6")``.
+            The returned ``"checkpointing"`` says what that meant for this body (``"off"`` when empty).
     """
     body = create_body(model_name, device, **(body_kwargs or {}))
-    for i in grad_ckpt_stages:
-        body.layers[i].grad_checkpointing = True
+    if grad_ckpt_stages:
+        set_checkpointing(body, list(grad_ckpt_stages), GC_WHERE)
+    checkpointing = checkpointing_summary(body)
     model = BenchModel(body, body.num_features, num_classes).to(device)
     adapter = None
     if method == "peft":
@@ -85,6 +90,7 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=fused)
     forward = torch.compile(model, mode=compile_mode) if compile else model
     return {"model": model, "forward": forward, "opt": opt, "counts": counts, "adapter": adapter, "step": 0,
+            "checkpointing": checkpointing,
             "autocast": (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
             else contextlib.nullcontext}
 

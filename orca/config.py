@@ -14,12 +14,13 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from orca.adapters.config import AdapterConfig
 from orca.align.config import AlignConfig
+from orca.checkpointing import normalize as normalize_checkpointing
 from orca.schema import ConfigError, check_choice, check_positive, from_dict, to_dict
 from rank_estimation.config import RankConfig
 
@@ -86,7 +87,7 @@ class TrainConfig:
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bitwise-reproducible resume on CPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU); the train loader then drops its last partial batch so shapes stay static"})
     compile_mode: str = field(default="default", metadata={"help": "torch.compile mode: default | reduce-overhead (CUDA graphs: small batches, launch-bound) | max-autotune | max-autotune-no-cudagraphs"})
-    grad_checkpointing: Optional[List[int]] = field(default=None, metadata={"help": "body stages (0-based, e.g. [0, 1]) whose blocks recompute activations in backward: memory for compute; None = off"})
+    grad_checkpointing: Optional[List[Union[int, str]]] = field(default=None, metadata={"help": "blocks that recompute activations in backward (memory for compute; None = off): each entry a 0-based body stage S (all its blocks) or a quoted string \"S:K\" (its first K >= 1 blocks), e.g. [0, 1, \"2:6\"]; unquoted 2:6 is base-60 126 in YAML"})
     channels_last: bool = field(default=False, metadata={"help": "channels-last memory format for the conv embedder (GPU)"})
     max_steps_per_epoch: Optional[int] = field(default=None, metadata={"help": "truncate epochs (debugging, smoke tests)"})
     log_every: int = field(default=50, metadata={"help": "write training scalars every N optimizer steps"})
@@ -99,12 +100,8 @@ class TrainConfig:
         check_choice("train.amp", self.amp, ("auto", "bf16", "off"))
         check_choice("train.compile_mode", self.compile_mode,
                      ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-        if self.grad_checkpointing is not None:
-            stages = list(self.grad_checkpointing)
-            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in stages) or len(set(stages)) != len(stages):
-                raise ConfigError(f"train.grad_checkpointing={self.grad_checkpointing!r} must be a list of distinct "
-                                  f"0-based stage indices, e.g. [0, 1]")
-            self.grad_checkpointing = stages
+        # syntax and distinct stages here; stage count and depths when the body exists (orca.checkpointing)
+        self.grad_checkpointing = normalize_checkpointing(self.grad_checkpointing, "train.grad_checkpointing")
         for name in ("lr", "epochs", "batch_size", "grad_accum", "eval_every", "log_every"):
             check_positive(f"train.{name}", getattr(self, name))
         check_positive("train.weight_decay", self.weight_decay, allow_zero=True)

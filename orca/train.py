@@ -22,7 +22,8 @@ directory and checkpoints, and evaluates on the whole validation / test set (the
 training; the others wait at a barrier), so metrics are computed exactly as on one GPU.
 
 Fast path (GPU): ``train.compile=true`` (``train.compile_mode``), ``train.channels_last=true``;
-``train.grad_checkpointing=[0, 1]`` trades compute for activation memory in those body stages.
+``train.grad_checkpointing=[0, 1, "2:6"]`` trades compute for activation memory in body stages 0
+and 1 and the first 6 blocks of stage 2 (``orca/checkpointing.py``).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 
 from datasets.registry import TaskData, build_task
 from orca.adapters import build_method
+from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
 from orca.config import ExperimentConfig, config_dict, save_config
 from orca.distributed import Dist, setup_distributed
 from orca.model import ORCAModel, build_model
@@ -199,7 +201,8 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
 
     task = dist_.main_first(lambda: build_task(cfg.task.name, cfg.task.options, cfg.task.data_root))
     model: ORCAModel = build_model(cfg.model, task)
-    set_stage_checkpointing(model.body, cfg.train.grad_checkpointing)
+    if set_checkpointing(model.body, cfg.train.grad_checkpointing) is not None:
+        log(f"[stage3] activation checkpointing: {checkpointing_summary(model.body)}")
     method = build_method(cfg.adapter)
     params = method.prepare(model)
     model.to(device)
@@ -404,22 +407,16 @@ def loss_reduction(task: TaskData) -> str:
     return getattr(task.loss, "reduction", "sum" if task.kind == "dense" else "mean")
 
 
-def set_stage_checkpointing(body: torch.nn.Module, stages: Optional[List[int]]) -> None:
-    """Recompute the activations of the listed body stages in backward (``train.grad_checkpointing``).
+def set_stage_checkpointing(body: torch.nn.Module, entries: Optional[List[Any]]) -> None:
+    """Recompute the listed body stages, or their first K blocks (``"S:K"``), in backward
+    (``train.grad_checkpointing``); :func:`orca.checkpointing.set_checkpointing` does the work and
+    is the one place that does (stage 0, stage 3 and ``orca.bench`` call it).
 
-    Per stage because activation memory is not spread evenly: Swin's first stages hold the most
-    tokens, so checkpointing them alone buys most of the memory for a fraction of the recompute.
+    Per block because activation memory is not spread evenly: Swin's first stages hold the most
+    tokens, so checkpointing them and a few blocks of the next buys most of the memory for a
+    fraction of the recompute.
     """
-    if stages is None:
-        return
-    layers = getattr(body, "layers", None)
-    if layers is None:
-        raise ConfigError(f"train.grad_checkpointing: body {type(body).__name__} has no stages (layers)")
-    for i in stages:
-        if i >= len(layers):
-            raise ConfigError(f"train.grad_checkpointing={stages}: stage {i} does not exist; the body has "
-                              f"{len(layers)} stages (0..{len(layers) - 1})")
-        layers[i].grad_checkpointing = True
+    set_checkpointing(body, entries)
 
 
 def wrap_for_training(model: torch.nn.Module, cfg: ExperimentConfig, dist_: Dist,

@@ -4,6 +4,7 @@
     python scripts/bench_train.py --rank-map runs/stage2__.../rank_map.json    # adds lora_map
     python scripts/bench_train.py --compile --methods full lora peft --batch-sizes 256
     python scripts/bench_train.py --grad-checkpointing 0 1 2 3 --methods full lora --batch-sizes 256
+    python scripts/bench_train.py --grad-checkpointing 0 1 2:6 --methods full lora --batch-sizes 256
     python scripts/bench_train.py --smoke                             # CPU: tiny Swin, 2 steps (tests)
 
 Setup (SPEC.md "Reference numbers"): timm Swin-B at 224 with random weights, random images and
@@ -11,7 +12,9 @@ labels, mean-pooled features -> Linear(1024, 100) -> cross-entropy, bf16 autocas
 Configurations: ``full``; ``lora`` (ours, r = 8 on every block qkv/proj/fc1/fc2); ``lora_map``
 (ours, a stage-2 rank map); ``dylora``; ``delta_lora`` (W update active from step 0); ``qlora``
 (NF4 base + LoRA); ``peft`` (HF peft LoRA r = 8, the reference); with ``--grad-checkpointing``
-also ``full+gc`` and ``lora+gc`` (activation checkpointing in the listed body stages).
+also ``full+gc`` and ``lora+gc`` (activation checkpointing: each entry a body stage S, all its
+blocks, or S:K, its first K blocks, as ``train.grad_checkpointing``; the JSON rows and the markdown
+say which blocks of how many were recomputed).
 
 Method: all configurations stay resident and are timed in interleaved blocks (each repeat visits
 every configuration once), so clock or thermal drift hits them alike; warm-up steps (compilation
@@ -43,8 +46,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orca.bench import (build_config, count_step_flops, free_memory, git_state, machine,  # noqa: E402
-                        matmul_peak_tflops, median_rate, synchronize, train_step)
+from orca.bench import (GC_WHERE, build_config, count_step_flops, create_body, free_memory,  # noqa: E402
+                        git_state, machine, matmul_peak_tflops, median_rate, synchronize, train_step)
+from orca.checkpointing import (describe as describe_checkpointing, normalize as normalize_checkpointing,  # noqa: E402
+                                plan as plan_checkpointing)
+from orca.schema import ConfigError  # noqa: E402
 
 METHODS = ("full", "lora", "lora_map", "dylora", "delta_lora", "qlora", "peft")
 GC_METHODS = ("full", "lora")
@@ -67,8 +73,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile each configuration's model")
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
-    p.add_argument("--grad-checkpointing", nargs="+", type=int, default=None, metavar="STAGE",
-                   help="also time full+gc and lora+gc with these body stages checkpointed (e.g. 0 1 2 3)")
+    p.add_argument("--grad-checkpointing", nargs="+", default=None, metavar="S|S:K",
+                   help="also time full+gc and lora+gc with these checkpointed: a body stage S (all its blocks) "
+                        "or S:K (its first K blocks), e.g. 0 1 2:6")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny Swin, batch 4, 2 steps")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     p.add_argument("--tag", default=None, help="file-name suffix (default from --compile/--grad-checkpointing/--smoke)")
@@ -84,11 +91,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.model, args.batch_sizes, args.steps, args.warmup, args.repeats = "swin_tiny_patch4_window7_224", [4], 2, 1, 1
     if args.compile_mode == "default":
         args.compile_mode = None
+    if args.grad_checkpointing is not None:  # syntax and distinct stages now; stage depths once the body exists
+        try:
+            args.grad_checkpointing = normalize_checkpointing(args.grad_checkpointing, GC_WHERE)
+        except ConfigError as err:
+            p.error(str(err))
     return args
 
 
 def configurations(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """(name, method, rank map, checkpointed stages) of every configuration, in table order."""
+    """(name, method, rank map, checkpointing entries) of every configuration, in table order."""
     out = [{"name": m, "method": "lora" if m == "lora_map" else m,
             "rank_map": args.rank_map if m == "lora_map" else None, "gc": ()} for m in args.methods]
     if args.grad_checkpointing:
@@ -101,6 +113,9 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     cuda = device.type == "cuda"
     img = 32 if args.smoke else 224
     body_kwargs = dict(SMOKE_BODY) if args.smoke else {}
+    if args.grad_checkpointing:  # refuse e.g. 2:30 on a stage of 18 blocks before anything is built or timed
+        plan_checkpointing(create_body(args.model, torch.device("meta"), **body_kwargs), args.grad_checkpointing,
+                           GC_WHERE)
     data = {}
     for b in args.batch_sizes:
         gen = torch.Generator(device=device).manual_seed(b)
@@ -177,6 +192,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
 
     peak_tflops = args.peak_tflops
+    spec_of = {spec["name"]: spec for spec in configurations(args)}
     full_flops = {b: configs["full"]["flops"].get(b) for b in args.batch_sizes} if "full" in configs else {}
     for key, ts in times.items():
         name, b = key.rsplit("@", 1)
@@ -190,6 +206,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
                "mfu": mfu(flops),
                "peak_gib": round(max(peaks[key]) / 2**30, 2) if key in peaks else None,
                "trainable_params": configs[name]["counts"]["trainable"],
+               "grad_checkpointing": list(spec_of[name]["gc"]) or None,
+               "checkpointing": configs[name]["checkpointing"],
                "warmup_s": round(configs[name]["warmup_s"], 1)}
         if full_flops.get(b):
             row["mfu_full_equiv"] = mfu(full_flops[b])
@@ -218,6 +236,7 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
              f"{meta['date']}; {args.model}, {'bf16 autocast, fused AdamW' if device.type == 'cuda' else 'fp32, AdamW'}, "
              f"r = {args.rank}; median of {args.repeats} interleaved blocks of {args.steps} steps after "
              f"{args.warmup} warm-up steps; matmul peak {meta['matmul_peak_tflops']} TFLOP/s.", "",
+             *gc_lines(rows, args),
              "| batch | config | img/s | vs full | vs peft | GFLOP/img | MFU | MFU (full-step FLOPs) | peak GiB | trainable |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -234,6 +253,17 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
                      f"{gflop} | {pct(r['mfu'])} | {equiv} | {peak} | {r['trainable_params']:,} |")
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return args.out / f"{stem}.md"
+
+
+def gc_lines(rows: List[Dict[str, Any]], args: argparse.Namespace) -> List[str]:
+    """The markdown's account of what ``+gc`` recomputed (entries, and blocks per stage on this body)."""
+    names = [c["name"] for c in configurations(args) if c["gc"]]
+    if not names:
+        return []
+    done = next((r["checkpointing"] for r in rows if r.get("checkpointing") and r["config"] in names), None)
+    return [f"{', '.join(f'`{n}`' for n in names)}: activation checkpointing "
+            f"`--grad-checkpointing {describe_checkpointing(args.grad_checkpointing)}`"
+            + (f" = {done}." if done else "."), ""]
 
 
 def main(argv: Optional[List[str]] = None) -> Path:
@@ -253,7 +283,10 @@ def main(argv: Optional[List[str]] = None) -> Path:
     else:
         args.peak_tflops = matmul_peak_tflops(device, n=256, dtype=torch.float32, iters=5)
     print(f"matmul peak: {args.peak_tflops:.4g} TFLOP/s", flush=True)
-    results = run(args, device)
+    try:
+        results = run(args, device)
+    except ConfigError as err:  # e.g. --grad-checkpointing 2:30 on a stage of 18 blocks
+        raise SystemExit(f"bench_train.py: {err}") from None
     path = write(results, args, device)
     print(path.read_text())
     return path
