@@ -74,6 +74,11 @@ bench)
   step "bench_train: every method, batch 64 and 256, eager; activation checkpointing in all stages"
   within 300 "$PY" scripts/bench_train.py --out "$out" --grad-checkpointing 0 1 2 3 \
       ${RANK_MAP:+--rank-map "$RANK_MAP"}
+  step "bench_train: checkpointing only the activation-heavy blocks (stages 0, 1 and 6 of stage 2's 18)"
+  within 150 "$PY" scripts/bench_train.py --out "$out" --grad-checkpointing 0 1 2:6 --methods full lora \
+      --batch-sizes 256 --tag _gc_0_1_2-6
+  step "bench_adapters compiled at batch 64 (eager, batch 64 is bound by the CPU's kernel launches)"
+  within 400 "$PY" scripts/bench_adapters.py --out "$out" --compile --methods full lora --batch-sizes 64
   ;;
 evidence)
   darcy_in_background 10
