@@ -1,10 +1,22 @@
-"""Shared fixtures: a tiny Swin, tiny Darcy options, and the gpu marker's auto-skip."""
+"""Shared fixtures: a tiny Swin, tiny Darcy options, a stand-in model, and the gpu marker's auto-skip."""
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 TINY_BODY = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 2}
+
+
+class Stand(nn.Module):
+    """Stand-in for ORCAModel (embedder -> body -> head), for adapter tests on arbitrary bodies."""
+
+    def __init__(self, embedder, body, head):
+        super().__init__()
+        self.embedder, self.body, self.head = embedder, body, head
+
+    def forward(self, x):
+        return self.head(self.body(self.embedder(x)))
 
 
 @pytest.fixture(scope="module")

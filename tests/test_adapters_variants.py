@@ -16,20 +16,12 @@ from torch import nn
 from orca.adapters import AdapterConfig, build_method, lora_layers, sweep_ranks
 from orca.adapters.dylora import RANK_DISTRIBUTIONS, sample_rank
 from orca.adapters.optim import build_optimizer, build_param_groups
+from tests.conftest import Stand
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Stand(nn.Module):
-    def __init__(self, embedder, body, head):
-        super().__init__()
-        self.embedder, self.body, self.head = embedder, body, head
-
-    def forward(self, x):
-        return self.head(self.body(self.embedder(x)))
 
 
 def tiny_swin():

@@ -25,7 +25,7 @@ from orca.adapters import AdapterConfig, build_method, lora_layers
 from orca.adapters.dylora import DynamicRank
 from orca.adapters.lora import LoRALinear
 
-from tests.conftest import TINY_BODY
+from tests.conftest import TINY_BODY, Stand
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -209,17 +209,6 @@ def test_dylora_past_the_recompile_limit_is_still_exact():
 # ----------------------------------------------------------------------------------------------
 # 4. a few optimizer steps: LoRA+ , Delta-LoRA, DyLoRA (b sampled per step), compiled vs eager
 # ----------------------------------------------------------------------------------------------
-class Stand(nn.Module):
-    """Stand-in for ORCAModel: embedder -> body -> head."""
-
-    def __init__(self, embedder, body, head):
-        super().__init__()
-        self.embedder, self.body, self.head = embedder, body, head
-
-    def forward(self, x):
-        return self.head(self.body(self.embedder(x)))
-
-
 def mlp_model():
     torch.manual_seed(0)
     body = nn.Sequential()

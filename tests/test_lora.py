@@ -17,6 +17,7 @@ from torch import nn
 from orca.adapters import ADAPTERS, AdapterConfig, build_method, lora_layers
 from orca.adapters.io import export_merged, export_peft, load_adapter, save_adapter
 from orca.adapters.lora import resolve_ranks
+from tests.conftest import Stand
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,17 +40,6 @@ def tiny_swin(embed_dim: int = 32) -> nn.Module:
     return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=embed_dim,
                              depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), img_size=64, window_size=4,
                              num_classes=0)
-
-
-class Stand(nn.Module):
-    """Stand-in for ORCAModel: embedder -> body -> head."""
-
-    def __init__(self, embedder, body, head):
-        super().__init__()
-        self.embedder, self.body, self.head = embedder, body, head
-
-    def forward(self, x):
-        return self.head(self.body(self.embedder(x)))
 
 
 def build(kind: str, embed_dim: int = 32):
