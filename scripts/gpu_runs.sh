@@ -10,10 +10,11 @@
 #             RANK_MAP is set), in order of need
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, then Darcy-85),
 #             bench_otdd, then issue 8's Table 2 sweep as far as the time allows
-#   tables    issue 8's table sweeps (Tables 2, 3, 4 with its stage 1, then 1) into results/runs/,
+#   tables    issue 8's table sweeps (Tables 2, 3, 4 with its stage 1, then 1) and the knee sweeps
+#             of the other two tasks (ranks_patches, ranks_heldout) into results/runs/,
 #             as far as the time allows; sweeps are resumable, so the next call continues
 #   adaptive  issue 8 (d): stage-2 rank maps at three budgets per task, then the adaptive vs
-#             uniform vs AdaLoRA sweeps, into results/runs/
+#             uniform vs AdaLoRA sweeps, and the small-gap task's gap profile, into results/runs/
 # SECONDS (default 560) is the part's whole budget: every step runs under `timeout` with what is
 # left, so a slow step cannot take the later steps' logs with it. Each part writes its run
 # directories, logs and bench outputs under OUT_DIR. Steps run one after another unless said
@@ -106,8 +107,10 @@ tables)
       align.source=fractal run_dir=results/runs/table4/stage1_otdd_s0
   within 600 "$PY" -m orca.sweep configs/experiments/table4_darcy_otdd.yaml --per-gpu 4 \
       model.embedder_from=results/runs/table4/stage1_otdd_s0
-  step "issue 8: table1_smallgap (4 runs at a time)"
-  within 600 "$PY" -m orca.sweep configs/experiments/table1_smallgap.yaml --per-gpu 4
+  for t in table1_smallgap ranks_patches ranks_heldout; do
+    step "issue 8: $t (4 runs at a time)"
+    within 600 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu 4
+  done
   ;;
 adaptive)
   # Stage-2 maps at the three budgets of configs/experiments/adaptive_*.yaml, then the sweeps
@@ -124,6 +127,9 @@ adaptive)
     step "issue 8 (d): $name sweep (4 runs at a time)"
     within 600 "$PY" -m orca.sweep configs/experiments/$name.yaml --per-gpu 4
   done
+  step "issue 8 (a)-(c): the small-gap task's gap profile (the other two come from the maps above)"
+  within 120 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_heldout task.name=fractal_heldout \
+      'task.options={cache: true, device: cuda}' run_dir=results/runs/gaps_heldout/stage2
   ;;
 *)
   echo "unknown part '$part' (body, finetune, bench, evidence, tables or adaptive)" >&2; exit 2 ;;

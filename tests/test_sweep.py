@@ -200,19 +200,23 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, data_root, capsys
 
 
 @pytest.mark.parametrize("name, n_runs", [("table1_smallgap", 6), ("table2_darcy_attn", 15),
-                                          ("table3_darcy_all", 18), ("table4_darcy_otdd", 15)])
+                                          ("table3_darcy_all", 21), ("table4_darcy_otdd", 15),
+                                          ("ranks_patches", 18), ("ranks_heldout", 18)])
 def test_experiment_sweeps_expand(name, n_runs):
     """The committed sweep files load, and hold 3 seeds where the brief asks for them."""
     spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml",
                                       ["model.embedder_from=results/runs/table4/stage1_otdd_s0"])
-    assert len(runs) == n_runs and spec.table == name[:6]
+    assert len(runs) == n_runs and spec.table == (name if name.startswith("ranks") else name[:6])
     seeds = {}
     for run in runs:
         seeds.setdefault(run.row, set()).add(run.cfg.seed)
     assert seeds["full"] == {0, 1, 2}
     if name != "table1_smallgap":
         assert seeds["lora_r1"] == seeds["lora_r8"] == seeds["lora_r64"] == {0, 1, 2} and seeds["lora_r2"] == {0}
-        assert all(r.cfg.train.epochs == 20 for r in runs)
+        assert all(r.cfg.train.epochs == (10 if name == "ranks_patches" else 20) for r in runs)
+    if name in ("table3_darcy_all", "ranks_patches", "ranks_heldout"):  # the knee sweeps share one recipe
+        assert seeds["head"] == {0, 1, 2}
+        assert all(r.cfg.adapter.targets == "all" and r.cfg.adapter.train_embedder for r in runs)
 
 
 def test_interrupted_run_fails_then_resumes(tmp_path, data_root, monkeypatch, capsys):
