@@ -14,8 +14,10 @@ through the ``config.yaml`` beside it; stage-2 runs through their ``rank_map.jso
     first, last block: secondary) and its knee, with a bootstrap CI and a permutation p-value;
 (c) per full fine-tuning run, Spearman rho between each block's gap D_i and the effective rank of
     that block's update Delta W_i (energy rank at ``--energy``, stable rank), averaged over the
-    block's Linears; W_0 is rebuilt from the run's config (the seed fixes random init) unless
-    ``--base-state`` gives it;
+    block's Linears. From the run's ``delta_w.json`` (the Delta W spectra stage 3 writes: no
+    checkpoint needed) when present, else from ``ckpt/best.pt`` with W_0 rebuilt from the run's
+    config (the seed fixes random init) or given by ``--base-state`` (which then takes precedence
+    over ``delta_w.json``); the report names the source of each run;
 (d) stage-2 (adaptive) rank maps vs uniform ranks vs AdaLoRA at equal adapter budgets
     (``--budget-tol``); AdaLoRA's budget is its live rank units at the end (``ckpt/last.pt``).
 
@@ -40,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rank_estimation.hypothesis import (  # noqa: E402
     bootstrap_knee, budget_matched, combine_verdicts, delta_w_ranks, knee_order_verdict, mean_difference_ci,
-    permutation_pvalue, spearman_with_ci, verdict,
+    permutation_pvalue, spearman_with_ci, spectrum_ranks, verdict,
 )
 
+DELTA_W_FILE = "delta_w.json"  # what stage 3 writes for full fine-tuning (orca.train.DELTA_W_FILE)
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
 
 
@@ -167,19 +170,20 @@ def analysis_delta_w(runs: List[Run], tg: dict, a) -> List[dict]:
     out = []
     for run in [r for r in runs if r.variant == "full"]:
         ckpt = run.path / "ckpt" / "best.pt"
-        if run.task not in tg or not ckpt.is_file():
+        spectra = run.path / DELTA_W_FILE
+        if run.task not in tg:
             continue
-        import torch
-
-        tuned = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
-        base, how = initial_state(run.path, a.base_state)
         layers = tg[run.task]["layers"]
-        names = sorted({k[len("body."):-len(".weight")] for k, v in tuned.items()
-                        if k.startswith("body.") and k.endswith(".weight") and v.ndim == 2
-                        and any(k.startswith(f"body.{b}.") for b in layers)})
-        ranks = delta_w_ranks({f"body.{n}.weight": base[f"body.{n}.weight"] for n in names},
-                              {f"body.{n}.weight": tuned[f"body.{n}.weight"] for n in names},
-                              [f"body.{n}" for n in names], energy=a.energy)
+        # --base-state names the W_0 to compare with, so it needs the checkpoint; else the spectra
+        # stage 3 wrote (no checkpoint needed), else the checkpoint with W_0 rebuilt.
+        if spectra.is_file() and not (a.base_state and ckpt.is_file()):
+            names, ranks, w0_fro, how = ranks_from_spectra(spectra, layers, a.energy)
+            source = DELTA_W_FILE
+        elif ckpt.is_file():
+            names, ranks, w0_fro, how = ranks_from_checkpoint(run.path, ckpt, layers, a)
+            source = "ckpt/best.pt"
+        else:
+            continue
         per_block = {b: [v for k, v in ranks.items() if k.startswith(f"body.{b}.")] for b in layers}
         keep = [b for b in layers if per_block[b]]
         D = [float(tg[run.task]["D"][layers.index(b)]) for b in keep]
@@ -187,30 +191,57 @@ def analysis_delta_w(runs: List[Run], tg: dict, a) -> List[dict]:
         stable = [float(np.mean([v["stable_rank"] for v in per_block[b]])) for b in keep]
         # A W_0 that is not the run's starting point (a different random init) shows as updates as
         # large as the weights themselves; fine-tuning moves weights by a small fraction.
-        rel = float(np.median([ranks[f"body.{n}"]["fro"] / max(float(np.linalg.norm(base[f"body.{n}.weight"].double().numpy())), 1e-12)
-                               for n in names]))
-        out.append({"run": run, "how": how, "blocks": keep, "D": D, "energy": energy, "stable": stable, "rel_update": rel,
+        rel = float(np.median([ranks[f"body.{n}"]["fro"] / max(w0_fro[n], 1e-12) for n in names]))
+        out.append({"run": run, "how": how, "source": source, "blocks": keep, "D": D, "energy": energy,
+                    "stable": stable, "rel_update": rel,
                     "energy_corr": correlate(D, energy, a), "stable_corr": correlate(D, stable, a)})
     return out
 
 
+def ranks_from_checkpoint(run_dir: Path, ckpt: Path, layers: List[str], a) -> tuple:
+    """(c) from ``ckpt/best.pt`` and W_0 (``--base-state`` or rebuilt): names, ranks, ||W_0||_F, how."""
+    import torch
+
+    tuned = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    base, how = initial_state(run_dir, a.base_state)
+    names = sorted({k[len("body."):-len(".weight")] for k, v in tuned.items()
+                    if k.startswith("body.") and k.endswith(".weight") and v.ndim == 2
+                    and any(k.startswith(f"body.{b}.") for b in layers)})
+    ranks = delta_w_ranks({f"body.{n}.weight": base[f"body.{n}.weight"] for n in names},
+                          {f"body.{n}.weight": tuned[f"body.{n}.weight"] for n in names},
+                          [f"body.{n}" for n in names], energy=a.energy)
+    w0_fro = {n: float(np.linalg.norm(base[f"body.{n}.weight"].double().numpy())) for n in names}
+    return names, ranks, w0_fro, how
+
+
+def ranks_from_spectra(path: Path, layers: List[str], energy: float) -> tuple:
+    """(c) from the Delta W spectra stage 3 wrote (``delta_w.json``): names, ranks, ||W_0||_F, how."""
+    try:
+        spectra = json.loads(path.read_text())["layers"]
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{path}: not a readable {DELTA_W_FILE} ({err}); delete it to fall back to ckpt/best.pt") from err
+    names = sorted(n[len("body."):] for n in spectra
+                   if n.startswith("body.") and any(n.startswith(f"body.{b}.") for b in layers))
+    ranks = {f"body.{n}": spectrum_ranks(spectra[f"body.{n}"]["s"], energy) for n in names}
+    w0_fro = {n: float(spectra[f"body.{n}"]["w0_fro"]) for n in names}
+    return names, ranks, w0_fro, (f"spectra from `{DELTA_W_FILE}`: stage 3's best checkpoint vs the model "
+                                  "it built at its start, no checkpoint read")
+
+
 def initial_state(run_dir: Path, base_state: Optional[str]) -> tuple:
-    """W_0: a given state dict, or the model rebuilt exactly as stage 3 built it (seed, task, model)."""
+    """W_0: a given state dict, or the model rebuilt exactly as stage 3 built it
+    (``orca.train.initial_model``: seed, task, model)."""
     import torch
 
     if base_state:
         state = torch.load(base_state, map_location="cpu", weights_only=True)
         state = state.get("model", state)
         return ({k if k.startswith("body.") else f"body.{k}": v for k, v in state.items()}, f"--base-state {base_state}")
-    from datasets.registry import build_task
     from orca.config import load_config
-    from orca.model import build_model
-    from orca.train import seed_everything
+    from orca.train import initial_model
 
-    cfg = load_config(str(run_dir / "config.yaml"))
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
-    return build_model(cfg.model, task).state_dict(), "rebuilt from the run's config.yaml (same seed)"
+    _, model = initial_model(load_config(str(run_dir / "config.yaml")))
+    return model.state_dict(), "rebuilt from the run's config.yaml (same seed)"
 
 
 def analysis_budgets(runs: List[Run], a) -> tuple:
@@ -310,7 +341,7 @@ def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> 
         L += ["**No stage-3 runs were found**, so nothing below is estimated. Needed:", "",
               "- (a), (b): per task, a uniform-rank sweep (`adapter.method=lora adapter.rank=R`, several R, "
               ">= 2 seeds each; `adapter.method=head` for rank 0) and a stage-2 run (`rank_map.json`) on >= 3 tasks;",
-              "- (c): a full fine-tuning run (`adapter.method=full`, keeps `ckpt/best.pt`) per task;",
+              "- (c): a full fine-tuning run (`adapter.method=full`, writes `delta_w.json`) per task;",
               "- (d): stage-3 runs with `adapter.rank_map=<stage-2 rank_map.json>` and `adapter.method=adalora` "
               "at the budget of a uniform rank.", ""]
     if metrics and len(metrics) > 1:
@@ -360,13 +391,16 @@ def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> 
         r = item["run"]
         warn = (" **Warning: the median ||Delta W|| / ||W_0|| is > 0.5; W_0 is probably not this run's starting "
                 "point (pass --base-state).**" if item["rel_update"] > 0.5 else "")
-        L += [f"- {r.task} seed {r.seed} (`{r.path.relative_to(a.runs)}`, W_0 {item['how']}), {len(item['blocks'])} blocks, "
+        # The checkpoint path's line is unchanged: its "W_0 rebuilt ..." / "W_0 --base-state ..." names it.
+        how = f"Delta W {item['how']}" if item["source"] == DELTA_W_FILE else f"W_0 {item['how']}"
+        L += [f"- {r.task} seed {r.seed} (`{r.path.relative_to(a.runs)}`, {how}), {len(item['blocks'])} blocks, "
               f"median ||Delta W||_F / ||W_0||_F = {item['rel_update']:.3g}.{warn}",
               f"  - energy rank ({a.energy:g}): {fmt_corr(item['energy_corr'])} -> {item['energy_corr']['verdict']}",
               f"  - stable rank: {fmt_corr(item['stable_corr'])} -> {item['stable_corr']['verdict']}"]
         c_verdicts.append(item["energy_corr"]["verdict"])
     if not dw:
-        L.append("Missing: no full fine-tuning run (`adapter.method=full` with `ckpt/best.pt`) of a task that has stage-2 gaps.")
+        L.append("Missing: no full fine-tuning run (`adapter.method=full` with `delta_w.json` or `ckpt/best.pt`) "
+                 "of a task that has stage-2 gaps.")
     c_final = combine_verdicts(c_verdicts) if c_verdicts else "inconclusive (reason: no full fine-tuning run with gaps)"
     L += ["", f"Verdict (c), D_i rank-correlates with the energy rank of Delta W_i: **{c_final}**", ""]
     # (d)

@@ -269,8 +269,12 @@ def test_script_delta_w_from_a_given_base_state(tmp_path):
     assert (out / "hypothesis_gap_vs_delta_w.png").is_file()
 
 
-def test_script_rebuilds_initial_weights_of_a_real_full_run(tiny_overrides, tmp_path):
-    """(c) without --base-state: W_0 rebuilt from the run's config matches the run's start."""
+def test_script_delta_w_from_json_equals_checkpoint_of_a_real_full_run(tiny_overrides, tmp_path):
+    """(c) on a real tiny full run: from ckpt/best.pt with W_0 rebuilt from the run's config (no
+    delta_w.json), then from delta_w.json alone after ckpt/ is deleted: the same numbers."""
+    import shutil
+    from types import SimpleNamespace
+
     import torch
 
     from orca.config import load_config
@@ -278,7 +282,7 @@ def test_script_rebuilds_initial_weights_of_a_real_full_run(tiny_overrides, tmp_
 
     torch.set_num_threads(1)
     runs = tmp_path / "runs"
-    run_stage3(load_config(None, tiny_overrides + ["train.epochs=1", f"output_dir={runs}", "train.lr=1e-4"]))
+    run = run_stage3(load_config(None, tiny_overrides + ["train.epochs=1", f"output_dir={runs}", "train.lr=1e-4"]))
     d = runs / "stage2__darcy"
     d.mkdir()
     (d / "rank_map.json").write_text(json.dumps({"rank_map": {}, "gap_metric": "mmd", "gap_profile": {
@@ -289,7 +293,32 @@ def test_script_rebuilds_initial_weights_of_a_real_full_run(tiny_overrides, tmp_
         import hypothesis as script
     finally:
         sys.path.pop(0)
-    path = script.main(["--runs", str(runs), "--out", str(tmp_path / "out"), "--n-boot", "50", "--n-perm", "100"])
-    section = path.read_text().split("## (c)")[1].split("## (d)")[0]
-    assert "rebuilt from the run's config.yaml" in section and "rho = " in section
-    assert "Warning" not in section  # a wrong W_0 would make ||Delta W|| ~ ||W_0||
+    args = ["--runs", str(runs), "--n-boot", "50", "--n-perm", "100"]
+    a = SimpleNamespace(energy=0.9, base_state=None, n_boot=50, n_perm=100, seed=0, alpha=0.05)
+
+    def section_and_items(out):
+        path = script.main(args + ["--out", str(tmp_path / out)])
+        runs_, gaps, _ = script.load_runs(runs, "test")
+        items = script.analysis_delta_w(runs_, script.task_gaps(gaps)[0], a)
+        return path.read_text().split("## (c)")[1].split("## (d)")[0], items
+
+    spectra = run.path / "delta_w.json"
+    assert spectra.is_file()
+    spectra.rename(tmp_path / "delta_w.json")
+    from_ckpt, ckpt_items = section_and_items("ckpt")
+    assert "rebuilt from the run's config.yaml" in from_ckpt and "rho = " in from_ckpt
+    assert "Warning" not in from_ckpt  # a wrong W_0 would make ||Delta W|| ~ ||W_0||
+    (tmp_path / "delta_w.json").rename(spectra)
+    shutil.rmtree(run.path / "ckpt")
+    from_json, json_items = section_and_items("json")
+    assert "spectra from `delta_w.json`" in from_json and "rebuilt" not in from_json
+    [c], [j] = ckpt_items, json_items
+    assert (c["source"], j["source"]) == ("ckpt/best.pt", "delta_w.json")
+    assert j["blocks"] == c["blocks"] and j["D"] == c["D"] and j["energy"] == c["energy"]
+    assert j["stable"] == pytest.approx(c["stable"], rel=1e-6, abs=0)
+    assert j["rel_update"] == pytest.approx(c["rel_update"], rel=1e-6, abs=0)
+    for key in ("energy_corr", "stable_corr"):
+        assert j[key] == c[key]
+    # The report: the same lines but for the named source.
+    strip = lambda text: [line.split("), ", 1)[-1] for line in text.splitlines()]  # noqa: E731
+    assert strip(from_json) == strip(from_ckpt)
