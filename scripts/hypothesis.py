@@ -6,7 +6,11 @@
 
 Reads every ``summary.json`` under ``--runs`` (stage-3 runs, grouped by task and by method / rank
 through the ``config.yaml`` beside it; stage-2 runs through their ``rank_map.json``) and writes
-``hypothesis.md`` plus three PNGs to ``--out``:
+``hypothesis.md`` plus three PNGs to ``--out``. Only runs of one body enter (``--weights``, default
+the offline fractal body), and each analysis reads the sweeps made for it (``sweep.json``'s table):
+(a)-(c) the knee sweeps with one recipe per task (``--knee-tables``: table3, ranks_patches,
+ranks_heldout), (d) the equal-budget sweeps (``--budget-tables``: adaptive_darcy, adaptive_patches);
+``--weights any --knee-tables all --budget-tables all`` pools everything.
 
 (a) knee rank per task: the smallest uniform LoRA rank (0 = head only) whose seed-mean error is
     within ``--tol`` (relative) of the best rank's, with a bootstrap interval over seeds;
@@ -47,6 +51,10 @@ from rank_estimation.hypothesis import (  # noqa: E402
 
 DELTA_W_FILE = "delta_w.json"  # what stage 3 writes for full fine-tuning (orca.train.DELTA_W_FILE)
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
+#: The committed experiments: one body (the offline fractal Swin) and one recipe per analysis.
+DEFAULT_WEIGHTS = "file:results/checkpoints/fractal_swin.safetensors"
+KNEE_TABLES = ("table3", "ranks_patches", "ranks_heldout")      # (a)-(c): uniform ranks, head, full
+BUDGET_TABLES = ("adaptive_darcy", "adaptive_patches")           # (d): uniform vs adaptive vs AdaLoRA
 
 
 @dataclass
@@ -58,17 +66,26 @@ class Run:
     seed: int
     error: float
     budget: float         # adapter parameters (AdaLoRA: live at the end)
+    table: Optional[str] = None   # the sweep table (sweep.json) the run belongs to, if any
 
 
 # ----------------------------------------------------------------------------- loading
-def load_runs(root: Path, split: str) -> tuple:
-    """Stage-3 runs, stage-2 gap profiles per task, and notes on what was skipped."""
+def load_runs(root: Path, split: str, weights: str = "any") -> tuple:
+    """Stage-3 runs, stage-2 gap profiles per task, and notes on what was skipped.
+
+    ``weights``: keep only runs whose body weights (the summaries' ``weights``) are these; ``any``
+    keeps all. Why: gaps and knees of one analysis must come from one body.
+    """
     runs: List[Run] = []
     gaps: Dict[str, List[dict]] = defaultdict(list)
     notes: List[str] = []
+    other_body: Dict[str, int] = defaultdict(int)
     for summary_path in sorted(root.rglob("summary.json")) if root.is_dir() else []:
         d = summary_path.parent
         s = json.loads(summary_path.read_text())
+        if weights != "any" and s.get("stage") in ("stage2", "stage3") and s.get("weights") != weights:
+            other_body[str(s.get("weights"))] += 1
+            continue
         if s.get("stage") == "stage2" and (d / "rank_map.json").is_file():
             rm = json.loads((d / "rank_map.json").read_text())
             prof = rm.get("gap_profile") or {}
@@ -101,8 +118,21 @@ def load_runs(root: Path, split: str) -> tuple:
         else:
             notes.append(f"{d.relative_to(root)}: method {method!r} is not part of these analyses")
             continue
-        runs.append(Run(d, s["task"], variant, rank, int(s.get("seed", 0)), float(error), budget))
+        sweep = json.loads((d / "sweep.json").read_text()) if (d / "sweep.json").is_file() else {}
+        runs.append(Run(d, s["task"], variant, rank, int(s.get("seed", 0)), float(error), budget, sweep.get("table")))
+    for w, n in sorted(other_body.items()):
+        notes.append(f"{n} run(s) with body weights {w!r} skipped (--weights {weights!r})")
     return runs, dict(gaps), notes
+
+
+def select(runs: List[Run], tables: List[str], notes: List[str], what: str) -> List[Run]:
+    """The runs of these sweep tables (``all``: every run), noting how many others were left out."""
+    if tables == ["all"]:
+        return runs
+    kept = [r for r in runs if r.table in tables]
+    if len(kept) < len(runs):
+        notes.append(f"{what}: {len(runs) - len(kept)} stage-3 run(s) outside tables {', '.join(tables)} not used")
+    return kept
 
 
 def adalora_budget(d: Path, allocated: float, notes: List[str], root: Path) -> float:
@@ -334,7 +364,9 @@ def fmt_corr(c: dict) -> str:
 def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> str:
     L = ["# Rank-gap hypothesis", "",
          "Hypothesis (seed 001): the LoRA rank a task needs grows with its modality gap.", "",
-         f"Inputs: {len(runs)} stage-3 runs and stage-2 gaps for {len(tg)} task(s) under `{a.runs}`; "
+         f"Inputs: {len(runs)} stage-3 runs and stage-2 gaps for {len(tg)} task(s) under `{a.runs}` "
+         f"(body weights: {a.weights}; (a)-(c) from tables {', '.join(a.knee_tables)}; (d) from tables "
+         f"{', '.join(a.budget_tables)}); "
          f"errors on the {a.split} split; knee tolerance {a.tol:g} (relative); {a.n_boot} bootstrap "
          f"replicates, {a.n_perm} permutations, seed {a.seed}, alpha {a.alpha:g}.", ""]
     if not runs:
@@ -442,14 +474,21 @@ def main(argv: Optional[List[str]] = None) -> Path:
     p.add_argument("--n-perm", type=int, default=10000)
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                   help="use only runs whose body weights are these (summary.json 'weights'); 'any' = all")
+    p.add_argument("--knee-tables", nargs="+", default=list(KNEE_TABLES),
+                   help="(a)-(c) read uniform, head and full runs of these sweep tables (one recipe per task); 'all' = every run")
+    p.add_argument("--budget-tables", nargs="+", default=list(BUDGET_TABLES),
+                   help="(d) reads the runs of these sweep tables; 'all' = every run")
     a = p.parse_args(argv)
     if not 0 <= a.tol < 1 or not 0 < a.energy <= 1 or a.budget_tol < 0 or a.n_boot < 1 or a.n_perm < 1:
         p.error("need 0 <= --tol < 1, 0 < --energy <= 1, --budget-tol >= 0, --n-boot >= 1, --n-perm >= 1")
-    runs, gaps, notes = load_runs(a.runs, a.split)
+    runs, gaps, notes = load_runs(a.runs, a.split, a.weights)
     tg, metrics = task_gaps(gaps)
-    knees = analysis_knees(runs, a)
-    dw = analysis_delta_w(runs, tg, a)
-    buckets, d_verdict = analysis_budgets(runs, a)
+    knee_runs = select(runs, a.knee_tables, notes, "(a)-(c)")
+    knees = analysis_knees(knee_runs, a)
+    dw = analysis_delta_w(knee_runs, tg, a)
+    buckets, d_verdict = analysis_budgets(select(runs, a.budget_tables, notes, "(d)"), a)
     a.out.mkdir(parents=True, exist_ok=True)
     pngs = plots(a.out, knees, tg, dw)
     path = a.out / "hypothesis.md"

@@ -171,6 +171,10 @@ def test_budget_matched_groups_within_tolerance():
 
 
 # ----------------------------------------------------------------------------- the script
+#: Synthetic runs have no sweep.json and no body weights: pool them all.
+POOL = ["--weights", "any", "--knee-tables", "all", "--budget-tables", "all"]
+
+
 def _write_run(root: Path, name: str, summary: dict, config: dict) -> Path:
     d = root / name
     d.mkdir(parents=True)
@@ -206,7 +210,7 @@ def _synthetic_results(root: Path) -> None:
 
 def _run_script(runs: Path, out: Path):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs),
-                           "--out", str(out), "--n-boot", "200", "--n-perm", "2000"],
+                           "--out", str(out), "--n-boot", "200", "--n-perm", "2000", *POOL],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -259,7 +263,7 @@ def test_script_delta_w_from_a_given_base_state(tmp_path):
     torch.save(base, tmp_path / "base.pt")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs),
                            "--out", str(out), "--n-boot", "100", "--n-perm", "1000",
-                           "--base-state", str(tmp_path / "base.pt")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--base-state", str(tmp_path / "base.pt"), *POOL], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = (out / "hypothesis.md").read_text()
     section = report.split("## (c)")[1].split("## (d)")[0]
@@ -293,7 +297,7 @@ def test_script_delta_w_from_json_equals_checkpoint_of_a_real_full_run(tiny_over
         import hypothesis as script
     finally:
         sys.path.pop(0)
-    args = ["--runs", str(runs), "--n-boot", "50", "--n-perm", "100"]
+    args = ["--runs", str(runs), "--n-boot", "50", "--n-perm", "100", *POOL]
     a = SimpleNamespace(energy=0.9, base_state=None, n_boot=50, n_perm=100, seed=0, alpha=0.05)
 
     def section_and_items(out):
@@ -322,3 +326,31 @@ def test_script_delta_w_from_json_equals_checkpoint_of_a_real_full_run(tiny_over
     # The report: the same lines but for the named source.
     strip = lambda text: [line.split("), ", 1)[-1] for line in text.splitlines()]  # noqa: E731
     assert strip(from_json) == strip(from_ckpt)
+
+
+def test_default_selection_keeps_one_body_and_the_sweeps_made_for_each_analysis(tmp_path):
+    """By default only the fractal body's runs of the knee tables enter (a); a run of another body, or
+    of another table (here: same task and rank, but a different recipe), would bend the curve."""
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    weights = "file:results/checkpoints/fractal_swin.safetensors"
+
+    def run(name, table, rank, err, seed, body=weights):
+        d = _write_run(runs, name, {"stage": "stage3", "task": "darcy", "method": "lora", "metric": "err",
+                                    "seed": seed, "test": {"err": err}, "val": {"err": err}, "weights": body,
+                                    "params": {"adapters": 1000 * rank}, "run_dir": "x"},
+                       {"adapter": {"method": "lora", "rank": rank, "rank_map": None}})
+        (d / "sweep.json").write_text(json.dumps({"table": table}))
+
+    for seed in (0, 1):
+        for r, err in ((1, 0.20), (4, 0.10), (16, 0.10)):
+            run(f"table3/lora_r{r}_s{seed}", "table3", r, err + 0.001 * seed, seed)
+        run(f"evidence/lora_r1_s{seed}", "body_evidence_darcy", 1, 0.01, seed)            # another recipe
+        run(f"random/lora_r16_s{seed}", "table3", 16, 0.5, seed, body="none (random init)")  # another body
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs),
+                           "--out", str(out), "--n-boot", "50", "--n-perm", "100"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = (out / "hypothesis.md").read_text()
+    assert "| darcy | 4 |" in report  # knee from table3 alone: r = 4 is within 5% of the best
+    assert "2 run(s) with body weights 'none (random init)' skipped" in report
+    assert "(a)-(c): 2 stage-3 run(s) outside tables table3, ranks_patches, ranks_heldout not used" in report
