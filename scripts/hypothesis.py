@@ -49,7 +49,7 @@ from rank_estimation.hypothesis import (  # noqa: E402
     permutation_pvalue, spearman_with_ci, spectrum_ranks, verdict,
 )
 
-DELTA_W_FILE = "delta_w.json"  # what stage 3 writes for full fine-tuning (orca.train.DELTA_W_FILE)
+DELTA_W_FILE = "delta_w.json"  # what stage 3 writes for full fine-tuning (orca.delta_w.DELTA_W_FILE)
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
 #: The committed experiments: one body (the offline fractal Swin) and one recipe per analysis.
 DEFAULT_WEIGHTS = "file:results/checkpoints/fractal_swin.safetensors"

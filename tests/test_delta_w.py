@@ -10,7 +10,8 @@ import torch
 
 from orca.config import load_config
 from orca.runs import RunDir
-from orca.train import body_linear_weights, effective_weights, initial_model, run_stage3
+from orca.delta_w import body_linear_weights, effective_weights
+from orca.train import initial_model, run_stage3
 from rank_estimation.hypothesis import (
     delta_w_ranks,
     delta_w_spectra,
