@@ -8,6 +8,7 @@
 #   bench     the GPU-marked tests, bench_adapters, bench_otdd, bench_stage2, bench_train (every
 #             method, batch 64 and 256, activation checkpointing, the stage-2 rank map when
 #             RANK_MAP is set), in order of need
+#   perf      bench_train with block-level checkpointing (0 1 2:6), bench_adapters compiled at batch 64
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, then Darcy-85),
 #             bench_otdd, then issue 8's Table 2 sweep as far as the time allows
 #   tables    issue 8's table sweeps (Tables 2, 3, 4 with its stage 1, then 1) and the knee sweeps
@@ -20,7 +21,7 @@
 # directories, logs and bench outputs under OUT_DIR. Steps run one after another unless said
 # otherwise, so every timing is taken on an otherwise idle GPU.
 source "$(dirname "$0")/_env.sh"
-[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|evidence|tables|adaptive OUT_DIR [SECONDS]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|evidence|tables|adaptive OUT_DIR [SECONDS]" >&2; exit 2; }
 part=$1 out=$2 deadline=$(( $(date +%s) + ${3:-560} ))
 mkdir -p "$out"
 darcy=configs/darcy_swinb.yaml
@@ -75,6 +76,8 @@ bench)
   step "bench_train: every method, batch 64 and 256, eager; activation checkpointing in all stages"
   within 300 "$PY" scripts/bench_train.py --out "$out" --grad-checkpointing 0 1 2 3 \
       ${RANK_MAP:+--rank-map "$RANK_MAP"}
+  ;;
+perf)
   step "bench_train: checkpointing only the activation-heavy blocks (stages 0, 1 and 6 of stage 2's 18)"
   within 150 "$PY" scripts/bench_train.py --out "$out" --grad-checkpointing 0 1 2:6 --methods full lora \
       --batch-sizes 256 --tag _gc_0_1_2-6
@@ -132,6 +135,6 @@ adaptive)
       'task.options={cache: true, device: cuda}' run_dir=results/runs/gaps_heldout/stage2
   ;;
 *)
-  echo "unknown part '$part' (body, finetune, bench, evidence, tables or adaptive)" >&2; exit 2 ;;
+  echo "unknown part '$part' (body, finetune, bench, perf, evidence, tables or adaptive)" >&2; exit 2 ;;
 esac
 step "done: $part"
