@@ -48,7 +48,7 @@ from orca.config import ExperimentConfig, save_config
 from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_json
 from orca.schema import ConfigError
 from orca.adapters.optim import build_param_groups
-from orca.train import set_stage_checkpointing
+from orca.checkpointing import set_checkpointing
 from orca.train import autocast_for, build_optimizer, evaluate, resolve_device, seed_everything, warmup_linear_decay
 
 BODY_FILE = "body.safetensors"
@@ -177,7 +177,7 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
                        weights_file=cfg.model.weights_file, img_size=cfg.model.img_size, **cfg.model.body_kwargs)
     init_weights = body.orca_weights
     body.reset_classifier(classes)  # timm's pooled Linear head; save_body drops it ("head.*")
-    set_stage_checkpointing(body, cfg.train.grad_checkpointing)
+    set_checkpointing(body, cfg.train.grad_checkpointing)
     body.to(device)
 
     run = RunDir.create(cfg, "stage0")

@@ -442,18 +442,6 @@ def loss_reduction(task: TaskData) -> str:
     return getattr(task.loss, "reduction", "sum" if task.kind == "dense" else "mean")
 
 
-def set_stage_checkpointing(body: torch.nn.Module, entries: Optional[List[Any]]) -> None:
-    """Recompute the listed body stages, or their first K blocks (``"S:K"``), in backward
-    (``train.grad_checkpointing``); :func:`orca.checkpointing.set_checkpointing` does the work and
-    is the one place that does (stage 0, stage 3 and ``orca.bench`` call it).
-
-    Per block because activation memory is not spread evenly: Swin's first stages hold the most
-    tokens, so checkpointing them and a few blocks of the next buys most of the memory for a
-    fraction of the recompute.
-    """
-    set_checkpointing(body, entries)
-
-
 def wrap_for_training(model: torch.nn.Module, cfg: ExperimentConfig, dist_: Dist,
                       device: torch.device) -> torch.nn.Module:
     """The module the training step calls: DDP-wrapped under torchrun, then compiled if asked.

@@ -6,10 +6,11 @@ import json
 import pytest
 
 from datasets.registry import build_task
+from orca.checkpointing import set_checkpointing
 from orca.config import load_config
 from orca.model import build_model
 from orca.schema import ConfigError
-from orca.train import run_stage3, set_stage_checkpointing
+from orca.train import run_stage3
 
 
 def test_stage_checkpointing_gives_the_same_run(tiny_overrides, tmp_path):
@@ -27,7 +28,7 @@ def test_stage_checkpointing_gives_the_same_run(tiny_overrides, tmp_path):
 def test_checkpointing_is_switched_on_in_the_listed_stages_only(tiny_overrides):
     cfg = load_config(None, tiny_overrides)
     model = build_model(cfg.model, build_task(cfg.task.name, cfg.task.options, cfg.task.data_root))
-    set_stage_checkpointing(model.body, [0, 2])
+    set_checkpointing(model.body, [0, 2])
     assert [layer.grad_checkpointing for layer in model.body.layers] == [True, False, True, False]
 
 
