@@ -8,24 +8,30 @@
 #   bench     the GPU-marked tests, bench_adapters, bench_otdd, bench_stage2, bench_train (every
 #             method, batch 64 and 256, activation checkpointing, the stage-2 rank map when
 #             RANK_MAP is set), in order of need
-#   perf      bench_train with block-level checkpointing (0 1 2:6), bench_adapters compiled at batch 64
+#   perf      bench_adapters compiled (full and our LoRA) at batch 64; bench_train with block-level
+#             checkpointing (0 1 2:6) if time is left
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, then Darcy-85),
 #             bench_otdd, then issue 8's Table 2 sweep as far as the time allows
-#   tables    issue 8's table sweeps (Tables 2, 3, 4 with its stage 1, then 1) and the knee sweeps
-#             of the other two tasks (ranks_patches, ranks_heldout) into results/runs/,
+#   tables    issue 8's table sweeps (Tables 2, 3, 1, then 4 with its stage 1) into results/runs/,
 #             as far as the time allows; sweeps are resumable, so the next call continues
+#   pack      tar every finished run directory under results/runs/ (one holding summary.json) into
+#             OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt, for the trip back
 #   adaptive  issue 8 (d): stage-2 rank maps at three budgets per task, then the adaptive vs
-#             uniform vs AdaLoRA sweeps, and the small-gap task's gap profile, into results/runs/
+#             uniform vs AdaLoRA sweeps, the knee sweeps of the other two tasks (ranks_patches,
+#             ranks_heldout) and the small-gap task's gap profile, into results/runs/
 # SECONDS (default 560) is the part's whole budget: every step runs under `timeout` with what is
 # left, so a slow step cannot take the later steps' logs with it. Each part writes its run
 # directories, logs and bench outputs under OUT_DIR. Steps run one after another unless said
-# otherwise, so every timing is taken on an otherwise idle GPU.
+# otherwise, so every timing is taken on an otherwise idle GPU. Sweeps run PER_GPU runs at a time
+# (default 6): the fractal body's eager runs are bound by Python, so they share one GPU well.
 source "$(dirname "$0")/_env.sh"
-[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|evidence|tables|adaptive OUT_DIR [SECONDS]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|evidence|tables|adaptive|pack OUT_DIR [SECONDS]" >&2; exit 2; }
 part=$1 out=$2 deadline=$(( $(date +%s) + ${3:-560} ))
 mkdir -p "$out"
 darcy=configs/darcy_swinb.yaml
 swinb_offline=(model.weights=none align.source=fractal)   # no hub weights, no CIFAR here
+per_gpu=${PER_GPU:-6}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}   # PER_GPU processes x 16 CPU threads would thrash
 step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
 # within MAX_S CMD...: run CMD under timeout min(MAX_S, time left); a failure is logged, not fatal.
 within() {
@@ -78,11 +84,11 @@ bench)
       ${RANK_MAP:+--rank-map "$RANK_MAP"}
   ;;
 perf)
+  step "bench_adapters compiled at batch 64 (eager there, our LoRA is 0.80x full: more kernels per layer, likely launch-bound)"
+  within 400 "$PY" scripts/bench_adapters.py --out "$out" --compile --methods full lora --batch-sizes 64
   step "bench_train: checkpointing only the activation-heavy blocks (stages 0, 1 and 6 of stage 2's 18)"
   within 150 "$PY" scripts/bench_train.py --out "$out" --grad-checkpointing 0 1 2:6 --methods full lora \
       --batch-sizes 256 --tag _gc_0_1_2-6
-  step "bench_adapters compiled at batch 64 (eager there, our LoRA is 0.80x full: more kernels per layer, likely launch-bound)"
-  within 400 "$PY" scripts/bench_adapters.py --out "$out" --compile --methods full lora --batch-sizes 64
   ;;
 evidence)
   darcy_in_background 10
@@ -101,19 +107,16 @@ tables)
   # committed tables and make_tables.sh read them where a user's own runs would be.
   darcy_in_background 16
   wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
-  for t in table2_darcy_attn table3_darcy_all; do
-    step "issue 8: $t (4 runs at a time)"
-    within 600 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu 4
+  for t in table2_darcy_attn table3_darcy_all table1_smallgap; do
+    step "issue 8: $t ($per_gpu runs at a time)"
+    within 600 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu $per_gpu
   done
   step "issue 8: stage 1 (OTDD) for Table 4, then its sweep"
-  within 120 bash scripts/stage1.sh configs/body_fractal.yaml name=t4_otdd task.name=darcy align.objective=otdd \
-      align.source=fractal run_dir=results/runs/table4/stage1_otdd_s0
-  within 600 "$PY" -m orca.sweep configs/experiments/table4_darcy_otdd.yaml --per-gpu 4 \
+  [ -f results/runs/table4/stage1_otdd_s0/summary.json ] || \
+    within 120 bash scripts/stage1.sh configs/body_fractal.yaml name=t4_otdd task.name=darcy align.objective=otdd \
+        align.source=fractal run_dir=results/runs/table4/stage1_otdd_s0
+  within 600 "$PY" -m orca.sweep configs/experiments/table4_darcy_otdd.yaml --per-gpu $per_gpu \
       model.embedder_from=results/runs/table4/stage1_otdd_s0
-  for t in table1_smallgap ranks_patches ranks_heldout; do
-    step "issue 8: $t (4 runs at a time)"
-    within 600 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu 4
-  done
   ;;
 adaptive)
   # Stage-2 maps at the three budgets of configs/experiments/adaptive_*.yaml, then the sweeps
@@ -123,18 +126,29 @@ adaptive)
   for task in darcy natural_patches; do
     name=adaptive_${task/natural_/}
     for b in 282624 1177600 3014656; do
+      [ -f results/runs/$name/stage2_b$b/rank_map.json ] && continue
       step "issue 8 (d): stage 2 on $task at budget $b"
       within 120 bash scripts/stage2.sh configs/body_fractal.yaml name=$name task.name=$task rank.budget=$b \
           run_dir=results/runs/$name/stage2_b$b
     done
-    step "issue 8 (d): $name sweep (4 runs at a time)"
-    within 600 "$PY" -m orca.sweep configs/experiments/$name.yaml --per-gpu 4
+    step "issue 8 (d): $name sweep ($per_gpu runs at a time)"
+    within 600 "$PY" -m orca.sweep configs/experiments/$name.yaml --per-gpu $per_gpu
+  done
+  for t in ranks_patches ranks_heldout; do
+    step "issue 8 (a)-(b): $t ($per_gpu runs at a time)"
+    within 600 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu $per_gpu
   done
   step "issue 8 (a)-(c): the small-gap task's gap profile (the other two come from the maps above)"
-  within 120 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_heldout task.name=fractal_heldout \
-      'task.options={cache: true, device: cuda}' run_dir=results/runs/gaps_heldout/stage2
+  [ -f results/runs/gaps_heldout/stage2/summary.json ] || \
+    within 120 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_heldout task.name=fractal_heldout \
+        'task.options={cache: true, device: cuda}' run_dir=results/runs/gaps_heldout/stage2
+  ;;
+pack)
+  find results/runs -name summary.json -printf '%h\n' | sort | \
+    tar czf "$out/runs.tgz" --exclude=ckpt --exclude=tb --exclude='*.pt' -T -
+  echo "$(tar tzf "$out/runs.tgz" | grep -c summary.json) run directories in $out/runs.tgz"
   ;;
 *)
-  echo "unknown part '$part' (body, finetune, bench, perf, evidence, tables or adaptive)" >&2; exit 2 ;;
+  echo "unknown part '$part' (body, finetune, bench, perf, evidence, tables, adaptive or pack)" >&2; exit 2 ;;
 esac
 step "done: $part"
