@@ -125,11 +125,14 @@ adaptive)
   wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
   for task in darcy natural_patches; do
     name=adaptive_${task/natural_/}
+    # The gaps are measured once (at the first budget); the other budgets reuse them (rank.gaps_from).
+    measured=results/runs/$name/stage2_b282624
     for b in 282624 1177600 3014656; do
       [ -f results/runs/$name/stage2_b$b/rank_map.json ] && continue
-      step "issue 8 (d): stage 2 on $task at budget $b"
-      within 120 bash scripts/stage2.sh configs/body_fractal.yaml name=$name task.name=$task rank.budget=$b \
-          run_dir=results/runs/$name/stage2_b$b
+      reuse=(); [ $b != 282624 ] && reuse=(rank.gaps_from=$measured)
+      step "issue 8 (d): stage 2 on $task at budget $b ${reuse[*]}"
+      within 150 bash scripts/stage2.sh configs/body_fractal.yaml name=$name task.name=$task rank.budget=$b \
+          "${reuse[@]}" run_dir=results/runs/$name/stage2_b$b
     done
     step "issue 8 (d): $name sweep ($per_gpu runs at a time)"
     within 600 "$PY" -m orca.sweep configs/experiments/$name.yaml --per-gpu $per_gpu
