@@ -10,15 +10,15 @@
 #             RANK_MAP is set), in order of need
 #   perf      bench_adapters compiled (full and our LoRA) at batch 64; bench_train with block-level
 #             checkpointing (0 1 2:6) if time is left
-#   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, then Darcy-85),
-#             bench_otdd, then issue 8's Table 2 sweep as far as the time allows
+#   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, Darcy-85 with LoRA, and
+#             Darcy-85 with full fine-tuning) into results/runs/
 #   tables    issue 8's table sweeps (Tables 2, 3, 1, then 4 with its stage 1) into results/runs/,
 #             as far as the time allows; sweeps are resumable, so the next call continues
-#   pack      tar every finished run directory under results/runs/ (one holding summary.json) into
-#             OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt, for the trip back
 #   adaptive  issue 8 (d): stage-2 rank maps at three budgets per task, then the adaptive vs
 #             uniform vs AdaLoRA sweeps, the knee sweeps of the other two tasks (ranks_patches,
 #             ranks_heldout) and the small-gap task's gap profile, into results/runs/
+#   pack      tar every finished run directory under results/runs/ (one holding summary.json) into
+#             OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt, for the trip back
 # SECONDS (default 560) is the part's whole budget: every step runs under `timeout` with what is
 # left, so a slow step cannot take the later steps' logs with it. Each part writes its run
 # directories, logs and bench outputs under OUT_DIR. Steps run one after another unless said
@@ -92,15 +92,13 @@ perf)
   ;;
 evidence)
   darcy_in_background 10
-  step "issue 4 evidence: fractal vs random body on natural patches (3 runs at a time)"
-  within 300 "$PY" -m orca.sweep configs/experiments/body_evidence_patches.yaml --per-gpu 3 sweep.output_dir="$out"
+  step "issue 4 evidence: fractal vs random body on natural patches ($per_gpu runs at a time)"
+  within 300 "$PY" -m orca.sweep configs/experiments/body_evidence_patches.yaml --per-gpu $per_gpu
   wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
-  step "issue 4 evidence: fractal vs random body on Darcy-85 (3 runs at a time)"
-  within 400 "$PY" -m orca.sweep configs/experiments/body_evidence_darcy.yaml --per-gpu 3 sweep.output_dir="$out"
-  step "bench_otdd (the reference's ORCA epoch timed on one cluster and scaled: ~30 s per cluster)"
-  within 130 "$PY" scripts/bench_otdd.py --out "$out/otdd" --ref-clusters 1 --repeats 2
-  step "issue 8: Table 2 sweep with what is left (4 runs at a time; finished runs only)"
-  within 600 "$PY" -m orca.sweep configs/experiments/table2_darcy_attn.yaml --per-gpu 4 sweep.output_dir="$out"
+  for t in body_evidence_darcy body_evidence_darcy_full; do
+    step "issue 4 evidence: $t ($per_gpu runs at a time)"
+    within 300 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu $per_gpu
+  done
   ;;
 tables)
   # Run directories go to results/runs/<table>/ (the sweep files' output_dir), so that the
