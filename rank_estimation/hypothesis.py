@@ -231,11 +231,11 @@ def stable_rank_from_spectrum(s: Any) -> float:
 
 
 def spectrum_ranks(s: Any, energy: float = 0.9) -> Dict[str, float]:
-    """``{"energy_rank", "stable_rank", "fro"}`` of a matrix given by its singular values ``s``: equal to
-    :func:`effective_rank_energy`, :func:`stable_rank` and the Frobenius norm of the matrix itself."""
+    """``{"energy_rank", "stable_rank", "fro", "max_rank"}`` of a matrix given by its full spectrum ``s``
+    (min(d_out, d_in) values): equal to :func:`delta_w_ranks`' entry for the matrix itself."""
     s = _spectrum(s)
     return {"energy_rank": energy_rank_from_spectrum(s, energy), "stable_rank": stable_rank_from_spectrum(s),
-            "fro": float(np.sqrt((s ** 2).sum()))}
+            "fro": float(np.sqrt((s ** 2).sum())), "max_rank": int(s.size)}
 
 
 def effective_rank_energy(delta_w: Any, energy: float = 0.9) -> int:

@@ -43,6 +43,7 @@ def _check_against_rebuilt_w0(run_path, tuned, spectra, energies=ENERGIES):
             assert got["energy_rank"] == ref[n]["energy_rank"], (n, energy)
             assert got["stable_rank"] == pytest.approx(ref[n]["stable_rank"], rel=1e-6, abs=0), n
             assert got["fro"] == pytest.approx(ref[n]["fro"], rel=1e-6, abs=0), n
+            assert got["max_rank"] == ref[n]["max_rank"], n
     for n in names:
         w0 = base[f"{n}.weight"]
         assert spectra[n]["shape"] == list(w0.shape) and len(spectra[n]["s"]) == min(w0.shape)
@@ -70,7 +71,7 @@ def test_spectrum_ranks_equal_matrix_ranks(shape, rank):
     assert spectrum_ranks(spec["s"])["fro"] == pytest.approx(np.linalg.norm(d), rel=1e-6)
     # Order of the stored values does not matter; a zero update has ranks 0.
     assert spectrum_ranks(spec["s"][::-1], 0.9) == spectrum_ranks(spec["s"], 0.9)
-    assert spectrum_ranks([0.0, 0.0]) == {"energy_rank": 0, "stable_rank": 0.0, "fro": 0.0}
+    assert spectrum_ranks([0.0, 0.0]) == {"energy_rank": 0, "stable_rank": 0.0, "fro": 0.0, "max_rank": 2}
 
 
 def test_spectrum_errors():

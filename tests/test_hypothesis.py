@@ -269,6 +269,8 @@ def test_script_delta_w_from_a_given_base_state(tmp_path):
     section = report.split("## (c)")[1].split("## (d)")[0]
     # 4 blocks: exact permutation p = 2/24 for a perfect rank order -> inconclusive at alpha 0.05.
     assert "energy rank (0.9): rho = 1.000" in section and "p = 0.0833" in section
+    # every block is 8 wide, so the width-controlled fraction k / 8 keeps the same order
+    assert "width control, energy rank / min(d_out, d_in): rho = 1.000" in section
     assert "Warning" not in section
     assert (out / "hypothesis_gap_vs_delta_w.png").is_file()
 
