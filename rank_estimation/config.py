@@ -93,6 +93,10 @@ class RankConfig:
     metric_kwargs: Dict[str, Dict[str, Any]] = field(default_factory=dict, metadata={
         "help": "per-metric options, e.g. {sinkhorn: {blur: 0.1}, pad: {max_samples: 1000}}"})
     batch_size: int = field(default=64, metadata={"help": "images per forward pass of the feature capture"})
+    gaps_from: Optional[str] = field(default=None, metadata={
+        "help": "stage-2 run directory whose gaps.json is reused: no feature capture or gap measurement, "
+                "only the allocation at this run's budget/prior (same task, body, weights and target "
+                "embedder required)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha_prior, list):  # YAML gives lists
@@ -169,6 +173,8 @@ class RankConfig:
         if not isinstance(self.metric_kwargs, dict) or not all(
                 isinstance(k, str) and isinstance(v, dict) for k, v in self.metric_kwargs.items()):
             raise _bad("metric_kwargs", self.metric_kwargs, "a mapping metric name -> mapping of options")
+        if self.gaps_from is not None and (not isinstance(self.gaps_from, str) or not self.gaps_from):
+            raise _bad("gaps_from", self.gaps_from, "None (measure the gaps) or a stage-2 run directory")
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-dict form (tuples as lists) for YAML/JSON run records."""

@@ -22,6 +22,18 @@ What it does, top to bottom:
 5. ``rank_map.json`` (stage 3's ``adapter.rank_map``), ``gaps.json``, ``gaps.png``, ``ranks.png``,
    ``config.yaml``, ``summary.json`` in the run directory.
 
+Reusing a gap profile: the measurement (steps 2-3) is the slow part, the allocation (4-5) takes
+seconds, and experiments want rank maps of one profile at several budgets. ``rank.gaps_from=DIR``
+reads ``DIR/gaps.json`` instead of measuring: no task data, no feature capture, only the budget
+check, the allocation at this run's ``rank.budget`` / prior, and the same outputs, which record
+``gaps_from`` (``summary.json``, and the provenance in ``gaps.json`` / ``rank_map.json``). The
+profile must come from the same task, body, weights and target embedder, and hold
+``rank.gap_metric``; otherwise the run stops, naming the difference, before writing anything::
+
+    bash scripts/stage2.sh configs/body_fractal.yaml task.name=darcy rank.budget=1177600 \\
+        rank.gaps_from=results/runs/adaptive_darcy/stage2_b282624 \\
+        run_dir=results/runs/adaptive_darcy/stage2_b1177600
+
 Why the body is seeded before each build: with ``model.weights=none`` the source patch embedding
 and the body are random draws, and they must be the same draw (as in stage 1) or the source stream
 would run through a patch embedding that does not belong to the body.
@@ -33,18 +45,20 @@ import re
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from datasets.registry import build_task
+from orca.bodies import create_body
 from orca.config import ExperimentConfig, save_config
 from orca.model import build_model, source_embedder
 from orca.runs import RunDir, git_info, machine_info, save_png, write_json
 from orca.train import resolve_device, seed_everything
 from rank_estimation.allocate import RankAllocation, allocate_from_config, check_budget, costs_from_model, expand
-from rank_estimation.features import EMBED, capture_block_features
+from rank_estimation.features import EMBED, capture_block_features, layer_names
 
 RANK_MAP_FILE = "rank_map.json"
 
@@ -242,42 +256,115 @@ def plot_ranks(alloc: RankAllocation, blocks: List[str], block_d: Mapping[str, A
 
 
 # ----------------------------------------------------------------------------- the stage
-def run_stage2(cfg: ExperimentConfig) -> RunDir:
-    """Measure the gap profile, allocate ranks under the budget, write the rank map; return the run dir.
+#: The keys of a gaps.json that reuse needs (what :func:`measure_gaps` returns, plus ``chosen``).
+GAPS_KEYS = ("layers", "metrics", "values", "seconds", "settings", "dims", "provenance")
+
+
+def _target_embedder(model_cfg) -> str:
+    """How the target stream is embedded, as recorded in provenance."""
+    return model_cfg.embedder_from or f"initial (model.embedder_init={model_cfg.embedder_init})"
+
+
+def _same_origin(there: Any, here: Any) -> bool:
+    """Equal provenance entries; a file path (``file:PATH`` weights, an embedder run directory) also matches
+    another spelling of the same existing path (relative in one run, absolute in the other)."""
+    if there == here:
+        return True
+    if not (isinstance(there, str) and isinstance(here, str)) or there.startswith("file:") != here.startswith("file:"):
+        return False
+    a, b = (v[len("file:"):] if v.startswith("file:") else v for v in (there, here))
+    return Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+
+
+def body_only(model_cfg) -> torch.nn.Module:
+    """The body :func:`orca.model.build_model` makes (same weights, patch embedding removed), without a task.
+
+    A reuse run needs only the body's Linear costs and names, and the task's data may take minutes to build.
+    """
+    body = create_body(model_cfg.body, weights=model_cfg.weights, hub_tag=model_cfg.hub_tag,
+                       weights_file=model_cfg.weights_file, img_size=model_cfg.img_size, **model_cfg.body_kwargs)
+    body.patch_embed = torch.nn.Identity()
+    return body.eval().requires_grad_(False)
+
+
+def read_gaps(cfg: ExperimentConfig, layers: List[str], weights: str) -> Dict[str, Any]:
+    """The gap profile of ``rank.gaps_from``'s ``gaps.json``, checked against this run.
 
     Args:
-        cfg: the resolved experiment config (``cfg.rank`` holds the stage-2 options).
+        cfg: this run's config.
+        layers: this body's feature layers (``rank_estimation.features.layer_names``).
+        weights: this body's weights source (``body.orca_weights``).
+
+    Returns:
+        The gaps.json dict without ``chosen`` (the form :func:`measure_gaps` returns); its provenance gains
+        ``gaps_from``.
+
+    Raises:
+        FileNotFoundError: no such directory, or no gaps.json in it.
+        ValueError: not a stage-2 gaps.json, measured for another task / body / weights / target embedder
+            or other layers, or ``rank.gap_metric`` was not measured.
     """
-    t0 = time.time()
+    where = cfg.rank.gaps_from
+    head = f"rank.gaps_from={where!r}"
+    if not Path(where).is_dir():
+        raise FileNotFoundError(f"{head}: no such directory; point it at a finished stage-2 run directory")
+    if cfg.run_dir and Path(cfg.run_dir).resolve() == Path(where).resolve():
+        raise ValueError(f"{head}: run_dir is that same directory; its rank map would be overwritten, so give "
+                         f"this run its own run_dir")
+    path = Path(where) / "gaps.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{head}: no gaps.json there; point it at a finished stage-2 run directory")
+    try:
+        gaps = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{head}: {path} is not valid JSON ({err})") from None
+    missing = [k for k in GAPS_KEYS if not isinstance(gaps, dict) or k not in gaps]
+    if missing:
+        raise ValueError(f"{head}: {path} is not a stage-2 gaps.json (missing {missing})")
+    prov = gaps["provenance"]
+    here = {"task": cfg.task.name, "body": cfg.model.body, "weights": weights,
+            "target_embedder": _target_embedder(cfg.model)}
+    differ = [f"{k} {prov.get(k)!r} there, {v!r} here" for k, v in here.items() if not _same_origin(prov.get(k), v)]
+    if differ:
+        raise ValueError(f"{head}: that gap profile was measured on another setup ({'; '.join(differ)}); "
+                         f"reuse needs the same task, body, weights and target embedder, so measure this one "
+                         f"(leave rank.gaps_from unset)")
+    if gaps["layers"] != layers:
+        raise ValueError(f"{head}: the profile's layers {gaps['layers']} are not this body's {layers} "
+                         f"(model.body_kwargs differ?)")
+    if cfg.rank.gap_metric not in gaps["metrics"]:
+        raise ValueError(f"{head}: rank.gap_metric={cfg.rank.gap_metric!r} was not measured there; that profile "
+                         f"has {list(gaps['metrics'])}")
+    gaps.pop("chosen", None)
+    gaps["provenance"] = {**prov, "gaps_from": where}
+    return gaps
+
+
+def measure_gaps(cfg: ExperimentConfig, task, model: torch.nn.Module, positions: List[int],
+                 metrics: List[str]) -> Tuple[Dict[str, Any], Dict[str, float]]:
+    """Capture source and target features at every layer and measure the gap profile (the slow half).
+
+    Args:
+        cfg: the run's config.
+        task: the target task (its training inputs form the target stream).
+        model: the target model (stage 1's embedder when ``model.embedder_from`` is set) in eval mode.
+        positions: target training items to use (:func:`target_positions`).
+        metrics: the metrics to measure (:func:`stage2_metrics`).
+
+    Returns:
+        ``(gaps, timing)``: the gap profile with ``dims`` and ``provenance`` (gaps.json without ``chosen``),
+        and seconds per phase.
+    """
+    from datasets.images import source_feature_set
+    from orca.align.loop import fetch_inputs, target_labels
+
     r = cfg.rank
     device = resolve_device(cfg.train.device)
-    metrics = stage2_metrics(r)
     source_name = r.source or cfg.align.source
     source_options = dict(r.source_options if r.source_options is not None
                           else (cfg.align.source_options if r.source is None else {}))
-
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
-    positions = target_positions(len(task.train), r.n_target)
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    model = build_model(cfg.model, task).eval().requires_grad_(False)
-    costs = costs_from_model(model.body, r.targets)
-    try:  # before any image is embedded
-        check_budget(costs, r.budget, r.r_min, r.r_max)
-    except ValueError as err:
-        raise ValueError(f"rank.budget / rank.r_min / rank.r_max (rank.targets={r.targets!r} on "
-                         f"{cfg.model.body}): {err}") from None
-    seed_everything(cfg.seed, cfg.train.deterministic)
+    seed_everything(cfg.seed, cfg.train.deterministic)  # the same random draw as the body (module docstring)
     src_embedder = source_embedder(cfg.model).eval().requires_grad_(False)
-
-    run = RunDir.create(cfg, "stage2")
-    save_config(cfg, run.file("config.yaml"))
-    target_embedder = cfg.model.embedder_from or f"initial (model.embedder_init={cfg.model.embedder_init})"
-    print(f"[stage2] run directory: {run.path}", flush=True)
-    print(f"[stage2] body {cfg.model.body} ({model.weights_source}); target embedder: {target_embedder}", flush=True)
-
-    from datasets.images import source_feature_set
-    from orca.align.loop import fetch_inputs, target_labels
 
     times: Dict[str, float] = {}
     t = time.time()
@@ -304,29 +391,48 @@ def run_stage2(cfg: ExperimentConfig) -> RunDir:
     profile["settings"].update(n_source=int(src_labels.shape[0]), n_target=len(positions))  # images, not rows
     times["gaps_s"] = time.time() - t
 
-    blocks = [layer for layer in profile["layers"] if layer != EMBED]
-    d_block, clipped = block_gaps(profile, r.gap_metric, blocks)
-    if clipped:
-        warnings.warn(f"{r.gap_metric} < 0 (unresolved) at {len(clipped)} blocks, clipped to 0: {clipped}",
-                      RuntimeWarning, stacklevel=2)
-    t = time.time()
-    alloc = allocate_from_config(expand(d_block, list(costs)), costs, r)
-    times["allocate_s"] = time.time() - t
-
-    uncovered = stage3_coverage(model.body, cfg.adapter, alloc.rank_map)
-    if uncovered:
-        warnings.warn(f"stage 3 with adapter.targets={cfg.adapter.targets!r} also adapts {len(uncovered)} Linears that "
-                      f"the rank map does not name (e.g. {uncovered[0]}); they would get the uniform adapter.rank, "
-                      f"outside the budget: set rank.targets to cover adapter.targets", RuntimeWarning, stacklevel=2)
-    chosen = {b: profile["values"][b][r.gap_metric] for b in blocks}
-    dims = {layer: int(src[layer].shape[1]) for layer in profile["layers"]}
-    provenance = {
-        "task": cfg.task.name, "body": cfg.model.body, "weights": model.weights_source, "target_embedder": target_embedder,
+    profile["dims"] = {layer: int(src[layer].shape[1]) for layer in profile["layers"]}
+    profile["provenance"] = {
+        "task": cfg.task.name, "body": cfg.model.body, "weights": model.weights_source,
+        "target_embedder": _target_embedder(cfg.model),
         "source": {"name": source_name, "options": source_options, "n": int(src_labels.shape[0]),
                    "classes": int(torch.unique(src_labels).numel())},
         "n_target": len(positions), "target_labels": how, "pool": r.pool,
         "tokens_per_sample": r.tokens_per_sample if r.pool == "tokens" else None, "seed": cfg.seed,
     }
+    return profile, times
+
+
+def allocate_and_write(cfg: ExperimentConfig, run: RunDir, gaps: Dict[str, Any], body: torch.nn.Module,
+                       costs: Dict[str, int], times: Dict[str, Optional[float]], t0: float) -> None:
+    """D_i from a gap profile, the rank allocation under ``rank.budget``, and every output file of the run.
+
+    Args:
+        cfg: the run's config.
+        run: the run directory.
+        gaps: a gap profile as :func:`measure_gaps` or :func:`read_gaps` returns it.
+        body: the body (for stage 3's coverage check).
+        costs: per-unit-rank cost of each targeted Linear, in forward order.
+        times: seconds per phase so far (``allocate_s`` is added).
+        t0: when the run started (for the wall time).
+    """
+    r = cfg.rank
+    provenance = gaps["provenance"]
+    blocks = [layer for layer in gaps["layers"] if layer != EMBED]
+    d_block, clipped = block_gaps(gaps, r.gap_metric, blocks)
+    if clipped:
+        warnings.warn(f"{r.gap_metric} < 0 (unresolved) at {len(clipped)} blocks, clipped to 0: {clipped}",
+                      RuntimeWarning, stacklevel=3)
+    t = time.time()
+    alloc = allocate_from_config(expand(d_block, list(costs)), costs, r)
+    times["allocate_s"] = time.time() - t
+
+    uncovered = stage3_coverage(body, cfg.adapter, alloc.rank_map)
+    if uncovered:
+        warnings.warn(f"stage 3 with adapter.targets={cfg.adapter.targets!r} also adapts {len(uncovered)} Linears that "
+                      f"the rank map does not name (e.g. {uncovered[0]}); they would get the uniform adapter.rank, "
+                      f"outside the budget: set rank.targets to cover adapter.targets", RuntimeWarning, stacklevel=3)
+    chosen = {b: gaps["values"][b][r.gap_metric] for b in blocks}
     rank_map_path = run.file(RANK_MAP_FILE)
     payload = json.loads(alloc.to_json())
     payload.update({
@@ -339,28 +445,75 @@ def run_stage2(cfg: ExperimentConfig) -> RunDir:
         "provenance": provenance,
     })
     write_json(rank_map_path, payload)
-    write_json(run.file("gaps.json"), {**profile, "dims": dims, "chosen": r.gap_metric, "provenance": provenance})
-    plot_gaps(profile, r.gap_metric, run.file("gaps.png"))
+    write_json(run.file("gaps.json"), {**gaps, "chosen": r.gap_metric})
+    plot_gaps(gaps, r.gap_metric, run.file("gaps.png"))
     plot_ranks(alloc, blocks, chosen, r.gap_metric, run.file("ranks.png"))
 
     wall = time.time() - t0
     summary = {
         "stage": "stage2", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed, "body": cfg.model.body,
-        "weights": model.weights_source, "target_embedder": target_embedder, "gap_metric": r.gap_metric,
-        "metrics": metrics, "seconds_per_metric": profile["seconds"], "timing_s": times,
+        "weights": body.orca_weights, "target_embedder": _target_embedder(cfg.model),
+        "gap_metric": r.gap_metric, "metrics": list(gaps["metrics"]), "gaps_from": r.gaps_from,
+        "seconds_per_metric": gaps["seconds"], "timing_s": times,
         "budget": alloc.budget, "trainable": alloc.trainable, "tolerance": alloc.tolerance,
         "n_modules": len(alloc.rank_map), "rank_range": [min(alloc.rank_map.values()), max(alloc.rank_map.values())],
-        "max_rhat": alloc.diagnostics.get("max_rhat"), "source": provenance["source"], "n_target": len(positions),
-        "rank_map": str(rank_map_path), "wall_time_s": wall, "git": git_info(), "machine": machine_info(),
-        "command": " ".join(sys.argv), "run_dir": str(run.path),
+        "max_rhat": alloc.diagnostics.get("max_rhat"), "source": provenance["source"],
+        "n_target": provenance["n_target"], "rank_map": str(rank_map_path), "wall_time_s": wall, "git": git_info(),
+        "machine": machine_info(), "command": " ".join(sys.argv), "run_dir": str(run.path),
     }
     run.write_summary(summary)
     run.close()
-    per_metric = ", ".join(f"{m} {s:.2f}s" for m, s in profile["seconds"].items())
-    print(f"[stage2] gaps at {len(profile['layers'])} layers ({per_metric}); {len(alloc.rank_map)} modules, "
+    per_metric = ", ".join(f"{m} {s:.2f}s" for m, s in gaps["seconds"].items())
+    how = f"reused from {r.gaps_from}; measuring took " if r.gaps_from else ""
+    print(f"[stage2] gaps at {len(gaps['layers'])} layers ({how}{per_metric}); {len(alloc.rank_map)} modules, "
           f"{alloc.trainable:,} parameters for budget {alloc.budget:,}, ranks "
           f"{summary['rank_range'][0]}..{summary['rank_range'][1]}; {wall:.1f}s", flush=True)
     print(f"[stage2] rank map: {rank_map_path}", flush=True)
     print(f"[stage2] next: bash scripts/stage3.sh CONFIG adapter.method=lora adapter.rank_map={rank_map_path}",
           flush=True)
+
+
+def run_stage2(cfg: ExperimentConfig) -> RunDir:
+    """Measure the gap profile (or read ``rank.gaps_from``'s), allocate ranks under the budget, write the rank
+    map; return the run dir.
+
+    Args:
+        cfg: the resolved experiment config (``cfg.rank`` holds the stage-2 options).
+    """
+    t0 = time.time()
+    r = cfg.rank
+    metrics = stage2_metrics(r)
+
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    if r.gaps_from:  # the allocation needs only the body: no task data, no target positions
+        task = positions = model = None
+        body = body_only(cfg.model)
+    else:
+        task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
+        positions = target_positions(len(task.train), r.n_target)
+        seed_everything(cfg.seed, cfg.train.deterministic)
+        model = build_model(cfg.model, task).eval().requires_grad_(False)
+        body = model.body
+    costs = costs_from_model(body, r.targets)
+    try:  # before any image is embedded
+        check_budget(costs, r.budget, r.r_min, r.r_max)
+    except ValueError as err:
+        raise ValueError(f"rank.budget / rank.r_min / rank.r_max (rank.targets={r.targets!r} on "
+                         f"{cfg.model.body}): {err}") from None
+    if r.gaps_from:  # checked before the run directory exists
+        t = time.time()
+        gaps = read_gaps(cfg, layer_names(body), body.orca_weights)
+        times: Dict[str, Optional[float]] = {"data_s": None, "capture_s": None, "gaps_s": None,
+                                             "read_gaps_s": time.time() - t}
+
+    run = RunDir.create(cfg, "stage2")
+    save_config(cfg, run.file("config.yaml"))
+    print(f"[stage2] run directory: {run.path}", flush=True)
+    print(f"[stage2] body {cfg.model.body} ({body.orca_weights}); target embedder: {_target_embedder(cfg.model)}",
+          flush=True)
+    if r.gaps_from:
+        print(f"[stage2] gap profile from {r.gaps_from}/gaps.json: no feature capture, no gap measurement", flush=True)
+    else:
+        gaps, times = measure_gaps(cfg, task, model, positions, metrics)
+    allocate_and_write(cfg, run, gaps, body, costs, times, t0)
     return run

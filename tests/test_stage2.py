@@ -216,6 +216,108 @@ def test_unresolved_gaps_and_empty_targets_are_refused():
         gap_profile({}, {}, ["mmd"])
 
 
+# ----------------------------------------------------------------------------- reusing a gap profile
+REUSE_MEASURE = ["rank.metrics=[mmd, sinkhorn]", "rank.n_boot=2"]
+
+
+@pytest.fixture(scope="module")
+def _measured_runs():
+    return {}
+
+
+@pytest.fixture
+def measured_stage2(_measured_runs, tiny_overrides):
+    """The directory of a finished stage-2 run (mmd and sinkhorn with intervals), measured once per module.
+
+    Later tests get the first test's run: its profile fits every tiny config, whose tmp paths do not enter the
+    provenance."""
+    if "path" not in _measured_runs:
+        from rank_estimation.stage import run_stage2
+
+        _measured_runs["path"] = run_stage2(load_config(None, _stage2_overrides(tiny_overrides, *REUSE_MEASURE))).path
+    return _measured_runs["path"]
+
+
+def test_stage2_gaps_from_allocates_a_measured_profile_at_another_budget(tiny_overrides, measured_stage2,
+                                                                         monkeypatch):
+    import rank_estimation.stage as stage
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a gaps_from run must not build task data or capture features")
+
+    monkeypatch.setattr(stage, "capture_block_features", refuse)
+    monkeypatch.setattr(stage, "build_task", refuse)
+    first = json.loads((measured_stage2 / "rank_map.json").read_text())
+    run = stage.run_stage2(load_config(None, _stage2_overrides(tiny_overrides, "rank.budget=40000",
+                                                               f"rank.gaps_from={measured_stage2}")))
+    for name in ("rank_map.json", "gaps.json", "gaps.png", "ranks.png", "config.yaml", "summary.json"):
+        assert (run.path / name).is_file(), name
+    data = json.loads((run.path / "rank_map.json").read_text())
+    assert data["gap_profile"] == first["gap_profile"]
+    assert data["budget"] == 40000 and abs(data["trainable"] - 40000) <= data["tolerance"]
+    assert data["trainable"] == sum(data["costs"][n] * r for n, r in data["rank_map"].items())
+    assert first["budget"] == 20000 and sum(data["rank_map"].values()) > sum(first["rank_map"].values())
+    assert data["provenance"] == {**first["provenance"], "gaps_from": str(measured_stage2)}
+    gaps, measured = (json.loads((d / "gaps.json").read_text()) for d in (run.path, measured_stage2))
+    assert gaps == {**measured, "provenance": data["provenance"]}
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["gaps_from"] == str(measured_stage2) and summary["metrics"] == ["mmd", "sinkhorn"]
+    assert {k: summary["timing_s"][k] for k in ("data_s", "capture_s", "gaps_s")} == dict.fromkeys(
+        ("data_s", "capture_s", "gaps_s"))
+    assert summary["budget"] == 40000 and summary["n_target"] == 24
+
+    # the profile's other metric can become D; gaps.json then names it as the chosen one
+    other = stage.run_stage2(load_config(None, _stage2_overrides(tiny_overrides, "rank.gap_metric=sinkhorn",
+                                                                 f"rank.gaps_from={measured_stage2}")))
+    data = json.loads((other.path / "rank_map.json").read_text())
+    assert data["gap_metric"] == "sinkhorn" and abs(data["trainable"] - 20000) <= data["tolerance"]
+    assert data["gap_profile"]["value"] == [measured["values"][b]["sinkhorn"]["value"]
+                                            for b in data["gap_profile"]["layers"]]
+    assert json.loads((other.path / "gaps.json").read_text())["chosen"] == "sinkhorn"
+
+
+@pytest.mark.parametrize("where, provenance, extra, error, message", [
+    ("missing", None, [], FileNotFoundError, "no such directory"),
+    ("empty", None, [], FileNotFoundError, "no gaps.json there"),
+    ("edited", {"task": "cifar10"}, [], ValueError, "measured on another setup (task 'cifar10' there, 'darcy' here)"),
+    ("measured", None, ["model.body=swin_small_patch4_window7_224"], ValueError,
+     "(body 'swin_tiny_patch4_window7_224' there, 'swin_small_patch4_window7_224' here)"),
+    ("edited", {"weights": "hub:swin_tiny_patch4_window7_224.ms_in22k"}, [], ValueError,
+     "(weights 'hub:swin_tiny_patch4_window7_224.ms_in22k' there, 'none (random init)' here)"),
+    ("measured", None, ["model.embedder_init=random"], ValueError,
+     "(target_embedder 'initial (model.embedder_init=pretrained)' there, 'initial (model.embedder_init=random)' here)"),
+    ("measured", None, ["rank.gap_metric=pad"], ValueError,
+     "rank.gap_metric='pad' was not measured there; that profile has ['mmd', 'sinkhorn']"),
+])
+def test_stage2_gaps_from_bad_inputs_fail_before_writing(tiny_overrides, measured_stage2, tmp_path, where, provenance,
+                                                        extra, error, message):
+    import shutil
+
+    from rank_estimation.stage import run_stage2
+
+    source = {"missing": tmp_path / "nowhere", "empty": tmp_path / "empty", "measured": measured_stage2,
+              "edited": tmp_path / "edited"}[where]
+    if where == "empty":
+        source.mkdir()
+    if provenance is not None:
+        shutil.copytree(measured_stage2, source)
+        gaps = json.loads((source / "gaps.json").read_text())
+        gaps["provenance"].update(provenance)
+        (source / "gaps.json").write_text(json.dumps(gaps))
+    cfg = load_config(None, _stage2_overrides(tiny_overrides, f"rank.gaps_from={source}", *extra))
+    runs = Path(cfg.output_dir)
+    before = sorted(runs.iterdir()) if runs.exists() else []
+    with pytest.raises(error) as err:
+        run_stage2(cfg)
+    assert str(err.value).startswith(f"rank.gaps_from={str(source)!r}: ") and message in str(err.value)
+    assert (sorted(runs.iterdir()) if runs.exists() else []) == before
+
+
+def test_gaps_from_must_be_a_directory_name(tiny_overrides):
+    with pytest.raises(ConfigError, match="RankConfig.gaps_from=''"):
+        load_config(None, _stage2_overrides(tiny_overrides, "rank.gaps_from=''"))
+
+
 # ----------------------------------------------------------------------------- benchmark script
 def test_bench_stage2_cpu_smoke(tmp_path):
     cmd = [sys.executable, str(REPO / "scripts" / "bench_stage2.py"), "--device", "cpu", "--n", "24",
