@@ -166,3 +166,114 @@ def machine(device: torch.device) -> Dict[str, Any]:
 
 def median_rate(items_per_block: int, seconds: List[float]) -> float:
     return items_per_block / statistics.median(seconds)
+
+
+# --- profiling (bench_train.py --profile) -------------------------------------------------------
+
+PROFILE_CATEGORIES = ("GEMM", "attention", "elementwise/reduction", "copy/cast", "optimizer", "other")
+_OPTIMIZER = re.compile(r"adam|_foreach|multi_tensor_apply|optimizer\.step")
+_ATTENTION = re.compile(r"flash|fmha|sdpa|scaled_dot_product|attention")
+_GEMM = re.compile(r"gemm|gemv|sm[89]0_|cutlass|cublas|nvjet|matmul|xmma|splitk|convolution|conv2d|fprop|dgrad|wgrad|"
+                   r"(?<![a-z])(mm|bmm|addmm|baddbmm)_?(?![a-z])")  # convolutions are implicit GEMMs
+_COPY = re.compile(r"copy|memcpy|cast|contiguous|clone|(?<![a-z])to(?![a-z])")
+# fused Inductor kernels that only cast / lay out (their name lists the fused ops)
+_TRITON_COPY_ONLY = re.compile(r"triton_(poi|red|per)_fused(_+(to_copy|copy|clone|view|permute|transpose|t|"
+                               r"unsafe_view|expand|squeeze|unsqueeze|\d+))+")
+_ELEMENTWISE = re.compile(r"elementwise|vectorized|reduce|reduction|triton_(poi|red|per)|softmax|norm|gelu|silu|relu|"
+                          r"dropout|(?<![a-z])(add|mul|div|sub|sum|mean|exp|where|fill|cat|roll|pad|index\w*|"
+                          r"addcmul|addcdiv|sqrt|rsqrt|neg|pow|zero|zeros|ones|empty_like|bias)_?(?![a-z])")
+_LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                 "cudaMemcpyAsync", "cudaMemsetAsync", "cudaGraphLaunch")
+
+
+def profile_category(name: str) -> str:
+    """Which of ``PROFILE_CATEGORIES`` a kernel (or, on CPU, an op) belongs to -- by its name only, so
+    approximate: a fused kernel that does a GEMM plus an epilogue counts as GEMM, a fused Inductor
+    pointwise kernel that also casts counts as elementwise."""
+    n = name.lower()
+    if _OPTIMIZER.search(n):
+        return "optimizer"
+    if _ATTENTION.search(n):
+        return "attention"
+    if _GEMM.search(n):
+        return "GEMM"
+    if _TRITON_COPY_ONLY.fullmatch(n) or (_COPY.search(n) and not n.startswith("triton_")):
+        return "copy/cast"
+    if _ELEMENTWISE.search(n):
+        return "elementwise/reduction"
+    return "other"
+
+
+def profile_steps(cfg: Dict[str, Any], x: torch.Tensor, y: torch.Tensor, steps: int, device: torch.device,
+                  trace: Optional[str] = None) -> Dict[str, Any]:
+    """``steps`` extra training steps under ``torch.profiler`` (CPU, plus CUDA on a GPU): the raw
+    ``key_averages`` rows (times in microseconds, summed over the steps) and the wall time per step
+    (profiler overhead included). Run after warm-up (and compilation); ``trace``: a Chrome trace path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            train_step(cfg, x, y)
+        synchronize(device)
+        wall = time.perf_counter() - t0
+    if trace:
+        prof.export_chrome_trace(trace)
+    rows = []
+    for e in prof.key_averages():
+        # device rows: kernels, memcpy, memset; "annotation": a record_function's span on the GPU timeline
+        # (e.g. Optimizer.step#AdamW.step), which would count its kernels twice
+        kind = ("CPU" if e.device_type == torch.autograd.DeviceType.CPU
+                else "annotation" if getattr(e, "is_user_annotation", False) else "device")
+        rows.append({"name": e.key, "count": int(e.count), "device_type": kind,
+                     "self_cpu_us": float(e.self_cpu_time_total), "cpu_us": float(e.cpu_time_total),
+                     "self_device_us": float(getattr(e, "self_device_time_total", 0) or 0),
+                     "device_us": float(getattr(e, "device_time_total", 0) or 0)})
+    return {"steps": steps, "device": device.type, "wall_ms_per_step": 1e3 * wall / steps, "key_averages": rows}
+
+
+def summarize_profile(prof: Dict[str, Any], top: int = 25) -> Dict[str, Any]:
+    """Per-step figures of a ``profile_steps`` result.
+
+    With device events (CUDA): device time = the summed durations of the device events (kernels,
+    memcpy, memset; busy time, not the step's wall span), ``kernels`` = their count, CPU time = the
+    self CPU time of every CPU-side op and CUDA runtime call (all threads: the autograd engine's too).
+    Without (CPU): the "device" figures are the ops' self CPU time and ``kernels`` counts op events
+    (nested ops included), so ``device_ms`` equals ``cpu_ms``.
+    """
+    n = prof["steps"]
+    rows = prof["key_averages"]
+    cpu_rows = [r for r in rows if r["device_type"] == "CPU"]
+    dev_rows = [r for r in rows if r["device_type"] == "device"]
+    on_device = bool(dev_rows)
+    timed = [(r, r["device_us"]) for r in dev_rows] if on_device else [(r, r["self_cpu_us"]) for r in cpu_rows]
+    total_us = sum(t for _, t in timed)
+    ms = lambda us: us / n / 1e3  # noqa: E731
+    cats = {c: 0.0 for c in PROFILE_CATEGORIES}
+    for r, t in timed:
+        cats[profile_category(r["name"])] += ms(t)
+    ranked = sorted(timed, key=lambda rt: -rt[1])
+    top_rows = [{"name": r["name"], "category": profile_category(r["name"]), "calls_per_step": r["count"] / n,
+                 "ms_per_step": ms(t), "share": t / total_us if total_us else 0.0} for r, t in ranked[:top]]
+    launches = [r for r in cpu_rows if r["name"] in _LAUNCH_CALLS]
+    cpu_top = sorted(cpu_rows, key=lambda r: -r["self_cpu_us"])[:top]
+    return {"timing": "device" if on_device else "cpu_self",
+            "device_ms": ms(total_us), "cpu_ms": ms(sum(r["self_cpu_us"] for r in cpu_rows)),
+            "kernels_per_step": sum(r["count"] for r, _ in timed) / n,
+            "launch_calls_per_step": sum(r["count"] for r in launches) / n,
+            "launch_calls_cpu_ms": ms(sum(r["self_cpu_us"] for r in launches)),
+            "wall_ms_per_step": prof["wall_ms_per_step"],
+            "gemm_ms": cats["GEMM"], "non_gemm_ms": ms(total_us) - cats["GEMM"], "categories_ms": cats,
+            "top": top_rows,
+            "cpu_top": [{"name": r["name"], "calls_per_step": r["count"] / n, "self_cpu_ms_per_step": ms(r["self_cpu_us"])}
+                        for r in cpu_top]}
+
+
+def short_kernel_name(name: str, width: int = 80) -> str:
+    """A kernel name without the namespace noise of templated CUDA names, cut to ``width`` characters."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::", "at::", "std::"):
+        name = name.replace(noise, "")
+    name = " ".join(name.split()).replace("|", "/")
+    return name if len(name) <= width else name[:width - 1] + "…"

@@ -6,6 +6,8 @@
     python scripts/bench_train.py --grad-checkpointing 0 1 2 3 --methods full lora --batch-sizes 256
     python scripts/bench_train.py --grad-checkpointing 0 1 2:6 --methods full lora --batch-sizes 256
     python scripts/bench_train.py --smoke                             # CPU: tiny Swin, 2 steps (tests)
+    python scripts/bench_train.py --compile --methods full lora --batch-sizes 64 --profile 3 --tag _compile_b64
+                                                  # + train_compile_b64_profile.md: where each step's time goes
 
 Setup (SPEC.md "Reference numbers"): timm Swin-B at 224 with random weights, random images and
 labels, mean-pooled features -> Linear(1024, 100) -> cross-entropy, bf16 autocast, fused AdamW.
@@ -29,25 +31,36 @@ pick a few methods per call (10 min per command on the lent GPUs).
 
 Writes ``results/bench/train{tag}.json`` and ``.md`` (tag: ``_compile``, ``_gc``, ``_smoke`` or
 ``--tag``) with machine, torch version, git commit (+ dirty flag) and the exact command.
+
+``--profile N``: after all timed blocks, N *extra* steps of every (configuration, batch size) run under
+``torch.profiler`` (CPU + CUDA activities; after warm-up, so compiled models are profiled compiled),
+so the profiler's overhead never enters the img/s figures. ``train{tag}_profile.md`` gets, per
+configuration, device (kernel) time, CPU time and kernels per step, the top 25 kernels by device
+time, device time by category (GEMM, attention, elementwise/reduction, copy/cast, optimizer, other:
+by kernel name, approximate) and a summary table side by side; ``train{tag}_profile.json`` the raw
+``key_averages`` rows. ``--profile-trace DIR`` also exports a Chrome trace per configuration. On CPU
+(``--smoke``) the "device" figures are the ops' self CPU time.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import re
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orca.bench import (GC_WHERE, build_config, count_step_flops, create_body, free_memory,  # noqa: E402
-                        git_state, machine, matmul_peak_tflops, median_rate, synchronize, train_step)
+from orca.bench import (GC_WHERE, PROFILE_CATEGORIES, build_config, count_step_flops, create_body,  # noqa: E402
+                        free_memory, git_state, machine, matmul_peak_tflops, median_rate, profile_steps,
+                        short_kernel_name, summarize_profile, synchronize, train_step)
 from orca.checkpointing import (describe as describe_checkpointing, normalize as normalize_checkpointing,  # noqa: E402
                                 plan as plan_checkpointing)
 from orca.schema import ConfigError  # noqa: E402
@@ -79,7 +92,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny Swin, batch 4, 2 steps")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     p.add_argument("--tag", default=None, help="file-name suffix (default from --compile/--grad-checkpointing/--smoke)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timing, profile N extra steps of every configuration and batch size "
+                        "(torch.profiler) into train{tag}_profile.md/.json; 0: off")
+    p.add_argument("--profile-trace", type=Path, default=None, metavar="DIR",
+                   help="with --profile: also export a Chrome trace per configuration and batch size into DIR")
     args = p.parse_args(argv)
+    if args.profile < 0:
+        p.error("--profile N needs N >= 0")
+    if args.profile_trace is not None and not args.profile:
+        p.error("--profile-trace needs --profile N")
     if args.methods is None:
         args.methods = [m for m in METHODS if (m != "lora_map" or args.rank_map)
                         and (m != "qlora" or (torch.cuda.is_available() and not args.smoke))]
@@ -109,7 +131,8 @@ def configurations(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return out
 
 
-def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Time every configuration (the JSON rows, keyed ``config@batch``); with ``--profile``, then profile it."""
     cuda = device.type == "cuda"
     img = 32 if args.smoke else 224
     body_kwargs = dict(SMOKE_BODY) if args.smoke else {}
@@ -191,6 +214,29 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
                     peaks.setdefault(key, []).append(torch.cuda.max_memory_allocated(device) - others)
         print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
 
+    profiles: Dict[str, Dict[str, Any]] = {}
+    if args.profile:  # extra steps after every timed block: the profiler's overhead never enters img/s
+        if args.profile_trace:
+            args.profile_trace.mkdir(parents=True, exist_ok=True)
+        for b in args.batch_sizes:
+            for name, cfg in configs.items():
+                key = f"{name}@{b}"
+                if key not in times:
+                    continue
+                trace = (str(args.profile_trace / f"{stem(args)}_{re.sub(r'[^A-Za-z0-9_-]', '_', name)}_b{b}.json")
+                         if args.profile_trace else None)
+                try:
+                    profiles[key] = profile_steps(cfg, *data[b], args.profile, device, trace=trace)
+                except oom:
+                    cfg["opt"].zero_grad(set_to_none=True)
+                    free_memory()
+                    profiles[key] = {"error": "out of memory"}
+                except Exception as err:  # noqa: BLE001 - a profiler failure must not cost the timings
+                    cfg["opt"].zero_grad(set_to_none=True)
+                    profiles[key] = {"error": f"{type(err).__name__}: {err}"}
+                print(f"[{key}] profiled {args.profile} steps"
+                      + (f": {profiles[key]['error']}" if "error" in profiles[key] else ""), flush=True)
+
     peak_tflops = args.peak_tflops
     spec_of = {spec["name"]: spec for spec in configurations(args)}
     full_flops = {b: configs["full"]["flops"].get(b) for b in args.batch_sizes} if "full" in configs else {}
@@ -212,7 +258,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         if full_flops.get(b):
             row["mfu_full_equiv"] = mfu(full_flops[b])
         results[key] = row
-    return results
+    return results, profiles
 
 
 def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.device) -> Path:
@@ -224,10 +270,8 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     order = [c["name"] for c in configurations(args)]
     rows = [results[k] for k in sorted(results, key=lambda k: (results[k]["batch"], order.index(results[k]["config"])))]
-    tag = args.tag if args.tag is not None else ("_smoke" if args.smoke else "") + \
-        ("_compile" if args.compile else "") + ("_gc" if args.grad_checkpointing else "")
-    stem = f"train{tag}"
-    (args.out / f"{stem}.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    stem_ = stem(args)
+    (args.out / f"{stem_}.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     ref = {(r["batch"], r["config"]): r.get("img_per_s") for r in rows if r["status"] == "ok"}
     gpu = meta["machine"]["gpu"] or f"CPU, {meta['machine']['cpus']} cores"
     lines = [f"# Training throughput ({gpu}, {'torch.compile' if args.compile else 'eager'})", "",
@@ -251,8 +295,109 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
         gflop = f"{r['gflop_per_img']:.4g}" if r["gflop_per_img"] is not None else "n/a"
         lines.append(f"| {r['batch']} | {r['config']} | {r['img_per_s']:.1f} | {rel('full')} | {rel('peft')} | "
                      f"{gflop} | {pct(r['mfu'])} | {equiv} | {peak} | {r['trainable_params']:,} |")
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    return args.out / f"{stem}.md"
+    (args.out / f"{stem_}.md").write_text("\n".join(lines) + "\n")
+    return args.out / f"{stem_}.md"
+
+
+def stem(args: argparse.Namespace) -> str:
+    """``train{tag}``: the output files' name without suffix."""
+    tag = args.tag if args.tag is not None else ("_smoke" if args.smoke else "") + \
+        ("_compile" if args.compile else "") + ("_gc" if args.grad_checkpointing else "")
+    return f"train{tag}"
+
+
+def write_profile(profiles: Dict[str, Dict[str, Any]], results: Dict[str, Any], args: argparse.Namespace,
+                  device: torch.device) -> Path:
+    """``train{tag}_profile.md`` (per-step figures, top kernels, categories) and ``.json`` (+ raw rows)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    order = [c["name"] for c in configurations(args)]
+    keys = sorted(profiles, key=lambda k: (int(k.rsplit("@", 1)[1]), order.index(k.rsplit("@", 1)[0])))
+    summaries = {k: summarize_profile(profiles[k]) for k in keys if "error" not in profiles[k]}
+    for k, s in summaries.items():  # the unprofiled step time of the same configuration, from the timing
+        ips = results.get(k, {}).get("img_per_s")
+        s["timed_ms"] = 1e3 * int(k.rsplit("@", 1)[1]) / ips if ips else None
+    meta = {"machine": machine(device), "git": git_state(), "command": args.command,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "profile_steps": args.profile, "compile": args.compile,
+            "timing": "device" if device.type == "cuda" else "cpu_self"}
+    out = {**meta, "categorisation": "by kernel (CPU: op) name, approximate; see orca.bench.profile_category",
+           "results": [{"config": k.rsplit("@", 1)[0], "batch": int(k.rsplit("@", 1)[1]),
+                        **({"error": profiles[k]["error"]} if k not in summaries else
+                           {"summary": summaries[k], "key_averages": profiles[k]["key_averages"]})} for k in keys]}
+    base = f"{stem(args)}_profile"
+    (args.out / f"{base}.json").write_text(json.dumps(out, indent=1) + "\n")
+
+    cuda = device.type == "cuda"
+    gpu = meta["machine"]["gpu"] or f"CPU, {meta['machine']['cpus']} cores"
+    f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = [f"# Training step profile ({gpu}, {'torch.compile' if args.compile else 'eager'})", "",
+             f"`{meta['command']}`", "",
+             f"torch {meta['machine']['torch']}, git {meta['git']['commit']}{' (dirty)' if meta['git']['dirty'] else ''}, "
+             f"{meta['date']}; {args.model}, r = {args.rank}. {args.profile} extra steps per configuration and batch "
+             f"size under `torch.profiler` (CPU{' + CUDA' if cuda else ''} activities), run after all timed blocks "
+             f"(and after warm-up/compilation): the img/s of `{stem(args)}.md` do not include them.", ""]
+    if cuda:
+        lines += ["Device ms = summed durations of the device events (kernels, memcpy, memset) per step: the GPU's busy "
+                  "time, not the step's span; busy % = device ms over the *unprofiled* step time of the timing "
+                  "(timed ms), so 100 - busy % is the time the GPU waited (launch/CPU overhead, syncs). CPU ms = self "
+                  "CPU time of every op and CUDA runtime call per step, summed over threads (the autograd engine's "
+                  "included). Kernels = device events per step; launch calls = cudaLaunchKernel-type runtime calls.", ""]
+    else:
+        lines += ["**No CUDA here: the \"device\" columns are the ops' self CPU time** (device ms = CPU ms), "
+                  "kernels = profiled op events per step (nested ops included), and the categories go by op name.", ""]
+    lines += ["Categories go **by kernel name and are approximate**: GEMM = names with gemm/gemv/sm90/cutlass/cublas/"
+              "nvjet/matmul/xmma/splitK/mm/bmm/addmm (convolutions too: implicit GEMMs); attention = flash/fmha/sdpa; "
+              "optimizer = adam/_foreach/multi_tensor_apply; copy/cast = copy/memcpy/cast/clone/`to`/`_to_copy` and "
+              "Inductor kernels that only cast or lay out; elementwise/reduction = elementwise/reduce/norm/softmax/gelu/"
+              "Triton pointwise and reduction kernels (a fused Triton kernel that also casts counts here); the rest is "
+              "other. A GEMM with a fused epilogue counts as GEMM.", "",
+              "## Summary (per step)", "",
+              "| batch | config | timed ms | device ms | busy % | CPU ms | kernels | launch calls | GEMM ms | "
+              "non-GEMM ms | profiled wall ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in keys:
+        name, b = k.rsplit("@", 1)
+        if k not in summaries:
+            lines.append(f"| {b} | {name} | profiling failed: {profiles[k]['error']} | | | | | | | | |")
+            continue
+        s = summaries[k]
+        busy = f"{100 * s['device_ms'] / s['timed_ms']:.0f}%" if s["timed_ms"] else "n/a"
+        lines.append(f"| {b} | {name} | {f(s['timed_ms'])} | {f(s['device_ms'])} | {busy} | {f(s['cpu_ms'])} | "
+                     f"{s['kernels_per_step']:.0f} | {s['launch_calls_per_step']:.0f} | {f(s['gemm_ms'])} | "
+                     f"{f(s['non_gemm_ms'])} | {f(s['wall_ms_per_step'])} |")
+    lines += ["", "## Device time by category (ms per step, % of the step's device time)", "",
+              "| batch | config | " + " | ".join(PROFILE_CATEGORIES) + " |", "|---|---|" + "---|" * len(PROFILE_CATEGORIES)]
+    for k, s in summaries.items():
+        name, b = k.rsplit("@", 1)
+        lines.append(f"| {b} | {name} | " + " | ".join(
+            f"{v:.2f} ({100 * v / s['device_ms']:.0f}%)" if s["device_ms"] else f"{v:.2f}"
+            for v in s["categories_ms"].values()) + " |")
+    for k, s in summaries.items():
+        name, b = k.rsplit("@", 1)
+        what = "kernels" if cuda else "ops"
+        lines += ["", f"## {name}, batch {b}", "",
+                  f"Device {s['device_ms']:.2f} ms/step"
+                  + (f" ({100 * s['device_ms'] / s['timed_ms']:.0f}% of the timed {s['timed_ms']:.2f} ms)"
+                     if s["timed_ms"] else "")
+                  + f", CPU {s['cpu_ms']:.2f} ms/step, {s['kernels_per_step']:.0f} {'kernels' if cuda else 'op events'}"
+                  f"/step" + (f", {s['launch_calls_per_step']:.0f} launch calls/step taking "
+                              f"{s['launch_calls_cpu_ms']:.2f} ms of CPU" if cuda else "")
+                  + f"; profiled wall {s['wall_ms_per_step']:.2f} ms/step (profiler overhead included)."
+                  + (" **The profiler recorded no device events here: the device figures are CPU self time.**"
+                     if cuda and s["timing"] != "device" else ""), "",
+                  f"Top {len(s['top'])} {what} by {'device' if cuda else 'self CPU'} time:", "",
+                  "| # | name | category | calls/step | ms/step | % of step |", "|---|---|---|---|---|---|"]
+        for i, r in enumerate(s["top"], 1):
+            lines.append(f"| {i} | `{short_kernel_name(r['name'])}` | {r['category']} | {r['calls_per_step']:.1f} | "
+                         f"{r['ms_per_step']:.3f} | {100 * r['share']:.1f}% |")
+        if cuda:  # where the CPU side spends its time (launch-bound steps show it here)
+            lines += ["", "Top 10 CPU-side ops by self CPU time:", "", "| name | calls/step | self CPU ms/step |",
+                      "|---|---|---|"]
+            lines += [f"| `{short_kernel_name(r['name'])}` | {r['calls_per_step']:.1f} | {r['self_cpu_ms_per_step']:.3f} |"
+                      for r in s["cpu_top"][:10]]
+    md = args.out / f"{base}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
 
 
 def gc_lines(rows: List[Dict[str, Any]], args: argparse.Namespace) -> List[str]:
@@ -284,11 +429,14 @@ def main(argv: Optional[List[str]] = None) -> Path:
         args.peak_tflops = matmul_peak_tflops(device, n=256, dtype=torch.float32, iters=5)
     print(f"matmul peak: {args.peak_tflops:.4g} TFLOP/s", flush=True)
     try:
-        results = run(args, device)
+        results, profiles = run(args, device)
     except ConfigError as err:  # e.g. --grad-checkpointing 2:30 on a stage of 18 blocks
         raise SystemExit(f"bench_train.py: {err}") from None
     path = write(results, args, device)
     print(path.read_text())
+    if args.profile:
+        prof_md = write_profile(profiles, results, args, device)
+        print(prof_md.read_text())
     return path
 
 
