@@ -46,10 +46,16 @@ class ORCAModel(nn.Module):
         return {name: list(p.shape) for name, p in self.state_dict().items()}
 
 
+def body_from_config(model_cfg) -> nn.Module:
+    """The timm Swin body a ModelConfig names, with its weights (hub, file or none) and its own patch
+    embedding still in place: the one place where a config becomes a body (stages 0-3 all use it)."""
+    return create_body(model_cfg.body, weights=model_cfg.weights, hub_tag=model_cfg.hub_tag,
+                       weights_file=model_cfg.weights_file, img_size=model_cfg.img_size, **model_cfg.body_kwargs)
+
+
 def build_model(model_cfg, task) -> ORCAModel:
     """Build the model for ``task`` (a :class:`datasets.TaskData`) from ``model_cfg`` (a ModelConfig)."""
-    body = create_body(model_cfg.body, weights=model_cfg.weights, hub_tag=model_cfg.hub_tag,
-                       weights_file=model_cfg.weights_file, img_size=model_cfg.img_size, **model_cfg.body_kwargs)
+    body = body_from_config(model_cfg)
     patch = body.patch_embed
     embed_dim = patch.proj.out_channels
     embedder = ConvEmbedder2d(task.in_channels, embed_dim, img_size=model_cfg.img_size,
@@ -93,8 +99,7 @@ def source_embedder(model_cfg) -> ConvEmbedder2d:
     Stage 1 and stage 2 push *source* images through it: it defines the source feature distribution
     that the target embedder is aligned to and compared with.
     """
-    body = create_body(model_cfg.body, weights=model_cfg.weights, hub_tag=model_cfg.hub_tag,
-                       weights_file=model_cfg.weights_file, img_size=model_cfg.img_size, **model_cfg.body_kwargs)
+    body = body_from_config(model_cfg)
     patch = body.patch_embed
     embedder = ConvEmbedder2d(patch.proj.in_channels, patch.proj.out_channels, img_size=model_cfg.img_size,
                               patch_size=patch.proj.kernel_size[0])

@@ -45,6 +45,7 @@ from datasets.images import normalize_uint8, random_resized_crop_flip
 from datasets.registry import TaskData, build_task
 from orca.bodies import create_body, read_body_meta, save_body
 from orca.config import ExperimentConfig, save_config
+from orca.model import body_from_config
 from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_json
 from orca.schema import ConfigError
 from orca.adapters.optim import build_param_groups
@@ -173,8 +174,7 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
     autocast = autocast_for(cfg.train.amp, device)
     task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
     classes, budget, smoothing = check_stage0_inputs(cfg, task)
-    body = create_body(cfg.model.body, weights=cfg.model.weights, hub_tag=cfg.model.hub_tag,
-                       weights_file=cfg.model.weights_file, img_size=cfg.model.img_size, **cfg.model.body_kwargs)
+    body = body_from_config(cfg.model)
     init_weights = body.orca_weights
     body.reset_classifier(classes)  # timm's pooled Linear head; save_body drops it ("head.*")
     set_checkpointing(body, cfg.train.grad_checkpointing)

@@ -52,9 +52,8 @@ import torch
 from tqdm.auto import tqdm
 
 from datasets.registry import build_task
-from orca.bodies import create_body
 from orca.config import ExperimentConfig, save_config
-from orca.model import build_model, source_embedder
+from orca.model import body_from_config, build_model, source_embedder
 from orca.runs import RunDir, git_info, machine_info, save_png, write_json
 from orca.train import resolve_device, seed_everything
 from rank_estimation.allocate import RankAllocation, allocate_from_config, check_budget, costs_from_model, expand
@@ -281,8 +280,7 @@ def body_only(model_cfg) -> torch.nn.Module:
 
     A reuse run needs only the body's Linear costs and names, and the task's data may take minutes to build.
     """
-    body = create_body(model_cfg.body, weights=model_cfg.weights, hub_tag=model_cfg.hub_tag,
-                       weights_file=model_cfg.weights_file, img_size=model_cfg.img_size, **model_cfg.body_kwargs)
+    body = body_from_config(model_cfg)
     body.patch_embed = torch.nn.Identity()
     return body.eval().requires_grad_(False)
 

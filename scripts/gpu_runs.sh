@@ -8,8 +8,8 @@
 #   bench     the GPU-marked tests, bench_adapters, bench_otdd, bench_stage2, bench_train (every
 #             method, batch 64 and 256, activation checkpointing, the stage-2 rank map when
 #             RANK_MAP is set), in order of need
-#   perf      bench_adapters compiled (full and our LoRA) at batch 64; bench_train with block-level
-#             checkpointing (0 1 2:6) if time is left
+#   perf      kernel profiles (bench_train --profile) of full fine-tuning and LoRA at batch 64,
+#             eager, then compiled if time is left
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, Darcy-85 with LoRA, and
 #             Darcy-85 with full fine-tuning) into results/runs/
 #   tables    issue 8's table sweeps (Tables 2, 3, 1, then 4 with its stage 1) into results/runs/,
@@ -84,11 +84,15 @@ bench)
       ${RANK_MAP:+--rank-map "$RANK_MAP"}
   ;;
 perf)
-  step "bench_adapters compiled at batch 64 (eager there, our LoRA is 0.80x full: more kernels per layer, likely launch-bound)"
-  within 400 "$PY" scripts/bench_adapters.py --out "$out" --compile --methods full lora --batch-sizes 64
-  step "bench_train: checkpointing only the activation-heavy blocks (stages 0, 1 and 6 of stage 2's 18)"
-  within 150 "$PY" scripts/bench_train.py --out "$out" --grad-checkpointing 0 1 2:6 --methods full lora \
-      --batch-sizes 256 --tag _gc_0_1_2-6
+  # Session 4 measured these: compiled, our LoRA is 0.88x full at batch 64 (train_adapters_compile.md);
+  # checkpointing [0, 1, "2:6"] costs LoRA 20% for 0.46x memory (train_gc_0_1_2-6.md). Next: where
+  # LoRA's batch-64 step loses its time, from a kernel profile of 3 extra steps (eager: no compile wait).
+  step "bench_train --profile 3: full, our LoRA and peft's at batch 64, eager"
+  within 200 "$PY" scripts/bench_train.py --out "$out" --methods full lora peft --batch-sizes 64 --profile 3 \
+      --tag _eager_b64
+  step "the same, compiled (about 2 min of compilation per configuration)"
+  within 400 "$PY" scripts/bench_train.py --out "$out" --compile --methods full lora --batch-sizes 64 --profile 3 \
+      --tag _compile_b64
   ;;
 evidence)
   darcy_in_background 10
