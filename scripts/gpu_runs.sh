@@ -15,8 +15,8 @@
 #   tables    issue 8's table sweeps (Tables 2, 3, 1, then 4 with its stage 1) into results/runs/,
 #             as far as the time allows; sweeps are resumable, so the next call continues
 #   adaptive  issue 8 (d): stage-2 rank maps at three budgets per task, then the adaptive vs
-#             uniform vs AdaLoRA sweeps, the knee sweeps of the other two tasks (ranks_patches,
-#             ranks_heldout) and the small-gap task's gap profile, into results/runs/
+#             uniform vs AdaLoRA sweeps, the knee sweeps of the other tasks (ranks_patches,
+#             ranks_heldout, ranks_digits) and their gap profiles, into results/runs/
 #   pack      tar every finished run directory under results/runs/ (one holding summary.json) into
 #             OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt, for the trip back
 # SECONDS (default 560) is the part's whole budget: every step runs under `timeout` with what is
@@ -139,14 +139,17 @@ adaptive)
     step "issue 8 (d): $name sweep ($per_gpu runs at a time)"
     within 600 "$PY" -m orca.sweep configs/experiments/$name.yaml --per-gpu $per_gpu
   done
-  for t in ranks_patches ranks_heldout; do
+  for t in ranks_patches ranks_heldout ranks_digits; do
     step "issue 8 (a)-(b): $t ($per_gpu runs at a time)"
     within 600 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu $per_gpu
   done
-  step "issue 8 (a)-(c): the small-gap task's gap profile (the other two come from the maps above)"
+  step "issue 8 (a)-(c): the gap profiles of held-out fractals and digits (Darcy's and the patches' are above)"
   [ -f results/runs/gaps_heldout/stage2/summary.json ] || \
-    within 120 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_heldout task.name=fractal_heldout \
+    within 150 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_heldout task.name=fractal_heldout \
         'task.options={cache: true, device: cuda}' run_dir=results/runs/gaps_heldout/stage2
+  [ -f results/runs/gaps_digits/stage2/summary.json ] || \
+    within 150 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_digits task.name=digits \
+        run_dir=results/runs/gaps_digits/stage2
   ;;
 pack)
   find results/runs -name summary.json -printf '%h\n' | sort | \

@@ -9,7 +9,7 @@ through the ``config.yaml`` beside it; stage-2 runs through their ``rank_map.jso
 ``hypothesis.md`` plus three PNGs to ``--out``. Only runs of one body enter (``--weights``, default
 the offline fractal body), and each analysis reads the sweeps made for it (``sweep.json``'s table):
 (a)-(c) the knee sweeps with one recipe per task (``--knee-tables``: table3, ranks_patches,
-ranks_heldout), (d) the equal-budget sweeps (``--budget-tables``: adaptive_darcy, adaptive_patches);
+ranks_heldout, ranks_digits), (d) the equal-budget sweeps (``--budget-tables``: adaptive_darcy, adaptive_patches);
 ``--weights any --knee-tables all --budget-tables all`` pools everything.
 
 (a) knee rank per task: the smallest uniform LoRA rank (0 = head only) whose seed-mean error is
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ DELTA_W_FILE = "delta_w.json"  # what stage 3 writes for full fine-tuning (orca.
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
 #: The committed experiments: one body (the offline fractal Swin) and one recipe per analysis.
 DEFAULT_WEIGHTS = "file:results/checkpoints/fractal_swin.safetensors"
-KNEE_TABLES = ("table3", "ranks_patches", "ranks_heldout")      # (a)-(c): uniform ranks, head, full
+KNEE_TABLES = ("table3", "ranks_patches", "ranks_heldout", "ranks_digits")      # (a)-(c): uniform ranks, head, full
 BUDGET_TABLES = ("adaptive_darcy", "adaptive_patches")           # (d): uniform vs adaptive vs AdaLoRA
 
 
@@ -403,6 +404,11 @@ def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> 
             L.append(f"| {t} | " + " | ".join(f"{float(f(D)):.4g}" for f in GAP_SUMMARIES.values()) + f" | {knees[t]['knee']} |")
         L.append("")
     primary = "inconclusive (reason: n tasks = %d < 3)" % len(both)
+    if len(both) >= 3 and 2 / math.factorial(len(both)) >= a.alpha:
+        # a perfect rank order is 2 of the n! orderings: below alpha only from 5 tasks on (2/120)
+        L += [f"With {len(both)} tasks the smallest two-sided permutation p is 2/{len(both)}! = "
+              f"{2 / math.factorial(len(both)):.3g} >= alpha = {a.alpha:g}: (b) cannot be significant until "
+              "5 tasks have both a rank sweep and a gap profile (the CI is still informative).", ""]
     if len(both) >= 3:
         for name, f in GAP_SUMMARIES.items():
             c = correlate([float(f(np.asarray(tg[t]["D"]))) for t in both], [knees[t]["knee"] for t in both], a)

@@ -224,6 +224,7 @@ def test_script_end_to_end_is_deterministic(tmp_path):
     assert "rho = 1.000" in report  # knees rise with the mean gap
     # 3 tasks: exact permutation p = 1/3, so the correlation cannot be called "held".
     assert "inconclusive (reason: p = 0.333" in report
+    assert "smallest two-sided permutation p is 2/3! = 0.333 >= alpha = 0.05" in report
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "hypothesis_rank_vs_error.png" in pngs and "hypothesis_gap_vs_knee.png" in pngs
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -355,4 +356,4 @@ def test_default_selection_keeps_one_body_and_the_sweeps_made_for_each_analysis(
     report = (out / "hypothesis.md").read_text()
     assert "| darcy | 4 |" in report  # knee from table3 alone: r = 4 is within 5% of the best
     assert "2 run(s) with body weights 'none (random init)' skipped" in report
-    assert "(a)-(c): 2 stage-3 run(s) outside tables table3, ranks_patches, ranks_heldout not used" in report
+    assert "(a)-(c): 2 stage-3 run(s) outside tables table3, ranks_patches, ranks_heldout, ranks_digits not used" in report
