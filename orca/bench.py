@@ -55,7 +55,8 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
     """One resident benchmark configuration: model, (compiled) forward, optimizer, adapter method.
 
     Args:
-        method: ``peft`` (HF peft LoRA, the reference) or a registered adapter method
+        method: ``peft`` (HF peft LoRA, the reference), ``lora_composed`` (our LoRA through
+            :class:`orca.adapters.lora.ComposedDenseWeight`) or a registered adapter method
             (full, lora, dylora, delta_lora, qlora); LoRA-type methods adapt every block
             qkv/proj/fc1/fc2 with rank ``rank`` unless ``rank_map`` (a stage-2 JSON) says otherwise.
         grad_ckpt_stages: what recomputes its activations in backward, as ``train.grad_checkpointing``:
@@ -79,11 +80,18 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
     else:
         from orca.adapters import AdapterConfig, build_method
 
+        composed = method == "lora_composed"  # our LoRA through plain autograd ops, not the fused Function
         extra = {"delta_lora_start": 0} if method == "delta_lora" else {}  # time the W update from step 0
-        cfg = AdapterConfig(method=method, rank=rank, alpha=2.0 * rank, targets="all", rank_map=rank_map,
-                            train_embedder=True, train_head=True, **extra)
+        cfg = AdapterConfig(method="lora" if composed else method, rank=rank, alpha=2.0 * rank, targets="all",
+                            rank_map=rank_map, train_embedder=True, train_head=True, **extra)
         adapter = build_method(cfg)
         counts = adapter.prepare(model)  # adapters are created on the base layer's device
+        if composed:
+            from orca.adapters.lora import ComposedDenseWeight, LoRALinear
+
+            for layer in model.modules():
+                if isinstance(layer, LoRALinear):
+                    layer.weight_access = ComposedDenseWeight
         groups = adapter.param_groups(model, lr=1e-4, weight_decay=0.01)
         counts = {"trainable": counts["trainable"], "adapters": counts["adapters"]}
     fused = device.type == "cuda"

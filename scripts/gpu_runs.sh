@@ -87,9 +87,9 @@ perf)
   # Session 4 measured these: compiled, our LoRA is 0.88x full at batch 64 (train_adapters_compile.md);
   # checkpointing [0, 1, "2:6"] costs LoRA 20% for 0.46x memory (train_gc_0_1_2-6.md). Next: where
   # LoRA's batch-64 step loses its time, from a kernel profile of 3 extra steps (eager: no compile wait).
-  step "bench_train --profile 3: full, our LoRA and peft's at batch 64, eager"
-  within 200 "$PY" scripts/bench_train.py --out "$out" --methods full lora peft --batch-sizes 64 --profile 3 \
-      --tag _eager_b64
+  step "bench_train --profile 3: full, our LoRA (fused Function and composed ops) and peft's at batch 64, eager"
+  within 200 "$PY" scripts/bench_train.py --out "$out" --methods full lora lora_composed peft --batch-sizes 64 \
+      --profile 3 --tag _eager_b64
   step "the same, compiled (about 2 min of compilation per configuration)"
   within 400 "$PY" scripts/bench_train.py --out "$out" --compile --methods full lora --batch-sizes 64 --profile 3 \
       --tag _compile_b64

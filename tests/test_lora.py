@@ -269,6 +269,35 @@ def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad,
         assert not w.requires_grad  # and so the weight-gradient GEMM is skipped
 
 
+def test_composed_accessor_matches_the_fused_function(monkeypatch):
+    """ComposedDenseWeight (plain autograd ops, the bench's lora_composed) gives the fused path's output and
+    gradients on every adapted layer of a model, and is only used where it is set."""
+    from orca.adapters.lora import ComposedDenseWeight, DenseWeight, LoRALinear
+
+    fused, x, _, _, _ = prepared("mlp", dict(rank=4, targets=MLP_T))
+    randomize_b(fused)
+    composed = copy.deepcopy(fused)
+    layers = [m for m in composed.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(m.weight_access is DenseWeight for m in layers)
+    for m in layers:
+        m.weight_access = ComposedDenseWeight
+    out_f = fused(x)
+
+    def no_fused(*args):
+        raise AssertionError("the composed accessor ran the fused Function")
+
+    monkeypatch.setattr("orca.adapters.lora.FusedLoRALinear.apply", no_fused)
+    out_c = composed(x)
+    torch.testing.assert_close(out_c, out_f, atol=1e-6, rtol=0)
+    out_f.square().sum().backward()
+    out_c.square().sum().backward()
+    grads = lambda model: {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    gf, gc = grads(fused), grads(composed)
+    assert gf.keys() == gc.keys() and any("lora_A" in n for n in gf)
+    for n in gf:
+        torch.testing.assert_close(gc[n], gf[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
 def test_autocast_path_matches_reference():
     """Under (CPU) bf16 autocast the wrapper casts once and agrees with F.linear's autocast."""
     model, x, _, _, _ = prepared("mlp", dict(rank=4, targets=MLP_T))

@@ -89,6 +89,21 @@ class DenseWeight:
         return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale)
 
 
+class ComposedDenseWeight(DenseWeight):
+    """A dense base whose LoRA path is :func:`lora_forward_generic` (plain autograd ops) instead of
+    :class:`FusedLoRALinear`. Not chosen by :func:`dispatch_base`: it is the reference that the fused
+    Function is timed against (``scripts/bench_train.py --methods lora_composed``), since the
+    Function's Python forward and backward add a fixed cost per adapted Linear per step that the
+    composed ops, whose backward runs in C++, do not have."""
+
+    kind = "dense (composed)"
+
+    @staticmethod
+    def lora_forward(layer: "LoRALinear", x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+        return lora_forward_generic(layer, x, a, b, scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # The LoRA forward: generic (any base layer) and fused (dense base)
 # ---------------------------------------------------------------------------------------------
