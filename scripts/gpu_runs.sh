@@ -10,8 +10,8 @@
 #             RANK_MAP is set), in order of need
 #   perf      kernel profiles (bench_train --profile) of full fine-tuning and LoRA at batch 64,
 #             eager, then compiled if time is left
-#   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches, Darcy-85 with LoRA, and
-#             Darcy-85 with full fine-tuning) into results/runs/
+#   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches; Darcy-85 with LoRA, with
+#             full fine-tuning and with the frozen body alone) into results/runs/
 #   tables    issue 8's table sweeps (Tables 2, 3, 1, then 4 with its stage 1) into results/runs/,
 #             as far as the time allows; sweeps are resumable, so the next call continues
 #   adaptive  issue 8 (d): stage-2 rank maps at three budgets per task, then the adaptive vs
@@ -100,7 +100,7 @@ evidence)
   step "issue 4 evidence: fractal vs random body on natural patches ($per_gpu runs at a time)"
   within 300 "$PY" -m orca.sweep configs/experiments/body_evidence_patches.yaml --per-gpu $per_gpu
   wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
-  for t in body_evidence_darcy body_evidence_darcy_full; do
+  for t in body_evidence_darcy body_evidence_darcy_full body_evidence_darcy_head; do
     step "issue 4 evidence: $t ($per_gpu runs at a time)"
     within 300 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu $per_gpu
   done

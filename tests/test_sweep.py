@@ -272,3 +272,15 @@ def test_adaptive_sweeps_match_budgets(name):
     assert maps == {f"results/runs/{name}/stage2_b{b}/rank_map.json" for b in budgets}
     assert all(run.cfg.adapter.targets == "all" for run in runs)
     assert not any(run.cfg.train.compile for run in runs)
+
+
+@pytest.mark.parametrize("name, method", [("body_evidence_darcy", "lora"), ("body_evidence_darcy_full", "full"),
+                                          ("body_evidence_darcy_head", "head")])
+def test_body_evidence_sweeps_pair_the_bodies(name, method):
+    """Issue 4: each evidence sweep trains one method from the fractal and from a random body, 3 seeds each,
+    with everything else equal."""
+    spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml")
+    assert spec.table == name and len(runs) == 6
+    assert {(r.cfg.model.weights, r.cfg.seed) for r in runs} == {(w, s) for w in ("file", "none") for s in (0, 1, 2)}
+    assert {r.cfg.adapter.method for r in runs} == {method} and {r.cfg.task.name for r in runs} == {"darcy"}
+    assert {(r.cfg.train.epochs, r.cfg.train.batch_size, r.cfg.train.lr) for r in runs} == {(10, 16, 1e-3)}
