@@ -47,6 +47,18 @@ darcy_in_background() {
   "$PY" -m orca data --config $darcy task.options.workers="$1" >"$out/darcy_data.log" 2>&1 &
   data_pid=$!
 }
+darcy_wait() { wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"; }
+# sweeps WHY MAX_S NAME...: each configs/experiments/NAME.yaml as one sweep, PER_GPU runs at a time, under
+# within MAX_S; overrides for every sweep go after `--`.
+sweeps() {
+  local why=$1 cap=$2 names=() t; shift 2
+  while (( $# )) && [ "$1" != -- ]; do names+=("$1"); shift; done
+  (( $# )) && shift
+  for t in "${names[@]}"; do
+    step "$why: $t ($per_gpu runs at a time)"
+    within "$cap" "$PY" -m orca.sweep "configs/experiments/$t.yaml" --per-gpu "$per_gpu" "$@"
+  done
+}
 
 case $part in
 body)
@@ -97,35 +109,28 @@ perf)
   ;;
 evidence)
   darcy_in_background 10
-  step "issue 4 evidence: fractal vs random body on natural patches ($per_gpu runs at a time)"
-  within 300 "$PY" -m orca.sweep configs/experiments/body_evidence_patches.yaml --per-gpu $per_gpu
-  wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
-  for t in body_evidence_darcy body_evidence_darcy_full body_evidence_darcy_head; do
-    step "issue 4 evidence: $t ($per_gpu runs at a time)"
-    within 300 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu $per_gpu
-  done
+  sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_patches
+  darcy_wait
+  sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_darcy body_evidence_darcy_full \
+      body_evidence_darcy_head
   ;;
 tables)
   # Run directories go to results/runs/<table>/ (the sweep files' output_dir), so that the
   # committed tables and make_tables.sh read them where a user's own runs would be.
   darcy_in_background 16
-  wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
-  for t in table2_darcy_attn table3_darcy_all table1_smallgap; do
-    step "issue 8: $t ($per_gpu runs at a time)"
-    within 600 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu $per_gpu
-  done
+  darcy_wait
+  sweeps "issue 8" 600 table2_darcy_attn table3_darcy_all table1_smallgap
   step "issue 8: stage 1 (OTDD) for Table 4, then its sweep"
   [ -f results/runs/table4/stage1_otdd_s0/summary.json ] || \
     within 120 bash scripts/stage1.sh configs/body_fractal.yaml name=t4_otdd task.name=darcy align.objective=otdd \
         align.source=fractal run_dir=results/runs/table4/stage1_otdd_s0
-  within 600 "$PY" -m orca.sweep configs/experiments/table4_darcy_otdd.yaml --per-gpu $per_gpu \
-      model.embedder_from=results/runs/table4/stage1_otdd_s0
+  sweeps "issue 8" 600 table4_darcy_otdd -- model.embedder_from=results/runs/table4/stage1_otdd_s0
   ;;
 adaptive)
   # Stage-2 maps at the three budgets of configs/experiments/adaptive_*.yaml, then the sweeps
   # (uniform, AdaLoRA and adaptive at equal budgets); run directories under results/runs/.
   darcy_in_background 16
-  wait $data_pid || echo "Darcy generation failed: see $out/darcy_data.log"
+  darcy_wait
   for task in darcy natural_patches; do
     name=adaptive_${task/natural_/}
     # The gaps are measured once (at the first budget); the other budgets reuse them (rank.gaps_from).
@@ -137,13 +142,9 @@ adaptive)
       within 150 bash scripts/stage2.sh configs/body_fractal.yaml name=$name task.name=$task rank.budget=$b \
           "${reuse[@]}" run_dir=results/runs/$name/stage2_b$b
     done
-    step "issue 8 (d): $name sweep ($per_gpu runs at a time)"
-    within 600 "$PY" -m orca.sweep configs/experiments/$name.yaml --per-gpu $per_gpu
+    sweeps "issue 8 (d)" 600 $name
   done
-  for t in ranks_patches ranks_heldout ranks_digits; do
-    step "issue 8 (a)-(b): $t ($per_gpu runs at a time)"
-    within 600 "$PY" -m orca.sweep configs/experiments/$t.yaml --per-gpu $per_gpu
-  done
+  sweeps "issue 8 (a)-(b)" 600 ranks_patches ranks_heldout ranks_digits
   step "issue 8 (a)-(c): the gap profiles of held-out fractals and digits (Darcy's and the patches' are above)"
   [ -f results/runs/gaps_heldout/stage2/summary.json ] || \
     within 150 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_heldout task.name=fractal_heldout \
