@@ -51,7 +51,7 @@ def create_body(model_name: str, device: torch.device, **kwargs) -> nn.Module:
 def build_config(method: str, *, model_name: str, device: torch.device, rank: int = 8, num_classes: int = 100,
                  rank_map: Optional[str] = None, body_kwargs: Optional[Dict[str, Any]] = None,
                  grad_ckpt_stages: Sequence[Union[int, str]] = (), compile: bool = False,
-                 compile_mode: Optional[str] = None) -> Dict[str, Any]:
+                 compile_mode: Optional[str] = None, ddp: bool = False) -> Dict[str, Any]:
     """One resident benchmark configuration: model, (compiled) forward, optimizer, adapter method.
 
     Args:
@@ -62,6 +62,9 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         grad_ckpt_stages: what recomputes its activations in backward, as ``train.grad_checkpointing``:
             a body stage S (all its blocks) or ``"S:K"`` (its first K blocks), e.g. ``(0, 1, "2:6")``.
             The returned ``"checkpointing"`` says what that meant for this body (``"off"`` when empty).
+        ddp: step through ``DistributedDataParallel`` (one process per GPU, the process group already
+            initialised), compiled around the DDP module as stage 3 does (orca.train). FLOP counting
+            still uses the bare model: a rank's FLOPs are one GPU's, with no collective in the count.
     """
     body = create_body(model_name, device, **(body_kwargs or {}))
     if grad_ckpt_stages:
@@ -96,7 +99,12 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         counts = {"trainable": counts["trainable"], "adapters": counts["adapters"]}
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=fused)
-    forward = torch.compile(model, mode=compile_mode) if compile else model
+    forward = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(forward, mode=compile_mode) if compile else forward
     return {"model": model, "forward": forward, "opt": opt, "counts": counts, "adapter": adapter, "step": 0,
             "checkpointing": checkpointing,
             "autocast": (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"

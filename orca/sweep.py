@@ -19,6 +19,7 @@ section that the experiment schema does not know, so it is taken out here and ch
       exclude: [{adapter.rank: 8, seed: 1}]         # drop points whose resolved config matches
       include: [{adapter.method: full, seed: [0, 1]}]   # extra sub-grids on top of the base config
       require: [model.embedder_from]                # keys every run must have set (else an error)
+      gpus_per_run: 1                               # >1: each run under torchrun, DDP over that many GPUs
 
 A sweep file may be the ``base:`` of another (Table 3 and 4 build on Table 2's): the ``sweep:``
 sections merge like any other section, key by key inside ``grid``, while lists (``include``,
@@ -83,8 +84,13 @@ class SweepSpec:
     output_dir: str = field(default="results/runs", metadata={"help": "runs go to {output_dir}/{table}/{run name}"})
     require: List[str] = field(default_factory=list, metadata={
         "help": "dotted keys that must be set (not null) in every run, e.g. model.embedder_from for Table 4"})
+    gpus_per_run: int = field(default=1, metadata={
+        "help": "GPUs per run: above 1 each run is launched with torchrun, one DDP process per GPU "
+                "(train.batch_size stays the global batch, so results compare with 1-GPU runs)"})
 
     def __post_init__(self):
+        if not isinstance(self.gpus_per_run, int) or self.gpus_per_run < 1:
+            raise ConfigError(f"sweep.gpus_per_run must be an integer >= 1, got {self.gpus_per_run!r}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.table):
             raise ConfigError(f"sweep.table={self.table!r} must be a plain name such as table2 (it names a directory)")
         self.grid = _as_subgrid(self.grid, "sweep.grid")
@@ -122,6 +128,7 @@ class SweepRun:
     table: str
     point: Dict[str, Any]
     cfg: ExperimentConfig
+    gpus: int = 1  # processes (one GPU each) that train this run together under torchrun
 
     @property
     def run_dir(self) -> Path:
@@ -143,7 +150,8 @@ class SweepRun:
                 "method": a.method, "rank": None if a.method in RANKLESS_METHODS or a.rank_map is not None else a.rank,
                 "rank_map": a.rank_map if isinstance(a.rank_map, (str, type(None))) else "inline",
                 "targets": a.targets, "task": self.cfg.task.name, "epochs": self.cfg.train.epochs,
-                "point": self.point, "cli_overrides": list(cli_overrides), "sweep_file": sweep_file}
+                "point": self.point, "cli_overrides": list(cli_overrides), "sweep_file": sweep_file,
+                "gpus_per_run": self.gpus}
 
 
 def _set(data: Dict[str, Any], key: str, value: Any, where: str) -> None:
@@ -246,7 +254,8 @@ def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Tuple[
         if name in runs:  # e.g. full fine-tuning crossed with ranks: the rank does not change the run
             continue
         run_data["run_dir"] = str(Path(spec.output_dir) / spec.table / name)
-        runs[name] = SweepRun(name=name, table=spec.table, point=point, cfg=_build_config(run_data, where))
+        runs[name] = SweepRun(name=name, table=spec.table, point=point, cfg=_build_config(run_data, where),
+                              gpus=spec.gpus_per_run)
     return spec, list(runs.values())
 
 
@@ -294,8 +303,31 @@ def build_data_once(runs: Sequence[SweepRun]) -> None:
 
 
 def stage3_command(run: SweepRun) -> List[str]:
-    """The subprocess that runs one sweep point: stage 3 on the run directory's own config.yaml."""
-    return [sys.executable, "-m", "orca", "stage3", "--config", str(run.run_dir / "config.yaml")]
+    """The subprocess that runs one sweep point: stage 3 on the run directory's own config.yaml,
+    under torchrun (one process per GPU of its slot) when the run takes several GPUs."""
+    stage3 = ["-m", "orca", "stage3", "--config", str(run.run_dir / "config.yaml")]
+    if run.gpus > 1:
+        # --standalone: a private rendezvous on a free port, so several DDP runs can share a host
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.gpus}", *stage3]
+    return [sys.executable, *stage3]
+
+
+def gpu_slots(devices: Sequence[str], gpus_per_run: int, per_gpu: int) -> List[str]:
+    """The pool's slots, each a ``CUDA_VISIBLE_DEVICES`` value: consecutive groups of ``gpus_per_run``
+    GPUs, each listed ``per_gpu`` times (a slot listed k times runs k runs at once).
+
+    Raises:
+        ValueError: fewer GPUs than one run needs (a DDP run missing a GPU would not start).
+    """
+    if gpus_per_run > len(devices):
+        raise ValueError(f"sweep.gpus_per_run={gpus_per_run} but {len(devices)} GPU(s) are given to the sweep"
+                         + ("" if devices else " (--gpus 0 runs in this process, one process per run)")
+                         + f": show it at least {gpus_per_run} GPUs or set sweep.gpus_per_run=1")
+    groups = [",".join(devices[i:i + gpus_per_run]) for i in range(0, len(devices) - gpus_per_run + 1, gpus_per_run)]
+    if len(devices) % gpus_per_run:
+        print(f"[sweep] {len(devices) % gpus_per_run} GPU(s) left idle: {len(devices)} is not a multiple of "
+              f"sweep.gpus_per_run={gpus_per_run}", flush=True)
+    return [group for group in groups for _ in range(per_gpu)]
 
 
 def prepare(run: SweepRun, sweep_file: str, cli_overrides: Sequence[str]) -> None:
@@ -326,8 +358,10 @@ def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callabl
               poll_s: float) -> List[Tuple[SweepRun, str]]:
     """One subprocess per slot from a shared queue; each writes ``sweep.log`` in its run directory.
 
-    ``devices`` lists one GPU id per slot; an id listed k times runs k processes on that GPU.
+    ``devices`` lists each slot's ``CUDA_VISIBLE_DEVICES`` (one GPU id, or several for a DDP run); a
+    slot listed k times runs k runs on those GPUs at once.
     """
+    processes = sum(len(dev.split(",")) for dev in devices)  # what shares the CPUs
     queue, active, failed = deque(pending), {}, []
     try:
         while queue or active:
@@ -340,7 +374,7 @@ def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callabl
                     env.update(CUDA_VISIBLE_DEVICES=dev, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
                     # Concurrent runs each start a full-size intra-op thread pool by default; spinning
                     # pools oversubscribe the cores (a 3-per-GPU sweep ran its CPU-side data at 8 img/s).
-                    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // len(devices))))
+                    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // processes)))
                     log = open(run.run_dir / "sweep.log", "ab")
                     proc = subprocess.Popen(command(run), env=env, stdout=log, stderr=subprocess.STDOUT)
                     active[slot] = (proc, run, log)
@@ -397,8 +431,8 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
     Args:
         path: sweep YAML.
         overrides: dotted overrides (``sweep.*`` edit the sweep section; others apply to every run).
-        gpus: parallel workers, one GPU each (``None``: all visible GPUs). 0 runs sequentially in this
-            process (CPU, or a GPU the runs find by themselves).
+        gpus: GPUs to use (``None``: all visible), one run each, or ``sweep.gpus_per_run`` each. 0 runs
+            sequentially in this process (CPU, or a GPU the runs find by themselves).
         dry_run: only print each run's status and directory.
         command: the subprocess command of one run (tests substitute a cheap one).
         per_gpu: concurrent runs per GPU (small, launch-bound models leave most of a GPU idle).
@@ -417,7 +451,11 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         return []
     if per_gpu < 1:
         raise ValueError(f"per_gpu must be >= 1, got {per_gpu}")
-    devices = [dev for dev in visible_devices(gpus) for _ in range(per_gpu)]
+    devices = visible_devices(gpus)
+    if spec.gpus_per_run > 1:
+        devices = gpu_slots(devices, spec.gpus_per_run, per_gpu)
+    else:
+        devices = [dev for dev in devices for _ in range(per_gpu)]
     for run in pending:
         prepare(run, str(path), overrides)
     if devices and pending:

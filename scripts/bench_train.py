@@ -34,6 +34,12 @@ pick a few methods per call (10 min per command on the lent GPUs).
 Writes ``results/bench/train{tag}.json`` and ``.md`` (tag: ``_compile``, ``_gc``, ``_smoke`` or
 ``--tag``) with machine, torch version, git commit (+ dirty flag) and the exact command.
 
+Several GPUs (``torchrun --nproc_per_node=N scripts/bench_train.py ...``; scripts/bench_ddp.py runs it
+beside the 1-GPU baseline): every configuration steps through DistributedDataParallel, each rank
+at the full ``--batch-sizes`` (the batch is *per GPU*, as in weak scaling) on its own random data;
+img/s counts the images of all ranks, peak memory is rank 0's; rank 0 alone writes, with
+``world_size`` in every row and ``_ddp{N}`` in the default file name.
+
 ``--profile N``: after all timed blocks, N *extra* steps of every (configuration, batch size) run under
 ``torch.profiler`` (CPU + CUDA activities; after warm-up, so compiled models are profiled compiled),
 so the profiler's overhead never enters the img/s figures. ``train{tag}_profile.md`` gets, per
@@ -48,6 +54,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import shlex
 import sys
@@ -65,6 +72,7 @@ from orca.bench import (GC_WHERE, PROFILE_CATEGORIES, build_config, count_step_f
                         short_kernel_name, summarize_profile, synchronize, train_step)
 from orca.checkpointing import (describe as describe_checkpointing, normalize as normalize_checkpointing,  # noqa: E402
                                 plan as plan_checkpointing)
+from orca.distributed import setup_distributed, world_from_env  # noqa: E402
 from orca.schema import ConfigError  # noqa: E402
 
 METHODS = ("full", "lora", "lora_composed", "lora_map", "dylora", "delta_lora", "qlora", "peft")
@@ -136,6 +144,7 @@ def configurations(args: argparse.Namespace) -> List[Dict[str, Any]]:
 def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Time every configuration (the JSON rows, keyed ``config@batch``); with ``--profile``, then profile it."""
     cuda = device.type == "cuda"
+    world, rank = args.world, args.rank_id
     img = 32 if args.smoke else 224
     body_kwargs = dict(SMOKE_BODY) if args.smoke else {}
     if args.grad_checkpointing:  # refuse e.g. 2:30 on a stage of 18 blocks before anything is built or timed
@@ -143,7 +152,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
                            GC_WHERE)
     data = {}
     for b in args.batch_sizes:
-        gen = torch.Generator(device=device).manual_seed(b)
+        gen = torch.Generator(device=device).manual_seed(b + 1000 * rank)  # each rank its own images
         data[b] = (torch.randn(b, 3, img, img, device=device, generator=gen),
                    torch.randint(0, args.num_classes, (b,), device=device, generator=gen))
     free_memory()
@@ -156,7 +165,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
         try:
             cfg = build_config(spec["method"], model_name=args.model, device=device, rank=args.rank,
                                num_classes=args.num_classes, rank_map=spec["rank_map"], body_kwargs=body_kwargs,
-                               grad_ckpt_stages=spec["gc"], compile=args.compile, compile_mode=args.compile_mode)
+                               grad_ckpt_stages=spec["gc"], compile=args.compile, compile_mode=args.compile_mode,
+                               ddp=world > 1)
             cfg["flops"], t0 = {}, time.perf_counter()
             for b in args.batch_sizes:  # FLOP count, then warm-up (and compilation) at every batch size
                 try:
@@ -245,11 +255,13 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
     for key, ts in times.items():
         name, b = key.rsplit("@", 1)
         b = int(b)
-        ips = median_rate(b * args.steps, ts)
+        ips = median_rate(world * b * args.steps, ts)  # every rank stepped b images in rank 0's time
         flops = configs[name]["flops"].get(b)
-        mfu = (lambda f: float(f"{f / b * ips / (peak_tflops * 1e12):.4g}") if f else None)  # noqa: E731
+        # utilisation per GPU: FLOPs per image x the images one GPU steps per second, over one GPU's peak
+        mfu = (lambda f: float(f"{f / b * ips / world / (peak_tflops * 1e12):.4g}") if f else None)  # noqa: E731
         row = {"config": name, "batch": b, "status": "ok", "img_per_s": round(ips, 1),
-               "img_per_s_repeats": [round(b * args.steps / t, 1) for t in ts],
+               "img_per_s_repeats": [round(world * b * args.steps / t, 1) for t in ts],
+               "world_size": world, "img_per_s_per_gpu": round(ips / world, 1),
                "flop_per_step": flops, "gflop_per_img": round(flops / b / 1e9, 4) if flops else None,
                "mfu": mfu(flops),
                "peak_gib": round(max(peaks[key]) / 2**30, 2) if key in peaks else None,
@@ -276,7 +288,8 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
     (args.out / f"{stem_}.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     ref = {(r["batch"], r["config"]): r.get("img_per_s") for r in rows if r["status"] == "ok"}
     gpu = meta["machine"]["gpu"] or f"CPU, {meta['machine']['cpus']} cores"
-    lines = [f"# Training throughput ({gpu}, {'torch.compile' if args.compile else 'eager'})", "",
+    gpus = f"{args.world} x {gpu}, DDP, batch per GPU" if args.world > 1 else gpu
+    lines = [f"# Training throughput ({gpus}, {'torch.compile' if args.compile else 'eager'})", "",
              f"`{meta['command']}`", "",
              f"torch {meta['machine']['torch']}, git {meta['git']['commit']}{' (dirty)' if meta['git']['dirty'] else ''}, "
              f"{meta['date']}; {args.model}, {'bf16 autocast, fused AdamW' if device.type == 'cuda' else 'fp32, AdamW'}, "
@@ -304,7 +317,8 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
 def stem(args: argparse.Namespace) -> str:
     """``train{tag}``: the output files' name without suffix."""
     tag = args.tag if args.tag is not None else ("_smoke" if args.smoke else "") + \
-        ("_compile" if args.compile else "") + ("_gc" if args.grad_checkpointing else "")
+        ("_compile" if args.compile else "") + ("_gc" if args.grad_checkpointing else "") + \
+        (f"_ddp{args.world}" if args.world > 1 else "")
     return f"train{tag}"
 
 
@@ -413,7 +427,8 @@ def gc_lines(rows: List[Dict[str, Any]], args: argparse.Namespace) -> List[str]:
             + (f" = {done}." if done else "."), ""]
 
 
-def main(argv: Optional[List[str]] = None) -> Path:
+def main(argv: Optional[List[str]] = None) -> Optional[Path]:
+    """Run the benchmark; the markdown's path (None on the ranks other than 0 of a torchrun job)."""
     args = parse_args(argv)
     args.command = " ".join(shlex.quote(a) for a in [sys.executable, str(Path(__file__).relative_to(REPO)),
                                                      *(sys.argv[1:] if argv is None else argv)])
@@ -423,6 +438,16 @@ def main(argv: Optional[List[str]] = None) -> Path:
         device = torch.device("cuda")
     else:
         raise SystemExit("bench_train.py needs a CUDA GPU (or --smoke for the CPU smoke run)")
+    # Under torchrun: join the group, one GPU per rank. --batch-sizes are per GPU, so any world size
+    # divides the global batch (world x batch) that setup_distributed checks.
+    dist_, device = setup_distributed(world_from_env()[1] * min(args.batch_sizes), device)
+    args.world, args.rank_id = dist_.world, dist_.rank
+    if args.world > 1:
+        args.command = f"torchrun --standalone --nproc_per_node={args.world} " + args.command.split(" ", 1)[1]
+    if not dist_.main:  # rank 0 reports for all
+        sys.stdout = open(os.devnull, "w")
+    if args.world > 1 and args.profile:
+        raise SystemExit("bench_train.py: --profile runs on one GPU; drop it under torchrun")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -434,6 +459,10 @@ def main(argv: Optional[List[str]] = None) -> Path:
         results, profiles = run(args, device)
     except ConfigError as err:  # e.g. --grad-checkpointing 2:30 on a stage of 18 blocks
         raise SystemExit(f"bench_train.py: {err}") from None
+    finally:
+        dist_.close()
+    if not dist_.main:
+        return None
     path = write(results, args, device)
     print(path.read_text())
     if args.profile:

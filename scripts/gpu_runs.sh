@@ -18,6 +18,8 @@
 #             uniform vs AdaLoRA sweeps, the knee sweeps of the other tasks (ranks_patches,
 #             ranks_heldout, ranks_digits) and their gap profiles, into results/runs/
 #   issue8    tables, then adaptive, with what is left of SECONDS (resumable: call it until done)
+#   ddp       issue 7 on 2+ GPUs (nvidia-h200-x2): bench_ddp (full and LoRA at batch 64 and 256 per GPU,
+#             1 GPU vs all), then Darcy-85 full fine-tuning on 1 GPU and under DDP on 2, 3 seeds each
 #   pack      tar every finished run directory under results/runs/ (one holding summary.json) into
 #             OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt, for the trip back
 # SECONDS (default 560) is the part's whole budget: every step runs under `timeout` with what is
@@ -26,7 +28,7 @@
 # otherwise, so every timing is taken on an otherwise idle GPU. Sweeps run PER_GPU runs at a time
 # (default 6): the fractal body's eager runs are bound by Python, so they share one GPU well.
 source "$(dirname "$0")/_env.sh"
-[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|evidence|tables|adaptive|issue8|pack OUT_DIR [SECONDS]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|evidence|tables|adaptive|issue8|ddp|pack OUT_DIR [SECONDS]" >&2; exit 2; }
 part=$1 out=$2 deadline=$(( $(date +%s) + ${3:-560} ))
 mkdir -p "$out"
 darcy=configs/darcy_swinb.yaml
@@ -131,6 +133,19 @@ adaptive)
   # (uniform, AdaLoRA and adaptive at equal budgets); run directories under results/runs/.
   darcy_in_background 16
   darcy_wait
+  # The other tasks' gap profiles (each a whole stage 2, minutes) run beside the sweeps, on the last
+  # GPU: the sweeps' eager runs are bound by Python, so they leave the GPU room.
+  (
+    export CUDA_VISIBLE_DEVICES=$("$PY" -c 'import torch; print(max(torch.cuda.device_count() - 1, 0))')
+    [ -f results/runs/gaps_heldout/stage2/summary.json ] || \
+      within 200 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_heldout task.name=fractal_heldout \
+          'task.options={cache: true, device: cuda}' run_dir=results/runs/gaps_heldout/stage2
+    [ -f results/runs/gaps_digits/stage2/summary.json ] || \
+      within 200 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_digits task.name=digits \
+          run_dir=results/runs/gaps_digits/stage2
+  ) >"$out/gap_profiles.log" 2>&1 &
+  profiles_pid=$!
+  step "issue 8 (a)-(c): gap profiles of held-out fractals and digits in the background ($out/gap_profiles.log)"
   for task in darcy natural_patches; do
     name=adaptive_${task/natural_/}
     # The gaps are measured once (at the first budget); the other budgets reuse them (rank.gaps_from).
@@ -145,13 +160,17 @@ adaptive)
     sweeps "issue 8 (d)" 600 $name
   done
   sweeps "issue 8 (a)-(b)" 600 ranks_patches ranks_heldout ranks_digits
-  step "issue 8 (a)-(c): the gap profiles of held-out fractals and digits (Darcy's and the patches' are above)"
-  [ -f results/runs/gaps_heldout/stage2/summary.json ] || \
-    within 150 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_heldout task.name=fractal_heldout \
-        'task.options={cache: true, device: cuda}' run_dir=results/runs/gaps_heldout/stage2
-  [ -f results/runs/gaps_digits/stage2/summary.json ] || \
-    within 150 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_digits task.name=digits \
-        run_dir=results/runs/gaps_digits/stage2
+  wait $profiles_pid
+  step "gap profiles: $(tail -n 3 "$out/gap_profiles.log" | tr '\n' ' ')"
+  ;;
+ddp)
+  # Issue 7's two-GPU criteria. The benchmark first, on an otherwise idle machine (eager steps at
+  # batch 64 are bound by the CPU: Darcy generation beside them would skew the ratio).
+  step "bench_ddp: full fine-tuning and LoRA r=8, batch 64 and 256 per GPU, 1 GPU then all GPUs (DDP)"
+  within 330 "$PY" scripts/bench_ddp.py --out "$out" 2>&1 | tee "$out/bench_ddp.log"
+  step "Darcy-85 generation (30 processes)"
+  within 150 "$PY" -m orca data --config $darcy task.options.workers=30 >"$out/darcy_data.log" 2>&1
+  sweeps "issue 7: Darcy-85 on 1 GPU and on 2 (DDP), same global batch" 300 ddp_darcy_1gpu ddp_darcy_2gpu
   ;;
 issue8)
   # Everything issue 8 still lacks, in order of need, within this call's budget; rerun until nothing is
@@ -167,6 +186,6 @@ pack)
   echo "$(tar tzf "$out/runs.tgz" | grep -c summary.json) run directories in $out/runs.tgz"
   ;;
 *)
-  echo "unknown part '$part' (body, finetune, bench, perf, evidence, tables, adaptive, issue8 or pack)" >&2; exit 2 ;;
+  echo "unknown part '$part' (body, finetune, bench, perf, evidence, tables, adaptive, issue8, ddp or pack)" >&2; exit 2 ;;
 esac
 step "done: $part"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from orca.config import config_dict
 from orca import sweep as sweep_mod
 from orca.runs import usable_cpus
 from orca.schema import ConfigError
@@ -284,3 +285,50 @@ def test_body_evidence_sweeps_pair_the_bodies(name, method):
     assert {(r.cfg.model.weights, r.cfg.seed) for r in runs} == {(w, s) for w in ("file", "none") for s in (0, 1, 2)}
     assert {r.cfg.adapter.method for r in runs} == {method} and {r.cfg.task.name for r in runs} == {"darcy"}
     assert {(r.cfg.train.epochs, r.cfg.train.batch_size, r.cfg.train.lr) for r in runs} == {(10, 16, 1e-3)}
+
+
+def test_ddp_runs_take_gpu_groups_and_launch_under_torchrun(tmp_path, data_root, monkeypatch):
+    """sweep.gpus_per_run=2 on 4 GPUs: two slots "0,1" and "2,3", each run launched by torchrun with
+    2 processes; the CPU threads are shared by all 4 processes."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sweep_mod, "visible_devices", lambda n: ["0", "1", "2", "3"])
+    path = tiny_sweep(tmp_path, data_root, GRID_2x2)
+    spec, runs = sweep_mod.load_sweep(path, ["sweep.gpus_per_run=2"])
+    cmd = sweep_mod.stage3_command(runs[0])
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[-4:] == ["orca", "stage3", "--config", str(runs[0].run_dir / "config.yaml")]
+    fake = FAKE_RUN.replace("sys.exit(3)", "pass")
+    failed = sweep_mod.run_sweep(path, ["sweep.gpus_per_run=2"], poll_s=0.05,
+                                 command=lambda run: [sys.executable, "-c", fake, str(run.run_dir)])
+    assert failed == []
+    out_dir = tmp_path / "runs" / "table2"
+    summaries = [json.loads((d / "summary.json").read_text()) for d in out_dir.iterdir()]
+    assert {s["gpu"] for s in summaries} <= {"0,1", "2,3"} and len(summaries) == 4
+    assert {s["omp"] for s in summaries} == {str(max(1, usable_cpus() // 4))}
+    assert json.loads((out_dir / "lora_r1_s0" / "sweep.json").read_text())["gpus_per_run"] == 2
+
+
+def test_gpu_slots_and_their_errors():
+    assert sweep_mod.gpu_slots(["0", "1", "2"], 2, per_gpu=2) == ["0,1", "0,1"]  # GPU 2 idles
+    assert sweep_mod.gpu_slots(["4", "6"], 1, per_gpu=1) == ["4", "6"]
+    with pytest.raises(ValueError, match=r"gpus_per_run=2 but 1 GPU\(s\).*set sweep.gpus_per_run=1"):
+        sweep_mod.gpu_slots(["0"], 2, per_gpu=1)
+    with pytest.raises(ValueError, match=r"--gpus 0 runs in this process"):
+        sweep_mod.gpu_slots([], 2, per_gpu=1)
+
+
+def test_gpus_per_run_must_be_positive(tmp_path, data_root):
+    path = tiny_sweep(tmp_path, data_root, GRID_2x2)
+    with pytest.raises(ConfigError, match="sweep.gpus_per_run must be an integer >= 1, got 0"):
+        sweep_mod.load_sweep(path, ["sweep.gpus_per_run=0"])
+
+
+def test_ddp_darcy_sweeps_differ_only_in_gpus():
+    """Issue 7's DDP check: the 2-GPU sweep trains exactly the 1-GPU sweep's runs (global batch included)."""
+    spec1, one = sweep_mod.load_sweep(REPO / "configs/experiments/ddp_darcy_1gpu.yaml")
+    spec2, two = sweep_mod.load_sweep(REPO / "configs/experiments/ddp_darcy_2gpu.yaml")
+    assert (spec1.gpus_per_run, spec2.gpus_per_run) == (1, 2) and {r.gpus for r in two} == {2}
+    assert [r.name for r in one] == [r.name for r in two] == ["full_s0", "full_s1", "full_s2"]
+    strip = lambda cfg: {**config_dict(cfg), "run_dir": None}  # noqa: E731
+    assert [strip(r.cfg) for r in one] == [strip(r.cfg) for r in two]
+    assert one[0].cfg.task.name == "darcy" and one[0].cfg.train.batch_size % 2 == 0
