@@ -62,6 +62,32 @@ sweeps() {
   done
 }
 
+# pending NAME: how many runs of configs/experiments/NAME.yaml are not done yet.
+pending() {
+  "$PY" -m orca.sweep "configs/experiments/$1.yaml" --dry-run "${@:2}" 2>/dev/null | \
+    sed -n 's/.* done, \([0-9]*\) pending$/\1/p'
+}
+# rank_maps TASK NAME: stage 2 on TASK at the three budgets of configs/experiments/NAME.yaml; the gaps
+# are measured once (the first budget) and reused by the others (rank.gaps_from).
+rank_maps() {
+  local task=$1 name=$2 b measured=results/runs/$2/stage2_b282624 reuse
+  for b in 282624 1177600 3014656; do
+    [ -f results/runs/$name/stage2_b$b/rank_map.json ] && continue
+    reuse=(); [ $b != 282624 ] && reuse=(rank.gaps_from=$measured)
+    step "issue 8 (d): stage 2 on $task at budget $b ${reuse[*]}"
+    within 200 bash scripts/stage2.sh configs/body_fractal.yaml name=$name task.name=$task rank.budget=$b \
+        "${reuse[@]}" run_dir=results/runs/$name/stage2_b$b
+  done
+}
+# gap_profile NAME TASK [OVERRIDE...]: stage 2 on TASK into results/runs/gaps_NAME/stage2, once.
+gap_profile() {
+  local name=$1 task=$2; shift 2
+  [ -f results/runs/gaps_$name/stage2/summary.json ] && return 0
+  step "gap profile of $task"
+  within 200 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_$name task.name=$task "$@" \
+      run_dir=results/runs/gaps_$name/stage2
+}
+
 case $part in
 body)
   darcy_in_background 10
@@ -118,9 +144,8 @@ evidence)
   ;;
 tables)
   # Run directories go to results/runs/<table>/ (the sweep files' output_dir), so that the
-  # committed tables and make_tables.sh read them where a user's own runs would be.
-  darcy_in_background 16
-  darcy_wait
+  # committed tables and make_tables.sh read them where a user's own runs would be. A sweep with a
+  # pending Darcy run generates Darcy-85 first, on every core.
   sweeps "issue 8" 600 table2_darcy_attn table3_darcy_all table1_smallgap
   step "issue 8: stage 1 (OTDD) for Table 4, then its sweep"
   [ -f results/runs/table4/stage1_otdd_s0/summary.json ] || \
@@ -130,35 +155,29 @@ tables)
   ;;
 adaptive)
   # Stage-2 maps at the three budgets of configs/experiments/adaptive_*.yaml, then the sweeps
-  # (uniform, AdaLoRA and adaptive at equal budgets); run directories under results/runs/.
-  darcy_in_background 16
-  darcy_wait
-  # The other tasks' gap profiles (each a whole stage 2, minutes) run beside the sweeps, on the last
-  # GPU: the sweeps' eager runs are bound by Python, so they leave the GPU room.
+  # (uniform, AdaLoRA and adaptive at equal budgets) and the other tasks' knee sweeps and gap
+  # profiles; run directories under results/runs/. Stage 2 (a whole gap profile: minutes) runs in the
+  # background on the last GPU while sweeps that need no rank map run: the sweeps' eager runs are
+  # bound by Python and leave the GPU room.
+  last_gpu=$("$PY" -c 'import torch; print(max(torch.cuda.device_count() - 1, 0))')
+  for task in natural_patches darcy; do
+    name=adaptive_${task/natural_/}
+    n=$(pending $name); (( ${n:-1} > 0 )) || continue
+    CUDA_VISIBLE_DEVICES=$last_gpu rank_maps $task $name >"$out/stage2_$name.log" 2>&1 &
+    maps_pid=$!
+    step "issue 8 (d): stage-2 maps of $task in the background ($out/stage2_$name.log)"
+    # Sweeps that need no map first, while the maps are made.
+    [ $task = natural_patches ] && sweeps "issue 8 (a)-(b)" 600 ranks_patches
+    wait $maps_pid; step "stage 2 of $task: $(tail -n 2 "$out/stage2_$name.log" | tr '\n' ' ')"
+    sweeps "issue 8 (d)" 600 $name
+  done
   (
-    export CUDA_VISIBLE_DEVICES=$("$PY" -c 'import torch; print(max(torch.cuda.device_count() - 1, 0))')
-    [ -f results/runs/gaps_heldout/stage2/summary.json ] || \
-      within 200 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_heldout task.name=fractal_heldout \
-          'task.options={cache: true, device: cuda}' run_dir=results/runs/gaps_heldout/stage2
-    [ -f results/runs/gaps_digits/stage2/summary.json ] || \
-      within 200 bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_digits task.name=digits \
-          run_dir=results/runs/gaps_digits/stage2
+    export CUDA_VISIBLE_DEVICES=$last_gpu
+    gap_profile heldout fractal_heldout 'task.options={cache: true, device: cuda}'
+    gap_profile digits digits
   ) >"$out/gap_profiles.log" 2>&1 &
   profiles_pid=$!
   step "issue 8 (a)-(c): gap profiles of held-out fractals and digits in the background ($out/gap_profiles.log)"
-  for task in darcy natural_patches; do
-    name=adaptive_${task/natural_/}
-    # The gaps are measured once (at the first budget); the other budgets reuse them (rank.gaps_from).
-    measured=results/runs/$name/stage2_b282624
-    for b in 282624 1177600 3014656; do
-      [ -f results/runs/$name/stage2_b$b/rank_map.json ] && continue
-      reuse=(); [ $b != 282624 ] && reuse=(rank.gaps_from=$measured)
-      step "issue 8 (d): stage 2 on $task at budget $b ${reuse[*]}"
-      within 150 bash scripts/stage2.sh configs/body_fractal.yaml name=$name task.name=$task rank.budget=$b \
-          "${reuse[@]}" run_dir=results/runs/$name/stage2_b$b
-    done
-    sweeps "issue 8 (d)" 600 $name
-  done
   sweeps "issue 8 (a)-(b)" 600 ranks_patches ranks_heldout ranks_digits
   wait $profiles_pid
   step "gap profiles: $(tail -n 3 "$out/gap_profiles.log" | tr '\n' ' ')"
