@@ -155,32 +155,19 @@ tables)
   ;;
 adaptive)
   # Stage-2 maps at the three budgets of configs/experiments/adaptive_*.yaml, then the sweeps
-  # (uniform, AdaLoRA and adaptive at equal budgets) and the other tasks' knee sweeps and gap
-  # profiles; run directories under results/runs/. Stage 2 (a whole gap profile: minutes) runs in the
-  # background on the last GPU while sweeps that need no rank map run: the sweeps' eager runs are
-  # bound by Python and leave the GPU room.
-  last_gpu=$("$PY" -c 'import torch; print(max(torch.cuda.device_count() - 1, 0))')
+  # (uniform, AdaLoRA and adaptive at equal budgets), the other tasks' gap profiles and their knee
+  # sweeps; run directories under results/runs/. One step at a time: stage 2's OTDD (POT) and PAD
+  # (scikit-learn) are CPU-bound, like the sweeps' eager runs, and beside six of them a stage 2 that
+  # takes ~45 s alone did not finish in 200 s (session 6).
   for task in natural_patches darcy; do
     name=adaptive_${task/natural_/}
     n=$(pending $name); (( ${n:-1} > 0 )) || continue
-    CUDA_VISIBLE_DEVICES=$last_gpu rank_maps $task $name >"$out/stage2_$name.log" 2>&1 &
-    maps_pid=$!
-    step "issue 8 (d): stage-2 maps of $task in the background ($out/stage2_$name.log)"
-    # Sweeps that need no map first, while the maps are made.
-    [ $task = natural_patches ] && sweeps "issue 8 (a)-(b)" 600 ranks_patches
-    wait $maps_pid; step "stage 2 of $task: $(tail -n 2 "$out/stage2_$name.log" | tr '\n' ' ')"
+    rank_maps $task $name
     sweeps "issue 8 (d)" 600 $name
   done
-  (
-    export CUDA_VISIBLE_DEVICES=$last_gpu
-    gap_profile heldout fractal_heldout 'task.options={cache: true, device: cuda}'
-    gap_profile digits digits
-  ) >"$out/gap_profiles.log" 2>&1 &
-  profiles_pid=$!
-  step "issue 8 (a)-(c): gap profiles of held-out fractals and digits in the background ($out/gap_profiles.log)"
+  gap_profile heldout fractal_heldout 'task.options={cache: true, device: cuda}'
+  gap_profile digits digits
   sweeps "issue 8 (a)-(b)" 600 ranks_patches ranks_heldout ranks_digits
-  wait $profiles_pid
-  step "gap profiles: $(tail -n 3 "$out/gap_profiles.log" | tr '\n' ' ')"
   ;;
 ddp)
   # Issue 7's two-GPU criteria. The benchmark first, on an otherwise idle machine (eager steps at
