@@ -420,6 +420,9 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
         "wall_time_s": time.time() - t0, "git": git_info(), "machine": machine_info(),
         "data": task.info, "command": " ".join(sys.argv), "run_dir": str(run.path),
     }
+    report = method.report()
+    if report:
+        summary["adapter_report"] = report
     path = run.write_summary(summary)
     if w0 is not None:  # after the summary: a failure here costs delta_w.json only
         try:

@@ -113,7 +113,7 @@ def load_runs(root: Path, split: str, weights: str = "any") -> tuple:
         elif method == "lora":
             variant = "adaptive"
         elif method == "adalora":
-            variant, budget = "adalora", adalora_budget(d, budget, notes, root)
+            variant, budget = "adalora", adalora_budget(d, s, adapter, notes, root)
         elif method == "full":
             variant = "full"
         else:
@@ -136,8 +136,19 @@ def select(runs: List[Run], tables: List[str], notes: List[str], what: str) -> L
     return kept
 
 
-def adalora_budget(d: Path, allocated: float, notes: List[str], root: Path) -> float:
-    """AdaLoRA's live adapter parameters at the end of training (its allocated count otherwise)."""
+def adalora_budget(d: Path, summary: dict, adapter: dict, notes: List[str], root: Path) -> float:
+    """AdaLoRA's live adapter parameters in the weights it was tested with.
+
+    From ``summary.json`` (stage 3's ``adapter_report``), else ``ckpt/last.pt``. Runs that recorded
+    neither (made before stage 3 reported it; checkpoints stay out of git) get the count their
+    schedule ends with at uniform cost per rank unit: peft prunes ``init_rank * n`` units to
+    ``rank * n``, and the allocated count is ``init_rank`` units of every module, so the estimate is
+    allocated * rank / init_rank. How AdaLoRA spread those units over wide and narrow modules is not
+    known then, and the report says so.
+    """
+    report = (summary.get("adapter_report") or {}).get("final_budget")
+    if report:
+        return float(report["adapter_params"])
     ckpt = d / "ckpt" / "last.pt"
     if ckpt.is_file():
         import torch
@@ -145,9 +156,14 @@ def adalora_budget(d: Path, allocated: float, notes: List[str], root: Path) -> f
         state = torch.load(ckpt, map_location="cpu", weights_only=True).get("method") or {}
         if "final_budget" in state:
             return float(state["final_budget"]["adapter_params"])
-    notes.append(f"{d.relative_to(root)}: no AdaLoRA final budget in ckpt/last.pt; using its allocated "
-                 f"{int(allocated):,} adapter parameters")
-    return allocated
+    allocated = float((summary.get("params") or {}).get("adapters", 0))
+    rank = int(adapter.get("rank", 0))
+    init_rank = int(adapter.get("adalora_init_rank") or math.ceil(1.5 * rank))
+    estimate = allocated * rank / init_rank
+    notes.append(f"{d.relative_to(root)}: no AdaLoRA final budget recorded (summary or ckpt/last.pt); "
+                 f"{int(allocated):,} allocated at rank {init_rank} -> {int(round(estimate)):,} at its "
+                 f"target rank {rank} (exact in rank units, not in how they spread over modules)")
+    return estimate
 
 
 def task_gaps(gaps: Dict[str, List[dict]]) -> tuple:

@@ -61,6 +61,8 @@ def test_tiny_stage3_run_allocates_every_step_and_counts_only_lora(tiny_override
     # After the final phase the live rank units equal the target: rank 2 x 8 modules.
     assert budget["rank_units"] == budget["target_rank_units"] == 16
     assert ckpt["method"]["rank_pattern"] is not None
+    # The summary carries the same budget, so analyses need no checkpoint (they stay out of git).
+    assert summary["adapter_report"]["final_budget"] == budget
 
 
 def test_regularization_matches_peft_formula():

@@ -357,3 +357,26 @@ def test_default_selection_keeps_one_body_and_the_sweeps_made_for_each_analysis(
     assert "| darcy | 4 |" in report  # knee from table3 alone: r = 4 is within 5% of the best
     assert "2 run(s) with body weights 'none (random init)' skipped" in report
     assert "(a)-(c): 2 stage-3 run(s) outside tables table3, ranks_patches, ranks_heldout, ranks_digits not used" in report
+
+
+def _script_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import hypothesis as script
+    finally:
+        sys.path.pop(0)
+    return script
+
+
+def test_adalora_budget_from_summary_else_its_target_share_of_the_allocation(tmp_path):
+    script = _script_module()
+    d = tmp_path / "adalora_r6_s0"
+    d.mkdir()
+    notes = []
+    recorded = {"params": {"adapters": 900}, "adapter_report": {"final_budget": {"adapter_params": 612}}}
+    assert script.adalora_budget(d, recorded, {"rank": 6}, notes, tmp_path) == 612 and not notes
+    # Nothing recorded: 9 allocated units per module (ceil(1.5 * 6)) pruned to 6 -> 2/3 of the allocation.
+    assert script.adalora_budget(d, {"params": {"adapters": 900}}, {"rank": 6}, notes, tmp_path) == 600
+    assert "no AdaLoRA final budget recorded" in notes[0] and "at its target rank 6" in notes[0]
+    assert script.adalora_budget(d, {"params": {"adapters": 800}}, {"rank": 6, "adalora_init_rank": 8},
+                                 notes, tmp_path) == 600

@@ -188,6 +188,19 @@ def test_rank_too_large_names_module():
         method.prepare(model)
 
 
+def test_clip_rank_lowers_only_the_ranks_above_full_rank():
+    model, _ = build("mlp")
+    method = build_method(AdapterConfig(rank=12, targets=MLP_T, clip_rank=True))
+    params = method.prepare(model)
+    # lin0 16 -> 32 and lin1 32 -> 32 keep 12; lin2 32 -> 8 is capped at its full rank 8.
+    assert method.ranks == {"lin0": 12, "lin1": 12, "lin2": 8}
+    layer = method.layers["lin2"]
+    assert tuple(layer.lora_A.shape) == (8, 32) and layer.scaling == pytest.approx(16.0 / 8)
+    assert params["adapters"] == 12 * (16 + 32) + 12 * (32 + 32) + 8 * (32 + 8)
+    with pytest.raises(ValueError, match="clip_rank=1: must be true or false"):
+        AdapterConfig(clip_rank=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # the wrapper, over the case table
 # ----------------------------------------------------------------------------------------------

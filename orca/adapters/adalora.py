@@ -223,6 +223,9 @@ class AdaLoRAMethod(AdapterMethod):
         return {"ranks": ranks, "rank_units": sum(ranks.values()), "adapter_params": params,
                 "target_rank_units": self.cfg.rank * len(ranks)}
 
+    def report(self) -> Dict[str, Any]:
+        return {"final_budget": self.final_budget()}
+
     # ------------------------------------------------------------------ checkpoint state
     def state_for_checkpoint(self) -> Dict[str, Any]:
         """Run length, the allocator's sensitivity EMAs and rank pattern (exact resume), and the

@@ -207,6 +207,11 @@ class AdapterMethod:
                              "method 'dylora'")
         yield
 
+    def report(self) -> Dict[str, Any]:
+        """What the method decided during training and the analyses need, for ``summary.json``
+        (AdaLoRA: its final ranks and budget). Why there: checkpoints stay out of git, summaries don't."""
+        return {}
+
     # ------------------------------------------------------------------ checkpoint state
     def state_for_checkpoint(self) -> Dict[str, Any]:
         """State beyond parameters needed to resume exactly (none for most methods)."""

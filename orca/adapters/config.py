@@ -65,6 +65,10 @@ class AdapterConfig:
         "Per-module ranks: path to stage 2's JSON ({'rank_map': {name_or_regex: r}, ...}) or the "
         "mapping itself. Keys are exact module names (a Linear, or a block: applies to its "
         "targeted Linears) or regexes; 0 = not adapted. Unnamed targets keep `rank`."))
+    clip_rank: bool = field(default=False, metadata=_help(
+        "A rank above a Linear's min(d_in, d_out) becomes that full rank instead of an error: the "
+        "seed's large uniform ranks (128, 256) on a body narrower than Swin-B. The run's summary "
+        "counts the parameters of the ranks actually used."))
     train_embedder: bool = field(default=True, metadata=_help("Train the target embedder."))
     train_head: bool = field(default=True, metadata=_help("Train the task head."))
     train_norms: bool = field(default=False, metadata=_help(
@@ -122,7 +126,7 @@ class AdapterConfig:
             check_rank_values(self.rank_map, source="rank_map")
         elif self.rank_map is not None and not isinstance(self.rank_map, (str, Path)):
             raise ValueError(f"rank_map={self.rank_map!r}: must be None, a JSON path or a dict")
-        for name in ("train_embedder", "train_head", "train_norms", "dylora_frozen",
+        for name in ("clip_rank", "train_embedder", "train_head", "train_norms", "dylora_frozen",
                      "qlora_double_quant", "paged_adamw"):
             _bool(name, getattr(self, name))
         if self.loraplus_ratio is True:  # bool is an int: without this, True would mean ratio 1

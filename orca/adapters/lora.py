@@ -506,6 +506,12 @@ def unmerge_adapters(module: nn.Module) -> None:
         layer.unmerge()
 
 
+def clip_to_full_rank(body: nn.Module, ranks: Dict[str, int]) -> Dict[str, int]:
+    """``ranks`` with every rank above its Linear's min(d_in, d_out) lowered to it (a full-rank B A)."""
+    modules = dict(body.named_modules())
+    return {n: min(r, modules[n].in_features, modules[n].out_features) for n, r in ranks.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage-3 method
 # ---------------------------------------------------------------------------------------------
@@ -533,6 +539,8 @@ class LoRAMethod(AdapterMethod):
     def adapt_body(self, body: nn.Module) -> None:
         cfg = self.cfg
         ranks = resolve_ranks(body, cfg.target_patterns(), self.uniform_rank, cfg.load_rank_map())
+        if cfg.clip_rank:
+            ranks = clip_to_full_rank(body, ranks)
         self.prepare_base(body)  # first: a QLoRA that cannot quantise leaves the body untouched
         set_trainable(body, False)
         self.layers = inject_lora(body, ranks, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
