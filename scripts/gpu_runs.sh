@@ -17,7 +17,7 @@
 #   adaptive  issue 8 (d): stage-2 rank maps at three budgets per task, then the adaptive vs
 #             uniform vs AdaLoRA sweeps, the knee sweeps of the other tasks (ranks_patches,
 #             ranks_heldout, ranks_digits) and their gap profiles, into results/runs/
-#   issue8    tables, then adaptive, with what is left of SECONDS (resumable: call it until done)
+#   issue8    adaptive, then tables, with what is left of SECONDS (resumable: call it until done)
 #   ddp       issue 7 on 2+ GPUs (nvidia-h200-x2): bench_ddp (full and LoRA at batch 64 and 256 per GPU,
 #             1 GPU vs all), then Darcy-85 full fine-tuning on 1 GPU and under DDP on 2, 3 seeds each
 #   pack      tar every finished run directory under results/runs/ (one holding summary.json) into
@@ -181,7 +181,7 @@ ddp)
 issue8)
   # Everything issue 8 still lacks, in order of need, within this call's budget; rerun until nothing is
   # pending (each sweep skips finished runs, each stage 2 an existing rank map or profile).
-  for sub in tables adaptive; do
+  for sub in adaptive tables; do
     left=$(( deadline - $(date +%s) ))
     if (( left >= 30 )); then bash "$0" $sub "$out/$sub" $left || echo "(part $sub exited $?)"; fi
   done
