@@ -16,7 +16,7 @@
 #             as far as the time allows; sweeps are resumable, so the next call continues
 #   adaptive  issue 8 (d): stage-2 rank maps at three budgets per task, then the adaptive vs
 #             uniform vs AdaLoRA sweeps, the knee sweeps of the other tasks (ranks_patches,
-#             ranks_heldout, ranks_digits) and their gap profiles, into results/runs/
+#             ranks_heldout, ranks_digits, ranks_tones) and their gap profiles, into results/runs/
 #   issue8    adaptive, then tables, with what is left of SECONDS (resumable: call it until done)
 #   ddp       issue 7 on 2+ GPUs (nvidia-h200-x2): bench_ddp (full and LoRA at batch 64 and 256 per GPU,
 #             1 GPU vs all), then Darcy-85 full fine-tuning on 1 GPU and under DDP on 2, 3 seeds each
@@ -170,7 +170,8 @@ adaptive)
   gap_profile heldout fractal_heldout 'task.options={cache: true, device: cuda}' \
       'rank.metrics=[mmd,sliced_wasserstein,sinkhorn,pad]'
   gap_profile digits digits
-  sweeps "issue 8 (a)-(b)" 600 ranks_patches ranks_heldout ranks_digits
+  gap_profile tones tones
+  sweeps "issue 8 (a)-(b)" 600 ranks_patches ranks_digits ranks_tones ranks_heldout
   ;;
 ddp)
   # Issue 7's two-GPU criteria. The benchmark first, on an otherwise idle machine (eager steps at

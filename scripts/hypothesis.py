@@ -9,7 +9,7 @@ through the ``config.yaml`` beside it; stage-2 runs through their ``rank_map.jso
 ``hypothesis.md`` plus three PNGs to ``--out``. Only runs of one body enter (``--weights``, default
 the offline fractal body), and each analysis reads the sweeps made for it (``sweep.json``'s table):
 (a)-(c) the knee sweeps with one recipe per task (``--knee-tables``: table3, ranks_patches,
-ranks_heldout, ranks_digits), (d) the equal-budget sweeps (``--budget-tables``: adaptive_darcy, adaptive_patches);
+ranks_heldout, ranks_digits, ranks_tones), (d) the equal-budget sweeps (``--budget-tables``: adaptive_darcy, adaptive_patches);
 ``--weights any --knee-tables all --budget-tables all`` pools everything.
 
 (a) knee rank per task: the smallest uniform LoRA rank (0 = head only) whose seed-mean error is
@@ -54,7 +54,7 @@ DELTA_W_FILE = "delta_w.json"  # what stage 3 writes for full fine-tuning (orca.
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
 #: The committed experiments: one body (the offline fractal Swin) and one recipe per analysis.
 DEFAULT_WEIGHTS = "file:results/checkpoints/fractal_swin.safetensors"
-KNEE_TABLES = ("table3", "ranks_patches", "ranks_heldout", "ranks_digits")      # (a)-(c): uniform ranks, head, full
+KNEE_TABLES = ("table3", "ranks_patches", "ranks_heldout", "ranks_digits", "ranks_tones")  # (a)-(c): uniform ranks, head, full
 BUDGET_TABLES = ("adaptive_darcy", "adaptive_patches")           # (d): uniform vs adaptive vs AdaLoRA
 
 

@@ -356,7 +356,7 @@ def test_default_selection_keeps_one_body_and_the_sweeps_made_for_each_analysis(
     report = (out / "hypothesis.md").read_text()
     assert "| darcy | 4 |" in report  # knee from table3 alone: r = 4 is within 5% of the best
     assert "2 run(s) with body weights 'none (random init)' skipped" in report
-    assert "(a)-(c): 2 stage-3 run(s) outside tables table3, ranks_patches, ranks_heldout, ranks_digits not used" in report
+    assert "(a)-(c): 2 stage-3 run(s) outside tables table3, ranks_patches, ranks_heldout, ranks_digits, ranks_tones not used" in report
 
 
 def _script_module():

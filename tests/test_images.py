@@ -21,7 +21,7 @@ from datasets.images import (
     natural_patch_table,
 )
 
-EXPECTED_TASKS = {"fractal", "fractal_heldout", "natural_patches", "digits", "cifar10", "cifar100"}
+EXPECTED_TASKS = {"fractal", "fractal_heldout", "natural_patches", "digits", "tones", "cifar10", "cifar100"}
 
 
 def _unnormalise(x: torch.Tensor) -> torch.Tensor:

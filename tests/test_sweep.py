@@ -200,10 +200,10 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, data_root, capsys
     assert "did you mean 'table'?" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, n_runs", [("table1_smallgap", 6), ("table2_darcy_attn", 15),
-                                          ("table3_darcy_all", 21), ("table4_darcy_otdd", 15),
+@pytest.mark.parametrize("name, n_runs", [("table1_smallgap", 6), ("table2_darcy_attn", 17),
+                                          ("table3_darcy_all", 22), ("table4_darcy_otdd", 15),
                                           ("ranks_patches", 18), ("ranks_heldout", 18),
-                                          ("ranks_digits", 18)])
+                                          ("ranks_digits", 18), ("ranks_tones", 18)])
 def test_experiment_sweeps_expand(name, n_runs):
     """The committed sweep files load, and hold 3 seeds where the brief asks for them."""
     spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml",
@@ -218,9 +218,14 @@ def test_experiment_sweeps_expand(name, n_runs):
     # the reduced recipe the sweep files state: 5 epochs on held-out fractals, 10 elsewhere; eager
     assert all(r.cfg.train.epochs == (5 if name in ("table1_smallgap", "ranks_heldout") else 10) for r in runs)
     assert not any(r.cfg.train.compile for r in runs)
-    if name in ("table3_darcy_all", "ranks_patches", "ranks_heldout", "ranks_digits"):  # one recipe
+    if name in ("table3_darcy_all", "ranks_patches", "ranks_heldout", "ranks_digits", "ranks_tones"):  # one recipe
         assert seeds["head"] == {0, 1, 2}
         assert all(r.cfg.adapter.targets == "all" and r.cfg.adapter.train_embedder for r in runs)
+    # The seed's ranks above the body's narrowest stage (64) run with full rank there, 1 seed each.
+    big = {128: {"table2_darcy_attn", "table3_darcy_all"}, 256: {"table2_darcy_attn"}}
+    for rank, tables in big.items():
+        hits = [r for r in runs if r.cfg.adapter.method == "lora" and r.cfg.adapter.rank == rank]
+        assert len(hits) == (name in tables) and all(r.cfg.adapter.clip_rank and r.cfg.seed == 0 for r in hits)
 
 
 def test_interrupted_run_fails_then_resumes(tmp_path, data_root, monkeypatch, capsys):
