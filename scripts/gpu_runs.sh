@@ -64,7 +64,7 @@ sweeps() {
 
 # pending NAME: how many runs of configs/experiments/NAME.yaml are not done yet.
 pending() {
-  "$PY" -m orca.sweep "configs/experiments/$1.yaml" --dry-run "${@:2}" 2>/dev/null | \
+  "$PY" -m orca.sweep "configs/experiments/$1.yaml" --dry-run 2>/dev/null | \
     sed -n 's/.* done, \([0-9]*\) pending$/\1/p'
 }
 # rank_maps TASK NAME: stage 2 on TASK at the three budgets of configs/experiments/NAME.yaml; the gaps

@@ -208,6 +208,16 @@ def _synthetic_results(root: Path) -> None:
         (d / "summary.json").write_text(json.dumps({"stage": "stage2", "task": task}))
 
 
+def _script_module():
+    """scripts/hypothesis.py as a module (scripts/ is not a package)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import hypothesis as script
+    finally:
+        sys.path.pop(0)
+    return script
+
+
 def _run_script(runs: Path, out: Path):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs),
                            "--out", str(out), "--n-boot", "200", "--n-perm", "2000", *POOL],
@@ -295,11 +305,7 @@ def test_script_delta_w_from_json_equals_checkpoint_of_a_real_full_run(tiny_over
     (d / "rank_map.json").write_text(json.dumps({"rank_map": {}, "gap_metric": "mmd", "gap_profile": {
         "layers": [f"layers.{i}.blocks.0" for i in range(4)], "D": [0.1, 0.2, 0.3, 0.4]}}))
     (d / "summary.json").write_text(json.dumps({"stage": "stage2", "task": "darcy"}))
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import hypothesis as script
-    finally:
-        sys.path.pop(0)
+    script = _script_module()
     args = ["--runs", str(runs), "--n-boot", "50", "--n-perm", "100", *POOL]
     a = SimpleNamespace(energy=0.9, base_state=None, n_boot=50, n_perm=100, seed=0, alpha=0.05)
 
@@ -357,15 +363,6 @@ def test_default_selection_keeps_one_body_and_the_sweeps_made_for_each_analysis(
     assert "| darcy | 4 |" in report  # knee from table3 alone: r = 4 is within 5% of the best
     assert "2 run(s) with body weights 'none (random init)' skipped" in report
     assert "(a)-(c): 2 stage-3 run(s) outside tables table3, ranks_patches, ranks_heldout, ranks_digits, ranks_tones not used" in report
-
-
-def _script_module():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import hypothesis as script
-    finally:
-        sys.path.pop(0)
-    return script
 
 
 def test_adalora_budget_from_summary_else_its_target_share_of_the_allocation(tmp_path):
