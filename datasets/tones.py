@@ -151,8 +151,9 @@ def waveform(opts: TonesOptions, index: int) -> np.ndarray:
 def spectrogram(x: np.ndarray, n_fft: int, db_range: float) -> np.ndarray:
     """``[n_fft/2 + 1, frames]`` uint8: log magnitude over the top ``db_range`` dB, low frequencies last
     (the bottom row of the image), 0 = ``db_range`` below the peak or quieter, 255 = the peak."""
-    s = torch.stft(torch.from_numpy(x), n_fft, hop_length=n_fft // 4, window=torch.hann_window(n_fft, dtype=torch.float64),
-                   center=True, return_complex=True).abs()
+    window = torch.hann_window(n_fft, dtype=torch.float64)
+    s = torch.stft(torch.from_numpy(x), n_fft, hop_length=n_fft // 4, window=window, center=True,
+                   return_complex=True).abs()
     db = 20 * torch.log10(s.clamp_min(1e-12))
     level = ((db - db.max()) / db_range + 1).clamp(0, 1)
     return (level.flip(0) * 255).round().to(torch.uint8).numpy()
