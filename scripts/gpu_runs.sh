@@ -17,7 +17,7 @@
 #   adaptive  issue 8 (d): stage-2 rank maps at three budgets per task, then the adaptive vs
 #             uniform vs AdaLoRA sweeps, the knee sweeps of the other tasks (ranks_patches,
 #             ranks_heldout, ranks_digits, ranks_tones) and their gap profiles, into results/runs/
-#   issue8    adaptive, then tables, with what is left of SECONDS (resumable: call it until done)
+#   issue8    tables, then adaptive, with what is left of SECONDS (resumable: call it until done)
 #   ddp       issue 7 on 2+ GPUs (nvidia-h200-x2): bench_ddp (full and LoRA at batch 64 and 256 per GPU,
 #             1 GPU vs all), then Darcy-85 full fine-tuning on 1 GPU and under DDP on 2, 3 seeds each
 #   pack      tar every finished run directory under results/runs/ (one holding summary.json) into
@@ -165,13 +165,14 @@ adaptive)
     rank_maps $task $name
     sweeps "issue 8 (d)" 600 $name
   done
-  # Held-out fractals have 100 classes: OTDD's exact OT per label pair made their stage 2 outlast 119 s
-  # alone (session 6). The hypothesis reads the mmd profile, so that task measures the other metrics.
-  gap_profile heldout fractal_heldout 'task.options={cache: true, device: cuda}' \
-      'rank.metrics=[mmd,sliced_wasserstein,sinkhorn,pad]'
   gap_profile digits digits
   gap_profile tones tones
-  sweeps "issue 8 (a)-(b)" 600 ranks_patches ranks_digits ranks_tones ranks_heldout
+  sweeps "issue 8 (a)-(b)" 600 ranks_patches ranks_digits ranks_tones
+  # Held-out fractals last: 100 classes, so OTDD's exact OT per label pair made their stage 2 outlast
+  # 119 s alone (session 6). The hypothesis reads the mmd profile, so that task measures the others.
+  gap_profile heldout fractal_heldout 'task.options={cache: true, device: cuda}' \
+      'rank.metrics=[mmd,sliced_wasserstein,sinkhorn,pad]'
+  sweeps "issue 8 (a)-(b)" 600 ranks_heldout
   ;;
 ddp)
   # Issue 7's two-GPU criteria. The benchmark first, on an otherwise idle machine (eager steps at
@@ -183,9 +184,10 @@ ddp)
   sweeps "issue 7: Darcy-85 on 1 GPU and on 2 (DDP), same global batch" 300 ddp_darcy_1gpu ddp_darcy_2gpu
   ;;
 issue8)
-  # Everything issue 8 still lacks, in order of need, within this call's budget; rerun until nothing is
-  # pending (each sweep skips finished runs, each stage 2 an existing rank map or profile).
-  for sub in adaptive tables; do
+  # Everything issue 8 still lacks, in order of need (the tables' last few runs first: they are
+  # short), within this call's budget; rerun until nothing is pending (each sweep skips finished
+  # runs, each stage 2 an existing rank map or profile).
+  for sub in tables adaptive; do
     left=$(( deadline - $(date +%s) ))
     if (( left >= 30 )); then bash "$0" $sub "$out/$sub" $left || echo "(part $sub exited $?)"; fi
   done
