@@ -107,6 +107,7 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
     forward = torch.compile(forward, mode=compile_mode) if compile else forward
     return {"model": model, "forward": forward, "opt": opt, "counts": counts, "adapter": adapter, "step": 0,
             "checkpointing": checkpointing,
+            "cuda_graphs": compile and compile_mode == "reduce-overhead" and device.type == "cuda",
             "autocast": (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
             else contextlib.nullcontext}
 
@@ -114,6 +115,10 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
 def train_step(cfg: Dict[str, Any], x: torch.Tensor, y: torch.Tensor, forward: Optional[Callable] = None) -> None:
     """One optimizer step, with the adapter method's per-step hooks (DyLoRA's rank, Delta-LoRA's W update)."""
     adapter, step = cfg["adapter"], cfg["step"]
+    if cfg.get("cuda_graphs") and forward is None:
+        # CUDA-graph trees: a new step begins here, so the previous step's graph outputs may be reused
+        # (as orca.train does); without it, interleaved configurations re-record or warn.
+        torch.compiler.cudagraph_mark_step_begin()
     if adapter is not None:
         adapter.on_step_start(cfg["model"], step)
     with cfg["autocast"]():

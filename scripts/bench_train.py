@@ -94,6 +94,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default="swin_base_patch4_window7_224")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--compile", action="store_true", help="torch.compile each configuration's model")
+    p.add_argument("--eager-methods", nargs="+", default=[], choices=METHODS, metavar="METHOD",
+                   help="with --compile: leave these methods eager (e.g. peft, the reference as its users run it), "
+                        "so compiled ours and the eager reference are timed in one run")
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     p.add_argument("--grad-checkpointing", nargs="+", default=None, metavar="S|S:K",
@@ -121,6 +124,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--rank-map {args.rank_map}: no such file")
     if args.smoke:
         args.model, args.batch_sizes, args.steps, args.warmup, args.repeats = "swin_tiny_patch4_window7_224", [4], 2, 1, 1
+    if args.eager_methods and not args.compile:
+        p.error("--eager-methods only means something with --compile")
     if args.compile_mode == "default":
         args.compile_mode = None
     if args.grad_checkpointing is not None:  # syntax and distinct stages now; stage depths once the body exists
@@ -165,7 +170,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
         try:
             cfg = build_config(spec["method"], model_name=args.model, device=device, rank=args.rank,
                                num_classes=args.num_classes, rank_map=spec["rank_map"], body_kwargs=body_kwargs,
-                               grad_ckpt_stages=spec["gc"], compile=args.compile, compile_mode=args.compile_mode,
+                               grad_ckpt_stages=spec["gc"], compile=args.compile and spec["method"] not in args.eager_methods,
+                               compile_mode=args.compile_mode,
                                ddp=world > 1)
             cfg["flops"], t0 = {}, time.perf_counter()
             for b in args.batch_sizes:  # FLOP count, then warm-up (and compilation) at every batch size
@@ -289,7 +295,7 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
     ref = {(r["batch"], r["config"]): r.get("img_per_s") for r in rows if r["status"] == "ok"}
     gpu = meta["machine"]["gpu"] or f"CPU, {meta['machine']['cpus']} cores"
     gpus = f"{args.world} x {gpu}, DDP, batch per GPU" if args.world > 1 else gpu
-    lines = [f"# Training throughput ({gpus}, {'torch.compile' if args.compile else 'eager'})", "",
+    lines = [f"# Training throughput ({gpus}, {compiled_label(args)})", "",
              f"`{meta['command']}`", "",
              f"torch {meta['machine']['torch']}, git {meta['git']['commit']}{' (dirty)' if meta['git']['dirty'] else ''}, "
              f"{meta['date']}; {args.model}, {'bf16 autocast, fused AdamW' if device.type == 'cuda' else 'fp32, AdamW'}, "
@@ -312,6 +318,14 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
                      f"{gflop} | {pct(r['mfu'])} | {equiv} | {peak} | {r['trainable_params']:,} |")
     (args.out / f"{stem_}.md").write_text("\n".join(lines) + "\n")
     return args.out / f"{stem_}.md"
+
+
+def compiled_label(args: argparse.Namespace) -> str:
+    """How the configurations ran: ``eager``, or ``torch.compile`` with its mode and the eager exceptions."""
+    if not args.compile:
+        return "eager"
+    label = "torch.compile" + (f", mode {args.compile_mode}" if args.compile_mode else "")
+    return label + (f"; eager: {', '.join(args.eager_methods)}" if args.eager_methods else "")
 
 
 def stem(args: argparse.Namespace) -> str:
@@ -346,7 +360,7 @@ def write_profile(profiles: Dict[str, Dict[str, Any]], results: Dict[str, Any], 
     cuda = device.type == "cuda"
     gpu = meta["machine"]["gpu"] or f"CPU, {meta['machine']['cpus']} cores"
     f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = [f"# Training step profile ({gpu}, {'torch.compile' if args.compile else 'eager'})", "",
+    lines = [f"# Training step profile ({gpu}, {compiled_label(args)})", "",
              f"`{meta['command']}`", "",
              f"torch {meta['machine']['torch']}, git {meta['git']['commit']}{' (dirty)' if meta['git']['dirty'] else ''}, "
              f"{meta['date']}; {args.model}, r = {args.rank}. {args.profile} extra steps per configuration and batch "

@@ -10,6 +10,8 @@
 #             RANK_MAP is set), in order of need
 #   perf      kernel profiles (bench_train --profile) of full fine-tuning and LoRA at batch 64,
 #             eager, then compiled if time is left
+#   graphs    bench_train with CUDA graphs (compile mode reduce-overhead): full and our LoRA compiled, peft
+#             eager, batch 64 then 256 (issues 3 and 7)
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches; Darcy-85 with LoRA, with
 #             full fine-tuning and with the frozen body alone) into results/runs/
 #   tables    issue 8's table sweeps (Tables 2, 3, 1, then 4 with its stage 1) into results/runs/,
@@ -28,7 +30,7 @@
 # otherwise, so every timing is taken on an otherwise idle GPU. Sweeps run PER_GPU runs at a time
 # (default 6): the fractal body's eager runs are bound by Python, so they share one GPU well.
 source "$(dirname "$0")/_env.sh"
-[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|evidence|tables|adaptive|issue8|ddp|pack OUT_DIR [SECONDS]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|graphs|evidence|tables|adaptive|issue8|ddp|pack OUT_DIR [SECONDS]" >&2; exit 2; }
 part=$1 out=$2 deadline=$(( $(date +%s) + ${3:-560} ))
 mkdir -p "$out"
 darcy=configs/darcy_swinb.yaml
@@ -135,6 +137,17 @@ perf)
   within 400 "$PY" scripts/bench_train.py --out "$out" --compile --methods full lora --batch-sizes 64 --profile 3 \
       --tag _compile_b64
   ;;
+graphs)
+  # Issue 3's batch-64 criterion and issue 7's batch-256 ratios with the whole forward and backward
+  # as CUDA graphs (torch.compile mode reduce-overhead, as stage 3's train.compile_mode): eager batch-64
+  # steps are bound by Python per layer (session 4's profile), which graphs remove. peft stays eager,
+  # the reference as its users run it. One batch size per process: a second shape would recompile.
+  for b in 64 256; do
+    step "bench_train, CUDA graphs: full, our LoRA (compiled) and peft (eager) at batch $b"
+    within 285 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode reduce-overhead \
+        --eager-methods peft --methods full lora peft --batch-sizes $b --tag _graphs_b$b
+  done
+  ;;
 evidence)
   darcy_in_background 10
   sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_patches
@@ -198,6 +211,6 @@ pack)
   echo "$(tar tzf "$out/runs.tgz" | grep -c summary.json) run directories in $out/runs.tgz"
   ;;
 *)
-  echo "unknown part '$part' (body, finetune, bench, perf, evidence, tables, adaptive, issue8, ddp or pack)" >&2; exit 2 ;;
+  echo "unknown part '$part' (body, finetune, bench, perf, graphs, evidence, tables, adaptive, issue8, ddp or pack)" >&2; exit 2 ;;
 esac
 step "done: $part"

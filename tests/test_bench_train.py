@@ -53,3 +53,14 @@ def test_bench_train_smoke(tmp_path):
     assert "| 4 | lora_map |" in text and "vs peft" in text
     assert ("`full+gc`, `lora+gc`: activation checkpointing `--grad-checkpointing 0 1:1` = stage 0: 1/1 blocks, "
             "stage 1: 1/1 blocks (2 of 4 blocks).") in text
+
+
+def test_bench_train_eager_methods_need_compile_and_are_named(tmp_path, capsys):
+    script = load_script()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--smoke", "--eager-methods", "peft"])
+    assert "--eager-methods only means something with --compile" in capsys.readouterr().err
+    args = script.parse_args(["--compile", "--compile-mode", "reduce-overhead", "--eager-methods", "peft",
+                              "--methods", "full", "lora", "peft"])
+    assert script.compiled_label(args) == "torch.compile, mode reduce-overhead; eager: peft"
+    assert script.compiled_label(script.parse_args(["--methods", "full"])) == "eager"
