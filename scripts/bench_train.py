@@ -28,8 +28,11 @@ over the bf16 matmul peak measured here (8192^3). A LoRA step does fewer FLOPs t
 (no frozen-weight gradients), so ``mfu_full_equiv`` also reports the full step's FLOPs per image at
 the configuration's speed: the utilisation it would take to reach that img/s with full fine-tuning.
 A configuration's peak memory is its own block's peak minus the other configurations' resident
-memory. Compiling Swin-B takes about 2 min per configuration and batch size: with ``--compile``
-pick a few methods per call (10 min per command on the lent GPUs).
+memory; under CUDA graphs (``--compile-mode reduce-overhead``) it is not reported, since a graph's
+memory pool is taken at capture and looks resident. Compiling Swin-B takes about 2 min per
+configuration and batch size: with ``--compile`` pick a few methods per call and one batch size per
+process (a second shape recompiles), as ``gpu_runs.sh graphs`` does; ``--eager-methods peft`` times
+the reference eager beside compiled ours.
 
 Writes ``results/bench/train{tag}.json`` and ``.md`` (tag: ``_compile``, ``_gc``, ``_smoke`` or
 ``--tag``) with machine, torch version, git commit (+ dirty flag) and the exact command.
@@ -229,7 +232,9 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
                     continue
                 times.setdefault(key, []).append(elapsed)
                 if cuda:
-                    peaks.setdefault(key, []).append(torch.cuda.max_memory_allocated(device) - others)
+                    if not cfg["cuda_graphs"]:  # a graph's memory pool is allocated at capture, in warm-up:
+                        # it counts as the configuration's resident memory, so peak - others is meaningless
+                        peaks.setdefault(key, []).append(torch.cuda.max_memory_allocated(device) - others)
         print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
 
     profiles: Dict[str, Dict[str, Any]] = {}
@@ -310,7 +315,9 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
             continue
         rel = lambda other: (f"{r['img_per_s'] / ref[(r['batch'], other)]:.2f}x"  # noqa: E731
                              if ref.get((r["batch"], other)) else "")
-        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
+        peak = (f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else
+                "n/a (CUDA graphs)" if args.compile_mode == "reduce-overhead" and r["config"] not in args.eager_methods
+                else "n/a")
         pct = lambda v: f"{100 * v:.1f}%" if v is not None else "n/a"  # noqa: E731
         equiv = pct(r["mfu_full_equiv"]) if "mfu_full_equiv" in r else ""
         gflop = f"{r['gflop_per_img']:.4g}" if r["gflop_per_img"] is not None else "n/a"
