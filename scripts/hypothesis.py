@@ -43,7 +43,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from rank_estimation.hypothesis import (  # noqa: E402
     bootstrap_knee, budget_matched, combine_verdicts, delta_w_ranks, knee_order_verdict, mean_difference_ci,
@@ -68,6 +69,7 @@ class Run:
     error: float
     budget: float         # adapter parameters (AdaLoRA: live at the end)
     table: Optional[str] = None   # the sweep table (sweep.json) the run belongs to, if any
+    sweep_file: Optional[str] = None  # the sweep YAML that made it (sweep.json), if any
 
 
 # ----------------------------------------------------------------------------- loading
@@ -120,7 +122,8 @@ def load_runs(root: Path, split: str, weights: str = "any") -> tuple:
             notes.append(f"{d.relative_to(root)}: method {method!r} is not part of these analyses")
             continue
         sweep = json.loads((d / "sweep.json").read_text()) if (d / "sweep.json").is_file() else {}
-        runs.append(Run(d, s["task"], variant, rank, int(s.get("seed", 0)), float(error), budget, sweep.get("table")))
+        runs.append(Run(d, s["task"], variant, rank, int(s.get("seed", 0)), float(error), budget, sweep.get("table"),
+                        sweep.get("sweep_file")))
     for w, n in sorted(other_body.items()):
         notes.append(f"{n} run(s) with body weights {w!r} skipped (--weights {weights!r})")
     return runs, dict(gaps), notes
@@ -133,6 +136,48 @@ def select(runs: List[Run], tables: List[str], notes: List[str], what: str) -> L
     kept = [r for r in runs if r.table in tables]
     if len(kept) < len(runs):
         notes.append(f"{what}: {len(runs) - len(kept)} stage-3 run(s) outside tables {', '.join(tables)} not used")
+    return kept
+
+
+def complete_sweeps(runs: List[Run], notes: List[str]) -> List[Run]:
+    """The runs of sweeps whose every grid point has finished; a partial sweep's runs are left out.
+
+    Why: a knee read from part of a grid is the best of the ranks that happened to run first (a sweep
+    cut at a GPU deadline runs its low ranks first), not the task's knee. The grid comes from the sweep
+    file named in the runs' ``sweep.json`` (relative to the repository, as ``orca.sweep`` records it);
+    runs whose sweep file is not here are kept, with a note that their completeness was not checked.
+    """
+    from orca.schema import ConfigError
+    from orca.sweep import load_sweep
+
+    kept: List[Run] = []
+    by_table: Dict[Optional[str], List[Run]] = defaultdict(list)
+    for r in runs:
+        by_table[r.table].append(r)
+    for table, members in by_table.items():
+        files = {r.sweep_file for r in members if r.sweep_file}
+        recorded = next((f for f in sorted(files) if (REPO / f).is_file()), None)
+        path = REPO / recorded if recorded else None
+        if table is None or not files:
+            kept += members
+            continue
+        if path is None:
+            notes.append(f"{table}: sweep file {', '.join(sorted(files))} not found; completeness not checked")
+            kept += members
+            continue
+        try:
+            _, grid = load_sweep(path)
+        except ConfigError as err:
+            notes.append(f"{table}: {recorded} does not load ({err}); completeness not checked")
+            kept += members
+            continue
+        have = {r.path.name for r in members}
+        missing = [g.name for g in grid if g.name not in have]
+        if missing:
+            notes.append(f"{table}: {len(grid) - len(missing)} of {len(grid)} runs of {recorded} "
+                         f"finished (missing: {', '.join(missing)}); left out until the sweep is complete")
+        else:
+            kept += members
     return kept
 
 
@@ -517,7 +562,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
         p.error("need 0 <= --tol < 1, 0 < --energy <= 1, --budget-tol >= 0, --n-boot >= 1, --n-perm >= 1")
     runs, gaps, notes = load_runs(a.runs, a.split, a.weights)
     tg, metrics = task_gaps(gaps)
-    knee_runs = select(runs, a.knee_tables, notes, "(a)-(c)")
+    knee_runs = complete_sweeps(select(runs, a.knee_tables, notes, "(a)-(c)"), notes)
     knees = analysis_knees(knee_runs, a)
     dw = analysis_delta_w(knee_runs, tg, a)
     buckets, d_verdict = analysis_budgets(select(runs, a.budget_tables, notes, "(d)"), a)

@@ -377,3 +377,38 @@ def test_adalora_budget_from_summary_else_its_target_share_of_the_allocation(tmp
     assert "no AdaLoRA final budget recorded" in notes[0] and "at its target rank 6" in notes[0]
     assert script.adalora_budget(d, {"params": {"adapters": 800}}, {"rank": 6, "adalora_init_rank": 8},
                                  notes, tmp_path) == 600
+
+
+def test_a_partial_sweep_is_left_out_of_the_knees_and_named(tmp_path):
+    """A sweep cut at a deadline runs its low ranks first: its knee would be the best of those. Its runs
+    stay out of (a)-(c) until every grid point of its sweep file has finished, and the notes say which
+    are missing; a complete sweep (all its grid points present) is read."""
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    sweep_file = tmp_path / "tiny_sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "tiny", "task": {"name": "tones"}, "adapter": {"method": "lora", "rank": 1},
+        "sweep": {"table": "tiny", "output_dir": str(runs), "grid": {"adapter.rank": [1, 4], "seed": [0, 1]}}}))
+
+    def run(name, rank, err, seed):
+        d = _write_run(runs, f"tiny/{name}", {"stage": "stage3", "task": "tones", "method": "lora", "metric": "err",
+                                             "seed": seed, "test": {"err": err}, "val": {"err": err},
+                                             "params": {"adapters": 1000 * rank}, "run_dir": "x"},
+                       {"adapter": {"method": "lora", "rank": rank, "rank_map": None}})
+        (d / "sweep.json").write_text(json.dumps({"table": "tiny", "sweep_file": str(sweep_file)}))
+
+    script = _script_module()
+    grid = [g.name for g in __import__("orca.sweep", fromlist=["load_sweep"]).load_sweep(sweep_file)[1]]
+    assert len(grid) == 4
+    for name in grid[:3]:  # the last grid point has not run
+        rank, seed = int(name.split("_r")[1].split("_")[0]), int(name[-1])
+        run(name, rank, 0.2 / rank + 0.001 * seed, seed)
+    args = ["--runs", str(runs), "--out", str(out), "--n-boot", "50", "--n-perm", "100", "--weights", "any",
+            "--knee-tables", "tiny"]
+    report = script.main(args).read_text()
+    assert "| tones |" not in report
+    assert f"tiny: 3 of 4 runs of {sweep_file} finished (missing: {grid[3]}); left out until the sweep is complete" \
+        in report
+    rank, seed = int(grid[3].split("_r")[1].split("_")[0]), int(grid[3][-1])
+    run(grid[3], rank, 0.2 / rank + 0.001 * seed, seed)
+    report = script.main(args).read_text()
+    assert "| tones | 4 |" in report and "left out until" not in report
