@@ -55,8 +55,9 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
     """One resident benchmark configuration: model, (compiled) forward, optimizer, adapter method.
 
     Args:
-        method: ``peft`` (HF peft LoRA, the reference), ``lora_composed`` (our LoRA through
-            :class:`orca.adapters.lora.ComposedDenseWeight`) or a registered adapter method
+        method: ``peft`` (HF peft LoRA, the reference), ``lora_composed`` / ``lora_concat`` (our LoRA
+            through :class:`orca.adapters.lora.ComposedDenseWeight` / ``ConcatDenseWeight``) or a
+            registered adapter method
             (full, lora, dylora, delta_lora, qlora); LoRA-type methods adapt every block
             qkv/proj/fc1/fc2 with rank ``rank`` unless ``rank_map`` (a stage-2 JSON) says otherwise.
         grad_ckpt_stages: what recomputes its activations in backward, as ``train.grad_checkpointing``:
@@ -83,18 +84,19 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
     else:
         from orca.adapters import AdapterConfig, build_method
 
-        composed = method == "lora_composed"  # our LoRA through plain autograd ops, not the fused Function
+        # our LoRA through plain autograd ops (lora_composed) or the one-GEMM forward (lora_concat)
+        access = {"lora_composed": "ComposedDenseWeight", "lora_concat": "ConcatDenseWeight"}.get(method)
         extra = {"delta_lora_start": 0} if method == "delta_lora" else {}  # time the W update from step 0
-        cfg = AdapterConfig(method="lora" if composed else method, rank=rank, alpha=2.0 * rank, targets="all",
+        cfg = AdapterConfig(method="lora" if access else method, rank=rank, alpha=2.0 * rank, targets="all",
                             rank_map=rank_map, train_embedder=True, train_head=True, **extra)
         adapter = build_method(cfg)
         counts = adapter.prepare(model)  # adapters are created on the base layer's device
-        if composed:
-            from orca.adapters.lora import ComposedDenseWeight, LoRALinear
+        if access:
+            from orca.adapters import lora as lora_module
 
             for layer in model.modules():
-                if isinstance(layer, LoRALinear):
-                    layer.weight_access = ComposedDenseWeight
+                if isinstance(layer, lora_module.LoRALinear):
+                    layer.weight_access = getattr(lora_module, access)
         groups = adapter.param_groups(model, lr=1e-4, weight_decay=0.01)
         counts = {"trainable": counts["trainable"], "adapters": counts["adapters"]}
     fused = device.type == "cuda"
@@ -131,12 +133,19 @@ def train_step(cfg: Dict[str, Any], x: torch.Tensor, y: torch.Tensor, forward: O
     cfg["step"] = step + 1
 
 
+def _addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """C += A B with A m x k and B k x n: 2 m k n, as torch.utils.flop_counter counts mm."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def count_step_flops(cfg: Dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> int:
     """FLOPs of one training step (forward + backward; the optimizer's elementwise work is not counted),
     by ``torch.utils.flop_counter`` on the eager model: compiled and eager steps do the same matmuls."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    # torch's counter knows addmm but not its in-place form, which FusedLoRALinear's forward uses for
+    # the rank-r update (and its backward for small token counts): count it as the same GEMM.
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
     with counter:
         train_step(cfg, x, y, forward=cfg["model"])
     return int(counter.get_total_flops())

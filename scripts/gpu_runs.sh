@@ -10,8 +10,8 @@
 #             RANK_MAP is set), in order of need
 #   perf      kernel profiles (bench_train --profile) of full fine-tuning and LoRA at batch 64,
 #             eager, then compiled if time is left
-#   graphs    bench_train with CUDA graphs (compile mode reduce-overhead): full and our LoRA compiled, peft
-#             eager, batch 64 then 256 (issues 3 and 7)
+#   graphs    bench_train with CUDA graphs (compile mode reduce-overhead): full, our LoRA and lora_concat
+#             compiled, peft eager, batch 256 then 64 (BATCHES; issues 3 and 7)
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches; Darcy-85 with LoRA, with
 #             full fine-tuning and with the frozen body alone) into results/runs/
 #   tables    issue 8's table sweeps (Tables 2, 3, 1, then 4 with its stage 1) into results/runs/,
@@ -142,10 +142,13 @@ graphs)
   # as CUDA graphs (torch.compile mode reduce-overhead, as stage 3's train.compile_mode): eager batch-64
   # steps are bound by Python per layer (session 4's profile), which graphs remove. peft stays eager,
   # the reference as its users run it. One batch size per process: a second shape would recompile.
-  for b in 64 256; do
-    step "bench_train, CUDA graphs: full, our LoRA (compiled) and peft (eager) at batch $b"
-    within 285 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode reduce-overhead \
-        --eager-methods peft --methods full lora peft --batch-sizes $b --tag _graphs_b$b
+  # lora_concat (the one-GEMM forward) is the candidate for closing our LoRA's 3-4% gap to full
+  # fine-tuning (session 7); ~100 s of compilation per compiled configuration, so one batch size per
+  # call (BATCHES, default 256 then 64).
+  for b in ${BATCHES:-256 64}; do
+    step "bench_train, CUDA graphs: full, our LoRA and its one-GEMM forward (compiled), peft (eager) at batch $b"
+    within 440 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode reduce-overhead \
+        --eager-methods peft --methods full lora lora_concat peft --batch-sizes $b --tag _graphs_b$b
   done
   ;;
 evidence)

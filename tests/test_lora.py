@@ -263,8 +263,9 @@ FUSED_CASES = [  # (id, input shape, bias, W trainable, dtype, atol); tokens N v
 ]
 
 
+@pytest.mark.parametrize("concat", [False, True], ids=["addmm", "concat"])
 @pytest.mark.parametrize("case_id,shape,bias,w_grad,dtype,atol", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
-def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad, dtype, atol):
+def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad, dtype, atol, concat):
     from orca.adapters.lora import fused_lora_linear
 
     gen = torch.Generator().manual_seed(0)
@@ -272,7 +273,7 @@ def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad,
     x, w, a, b = make(*shape), make(9, 12, grad=w_grad), make(3, 12), make(9, 3)
     bvec = make(9) if bias else None
     inputs = [t for t in (x, w, bvec, a, b) if t is not None and t.requires_grad]
-    ours = fused_lora_linear(x, w, bvec, a, b, 0.7)
+    ours = fused_lora_linear(x, w, bvec, a, b, 0.7, concat=concat)
     ref = nn.functional.linear(x, w, bvec) + 0.7 * nn.functional.linear(nn.functional.linear(x, a), b)
     torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
     g = torch.randn(ref.shape, generator=gen, dtype=dtype)
@@ -282,10 +283,13 @@ def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad,
         assert not w.requires_grad  # and so the weight-gradient GEMM is skipped
 
 
-def test_composed_accessor_matches_the_fused_function(monkeypatch):
-    """ComposedDenseWeight (plain autograd ops, the bench's lora_composed) gives the fused path's output and
-    gradients on every adapted layer of a model, and is only used where it is set."""
-    from orca.adapters.lora import ComposedDenseWeight, DenseWeight, LoRALinear
+@pytest.mark.parametrize("accessor", ["ComposedDenseWeight", "ConcatDenseWeight"])
+def test_benchmarked_accessors_match_the_default(monkeypatch, accessor):
+    """ComposedDenseWeight (plain autograd ops, the bench's lora_composed) and ConcatDenseWeight (one GEMM
+    over [x, x A^T], lora_concat) give the default path's output and gradients on every adapted layer of a
+    model, and are only used where they are set."""
+    from orca.adapters import lora as lora_module
+    from orca.adapters.lora import DenseWeight, FusedLoRALinear, LoRALinear
 
     fused, x, _, _, _ = prepared("mlp", dict(rank=4, targets=MLP_T))
     randomize_b(fused)
@@ -293,14 +297,19 @@ def test_composed_accessor_matches_the_fused_function(monkeypatch):
     layers = [m for m in composed.modules() if isinstance(m, LoRALinear)]
     assert layers and all(m.weight_access is DenseWeight for m in layers)
     for m in layers:
-        m.weight_access = ComposedDenseWeight
+        m.weight_access = getattr(lora_module, accessor)
     out_f = fused(x)
+    apply, calls = FusedLoRALinear.apply, []
 
-    def no_fused(*args):
-        raise AssertionError("the composed accessor ran the fused Function")
+    def checked(*args):
+        calls.append(args[-1])  # the concat flag
+        if accessor == "ComposedDenseWeight":
+            raise AssertionError("the composed accessor ran the fused Function")
+        return apply(*args)
 
-    monkeypatch.setattr("orca.adapters.lora.FusedLoRALinear.apply", no_fused)
+    monkeypatch.setattr("orca.adapters.lora.FusedLoRALinear.apply", checked)
     out_c = composed(x)
+    assert calls == ([True] * len(layers) if accessor == "ConcatDenseWeight" else [])
     torch.testing.assert_close(out_c, out_f, atol=1e-6, rtol=0)
     out_f.square().sum().backward()
     out_c.square().sum().backward()

@@ -19,7 +19,9 @@ Two kinds of strategy objects keep the wrapper free of if/elif chains:
 
 Speed (measured on one H100, Swin-B, batch 256, bf16 autocast, eager): the naive composition
 ``base(x) + s * B(A(x))`` ran at 0.91x full fine-tuning, the fused Function at 0.98x, HF peft at
-0.75x; see ``scripts/bench_train.py`` / ``scripts/bench_adapters.py``.
+0.75x; compiled with CUDA graphs (one H200, ``results/bench/train_graphs_b256.md``) the fused
+Function runs at 0.96x full fine-tuning and 2.34x eager peft. See ``scripts/bench_train.py`` /
+``scripts/bench_adapters.py``.
 
 One adapter per layer (peft keeps a dict of named adapters): a stage-3 run trains one method, and
 the adapter is named by its module path, which is what error messages report.
@@ -104,6 +106,27 @@ class ComposedDenseWeight(DenseWeight):
         return lora_forward_generic(layer, x, a, b, scale)
 
 
+class ConcatDenseWeight(DenseWeight):
+    """A dense base whose fused forward is one GEMM over [x, x A^T] against [W, s B] instead of the
+    base GEMM plus an in-place rank-r update of its output (``FusedLoRALinear(concat=True)``).
+
+    Not chosen by :func:`dispatch_base`: it is timed against the default as
+    ``scripts/bench_train.py --methods lora_concat``. Why it might win: on Swin-B's first stages
+    (many tokens, few channels) the rank-r GEMMs are bound by memory traffic, and addmm_ reads and
+    rewrites the whole N x d_out output, a pass full fine-tuning does not make; the concatenation
+    costs a pass over N x d_in instead, which is smaller wherever d_out > d_in (qkv, fc1) and which
+    torch.compile can fuse into the producer of x."""
+
+    kind = "dense (concatenated GEMM)"
+
+    @staticmethod
+    def lora_forward(layer: "LoRALinear", x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+        if layer.lora_dropout is not None:
+            return lora_forward_generic(layer, x, a, b, scale)
+        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale, concat=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # The LoRA forward: generic (any base layer) and fused (dense base)
 # ---------------------------------------------------------------------------------------------
@@ -137,22 +160,37 @@ class FusedLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale):
+    def forward(ctx, x, weight, bias, a, b, scale, concat=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa = torch.mm(x2, a.t())
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-        out.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, xa, weight, a, b)
-        ctx.scale, ctx.in_shape, ctx.has_bias = scale, shape, bias is not None
+        if concat:
+            # [x, xA^T] [W, s B]^T: the LoRA term joins the base GEMM's reduction (K = d_in + r), so the
+            # N x d_out output is written once, not written, re-read and rewritten by addmm_. The
+            # price is materialising [x, xA^T] (N x (d_in + r)), which torch.compile can fold into
+            # the kernel that produces x; it is what backward keeps (x and xA^T as views of it).
+            xcat = torch.cat([x2, xa], dim=1)
+            wcat = torch.cat([weight, b * scale], dim=1)
+            out = torch.addmm(bias, xcat, wcat.t()) if bias is not None else torch.mm(xcat, wcat.t())
+            ctx.save_for_backward(xcat, weight, a, b)
+        else:
+            out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+            out.addmm_(xa, b.t(), alpha=scale)
+            ctx.save_for_backward(x2, xa, weight, a, b)
+        ctx.scale, ctx.in_shape, ctx.has_bias, ctx.concat = scale, shape, bias is not None, concat
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, xa, weight, a, b = ctx.saved_tensors
+        if ctx.concat:
+            xcat, weight, a, b = ctx.saved_tensors
+            d_in = weight.shape[1]
+            x2, xa = xcat[:, :d_in], xcat[:, d_in:]
+        else:
+            x2, xa, weight, a, b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         s = ctx.scale
-        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         many_tokens = g.shape[0] >= weight.shape[0]
         gb = torch.mm(g, b * s) if need_a or (need_x and not many_tokens) else None  # dL/d(x A^T), N x r
@@ -173,25 +211,26 @@ class FusedLoRALinear(torch.autograd.Function):
             grad_a = torch.mm(gb.t(), x2)
         if need_b:
             grad_b = torch.mm(g.t(), xa).mul_(s)  # d_out x r
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
 def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+                      a: torch.Tensor, b: torch.Tensor, scale: float, concat: bool = False) -> torch.Tensor:
     """Autocast-aware entry to :class:`FusedLoRALinear`: under autocast every operand is cast to
     the autocast dtype once, as F.linear would (x once for both paths). The matmuls inside then
     see matching dtypes, so autocast leaves them alone; no context switch is needed, which
-    matters at small batches where eager mode is bound by Python overhead per layer."""
+    matters at small batches where eager mode is bound by Python overhead per layer.
+    ``concat``: the forward as one GEMM over [x, x A^T] (see :class:`FusedLoRALinear`)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         return FusedLoRALinear.apply(x.to(dtype), weight.to(dtype),
                                      None if bias is None else bias.to(dtype), a.to(dtype),
-                                     b.to(dtype), scale)
+                                     b.to(dtype), scale, concat)
     dtype = weight.dtype
     if x.dtype != dtype:
         x = x.to(dtype)
-    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale)
+    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat)
 
 
 def _is_nf4_linear(module: nn.Module) -> bool:
