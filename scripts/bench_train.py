@@ -171,11 +171,11 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
     for spec in configurations(args):
         name = spec["name"]
         before = torch.cuda.memory_allocated(device) if cuda else 0
+        compiled = args.compile and spec["method"] not in args.eager_methods
         try:
             cfg = build_config(spec["method"], model_name=args.model, device=device, rank=args.rank,
                                num_classes=args.num_classes, rank_map=spec["rank_map"], body_kwargs=body_kwargs,
-                               grad_ckpt_stages=spec["gc"], compile=args.compile and spec["method"] not in args.eager_methods,
-                               compile_mode=args.compile_mode,
+                               grad_ckpt_stages=spec["gc"], compile=compiled, compile_mode=args.compile_mode,
                                ddp=world > 1)
             cfg["flops"], t0 = {}, time.perf_counter()
             for b in args.batch_sizes:  # FLOP count, then warm-up (and compilation) at every batch size

@@ -70,6 +70,7 @@ class Run:
     budget: float         # adapter parameters (AdaLoRA: live at the end)
     table: Optional[str] = None   # the sweep table (sweep.json) the run belongs to, if any
     sweep_file: Optional[str] = None  # the sweep YAML that made it (sweep.json), if any
+    sweep_overrides: tuple = ()       # the command-line overrides that sweep ran with
 
 
 # ----------------------------------------------------------------------------- loading
@@ -123,7 +124,7 @@ def load_runs(root: Path, split: str, weights: str = "any") -> tuple:
             continue
         sweep = json.loads((d / "sweep.json").read_text()) if (d / "sweep.json").is_file() else {}
         runs.append(Run(d, s["task"], variant, rank, int(s.get("seed", 0)), float(error), budget, sweep.get("table"),
-                        sweep.get("sweep_file")))
+                        sweep.get("sweep_file"), tuple(sweep.get("cli_overrides") or ())))
     for w, n in sorted(other_body.items()):
         notes.append(f"{n} run(s) with body weights {w!r} skipped (--weights {weights!r})")
     return runs, dict(gaps), notes
@@ -166,7 +167,7 @@ def complete_sweeps(runs: List[Run], notes: List[str]) -> List[Run]:
             kept += members
             continue
         try:
-            _, grid = load_sweep(path)
+            _, grid = load_sweep(path, next(r.sweep_overrides for r in members if r.sweep_file == recorded))
         except ConfigError as err:
             notes.append(f"{table}: {recorded} does not load ({err}); completeness not checked")
             kept += members
