@@ -279,7 +279,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
                "peak_gib": round(max(peaks[key]) / 2**30, 2) if key in peaks else None,
                "trainable_params": configs[name]["counts"]["trainable"],
                "grad_checkpointing": list(spec_of[name]["gc"]) or None,
-               "checkpointing": configs[name]["checkpointing"],
+               "checkpointing": configs[name]["checkpointing"], "cuda_graphs": configs[name]["cuda_graphs"],
                "warmup_s": round(configs[name]["warmup_s"], 1)}
         if full_flops.get(b):
             row["mfu_full_equiv"] = mfu(full_flops[b])
@@ -317,8 +317,7 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
         rel = lambda other: (f"{r['img_per_s'] / ref[(r['batch'], other)]:.2f}x"  # noqa: E731
                              if ref.get((r["batch"], other)) else "")
         peak = (f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else
-                "n/a (CUDA graphs)" if args.compile_mode == "reduce-overhead" and r["config"] not in args.eager_methods
-                else "n/a")
+                "n/a (CUDA graphs)" if r["cuda_graphs"] else "n/a")
         pct = lambda v: f"{100 * v:.1f}%" if v is not None else "n/a"  # noqa: E731
         equiv = pct(r["mfu_full_equiv"]) if "mfu_full_equiv" in r else ""
         gflop = f"{r['gflop_per_img']:.4g}" if r["gflop_per_img"] is not None else "n/a"

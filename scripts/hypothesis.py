@@ -157,17 +157,16 @@ def complete_sweeps(runs: List[Run], notes: List[str]) -> List[Run]:
         by_table[r.table].append(r)
     for table, members in by_table.items():
         files = {r.sweep_file for r in members if r.sweep_file}
-        recorded = next((f for f in sorted(files) if (REPO / f).is_file()), None)
-        path = REPO / recorded if recorded else None
         if table is None or not files:
             kept += members
             continue
-        if path is None:
+        recorded = next((f for f in sorted(files) if (REPO / f).is_file()), None)
+        if recorded is None:
             notes.append(f"{table}: sweep file {', '.join(sorted(files))} not found; completeness not checked")
             kept += members
             continue
         try:
-            _, grid = load_sweep(path, next(r.sweep_overrides for r in members if r.sweep_file == recorded))
+            _, grid = load_sweep(REPO / recorded, next(r.sweep_overrides for r in members if r.sweep_file == recorded))
         except ConfigError as err:
             notes.append(f"{table}: {recorded} does not load ({err}); completeness not checked")
             kept += members
