@@ -83,20 +83,19 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         groups = [{"params": params, "weight_decay": 0.01}]
     else:
         from orca.adapters import AdapterConfig, build_method
+        from orca.adapters.lora import ComposedDenseWeight, ConcatDenseWeight, LoRALinear
 
         # our LoRA through plain autograd ops (lora_composed) or the one-GEMM forward (lora_concat)
-        access = {"lora_composed": "ComposedDenseWeight", "lora_concat": "ConcatDenseWeight"}.get(method)
+        access = {"lora_composed": ComposedDenseWeight, "lora_concat": ConcatDenseWeight}.get(method)
         extra = {"delta_lora_start": 0} if method == "delta_lora" else {}  # time the W update from step 0
         cfg = AdapterConfig(method="lora" if access else method, rank=rank, alpha=2.0 * rank, targets="all",
                             rank_map=rank_map, train_embedder=True, train_head=True, **extra)
         adapter = build_method(cfg)
         counts = adapter.prepare(model)  # adapters are created on the base layer's device
         if access:
-            from orca.adapters import lora as lora_module
-
             for layer in model.modules():
-                if isinstance(layer, lora_module.LoRALinear):
-                    layer.weight_access = getattr(lora_module, access)
+                if isinstance(layer, LoRALinear):
+                    layer.weight_access = access
         groups = adapter.param_groups(model, lr=1e-4, weight_decay=0.01)
         counts = {"trainable": counts["trainable"], "adapters": counts["adapters"]}
     fused = device.type == "cuda"

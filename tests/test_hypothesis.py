@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from orca.sweep import load_sweep
 from rank_estimation.hypothesis import (
     bootstrap_knee,
     budget_matched,
@@ -397,18 +398,17 @@ def test_a_partial_sweep_is_left_out_of_the_knees_and_named(tmp_path):
         (d / "sweep.json").write_text(json.dumps({"table": "tiny", "sweep_file": str(sweep_file)}))
 
     script = _script_module()
-    grid = [g.name for g in __import__("orca.sweep", fromlist=["load_sweep"]).load_sweep(sweep_file)[1]]
+    grid = load_sweep(sweep_file)[1]
     assert len(grid) == 4
-    for name in grid[:3]:  # the last grid point has not run
-        rank, seed = int(name.split("_r")[1].split("_")[0]), int(name[-1])
-        run(name, rank, 0.2 / rank + 0.001 * seed, seed)
+    for g in grid[:3]:  # the last grid point has not run
+        run(g.name, g.point["adapter.rank"], 0.2 / g.point["adapter.rank"] + 0.001 * g.point["seed"], g.point["seed"])
     args = ["--runs", str(runs), "--out", str(out), "--n-boot", "50", "--n-perm", "100", "--weights", "any",
             "--knee-tables", "tiny"]
     report = script.main(args).read_text()
     assert "| tones |" not in report
-    assert f"tiny: 3 of 4 runs of {sweep_file} finished (missing: {grid[3]}); left out until the sweep is complete" \
-        in report
-    rank, seed = int(grid[3].split("_r")[1].split("_")[0]), int(grid[3][-1])
-    run(grid[3], rank, 0.2 / rank + 0.001 * seed, seed)
+    assert f"tiny: 3 of 4 runs of {sweep_file} finished (missing: {grid[3].name}); left out until the sweep is " \
+        "complete" in report
+    last = grid[3].point
+    run(grid[3].name, last["adapter.rank"], 0.2 / last["adapter.rank"] + 0.001 * last["seed"], last["seed"])
     report = script.main(args).read_text()
     assert "| tones | 4 |" in report and "left out until" not in report

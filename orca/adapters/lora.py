@@ -68,6 +68,7 @@ class DenseWeight:
     """Read / write the frozen weight of a plain ``nn.Linear`` (exact, in its own dtype)."""
 
     kind = "dense"
+    concat = False  # FusedLoRALinear's forward: base GEMM + in-place rank-r update (see ConcatDenseWeight)
 
     @staticmethod
     def get(base: nn.Module) -> torch.Tensor:
@@ -81,14 +82,14 @@ class DenseWeight:
     def add_(base: nn.Module, delta: torch.Tensor, alpha: float = 1.0) -> None:
         base.weight.data.add_(delta.to(base.weight.dtype), alpha=alpha)
 
-    @staticmethod
-    def lora_forward(layer: "LoRALinear", x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    @classmethod
+    def lora_forward(cls, layer: "LoRALinear", x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                      scale: float) -> torch.Tensor:
         """W0 x + bias + scale * B A x through :class:`FusedLoRALinear` (dropout needs the generic
         path: its LoRA input differs from the base input)."""
         if layer.lora_dropout is not None:
             return lora_forward_generic(layer, x, a, b, scale)
-        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale)
+        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale, concat=cls.concat)
 
 
 class ComposedDenseWeight(DenseWeight):
@@ -118,13 +119,7 @@ class ConcatDenseWeight(DenseWeight):
     torch.compile can fuse into the producer of x."""
 
     kind = "dense (concatenated GEMM)"
-
-    @staticmethod
-    def lora_forward(layer: "LoRALinear", x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-        if layer.lora_dropout is not None:
-            return lora_forward_generic(layer, x, a, b, scale)
-        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale, concat=True)
+    concat = True
 
 
 # ---------------------------------------------------------------------------------------------
