@@ -10,10 +10,11 @@
 #             RANK_MAP is set), in order of need
 #   perf      kernel profiles (bench_train --profile) of full fine-tuning and LoRA at batch 64,
 #             eager, then compiled if time is left
-#   graphs    bench_train with CUDA graphs (compile mode reduce-overhead): full, our LoRA and lora_concat
-#             compiled, peft eager, batch 256 then 64 (BATCHES; issues 3 and 7)
+#   graphs    bench_train with CUDA graphs (compile mode reduce-overhead): full, our LoRA and its
+#             variants (GRAPH_METHODS) compiled, peft eager, batch 256 then 64 (BATCHES; issues 3, 7)
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches; Darcy-85 with LoRA, with
-#             full fine-tuning and with the frozen body alone) into results/runs/
+#             LoRA on the patch merges too, with full fine-tuning and with the frozen body alone)
+#             into results/runs/
 #   tables    issue 8's table sweeps (Tables 2, 3, 1, then 4 with its stage 1) into results/runs/,
 #             as far as the time allows; sweeps are resumable, so the next call continues
 #   adaptive  issue 8 (d): stage-2 rank maps at three budgets per task, then the adaptive vs
@@ -142,21 +143,22 @@ graphs)
   # as CUDA graphs (torch.compile mode reduce-overhead, as stage 3's train.compile_mode): eager batch-64
   # steps are bound by Python per layer (session 4's profile), which graphs remove. peft stays eager,
   # the reference as its users run it. One batch size per process: a second shape would recompile.
-  # lora_concat (the one-GEMM forward) is the candidate for closing our LoRA's 3-4% gap to full
-  # fine-tuning (session 7); ~100 s of compilation per compiled configuration, so one batch size per
-  # call (BATCHES, default 256 then 64).
+  # lora_concat (the one-GEMM forward) and lora_fold (grad_x and g s B from one backward GEMM) are
+  # the candidates for closing our LoRA's 3-4% gap to full fine-tuning (session 7); ~100 s of
+  # compilation per compiled configuration, so one batch size per call (BATCHES, default 256 then 64).
+  methods=${GRAPH_METHODS:-full lora lora_concat lora_fold peft}
   for b in ${BATCHES:-256 64}; do
-    step "bench_train, CUDA graphs: full, our LoRA and its one-GEMM forward (compiled), peft (eager) at batch $b"
-    within 440 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode reduce-overhead \
-        --eager-methods peft --methods full lora lora_concat peft --batch-sizes $b --tag _graphs_b$b
+    step "bench_train, CUDA graphs: $methods (peft eager, the rest compiled) at batch $b"
+    within 520 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode reduce-overhead \
+        --eager-methods peft --methods $methods --batch-sizes $b --tag _graphs_b$b
   done
   ;;
 evidence)
   darcy_in_background 10
   sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_patches
   darcy_wait
-  sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_darcy body_evidence_darcy_full \
-      body_evidence_darcy_head
+  sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_darcy body_evidence_darcy_merging \
+      body_evidence_darcy_full body_evidence_darcy_head
   ;;
 tables)
   # Run directories go to results/runs/<table>/ (the sweep files' output_dir), so that the

@@ -95,6 +95,7 @@ def check_fwd_bwd(compiled, eager_layer, layer, x, tol, seed=None, what=""):
 LAYER_CASES = [  # (id, dropout, train mode, input shapes)
     ("fused", 0.0, True, [(2, 5, 12), (1, 4, 12), (3, 5, 12), (2, 3, 12)]),
     ("fused-concat", 0.0, True, [(2, 5, 12), (1, 4, 12)]),  # ConcatDenseWeight: one GEMM over [x, x A^T]
+    ("fused-fold", 0.0, True, [(2, 5, 12), (1, 4, 12)]),  # FoldDenseWeight: grad_x and g s B in one GEMM
     ("generic-eval", 0.3, False, [(2, 5, 12)]),
     ("generic-dropout", 0.3, True, [(2, 5, 12), (1, 4, 12)]),
 ]
@@ -104,10 +105,10 @@ LAYER_CASES = [  # (id, dropout, train mode, input shapes)
 @pytest.mark.parametrize("case_id,dropout,train,shapes", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
 def test_layer_compiled_matches_eager(backend, case_id, dropout, train, shapes):
     layer = lora_linear(dropout=dropout).train(train)
-    if case_id == "fused-concat":
-        from orca.adapters.lora import ConcatDenseWeight
+    if case_id in ("fused-concat", "fused-fold"):
+        from orca.adapters import lora
 
-        layer.weight_access = ConcatDenseWeight
+        layer.weight_access = lora.ConcatDenseWeight if case_id == "fused-concat" else lora.FoldDenseWeight
     # DenseWeight.lora_forward takes the fused Function exactly when there is no dropout module
     assert (layer.lora_dropout is None) == case_id.startswith("fused")
     eager = copy.deepcopy(layer)

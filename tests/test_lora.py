@@ -263,9 +263,10 @@ FUSED_CASES = [  # (id, input shape, bias, W trainable, dtype, atol); tokens N v
 ]
 
 
-@pytest.mark.parametrize("concat", [False, True], ids=["addmm", "concat"])
+@pytest.mark.parametrize("concat,fold", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["addmm", "concat", "fold", "concat-fold"])
 @pytest.mark.parametrize("case_id,shape,bias,w_grad,dtype,atol", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
-def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad, dtype, atol, concat):
+def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad, dtype, atol, concat, fold):
     from orca.adapters.lora import fused_lora_linear
 
     gen = torch.Generator().manual_seed(0)
@@ -273,7 +274,7 @@ def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad,
     x, w, a, b = make(*shape), make(9, 12, grad=w_grad), make(3, 12), make(9, 3)
     bvec = make(9) if bias else None
     inputs = [t for t in (x, w, bvec, a, b) if t is not None and t.requires_grad]
-    ours = fused_lora_linear(x, w, bvec, a, b, 0.7, concat=concat)
+    ours = fused_lora_linear(x, w, bvec, a, b, 0.7, concat=concat, fold=fold)
     ref = nn.functional.linear(x, w, bvec) + 0.7 * nn.functional.linear(nn.functional.linear(x, a), b)
     torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
     g = torch.randn(ref.shape, generator=gen, dtype=dtype)
@@ -283,11 +284,12 @@ def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad,
         assert not w.requires_grad  # and so the weight-gradient GEMM is skipped
 
 
-@pytest.mark.parametrize("accessor", ["ComposedDenseWeight", "ConcatDenseWeight"])
+@pytest.mark.parametrize("accessor", ["ComposedDenseWeight", "ConcatDenseWeight", "FoldDenseWeight"])
 def test_benchmarked_accessors_match_the_default(monkeypatch, accessor):
-    """ComposedDenseWeight (plain autograd ops, the bench's lora_composed) and ConcatDenseWeight (one GEMM
-    over [x, x A^T], lora_concat) give the default path's output and gradients on every adapted layer of a
-    model, and are only used where they are set."""
+    """ComposedDenseWeight (plain autograd ops, the bench's lora_composed), ConcatDenseWeight (one GEMM
+    over [x, x A^T], lora_concat) and FoldDenseWeight (grad_x and g s B from one GEMM, lora_fold) give
+    the default path's output and gradients on every adapted layer of a model, and are only used where
+    they are set."""
     from orca.adapters import lora as lora_module
     from orca.adapters.lora import DenseWeight, FusedLoRALinear, LoRALinear
 
@@ -302,14 +304,15 @@ def test_benchmarked_accessors_match_the_default(monkeypatch, accessor):
     apply, calls = FusedLoRALinear.apply, []
 
     def checked(*args):
-        calls.append(args[-1])  # the concat flag
+        calls.append(args[-2:])  # the concat and fold flags
         if accessor == "ComposedDenseWeight":
             raise AssertionError("the composed accessor ran the fused Function")
         return apply(*args)
 
     monkeypatch.setattr("orca.adapters.lora.FusedLoRALinear.apply", checked)
     out_c = composed(x)
-    assert calls == ([True] * len(layers) if accessor == "ConcatDenseWeight" else [])
+    flags = {"ComposedDenseWeight": None, "ConcatDenseWeight": (True, False), "FoldDenseWeight": (False, True)}
+    assert calls == ([flags[accessor]] * len(layers) if flags[accessor] else [])
     torch.testing.assert_close(out_c, out_f, atol=1e-6, rtol=0)
     out_f.square().sum().backward()
     out_c.square().sum().backward()

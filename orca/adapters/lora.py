@@ -69,6 +69,7 @@ class DenseWeight:
 
     kind = "dense"
     concat = False  # FusedLoRALinear's forward: base GEMM + in-place rank-r update (see ConcatDenseWeight)
+    fold = False  # FusedLoRALinear's backward: g B as its own GEMM (see FoldDenseWeight)
 
     @staticmethod
     def get(base: nn.Module) -> torch.Tensor:
@@ -89,7 +90,8 @@ class DenseWeight:
         path: its LoRA input differs from the base input)."""
         if layer.lora_dropout is not None:
             return lora_forward_generic(layer, x, a, b, scale)
-        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale, concat=cls.concat)
+        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale,
+                                 concat=cls.concat, fold=cls.fold)
 
 
 class ComposedDenseWeight(DenseWeight):
@@ -120,6 +122,20 @@ class ConcatDenseWeight(DenseWeight):
 
     kind = "dense (concatenated GEMM)"
     concat = True
+
+
+class FoldDenseWeight(DenseWeight):
+    """A dense base whose fused backward gets the input gradient and g s B (dL/d(x A^T), which grad_A
+    needs) from one GEMM, g [W + s B A, s B], instead of two (``FusedLoRALinear(fold=True)``).
+
+    Not chosen by :func:`dispatch_base`: it is timed against the default as ``scripts/bench_train.py
+    --methods lora_fold``. Why it might win: g (N x d_out) is the largest tensor of the backward of a
+    qkv or fc1 layer, and the default reads it three times (grad_x, g B, grad_B); folding reads it
+    twice. The price: grad_x is a column slice of an N x (d_in + r) result, not contiguous, which
+    torch.compile's fused consumers read in place but an eager consumer may copy."""
+
+    kind = "dense (folded backward GEMM)"
+    fold = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +171,7 @@ class FusedLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale, concat=False):
+    def forward(ctx, x, weight, bias, a, b, scale, concat=False, fold=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa = torch.mm(x2, a.t())
@@ -172,7 +188,7 @@ class FusedLoRALinear(torch.autograd.Function):
             out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
             out.addmm_(xa, b.t(), alpha=scale)
             ctx.save_for_backward(x2, xa, weight, a, b)
-        ctx.scale, ctx.in_shape, ctx.has_bias, ctx.concat = scale, shape, bias is not None, concat
+        ctx.scale, ctx.in_shape, ctx.has_bias, ctx.concat, ctx.fold = scale, shape, bias is not None, concat, fold
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -188,8 +204,16 @@ class FusedLoRALinear(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         many_tokens = g.shape[0] >= weight.shape[0]
-        gb = torch.mm(g, b * s) if need_a or (need_x and not many_tokens) else None  # dL/d(x A^T), N x r
-        if need_x:
+        gb = None  # dL/d(x A^T) = g s B, N x r
+        if need_x and need_a and many_tokens and ctx.fold:
+            # [grad_x, g s B] = g [W + s B A, s B]: one pass over g for both (FoldDenseWeight). grad_x is
+            # a column slice; splitting its token dimension below is still a view.
+            d_in = weight.shape[1]
+            both = torch.mm(g, torch.cat([torch.addmm(weight, b, a, alpha=s), b * s], dim=1))
+            grad_x, gb = both[:, :d_in], both[:, d_in:]
+        elif need_a or (need_x and not many_tokens):
+            gb = torch.mm(g, b * s)
+        if need_x and grad_x is None:
             if many_tokens:
                 # g W + (s g B) A = g (W + s B A): one GEMM against the d_out x d_in effective weight
                 # instead of a second full-size pass that reads and rewrites grad_x. Forming it costs
@@ -197,6 +221,7 @@ class FusedLoRALinear(torch.autograd.Function):
                 grad_x = torch.mm(g, torch.addmm(weight, b, a, alpha=s))
             else:
                 grad_x = torch.mm(g, weight).addmm_(gb, a)
+        if grad_x is not None:
             grad_x = grad_x.view(ctx.in_shape)
         if need_w:
             grad_w = torch.mm(g.t(), x2)
@@ -206,26 +231,28 @@ class FusedLoRALinear(torch.autograd.Function):
             grad_a = torch.mm(gb.t(), x2)
         if need_b:
             grad_b = torch.mm(g.t(), xa).mul_(s)  # d_out x r
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
 def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      a: torch.Tensor, b: torch.Tensor, scale: float, concat: bool = False) -> torch.Tensor:
+                      a: torch.Tensor, b: torch.Tensor, scale: float, concat: bool = False,
+                      fold: bool = False) -> torch.Tensor:
     """Autocast-aware entry to :class:`FusedLoRALinear`: under autocast every operand is cast to
     the autocast dtype once, as F.linear would (x once for both paths). The matmuls inside then
     see matching dtypes, so autocast leaves them alone; no context switch is needed, which
     matters at small batches where eager mode is bound by Python overhead per layer.
-    ``concat``: the forward as one GEMM over [x, x A^T] (see :class:`FusedLoRALinear`)."""
+    ``concat``: the forward as one GEMM over [x, x A^T]; ``fold``: grad_x and g s B from one GEMM in
+    backward (see :class:`FusedLoRALinear`)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         return FusedLoRALinear.apply(x.to(dtype), weight.to(dtype),
                                      None if bias is None else bias.to(dtype), a.to(dtype),
-                                     b.to(dtype), scale, concat)
+                                     b.to(dtype), scale, concat, fold)
     dtype = weight.dtype
     if x.dtype != dtype:
         x = x.to(dtype)
-    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat)
+    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat, fold)
 
 
 def _is_nf4_linear(module: nn.Module) -> bool:
