@@ -13,7 +13,8 @@
 #   graphs    bench_train with CUDA graphs (compile mode reduce-overhead): full, our LoRA and its
 #             variants (GRAPH_METHODS) compiled, peft eager, batch 256 then 64 (BATCHES; issues 3, 7)
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches; Darcy-85 with LoRA, with
-#             LoRA on the patch merges too, with full fine-tuning and with the frozen body alone)
+#             LoRA on the patch merges too, with full fine-tuning, with the frozen body alone, at
+#             larger learning rates and with LoRA+)
 #             into results/runs/
 #   tables    issue 8's table sweeps (Tables 2, 3, 1, then 4 with its stage 1) into results/runs/,
 #             as far as the time allows; sweeps are resumable, so the next call continues
@@ -158,7 +159,7 @@ evidence)
   sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_patches
   darcy_wait
   sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_darcy body_evidence_darcy_merging \
-      body_evidence_darcy_full body_evidence_darcy_head
+      body_evidence_darcy_full body_evidence_darcy_head body_evidence_darcy_lr body_evidence_darcy_loraplus
   ;;
 tables)
   # Run directories go to results/runs/<table>/ (the sweep files' output_dir), so that the
