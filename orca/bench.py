@@ -56,8 +56,8 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
 
     Args:
         method: ``peft`` (HF peft LoRA, the reference), ``lora_composed`` / ``lora_concat`` /
-            ``lora_fold`` (our LoRA through :class:`orca.adapters.lora.ComposedDenseWeight` /
-            ``ConcatDenseWeight`` / ``FoldDenseWeight``) or a
+            ``lora_inplace`` (our LoRA through :class:`orca.adapters.lora.ComposedDenseWeight` /
+            ``ConcatDenseWeight`` / ``InplaceDenseWeight``) or a
             registered adapter method
             (full, lora, dylora, delta_lora, qlora); LoRA-type methods adapt every block
             qkv/proj/fc1/fc2 with rank ``rank`` unless ``rank_map`` (a stage-2 JSON) says otherwise.
@@ -84,12 +84,12 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         groups = [{"params": params, "weight_decay": 0.01}]
     else:
         from orca.adapters import AdapterConfig, build_method
-        from orca.adapters.lora import ComposedDenseWeight, ConcatDenseWeight, FoldDenseWeight, LoRALinear
+        from orca.adapters.lora import ComposedDenseWeight, ConcatDenseWeight, InplaceDenseWeight, LoRALinear
 
-        # our LoRA through plain autograd ops (lora_composed), the one-GEMM forward (lora_concat) or
-        # the one-GEMM grad_x and g s B (lora_fold)
+        # our LoRA through plain autograd ops (lora_composed), always the one-GEMM forward (lora_concat)
+        # or always the in-place rank-r update (lora_inplace); plain lora takes the first compiled
         access = {"lora_composed": ComposedDenseWeight, "lora_concat": ConcatDenseWeight,
-                  "lora_fold": FoldDenseWeight}.get(method)
+                  "lora_inplace": InplaceDenseWeight}.get(method)
         extra = {"delta_lora_start": 0} if method == "delta_lora" else {}  # time the W update from step 0
         cfg = AdapterConfig(method="lora" if access else method, rank=rank, alpha=2.0 * rank, targets="all",
                             rank_map=rank_map, train_embedder=True, train_head=True, **extra)

@@ -11,11 +11,12 @@
 
 Setup (SPEC.md "Reference numbers"): timm Swin-B at 224 with random weights, random images and
 labels, mean-pooled features -> Linear(1024, 100) -> cross-entropy, bf16 autocast, fused AdamW.
-Configurations: ``full``; ``lora`` (ours, r = 8 on every block qkv/proj/fc1/fc2); ``lora_composed``
-(the same LoRA through plain autograd ops instead of the fused Function: what the Function's Python
-forward and backward cost per step); ``lora_concat`` (the same LoRA with its forward as one GEMM
-over [x, x A^T], ``orca.adapters.lora.ConcatDenseWeight``); ``lora_fold`` (the same LoRA with
-grad_x and g s B from one backward GEMM, ``FoldDenseWeight``); ``lora_map``
+Configurations: ``full``; ``lora`` (ours, r = 8 on every block qkv/proj/fc1/fc2; its forward is one
+GEMM over [x, x A^T] when compiled and the base GEMM plus an in-place rank-r update in eager mode,
+``orca.adapters.lora.DenseWeight``); ``lora_composed`` (the same LoRA through plain autograd ops
+instead of the fused Function: what the Function's Python forward and backward cost per step);
+``lora_concat`` / ``lora_inplace`` (the same LoRA pinned to the one-GEMM / the in-place form, eager
+and compiled alike); ``lora_map``
 (ours, a stage-2 rank map); ``dylora``; ``delta_lora`` (W update active from step 0); ``qlora``
 (NF4 base + LoRA); ``peft`` (HF peft LoRA r = 8, the reference); with ``--grad-checkpointing``
 also ``full+gc`` and ``lora+gc`` (activation checkpointing: each entry a body stage S, all its
@@ -80,7 +81,7 @@ from orca.checkpointing import (describe as describe_checkpointing, normalize as
 from orca.distributed import setup_distributed, world_from_env  # noqa: E402
 from orca.schema import ConfigError  # noqa: E402
 
-METHODS = ("full", "lora", "lora_composed", "lora_concat", "lora_fold", "lora_map", "dylora", "delta_lora", "qlora", "peft")
+METHODS = ("full", "lora", "lora_composed", "lora_concat", "lora_inplace", "lora_map", "dylora", "delta_lora", "qlora", "peft")
 GC_METHODS = ("full", "lora")
 SMOKE_BODY = {"img_size": 32, "embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "window_size": 2}
 

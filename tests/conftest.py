@@ -31,6 +31,25 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def _nf4_cpu_reason():
+    """Why the CPU tests cannot quantise their tiny Linears to NF4 here (None if they can): no
+    working bitsandbytes, or one whose CPU kernel reads blocks that span rows of W back wrongly
+    (seen with bitsandbytes 0.50.2 on an AVX-512 CPU; quantize_linears refuses such layers)."""
+    from orca.adapters.qlora import quantize_linears
+
+    torch.manual_seed(0)
+    try:
+        quantize_linears(nn.Sequential(nn.Linear(16, 32)), torch.float32)
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+NF4_CPU_REASON = _nf4_cpu_reason()
+#: CPU tests that quantise tiny Linears (in_features < 64) with bitsandbytes
+needs_nf4_cpu = pytest.mark.skipif(NF4_CPU_REASON is not None, reason=f"no NF4 on this CPU: {NF4_CPU_REASON}")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

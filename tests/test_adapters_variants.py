@@ -16,7 +16,7 @@ from torch import nn
 from orca.adapters import AdapterConfig, build_method, lora_layers, sweep_ranks
 from orca.adapters.dylora import RANK_DISTRIBUTIONS, sample_rank
 from orca.adapters.optim import build_optimizer, build_param_groups
-from tests.conftest import Stand
+from tests.conftest import Stand, needs_nf4_cpu
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -224,19 +224,6 @@ def test_paged_adamw_refuses_cpu():
 # ----------------------------------------------------------------------------------------------
 # QLoRA
 # ----------------------------------------------------------------------------------------------
-def _bnb_cpu_reason():
-    from orca.adapters.qlora import require_bitsandbytes
-
-    try:
-        require_bitsandbytes(torch.device("cpu"))
-    except RuntimeError as err:
-        return str(err)
-    return None
-
-
-_CPU_REASON = _bnb_cpu_reason()
-bnb_cpu = pytest.mark.skipif(_CPU_REASON is not None, reason=f"no NF4 on CPU: {_CPU_REASON}")
-
 # NF4 stores each Gaussian weight with ~9.2% relative RMS error (measured: 0.0920 for std-0.02
 # weights, the timm init), and a layer's output inherits it. Tolerance for one layer's output
 # against the bf16 layer, relative L2:
@@ -264,12 +251,12 @@ def _nf4_checks(device):
         assert 0.02 < rel < NF4_LAYER_RTOL, (name, rel)  # > 0.02: really quantised
 
 
-@bnb_cpu
+@needs_nf4_cpu
 def test_nf4_base_within_expected_error_cpu():
     _nf4_checks("cpu")
 
 
-@bnb_cpu
+@needs_nf4_cpu
 def test_qlora_merge_within_nf4_bound():
     from orca.adapters.qlora import nf4_error_bound
 
@@ -296,6 +283,26 @@ def test_qlora_without_working_bitsandbytes_raises(monkeypatch):
     with pytest.raises(RuntimeError, match=r"cannot run NF4 quantisation on device cpu .*no fallback"):
         build_method(AdapterConfig(method="qlora", rank=2, targets=MLP_T)).prepare(model)
     assert isinstance(model.body.lin0, nn.Linear) and not lora_layers(model)  # nothing half-done
+
+
+def test_qlora_refuses_weights_read_back_outside_the_nf4_bound(monkeypatch):
+    """A bitsandbytes that quantises but reads a weight back wrongly (as 0.50.2's CPU kernel on
+    AVX-512 for blocks spanning rows) is refused by name, with the body left unquantised."""
+    from orca.adapters import qlora
+
+    read = qlora.NF4Weight.get
+
+    def off_by_a_block(base):  # NF4 dequantised, then one block's scale doubled
+        w = read(base).clone()
+        w.view(-1)[:64] *= 2
+        return w
+
+    monkeypatch.setattr(qlora.NF4Weight, "get", staticmethod(off_by_a_block))
+    model = Stand(nn.Identity(), nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 128)), nn.Identity())
+    with pytest.raises(RuntimeError, match=r"dequantises the NF4 weight of '0' \(shape \(64, 64\), on cpu\) "
+                                           r"wrongly: .*relative RMS error .*no fallback"):
+        build_method(AdapterConfig(method="qlora", rank=2, targets=[r"\d"])).prepare(model)
+    assert all(type(m) is nn.Linear for m in model.body) and not lora_layers(model)
 
 
 @pytest.mark.gpu

@@ -19,8 +19,9 @@ Two kinds of strategy objects keep the wrapper free of if/elif chains:
 
 Speed (measured on one H100, Swin-B, batch 256, bf16 autocast, eager): the naive composition
 ``base(x) + s * B(A(x))`` ran at 0.91x full fine-tuning, the fused Function at 0.98x, HF peft at
-0.75x; compiled with CUDA graphs (one H200, ``results/bench/train_graphs_b256.md``) the fused
-Function runs at 0.96x full fine-tuning and 2.34x eager peft. See ``scripts/bench_train.py`` /
+0.75x; compiled with CUDA graphs (one H200, ``results/bench/train_graphs_b{64,256}.md``) the fused
+Function in its one-GEMM form (the compiled default, see :class:`DenseWeight`) runs at 1.07x full
+fine-tuning at batch 64 and 256, and at 2.62x eager peft at batch 256. See ``scripts/bench_train.py`` /
 ``scripts/bench_adapters.py``.
 
 One adapter per layer (peft keeps a dict of named adapters): a stage-3 run trains one method, and
@@ -65,11 +66,23 @@ def init_gaussian(a: torch.Tensor) -> None:
 # Base-weight accessors (dense W or quantised W)
 # ---------------------------------------------------------------------------------------------
 class DenseWeight:
-    """Read / write the frozen weight of a plain ``nn.Linear`` (exact, in its own dtype)."""
+    """Read / write the frozen weight of a plain ``nn.Linear`` (exact, in its own dtype).
+
+    Its LoRA forward is :class:`FusedLoRALinear` in one of two forms, chosen by ``concat``: the
+    base GEMM plus an in-place rank-r update of its output, or one GEMM over [x, x A^T] against
+    [W, s B]. ``None`` (the default) takes the one-GEMM form while torch.compile traces and the
+    in-place form in eager mode. Why: compiled with CUDA graphs on one H200 (Swin-B, r = 8 ``all``,
+    ``results/bench/train_graphs_b{64,256}.md``) the one-GEMM form ran at 1.07x full fine-tuning at
+    batch 64 and 256 where the in-place form ran at 0.97x and 0.96x: the rank-r update re-reads and
+    rewrites the whole N x d_out output, a memory-bound pass that full fine-tuning does not make,
+    while inductor writes [x, x A^T] in the kernel that produces x. In eager mode the concatenation
+    is a separate copy (and one more launch per layer, where small batches are launch-bound), and
+    the in-place form is the one measured there (0.98-1.02x full at batch 256, sessions 3-4).
+    Subclasses pin the choice for benchmarks (:class:`ConcatDenseWeight`, :class:`InplaceDenseWeight`).
+    """
 
     kind = "dense"
-    concat = False  # FusedLoRALinear's forward: base GEMM + in-place rank-r update (see ConcatDenseWeight)
-    fold = False  # FusedLoRALinear's backward: g B as its own GEMM (see FoldDenseWeight)
+    concat: Optional[bool] = None
 
     @staticmethod
     def get(base: nn.Module) -> torch.Tensor:
@@ -90,8 +103,8 @@ class DenseWeight:
         path: its LoRA input differs from the base input)."""
         if layer.lora_dropout is not None:
             return lora_forward_generic(layer, x, a, b, scale)
-        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale,
-                                 concat=cls.concat, fold=cls.fold)
+        concat = torch.compiler.is_compiling() if cls.concat is None else cls.concat
+        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale, concat=concat)
 
 
 class ComposedDenseWeight(DenseWeight):
@@ -110,32 +123,21 @@ class ComposedDenseWeight(DenseWeight):
 
 
 class ConcatDenseWeight(DenseWeight):
-    """A dense base whose fused forward is one GEMM over [x, x A^T] against [W, s B] instead of the
-    base GEMM plus an in-place rank-r update of its output (``FusedLoRALinear(concat=True)``).
-
-    Not chosen by :func:`dispatch_base`: it is timed against the default as
-    ``scripts/bench_train.py --methods lora_concat``. Why it might win: on Swin-B's first stages
-    (many tokens, few channels) the rank-r GEMMs are bound by memory traffic, and addmm_ reads and
-    rewrites the whole N x d_out output, a pass full fine-tuning does not make; the concatenation
-    costs a pass over N x d_in instead, which is smaller wherever d_out > d_in (qkv, fc1) and which
-    torch.compile can fuse into the producer of x."""
+    """A dense base that always takes the one-GEMM forward over [x, x A^T] against [W, s B], eager
+    mode included. Not chosen by :func:`dispatch_base`: ``scripts/bench_train.py --methods
+    lora_concat`` times it (in eager mode it is the one-GEMM form the default does not take)."""
 
     kind = "dense (concatenated GEMM)"
     concat = True
 
 
-class FoldDenseWeight(DenseWeight):
-    """A dense base whose fused backward gets the input gradient and g s B (dL/d(x A^T), which grad_A
-    needs) from one GEMM, g [W + s B A, s B], instead of two (``FusedLoRALinear(fold=True)``).
+class InplaceDenseWeight(DenseWeight):
+    """A dense base that always takes the base GEMM plus the in-place rank-r update, compiled
+    included: the form the default took before session 8, kept as the reference the one-GEMM form
+    is timed against (``scripts/bench_train.py --methods lora_inplace``)."""
 
-    Not chosen by :func:`dispatch_base`: it is timed against the default as ``scripts/bench_train.py
-    --methods lora_fold``. Why it might win: g (N x d_out) is the largest tensor of the backward of a
-    qkv or fc1 layer, and the default reads it three times (grad_x, g B, grad_B); folding reads it
-    twice. The price: grad_x is a column slice of an N x (d_in + r) result, not contiguous, which
-    torch.compile's fused consumers read in place but an eager consumer may copy."""
-
-    kind = "dense (folded backward GEMM)"
-    fold = True
+    kind = "dense (in-place rank-r update)"
+    concat = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +173,7 @@ class FusedLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale, concat=False, fold=False):
+    def forward(ctx, x, weight, bias, a, b, scale, concat=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa = torch.mm(x2, a.t())
@@ -188,7 +190,7 @@ class FusedLoRALinear(torch.autograd.Function):
             out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
             out.addmm_(xa, b.t(), alpha=scale)
             ctx.save_for_backward(x2, xa, weight, a, b)
-        ctx.scale, ctx.in_shape, ctx.has_bias, ctx.concat, ctx.fold = scale, shape, bias is not None, concat, fold
+        ctx.scale, ctx.in_shape, ctx.has_bias, ctx.concat = scale, shape, bias is not None, concat
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -204,16 +206,8 @@ class FusedLoRALinear(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         many_tokens = g.shape[0] >= weight.shape[0]
-        gb = None  # dL/d(x A^T) = g s B, N x r
-        if need_x and need_a and many_tokens and ctx.fold:
-            # [grad_x, g s B] = g [W + s B A, s B]: one pass over g for both (FoldDenseWeight). grad_x is
-            # a column slice; splitting its token dimension below is still a view.
-            d_in = weight.shape[1]
-            both = torch.mm(g, torch.cat([torch.addmm(weight, b, a, alpha=s), b * s], dim=1))
-            grad_x, gb = both[:, :d_in], both[:, d_in:]
-        elif need_a or (need_x and not many_tokens):
-            gb = torch.mm(g, b * s)
-        if need_x and grad_x is None:
+        gb = torch.mm(g, b * s) if need_a or (need_x and not many_tokens) else None  # dL/d(x A^T), N x r
+        if need_x:
             if many_tokens:
                 # g W + (s g B) A = g (W + s B A): one GEMM against the d_out x d_in effective weight
                 # instead of a second full-size pass that reads and rewrites grad_x. Forming it costs
@@ -221,7 +215,6 @@ class FusedLoRALinear(torch.autograd.Function):
                 grad_x = torch.mm(g, torch.addmm(weight, b, a, alpha=s))
             else:
                 grad_x = torch.mm(g, weight).addmm_(gb, a)
-        if grad_x is not None:
             grad_x = grad_x.view(ctx.in_shape)
         if need_w:
             grad_w = torch.mm(g.t(), x2)
@@ -231,28 +224,26 @@ class FusedLoRALinear(torch.autograd.Function):
             grad_a = torch.mm(gb.t(), x2)
         if need_b:
             grad_b = torch.mm(g.t(), xa).mul_(s)  # d_out x r
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
 def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      a: torch.Tensor, b: torch.Tensor, scale: float, concat: bool = False,
-                      fold: bool = False) -> torch.Tensor:
+                      a: torch.Tensor, b: torch.Tensor, scale: float, concat: bool = False) -> torch.Tensor:
     """Autocast-aware entry to :class:`FusedLoRALinear`: under autocast every operand is cast to
     the autocast dtype once, as F.linear would (x once for both paths). The matmuls inside then
     see matching dtypes, so autocast leaves them alone; no context switch is needed, which
     matters at small batches where eager mode is bound by Python overhead per layer.
-    ``concat``: the forward as one GEMM over [x, x A^T]; ``fold``: grad_x and g s B from one GEMM in
-    backward (see :class:`FusedLoRALinear`)."""
+    ``concat``: the forward as one GEMM over [x, x A^T] (see :class:`FusedLoRALinear`)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         return FusedLoRALinear.apply(x.to(dtype), weight.to(dtype),
                                      None if bias is None else bias.to(dtype), a.to(dtype),
-                                     b.to(dtype), scale, concat, fold)
+                                     b.to(dtype), scale, concat)
     dtype = weight.dtype
     if x.dtype != dtype:
         x = x.to(dtype)
-    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat, fold)
+    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat)
 
 
 def _is_nf4_linear(module: nn.Module) -> bool:

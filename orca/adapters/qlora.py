@@ -10,7 +10,11 @@ LayerNorms, biases, relative-position tables and the embedder / head stay in the
 
 No silent fallback: before quantising, :func:`require_bitsandbytes` runs a tiny NF4 round trip and
 matmul on the body's device and raises a RuntimeError naming the device, the bitsandbytes version
-and the cause if it fails. A run configured as QLoRA is therefore always a quantised run.
+and the cause if it fails. A run configured as QLoRA is therefore always a quantised run. And no
+silently wrong weights: :func:`quantize_linears` reads every quantised weight back and checks it
+against NF4's error bound before it replaces the layer. (bitsandbytes 0.50.2's CPU dequantisation
+was seen to fail that bound on an AVX-512 CPU whenever a 64-weight block spans two rows of W, i.e.
+``in_features`` not a multiple of 64: relative RMS error 0.40 instead of NF4's 0.09.)
 """
 from __future__ import annotations
 
@@ -116,10 +120,16 @@ def quantize_linears(body: nn.Module, compute_dtype: torch.dtype = torch.bfloat1
                      double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE) -> Dict[str, nn.Module]:
     """Replace every ``nn.Linear`` of ``body`` by a frozen NF4 ``bitsandbytes.nn.Linear4bit``.
 
-    The quantisation runs on the device the weights are on (CPU or CUDA). Biases are kept.
+    The quantisation runs on the device the weights are on (CPU or CUDA). Biases are kept. Every
+    quantised weight is read back and checked against :func:`nf4_error_bound` before any layer is
+    replaced, so a failed check leaves the body unchanged.
 
     Returns:
         ``{name: Linear4bit}``.
+
+    Raises:
+        RuntimeError: bitsandbytes cannot run NF4 on the body's device, or reads a quantised weight
+            back outside NF4's error bound (the message names the module).
     """
     first = next(body.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -134,13 +144,34 @@ def quantize_linears(body: nn.Module, compute_dtype: torch.dtype = torch.bfloat1
                               quant_type="nf4", device="meta")
         q.weight = _make_nf4(dense.weight.data, blocksize, double_quant, dense.weight.device, q)
         q.quant_state = q.weight.quant_state
+        _check_dequantised(name, dense.weight.data, NF4Weight.get(q), blocksize, double_quant, bnb)
         if dense.bias is not None:
             q.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
         q.train(dense.training)
+        out[name] = q
+    for name, q in out.items():
         parent_name, _, child = name.rpartition(".")
         setattr(body.get_submodule(parent_name) if parent_name else body, child, q)
-        out[name] = q
     return out
+
+
+def _check_dequantised(name: str, weight: torch.Tensor, back: torch.Tensor, blocksize: int,
+                       double_quant: bool, bnb: Any) -> None:
+    """Raise if bitsandbytes reads the NF4 weight of ``name`` back outside NF4's error bound."""
+    w = weight.detach().float()
+    err = (back.float().to(w.device) - w).abs()
+    bound = nf4_error_bound(w, blocksize, double_quant)
+    if bool((err <= bound).all()):
+        return
+    rel = ((back.float().to(w.device) - w).norm() / w.norm().clamp_min(1e-30)).item()
+    spans = (f"; its in_features {weight.shape[1]} is not a multiple of the block size {blocksize}, "
+             "so blocks span rows of W, which bitsandbytes' CPU kernel has been seen to get wrong"
+             if weight.shape[1] % blocksize else "")
+    raise RuntimeError(
+        f"bitsandbytes {getattr(bnb, '__version__', '?')} dequantises the NF4 weight of {name!r} "
+        f"(shape {tuple(weight.shape)}, on {weight.device}) wrongly: max error {err.max().item():.3g} "
+        f"against NF4's bound {bound.max().item():.3g}, relative RMS error {rel:.2f} (NF4: about "
+        f"0.09){spans}. QLoRA has no fallback: run it on a CUDA GPU or use method 'lora'")
 
 
 def base_weight_bytes(module: nn.Module) -> int:
