@@ -144,10 +144,11 @@ graphs)
   # as CUDA graphs (torch.compile mode reduce-overhead, as stage 3's train.compile_mode): eager batch-64
   # steps are bound by Python per layer (session 4's profile), which graphs remove. peft stays eager,
   # the reference as its users run it. One batch size per process: a second shape would recompile.
-  # lora_concat (the one-GEMM forward) and lora_fold (grad_x and g s B from one backward GEMM) are
-  # the candidates for closing our LoRA's 3-4% gap to full fine-tuning (session 7); ~100 s of
-  # compilation per compiled configuration, so one batch size per call (BATCHES, default 256 then 64).
-  methods=${GRAPH_METHODS:-full lora lora_concat lora_fold peft}
+  # Compiled, our LoRA takes the one-GEMM forward over [x, x A^T] (session 8: 1.07x full fine-tuning
+  # at batch 64 and 256); lora_inplace pins the in-place rank-r update it replaced (0.96-0.97x).
+  # ~100 s of compilation per compiled configuration, so one batch size per call (BATCHES, default
+  # 256 then 64).
+  methods=${GRAPH_METHODS:-full lora lora_inplace peft}
   for b in ${BATCHES:-256 64}; do
     step "bench_train, CUDA graphs: $methods (peft eager, the rest compiled) at batch $b"
     within 520 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode reduce-overhead \
