@@ -21,6 +21,7 @@ from torch import nn
 
 from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
 from orca.runs import git_info as git_state, machine_info  # noqa: F401  (one source of run facts)
+from orca.train import uses_cuda_graphs
 
 GC_WHERE = "--grad-checkpointing"  # how checkpointing errors name the setting (bench_train.py's flag)
 BLOCK_LINEARS = r"layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
@@ -111,7 +112,7 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
     forward = torch.compile(forward, mode=compile_mode) if compile else forward
     return {"model": model, "forward": forward, "opt": opt, "counts": counts, "adapter": adapter, "step": 0,
             "checkpointing": checkpointing,
-            "cuda_graphs": compile and compile_mode == "reduce-overhead" and device.type == "cuda",
+            "cuda_graphs": compile and uses_cuda_graphs(compile_mode) and device.type == "cuda",
             "autocast": (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
             else contextlib.nullcontext}
 

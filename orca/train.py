@@ -298,7 +298,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     # but half of it for a per-batch *sum* (ORCA's Darcy loss): scale sums by the world size.
     summed = loss_reduction(task) == "sum"
     rescale = summed and dist_.world > 1
-    graphs = cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and device.type == "cuda"
+    graphs = cfg.train.compile and uses_cuda_graphs(cfg.train.compile_mode) and device.type == "cuda"
 
     def global_loss(value: torch.Tensor) -> torch.Tensor:
         """The whole global batch's loss (sum or mean as the task defines it); a collective under DDP."""
@@ -468,6 +468,16 @@ def wrap_for_training(model: torch.nn.Module, cfg: ExperimentConfig, dist_: Dist
         mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
         train_model = torch.compile(train_model, mode=mode)
     return train_model
+
+
+def uses_cuda_graphs(compile_mode: Optional[str]) -> bool:
+    """Whether torch.compile's ``compile_mode`` records CUDA graphs, as torch itself defines the modes
+    (reduce-overhead and max-autotune do). Such a graph's outputs are overwritten by its next replay,
+    so a training loop marks where each step begins, and its memory pool is taken at capture, so
+    peak-memory readings after warm-up count the pool, not the step."""
+    from torch._inductor import list_mode_options
+
+    return bool(list_mode_options(compile_mode or "default").get("triton.cudagraphs", False))
 
 
 def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:

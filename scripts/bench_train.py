@@ -31,7 +31,7 @@ over the bf16 matmul peak measured here (8192^3). A LoRA step does fewer FLOPs t
 (no frozen-weight gradients), so ``mfu_full_equiv`` also reports the full step's FLOPs per image at
 the configuration's speed: the utilisation it would take to reach that img/s with full fine-tuning.
 A configuration's peak memory is its own block's peak minus the other configurations' resident
-memory; under CUDA graphs (``--compile-mode reduce-overhead``) it is not reported, since a graph's
+memory; under CUDA graphs (``--compile-mode reduce-overhead`` or ``max-autotune``) it is not reported, since a graph's
 memory pool is taken at capture and looks resident. Compiling Swin-B takes about 2 min per
 configuration and batch size: with ``--compile`` pick a few methods per call and one batch size per
 process (a second shape recompiles), as ``gpu_runs.sh graphs`` does; ``--eager-methods peft`` times

@@ -14,7 +14,7 @@
 #             variants (GRAPH_METHODS) compiled, peft eager, batch 256 then 64 (BATCHES; issues 3, 7)
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches; Darcy-85 with LoRA, with
 #             LoRA on the patch merges too, with full fine-tuning, with the frozen body alone, at
-#             larger learning rates and with LoRA+)
+#             larger learning rates, with LoRA+, and for 40 epochs)
 #             into results/runs/
 #   tables    issue 8's table sweeps (Tables 2, 3, 1, then 4 with its stage 1) into results/runs/,
 #             as far as the time allows; sweeps are resumable, so the next call continues
@@ -147,12 +147,13 @@ graphs)
   # Compiled, our LoRA takes the one-GEMM forward over [x, x A^T] (session 8: 1.07x full fine-tuning
   # at batch 64 and 256); lora_inplace pins the in-place rank-r update it replaced (0.96-0.97x).
   # ~100 s of compilation per compiled configuration, so one batch size per call (BATCHES, default
-  # 256 then 64).
+  # 256 then 64). COMPILE_MODE=max-autotune (also CUDA graphs, plus autotuned GEMMs) is issue 7's
+  # next candidate for full fine-tuning's MFU; its compilation is slower: fewer GRAPH_METHODS.
   methods=${GRAPH_METHODS:-full lora lora_inplace peft}
   for b in ${BATCHES:-256 64}; do
     step "bench_train, CUDA graphs: $methods (peft eager, the rest compiled) at batch $b"
-    within 520 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode reduce-overhead \
-        --eager-methods peft --methods $methods --batch-sizes $b --tag _graphs_b$b
+    within 520 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode "${COMPILE_MODE:-reduce-overhead}" \
+        --eager-methods peft --methods $methods --batch-sizes $b --tag "_graphs${COMPILE_MODE:+_$COMPILE_MODE}_b$b"
   done
   ;;
 evidence)
@@ -161,6 +162,7 @@ evidence)
   darcy_wait
   sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_darcy body_evidence_darcy_merging \
       body_evidence_darcy_full body_evidence_darcy_head body_evidence_darcy_lr body_evidence_darcy_loraplus
+  sweeps "issue 4 evidence, fractal vs random body, 40 epochs" 480 body_evidence_darcy_long
   ;;
 tables)
   # Run directories go to results/runs/<table>/ (the sweep files' output_dir), so that the

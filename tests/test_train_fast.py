@@ -38,3 +38,13 @@ def test_checkpointing_a_missing_stage_is_refused(tiny_overrides):
         run_stage3(cfg)
     with pytest.raises(ConfigError, match="distinct 0-based stage indices"):
         load_config(None, tiny_overrides + ["train.grad_checkpointing=[0, 0]"])
+
+
+@pytest.mark.parametrize("mode,graphs", [(None, False), ("default", False), ("reduce-overhead", True),
+                                         ("max-autotune", True), ("max-autotune-no-cudagraphs", False)])
+def test_which_compile_modes_record_cuda_graphs(mode, graphs):
+    """max-autotune records CUDA graphs too: its training steps need the same step marks as
+    reduce-overhead's, and benchmarks must not report its graph pool as a peak."""
+    from orca.train import uses_cuda_graphs
+
+    assert uses_cuda_graphs(mode) is graphs
