@@ -8,8 +8,8 @@
 #   bench     the GPU-marked tests, bench_adapters, bench_otdd, bench_stage2, bench_train (every
 #             method, batch 64 and 256, activation checkpointing, the stage-2 rank map when
 #             RANK_MAP is set), in order of need
-#   perf      kernel profiles (bench_train --profile) of full fine-tuning and LoRA at batch 64,
-#             eager, then compiled if time is left
+#   perf      kernel profiles (bench_train --profile) of compiled full fine-tuning and LoRA at
+#             batch 256 (issue 7: where the step's time goes)
 #   graphs    bench_train with CUDA graphs (compile mode reduce-overhead): full, our LoRA and its
 #             variants (GRAPH_METHODS) compiled, peft eager, batch 256 then 64 (BATCHES; issues 3, 7)
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches; Darcy-85 with LoRA, with
@@ -129,15 +129,15 @@ bench)
       ${RANK_MAP:+--rank-map "$RANK_MAP"}
   ;;
 perf)
-  # Session 4 measured these: compiled, our LoRA is 0.88x full at batch 64 (train_adapters_compile.md);
-  # checkpointing [0, 1, "2:6"] costs LoRA 20% for 0.46x memory (train_gc_0_1_2-6.md). Next: where
-  # LoRA's batch-64 step loses its time, from a kernel profile of 3 extra steps (eager: no compile wait).
-  step "bench_train --profile 3: full, our LoRA (fused Function and composed ops) and peft's at batch 64, eager"
-  within 200 "$PY" scripts/bench_train.py --out "$out" --methods full lora lora_composed peft --batch-sizes 64 \
-      --profile 3 --tag _eager_b64
-  step "the same, compiled (about 2 min of compilation per configuration)"
-  within 400 "$PY" scripts/bench_train.py --out "$out" --compile --methods full lora --batch-sizes 64 --profile 3 \
-      --tag _compile_b64
+  # Issue 7's open question after session 8: with CUDA graphs full fine-tuning reaches 27% MFU at
+  # batch 256 and our LoRA 1.07x of it, though a LoRA step does 69% of the FLOPs; a traffic estimate
+  # puts the non-GEMM kernels at most of the step. A kernel profile of 3 extra steps says where the
+  # time goes. Compile mode default, not CUDA graphs: the profiler then sees every kernel (under
+  # graphs it sees graph launches); this run's img/s beside train_graphs_b256.md's says how much
+  # launch overhead is left at this batch.
+  step "bench_train --profile 3: full fine-tuning and our LoRA at batch 256, compiled (about 2 min each)"
+  within 500 "$PY" scripts/bench_train.py --out "$out" --compile --methods full lora --batch-sizes 256 \
+      --profile 3 --tag _compile_b256
   ;;
 graphs)
   # Issue 3's batch-64 criterion and issue 7's batch-256 ratios with the whole forward and backward
