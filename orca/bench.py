@@ -88,7 +88,8 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         from orca.adapters.lora import ComposedDenseWeight, ConcatDenseWeight, InplaceDenseWeight, LoRALinear
 
         # our LoRA through plain autograd ops (lora_composed), always the one-GEMM forward (lora_concat)
-        # or always the in-place rank-r update (lora_inplace); plain lora takes the first compiled
+        # or always the in-place rank-r update (lora_inplace); plain lora takes the one-GEMM form when
+        # compiled and the in-place one in eager mode
         access = {"lora_composed": ComposedDenseWeight, "lora_concat": ConcatDenseWeight,
                   "lora_inplace": InplaceDenseWeight}.get(method)
         extra = {"delta_lora_start": 0} if method == "delta_lora" else {}  # time the W update from step 0
