@@ -212,14 +212,14 @@ def nf4_error_bound(weight: torch.Tensor, blocksize: int = NF4_BLOCKSIZE,
     import bitsandbytes.functional as bnbf
 
     levels = bnbf.get_4bit_type("nf4", device="cpu").float().sort().values
-    half_gap = (levels[1:] - levels[:-1]).max() / 2
-    flat = weight.detach().float().reshape(-1).cpu()
+    half_gap = ((levels[1:] - levels[:-1]).max() / 2).item()
+    flat = weight.detach().float().reshape(-1)  # on the weight's device: quantize_linears checks every layer
     pad = (-flat.numel()) % blocksize
     blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, blocksize)
     absmax = blocks.abs().amax(dim=1, keepdim=True)
     slack = 1.05 if double_quant else 1.0 + 1e-5
     bound = (absmax * half_gap * slack).expand_as(blocks).reshape(-1)[: flat.numel()]
-    return bound.reshape(weight.shape).to(weight.device)
+    return bound.reshape(weight.shape)
 
 
 class QLoRAMethod(LoRAMethod):
