@@ -1,9 +1,30 @@
 """Shared fixtures: a tiny Swin, tiny Darcy options, a stand-in model, and the gpu marker's auto-skip."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
 import pytest
 import torch
 from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(filename: str, name: Optional[str] = None) -> ModuleType:
+    """Import ``scripts/<filename>`` as a module (the scripts are not a package), freshly each call.
+    It is registered in ``sys.modules`` under ``name`` (default: the file's stem), which dataclasses
+    defined in a script need."""
+    name = name or Path(filename).stem
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY_BODY = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 2}
 

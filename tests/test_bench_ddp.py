@@ -2,25 +2,16 @@
 joined into one scaling table whose figures are the two runs' own."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_ddp", REPO / "scripts" / "bench_ddp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_script
 
 
 def test_bench_ddp_smoke_joins_one_and_two_process_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two ranks on two cores
-    md = load_script().main(["--smoke", "--out", str(tmp_path)])
+    md = load_script("bench_ddp.py").main(["--smoke", "--out", str(tmp_path)])
     assert md == tmp_path / "train_smoke_ddp.md"
     one = json.loads((tmp_path / "train_smoke_ddp_1gpu.json").read_text())
     two = json.loads((tmp_path / "train_smoke_ddp_2gpu.json").read_text())
@@ -42,5 +33,5 @@ def test_bench_ddp_smoke_joins_one_and_two_process_runs(tmp_path, monkeypatch):
 
 def test_bench_ddp_needs_two_gpus(capsys):
     with pytest.raises(SystemExit):
-        load_script().parse_args(["--gpus", "1"])
+        load_script("bench_ddp.py").parse_args(["--gpus", "1"])
     assert "scaling needs at least 2 GPUs for the DDP run, got 1" in capsys.readouterr().err

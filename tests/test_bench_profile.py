@@ -2,27 +2,19 @@
 JSON per run whose per-step figures add up; and the kernel-name categories on names the H100 produces."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from orca.bench import PROFILE_CATEGORIES, profile_category, short_kernel_name, summarize_profile
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_train_profile", REPO / "scripts" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_train_profile_smoke(tmp_path, monkeypatch):
-    script = load_script()
+    script = load_script("bench_train.py", "bench_train_profile")
     calls = {"steps": 0, "at_profile": []}
     timed_step, profile = script.train_step, script.profile_steps
 

@@ -1,26 +1,17 @@
 """scripts/bench_train.py --smoke on CPU: every configuration runs, and the numbers it reports add up."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_script
 
 
 def test_bench_train_smoke(tmp_path):
     rank_map = tmp_path / "rank_map.json"
     rank_map.write_text(json.dumps({"rank_map": {"layers.0.blocks.0": 4, "layers.3.blocks.0.mlp.fc1": 0}}))
-    md = load_script().main(["--smoke", "--rank-map", str(rank_map), "--grad-checkpointing", "0", "1:1",
+    md = load_script("bench_train.py").main(["--smoke", "--rank-map", str(rank_map), "--grad-checkpointing", "0", "1:1",
                              "--methods", "full", "lora", "lora_concat", "lora_inplace", "lora_map", "dylora",
                              "delta_lora", "peft",
                              "--out", str(tmp_path / "bench")])
@@ -63,7 +54,7 @@ def test_bench_train_smoke(tmp_path):
 
 
 def test_bench_train_eager_methods_need_compile_and_are_named(tmp_path, capsys):
-    script = load_script()
+    script = load_script("bench_train.py")
     with pytest.raises(SystemExit):
         script.parse_args(["--smoke", "--eager-methods", "peft"])
     assert "--eager-methods only means something with --compile" in capsys.readouterr().err

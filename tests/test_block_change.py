@@ -1,24 +1,12 @@
 """scripts/block_change.py: the per-block change of the residual stream is measured, not assumed."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 from torch import nn
 
-from tests.conftest import Stand
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("block_change", REPO / "scripts" / "block_change.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import Stand, load_script
 
 
 def tiny_model():
@@ -29,7 +17,7 @@ def tiny_model():
 
 
 def test_an_identity_block_moves_nothing_and_a_scaled_branch_moves_by_its_norm():
-    bc = load_script()
+    bc = load_script("block_change.py")
     model = tiny_model()
     x = torch.randn(3, 3, 32, 32)
     first = model.body.layers[0].blocks[0]
@@ -53,7 +41,7 @@ def test_an_identity_block_moves_nothing_and_a_scaled_branch_moves_by_its_norm()
 
 
 def test_a_body_without_swin_blocks_is_refused_by_name():
-    bc = load_script()
+    bc = load_script("block_change.py")
     with pytest.raises(ValueError, match="no SwinTransformerBlock in body Sequential"):
         bc.block_changes(Stand(nn.Identity(), nn.Sequential(nn.Linear(4, 4)), nn.Identity()), torch.randn(2, 4))
 
@@ -61,7 +49,7 @@ def test_a_body_without_swin_blocks_is_refused_by_name():
 def test_the_command_writes_both_bodies_on_every_block(tmp_path):
     import json
 
-    md = load_script().main(["--task", "digits", "--n", "4", "--out", str(tmp_path)])
+    md = load_script("block_change.py").main(["--task", "digits", "--n", "4", "--out", str(tmp_path)])
     out = json.loads((tmp_path / "block_change.json").read_text())
     assert set(out["block_change"]) == {"file", "none"} and out["n"] == 4 and out["task"] == "digits"
     # the fractal body: Swin-T's depths 2, 2, 6, 2

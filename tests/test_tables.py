@@ -4,18 +4,14 @@ Expected values are computed by hand in the comments; nothing here trains a mode
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_tables", REPO / "scripts/make_tables.py")
-make_tables = importlib.util.module_from_spec(_spec)
-sys.modules["make_tables"] = make_tables  # dataclasses look their module up there
-_spec.loader.exec_module(make_tables)
+from tests.conftest import load_script
+
+make_tables = load_script("make_tables.py")
 
 REFERENCE = {
     "source": "test reference", "body": "Swin-B",
