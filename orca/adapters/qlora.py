@@ -159,11 +159,12 @@ def _check_dequantised(name: str, weight: torch.Tensor, back: torch.Tensor, bloc
                        double_quant: bool, bnb: Any) -> None:
     """Raise if bitsandbytes reads the NF4 weight of ``name`` back outside NF4's error bound."""
     w = weight.detach().float()
-    err = (back.float().to(w.device) - w).abs()
+    diff = back.float().to(w.device) - w
+    err = diff.abs()
     bound = nf4_error_bound(w, blocksize, double_quant)
     if bool((err <= bound).all()):
         return
-    rel = ((back.float().to(w.device) - w).norm() / w.norm().clamp_min(1e-30)).item()
+    rel = (diff.norm() / w.norm().clamp_min(1e-30)).item()
     spans = (f"; its in_features {weight.shape[1]} is not a multiple of the block size {blocksize}, "
              "so blocks span rows of W, which bitsandbytes' CPU kernel has been seen to get wrong"
              if weight.shape[1] % blocksize else "")
