@@ -15,6 +15,7 @@ import timm
 import torch
 from torch import nn
 
+ATTENTION_KINDS = ("bmm", "sdpa")
 BODY_META_KEY = "orca_body"  # safetensors metadata key holding {"model": name, "kwargs": {...}}
 
 
@@ -53,6 +54,26 @@ def create_body(name: str, weights: str = "none", hub_tag: str = "ms_in22k", wei
     if weights == "file":
         return load_body_file(name, weights_file, **kwargs)
     raise ValueError(f"model.weights={weights!r}: choose hub, file or none")
+
+
+def set_attention(body: nn.Module, kind: str) -> int:
+    """Compute the body's window attention as ``bmm`` or ``sdpa``; returns how many blocks it set.
+
+    Why: timm computes Swin's window attention with explicit matmuls (q k^T, softmax, . v) and keeps
+    ``F.scaled_dot_product_attention`` (the relative-position bias and the shift mask as its float
+    mask) behind an "experimental" flag. Both are the same function; at 49 tokens per window the
+    explicit matmuls are unaligned (N = 49) and run on slow generic GEMM kernels on Hopper, which is
+    where the fused kernel can help (results/bench/train_compile_b256_profile.md). A switch rather
+    than a new attention module, so weights, state dicts and checkpoints stay timm's own.
+    """
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention={kind!r}: choose one of {', '.join(ATTENTION_KINDS)}")
+    blocks = [m for m in body.modules() if type(m).__name__ == "WindowAttention" and hasattr(m, "fused_attn")]
+    if not blocks:
+        raise ValueError(f"attention={kind!r}: {type(body).__name__} has no timm Swin WindowAttention to set")
+    for m in blocks:
+        m.fused_attn = kind == "sdpa"
+    return len(blocks)
 
 
 def load_body_file(name: str, path: Optional[str], **kwargs: Any) -> nn.Module:

@@ -20,6 +20,7 @@ import yaml
 
 from orca.adapters.config import AdapterConfig
 from orca.align.config import AlignConfig
+from orca.bodies import ATTENTION_KINDS
 from orca.checkpointing import normalize as normalize_checkpointing
 from orca.schema import ConfigError, check_choice, check_positive, from_dict, to_dict
 from rank_estimation.config import RankConfig
@@ -54,6 +55,7 @@ class ModelConfig:
     weights_file: Optional[str] = field(default=None, metadata={"help": "checkpoint path used with weights=file (.safetensors/.pth/.bin)"})
     body_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"help": "extra timm kwargs (embed_dim, depths, num_heads, window_size) for reduced Swins"})
     img_size: int = field(default=224, metadata={"help": "input resolution the body runs at; target inputs are resized to it"})
+    attention: str = field(default="bmm", metadata={"help": "bmm (timm's explicit q k^T, softmax, . v) | sdpa (F.scaled_dot_product_attention, bias as mask): the same function, other kernels"})
     embedder_init: str = field(default="pretrained", metadata={"help": "pretrained (ORCA: tile the RGB patch embedding over C_in) | random"})
     embedder_from: Optional[str] = field(default=None, metadata={"help": "stage-1 run directory whose aligned embedder replaces the initial one"})
     decoder_channels: int = field(default=3, metadata={"help": "channels of the SimMIM-style dense decoder before the channel mean"})
@@ -61,6 +63,7 @@ class ModelConfig:
     def __post_init__(self):
         check_choice("model.weights", self.weights, ("hub", "file", "none"))
         check_choice("model.embedder_init", self.embedder_init, ("pretrained", "random"))
+        check_choice("model.attention", self.attention, ATTENTION_KINDS)
         check_positive("model.img_size", self.img_size)
         if self.weights == "file" and not self.weights_file:
             raise ConfigError("model.weights=file needs model.weights_file=PATH")

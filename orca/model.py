@@ -14,7 +14,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from orca.bodies import create_body
+from orca.bodies import create_body, set_attention
 from orca.embedders import ConvEmbedder2d
 from orca.heads import ClassificationHead, DenseDecoderHead
 
@@ -49,8 +49,10 @@ class ORCAModel(nn.Module):
 def body_from_config(model_cfg) -> nn.Module:
     """The timm Swin body a ModelConfig names, with its weights (hub, file or none) and its own patch
     embedding still in place: the one place where a config becomes a body (stages 0-3 all use it)."""
-    return create_body(model_cfg.body, weights=model_cfg.weights, hub_tag=model_cfg.hub_tag,
+    body = create_body(model_cfg.body, weights=model_cfg.weights, hub_tag=model_cfg.hub_tag,
                        weights_file=model_cfg.weights_file, img_size=model_cfg.img_size, **model_cfg.body_kwargs)
+    set_attention(body, model_cfg.attention)
+    return body
 
 
 def build_model(model_cfg, task) -> ORCAModel:

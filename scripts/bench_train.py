@@ -76,6 +76,7 @@ sys.path.insert(0, str(REPO))
 from orca.bench import (GC_WHERE, PROFILE_CATEGORIES, build_config, count_step_flops, create_body,  # noqa: E402
                         free_memory, git_state, machine, matmul_peak_tflops, median_rate, profile_steps,
                         short_kernel_name, summarize_profile, synchronize, train_step)
+from orca.bodies import ATTENTION_KINDS  # noqa: E402
 from orca.checkpointing import (describe as describe_checkpointing, normalize as normalize_checkpointing,  # noqa: E402
                                 plan as plan_checkpointing)
 from orca.distributed import setup_distributed, world_from_env  # noqa: E402
@@ -108,6 +109,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--grad-checkpointing", nargs="+", default=None, metavar="S|S:K",
                    help="also time full+gc and lora+gc with these checkpointed: a body stage S (all its blocks) "
                         "or S:K (its first K blocks), e.g. 0 1 2:6")
+    p.add_argument("--attention", nargs="+", default=["bmm"], choices=ATTENTION_KINDS,
+                   help="the body's window attention (orca.bodies.set_attention); with both, every configuration "
+                        "is timed with each, the sdpa ones named NAME+sdpa")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny Swin, batch 4, 2 steps")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     p.add_argument("--tag", default=None, help="file-name suffix (default from --compile/--grad-checkpointing/--smoke)")
@@ -143,13 +147,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def configurations(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """(name, method, rank map, checkpointing entries) of every configuration, in table order."""
+    """(name, method, rank map, checkpointing entries, attention) of every configuration, in table order."""
     out = [{"name": m, "method": "lora" if m == "lora_map" else m,
             "rank_map": args.rank_map if m == "lora_map" else None, "gc": ()} for m in args.methods]
     if args.grad_checkpointing:
         out += [{"name": f"{m}+gc", "method": m, "rank_map": None, "gc": tuple(args.grad_checkpointing)}
                 for m in GC_METHODS if m in args.methods]
-    return out
+    return [dict(spec, name=spec["name"] + ("+sdpa" if kind == "sdpa" else ""), attention=kind)
+            for kind in args.attention for spec in out]
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -178,7 +183,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
             cfg = build_config(spec["method"], model_name=args.model, device=device, rank=args.rank,
                                num_classes=args.num_classes, rank_map=spec["rank_map"], body_kwargs=body_kwargs,
                                grad_ckpt_stages=spec["gc"], compile=compiled, compile_mode=args.compile_mode,
-                               ddp=world > 1)
+                               ddp=world > 1, attention=spec["attention"])
             cfg["flops"], t0 = {}, time.perf_counter()
             for b in args.batch_sizes:  # FLOP count, then warm-up (and compilation) at every batch size
                 try:
@@ -265,7 +270,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
 
     peak_tflops = args.peak_tflops
     spec_of = {spec["name"]: spec for spec in configurations(args)}
-    full_flops = {b: configs["full"]["flops"].get(b) for b in args.batch_sizes} if "full" in configs else {}
+    # a configuration's full-step FLOPs are those of full fine-tuning with the same attention kernels
+    full_of = {spec["name"]: "full" + ("+sdpa" if spec["attention"] == "sdpa" else "") for spec in spec_of.values()}
     for key, ts in times.items():
         name, b = key.rsplit("@", 1)
         b = int(b)
@@ -280,11 +286,12 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
                "mfu": mfu(flops),
                "peak_gib": round(max(peaks[key]) / 2**30, 2) if key in peaks else None,
                "trainable_params": configs[name]["counts"]["trainable"],
-               "grad_checkpointing": list(spec_of[name]["gc"]) or None,
+               "grad_checkpointing": list(spec_of[name]["gc"]) or None, "attention": spec_of[name]["attention"],
                "checkpointing": configs[name]["checkpointing"], "cuda_graphs": configs[name]["cuda_graphs"],
                "warmup_s": round(configs[name]["warmup_s"], 1)}
-        if full_flops.get(b):
-            row["mfu_full_equiv"] = mfu(full_flops[b])
+        full_flops = configs[full_of[name]]["flops"].get(b) if full_of[name] in configs else None
+        if full_flops:
+            row["mfu_full_equiv"] = mfu(full_flops)
         results[key] = row
     return results, profiles
 
@@ -316,8 +323,9 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
         if r["status"] != "ok":
             lines.append(f"| {r['batch']} | {r['config']} | {r['status']} | | | | | | | |")
             continue
-        rel = lambda other: (f"{r['img_per_s'] / ref[(r['batch'], other)]:.2f}x"  # noqa: E731
-                             if ref.get((r["batch"], other)) else "")
+        same = "+sdpa" if r.get("attention") == "sdpa" else ""  # ratios to the same attention kernels
+        rel = lambda other: (f"{r['img_per_s'] / ref[(r['batch'], other + same)]:.2f}x"  # noqa: E731
+                             if ref.get((r["batch"], other + same)) else "")
         peak = (f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else
                 "n/a (CUDA graphs)" if r["cuda_graphs"] else "n/a")
         pct = lambda v: f"{100 * v:.1f}%" if v is not None else "n/a"  # noqa: E731
@@ -325,8 +333,22 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
         gflop = f"{r['gflop_per_img']:.4g}" if r["gflop_per_img"] is not None else "n/a"
         lines.append(f"| {r['batch']} | {r['config']} | {r['img_per_s']:.1f} | {rel('full')} | {rel('peft')} | "
                      f"{gflop} | {pct(r['mfu'])} | {equiv} | {peak} | {r['trainable_params']:,} |")
+    lines += attention_lines(rows)
     (args.out / f"{stem_}.md").write_text("\n".join(lines) + "\n")
     return args.out / f"{stem_}.md"
+
+
+def attention_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    """With both attention kinds timed: each configuration's sdpa img/s over its bmm img/s (one run)."""
+    rate = {(r["batch"], r["config"]): r["img_per_s"] for r in rows if r["status"] == "ok"}
+    pairs = [(b, name, rate[(b, name + "+sdpa")] / ips) for (b, name), ips in rate.items()
+             if (b, name + "+sdpa") in rate]
+    if not pairs:
+        return []
+    return ["", "Window attention through F.scaled_dot_product_attention (`+sdpa`) against timm's explicit "
+            "matmuls (rows without it; `vs full` and `vs peft` compare rows of the same kind):", "",
+            "| batch | config | sdpa / bmm img/s |", "|---|---|---|",
+            *[f"| {b} | {name} | {ratio:.2f}x |" for b, name, ratio in pairs]]
 
 
 def compiled_label(args: argparse.Namespace) -> str:
@@ -341,7 +363,7 @@ def stem(args: argparse.Namespace) -> str:
     """``train{tag}``: the output files' name without suffix."""
     tag = args.tag if args.tag is not None else ("_smoke" if args.smoke else "") + \
         ("_compile" if args.compile else "") + ("_gc" if args.grad_checkpointing else "") + \
-        (f"_ddp{args.world}" if args.world > 1 else "")
+        ("_sdpa" if "sdpa" in args.attention else "") + (f"_ddp{args.world}" if args.world > 1 else "")
     return f"train{tag}"
 
 

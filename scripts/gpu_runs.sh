@@ -12,6 +12,8 @@
 #             batch 256 (issue 7: where the step's time goes)
 #   graphs    bench_train with CUDA graphs (compile mode reduce-overhead): full, our LoRA and its
 #             variants (GRAPH_METHODS) compiled, peft eager, batch 256 then 64 (BATCHES; issues 3, 7)
+#   sdpa      bench_train with Swin's window attention through F.scaled_dot_product_attention: eager
+#             (bmm and sdpa side by side, batch 64 and 256), then CUDA graphs at batch 256 (issue 7)
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches; Darcy-85 with LoRA, with
 #             LoRA on the patch merges too, with full fine-tuning, with the frozen body alone, at
 #             larger learning rates, with LoRA+, and for 40 epochs)
@@ -32,7 +34,7 @@
 # otherwise, so every timing is taken on an otherwise idle GPU. Sweeps run PER_GPU runs at a time
 # (default 6): the fractal body's eager runs are bound by Python, so they share one GPU well.
 source "$(dirname "$0")/_env.sh"
-[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|graphs|evidence|tables|adaptive|issue8|ddp|pack OUT_DIR [SECONDS]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|graphs|sdpa|evidence|tables|adaptive|issue8|ddp|pack OUT_DIR [SECONDS]" >&2; exit 2; }
 part=$1 out=$2 deadline=$(( $(date +%s) + ${3:-560} ))
 mkdir -p "$out"
 darcy=configs/darcy_swinb.yaml
@@ -155,6 +157,19 @@ graphs)
     within 520 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode "${COMPILE_MODE:-reduce-overhead}" \
         --eager-methods peft --methods $methods --batch-sizes $b --tag "_graphs${COMPILE_MODE:+_$COMPILE_MODE}_b$b"
   done
+  ;;
+sdpa)
+  # Issue 7: Swin's window attention through F.scaled_dot_product_attention (model.attention=sdpa)
+  # instead of timm's explicit matmuls, whose 49-token GEMMs ran on unaligned sm75 cutlass kernels,
+  # ~22 ms of a 120 ms compiled step at batch 256 (session 9's profile). Eager first (both kinds,
+  # every pair in one run, seconds), then CUDA graphs with sdpa at batch 256: full fine-tuning (its
+  # MFU), SDPA_GRAPH_METHODS="full lora" for the LoRA ratio too (~100 s more compilation).
+  step "bench_train, eager: full lora peft with bmm and sdpa attention at batch 64 and 256"
+  within 150 "$PY" scripts/bench_train.py --out "$out" --methods full lora peft --attention bmm sdpa \
+      --batch-sizes 64 256 --tag _eager_sdpa
+  step "bench_train, CUDA graphs: full (peft eager) with sdpa attention at batch 256 (${SDPA_GRAPH_METHODS:-full})"
+  within 400 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode reduce-overhead \
+      --eager-methods peft --methods ${SDPA_GRAPH_METHODS:-full} peft --attention sdpa --batch-sizes 256 --tag _graphs_sdpa_b256
   ;;
 evidence)
   darcy_in_background 10

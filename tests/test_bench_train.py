@@ -62,3 +62,18 @@ def test_bench_train_eager_methods_need_compile_and_are_named(tmp_path, capsys):
                               "--methods", "full", "lora", "peft"])
     assert script.compiled_label(args) == "torch.compile, mode reduce-overhead; eager: peft"
     assert script.compiled_label(script.parse_args(["--methods", "full"])) == "eager"
+
+
+def test_bench_train_times_both_attention_kinds_in_one_run(tmp_path):
+    md = load_script("bench_train.py").main(["--smoke", "--methods", "full", "lora", "--attention", "bmm", "sdpa",
+                                             "--out", str(tmp_path)])
+    assert md == tmp_path / "train_smoke_sdpa.md"
+    rows = {r["config"]: r for r in json.loads((tmp_path / "train_smoke_sdpa.json").read_text())["results"]}
+    assert list(rows) == ["full", "lora", "full+sdpa", "lora+sdpa"]
+    assert [r["attention"] for r in rows.values()] == ["bmm", "bmm", "sdpa", "sdpa"]
+    assert rows["lora+sdpa"]["trainable_params"] == rows["lora"]["trainable_params"]
+    text = md.read_text()
+    # ratios compare rows of one kind: full+sdpa is its own 1.00x, and each pair gets its sdpa/bmm line
+    assert "| 4 | full+sdpa |" in text and text.count("| 1.00x |") >= 2
+    ratio = rows["lora+sdpa"]["img_per_s"] / rows["lora"]["img_per_s"]
+    assert f"| 4 | lora | {ratio:.2f}x |" in text

@@ -6,8 +6,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from datasets.registry import TaskData
-from orca.bodies import WeightsError, create_body, save_body
+from orca.bodies import WeightsError, create_body, save_body, set_attention
 from orca.config import ModelConfig
+from orca.schema import ConfigError
 from orca.model import ORCAModel, build_model
 from tests.conftest import TINY_BODY
 
@@ -123,3 +124,39 @@ def test_orca_model_arch_lists_every_tensor():
     model = build_model(tiny_cfg(), fake_task())
     assert isinstance(model, ORCAModel)
     assert set(model.arch()) == set(model.state_dict())
+
+
+def test_sdpa_attention_is_the_same_function_as_bmm():
+    """model.attention=sdpa changes kernels, not the function: outputs and every gradient agree with
+    timm's explicit matmuls, shifted windows (the -100 mask) included."""
+    cfg = dict(TINY_BODY, depths=(2, 2, 2, 2))  # the second block of a stage is the shifted one
+    bodies = {}
+    for kind in ("bmm", "sdpa"):
+        torch.manual_seed(3)
+        bodies[kind] = create_body(SWIN, img_size=32, **cfg)
+        assert set_attention(bodies[kind], kind) == sum(cfg["depths"])
+    assert any(blk.shift_size for blk in bodies["sdpa"].modules() if hasattr(blk, "shift_size")
+               and isinstance(blk.shift_size, tuple) and any(blk.shift_size)), "no shifted window was tested"
+    x = torch.randn(3, 3, 32, 32)
+    outs = {}
+    for kind, body in bodies.items():
+        torch.manual_seed(7)  # the same stochastic-depth draws (timm's Swin default drop_path_rate is 0.1)
+        out = body(x)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outs[kind] = out
+    torch.testing.assert_close(outs["sdpa"], outs["bmm"], rtol=1e-5, atol=1e-5)
+    grads = {kind: dict(body.named_parameters()) for kind, body in bodies.items()}
+    for name, p in grads["bmm"].items():
+        torch.testing.assert_close(grads["sdpa"][name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_attention_choice_errors():
+    body = create_body(SWIN, img_size=32, **TINY_BODY)
+    with pytest.raises(ValueError, match=r"attention='flash': choose one of bmm, sdpa"):
+        set_attention(body, "flash")
+    with pytest.raises(ValueError, match=r"Linear has no timm Swin WindowAttention"):
+        set_attention(torch.nn.Linear(2, 2), "sdpa")
+    with pytest.raises(ConfigError, match=r"model.attention='flash' is not allowed"):
+        ModelConfig(attention="flash")
+    model = build_model(tiny_cfg(attention="sdpa"), fake_task())
+    assert all(m.fused_attn for m in model.body.modules() if hasattr(m, "fused_attn"))
