@@ -21,6 +21,7 @@ from torch import nn
 
 from orca.bodies import set_attention
 from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
+from orca.config import ModelConfig
 from orca.runs import git_info as git_state, machine_info  # noqa: F401  (one source of run facts)
 from orca.train import uses_cuda_graphs
 
@@ -53,7 +54,7 @@ def create_body(model_name: str, device: torch.device, **kwargs) -> nn.Module:
 def build_config(method: str, *, model_name: str, device: torch.device, rank: int = 8, num_classes: int = 100,
                  rank_map: Optional[str] = None, body_kwargs: Optional[Dict[str, Any]] = None,
                  grad_ckpt_stages: Sequence[Union[int, str]] = (), compile: bool = False,
-                 compile_mode: Optional[str] = None, ddp: bool = False, attention: str = "bmm") -> Dict[str, Any]:
+                 compile_mode: Optional[str] = None, ddp: bool = False, attention: str = ModelConfig.attention) -> Dict[str, Any]:
     """One resident benchmark configuration: model, (compiled) forward, optimizer, adapter method.
 
     Args:
@@ -66,8 +67,8 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         grad_ckpt_stages: what recomputes its activations in backward, as ``train.grad_checkpointing``:
             a body stage S (all its blocks) or ``"S:K"`` (its first K blocks), e.g. ``(0, 1, "2:6")``.
             The returned ``"checkpointing"`` says what that meant for this body (``"off"`` when empty).
-        attention: the body's window attention, ``bmm`` or ``sdpa`` (:func:`orca.bodies.set_attention`);
-            peft wraps the same body, so the reference gets the same kernels.
+        attention: the body's window attention, ``sdpa`` or ``bmm`` (:func:`orca.bodies.set_attention`;
+            default: stage 3's); peft wraps the same body, so the reference gets the same kernels.
         ddp: step through ``DistributedDataParallel`` (one process per GPU, the process group already
             initialised), compiled around the DDP module as stage 3 does (orca.train). FLOP counting
             still uses the bare model: a rank's FLOPs are one GPU's, with no collective in the count.

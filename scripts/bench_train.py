@@ -77,6 +77,7 @@ from orca.bench import (GC_WHERE, PROFILE_CATEGORIES, build_config, count_step_f
                         free_memory, git_state, machine, matmul_peak_tflops, median_rate, profile_steps,
                         short_kernel_name, summarize_profile, synchronize, train_step)
 from orca.bodies import ATTENTION_KINDS  # noqa: E402
+from orca.config import ModelConfig  # noqa: E402
 from orca.checkpointing import (describe as describe_checkpointing, normalize as normalize_checkpointing,  # noqa: E402
                                 plan as plan_checkpointing)
 from orca.distributed import setup_distributed, world_from_env  # noqa: E402
@@ -109,9 +110,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--grad-checkpointing", nargs="+", default=None, metavar="S|S:K",
                    help="also time full+gc and lora+gc with these checkpointed: a body stage S (all its blocks) "
                         "or S:K (its first K blocks), e.g. 0 1 2:6")
-    p.add_argument("--attention", nargs="+", default=["bmm"], choices=ATTENTION_KINDS,
-                   help="the body's window attention (orca.bodies.set_attention); with both, every configuration "
-                        "is timed with each, the sdpa ones named NAME+sdpa")
+    p.add_argument("--attention", nargs="+", default=[ModelConfig.attention], choices=ATTENTION_KINDS,
+                   help="the body's window attention (orca.bodies.set_attention; default: stage 3's, "
+                        f"model.attention={ModelConfig.attention}); with both, every configuration is timed with "
+                        "each, the sdpa ones named NAME+sdpa")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny Swin, batch 4, 2 steps")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     p.add_argument("--tag", default=None, help="file-name suffix (default from --compile/--grad-checkpointing/--smoke)")
@@ -134,6 +136,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--rank-map {args.rank_map}: no such file")
     if args.smoke:
         args.model, args.batch_sizes, args.steps, args.warmup, args.repeats = "swin_tiny_patch4_window7_224", [4], 2, 1, 1
+    args.attention = sorted(set(args.attention), key=ATTENTION_KINDS.index)  # bmm rows first
     if args.eager_methods and not args.compile:
         p.error("--eager-methods only means something with --compile")
     if args.compile_mode == "default":
@@ -153,8 +156,14 @@ def configurations(args: argparse.Namespace) -> List[Dict[str, Any]]:
     if args.grad_checkpointing:
         out += [{"name": f"{m}+gc", "method": m, "rank_map": None, "gc": tuple(args.grad_checkpointing)}
                 for m in GC_METHODS if m in args.methods]
-    return [dict(spec, name=spec["name"] + ("+sdpa" if kind == "sdpa" else ""), attention=kind)
+    return [dict(spec, name=spec["name"] + sdpa_suffix(kind, args), attention=kind)
             for kind in args.attention for spec in out]
+
+
+def sdpa_suffix(kind: str, args: argparse.Namespace) -> str:
+    """``+sdpa`` on the sdpa rows of a run that times both attention kinds; otherwise no suffix (every
+    row says its ``attention``, the markdown's header too)."""
+    return "+sdpa" if kind == "sdpa" and len(args.attention) > 1 else ""
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -271,7 +280,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
     peak_tflops = args.peak_tflops
     spec_of = {spec["name"]: spec for spec in configurations(args)}
     # a configuration's full-step FLOPs are those of full fine-tuning with the same attention kernels
-    full_of = {spec["name"]: "full" + ("+sdpa" if spec["attention"] == "sdpa" else "") for spec in spec_of.values()}
+    full_of = {spec["name"]: "full" + sdpa_suffix(spec["attention"], args) for spec in spec_of.values()}
     for key, ts in times.items():
         name, b = key.rsplit("@", 1)
         b = int(b)
@@ -314,7 +323,7 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
              f"`{meta['command']}`", "",
              f"torch {meta['machine']['torch']}, git {meta['git']['commit']}{' (dirty)' if meta['git']['dirty'] else ''}, "
              f"{meta['date']}; {args.model}, {'bf16 autocast, fused AdamW' if device.type == 'cuda' else 'fp32, AdamW'}, "
-             f"r = {args.rank}; median of {args.repeats} interleaved blocks of {args.steps} steps after "
+             f"r = {args.rank}; window attention {' and '.join(args.attention)}; median of {args.repeats} interleaved blocks of {args.steps} steps after "
              f"{args.warmup} warm-up steps; matmul peak {meta['matmul_peak_tflops']} TFLOP/s.", "",
              *gc_lines(rows, args),
              "| batch | config | img/s | vs full | vs peft | GFLOP/img | MFU | MFU (full-step FLOPs) | peak GiB | trainable |",
@@ -323,7 +332,7 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
         if r["status"] != "ok":
             lines.append(f"| {r['batch']} | {r['config']} | {r['status']} | | | | | | | |")
             continue
-        same = "+sdpa" if r.get("attention") == "sdpa" else ""  # ratios to the same attention kernels
+        same = sdpa_suffix(r["attention"], args)  # ratios to the same attention kernels
         rel = lambda other: (f"{r['img_per_s'] / ref[(r['batch'], other + same)]:.2f}x"  # noqa: E731
                              if ref.get((r["batch"], other + same)) else "")
         peak = (f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else
@@ -363,7 +372,7 @@ def stem(args: argparse.Namespace) -> str:
     """``train{tag}``: the output files' name without suffix."""
     tag = args.tag if args.tag is not None else ("_smoke" if args.smoke else "") + \
         ("_compile" if args.compile else "") + ("_gc" if args.grad_checkpointing else "") + \
-        ("_sdpa" if "sdpa" in args.attention else "") + (f"_ddp{args.world}" if args.world > 1 else "")
+        ("_sdpa" if len(args.attention) > 1 else "") + (f"_ddp{args.world}" if args.world > 1 else "")
     return f"train{tag}"
 
 
