@@ -54,13 +54,15 @@ def create_body(model_name: str, device: torch.device, **kwargs) -> nn.Module:
 def build_config(method: str, *, model_name: str, device: torch.device, rank: int = 8, num_classes: int = 100,
                  rank_map: Optional[str] = None, body_kwargs: Optional[Dict[str, Any]] = None,
                  grad_ckpt_stages: Sequence[Union[int, str]] = (), compile: bool = False,
-                 compile_mode: Optional[str] = None, ddp: bool = False, attention: str = ModelConfig.attention) -> Dict[str, Any]:
+                 compile_mode: Optional[str] = None, ddp: bool = False,
+                 attention: str = ModelConfig.attention) -> Dict[str, Any]:
     """One resident benchmark configuration: model, (compiled) forward, optimizer, adapter method.
 
     Args:
         method: ``peft`` (HF peft LoRA, the reference), ``lora_composed`` / ``lora_concat`` /
-            ``lora_inplace`` (our LoRA through :class:`orca.adapters.lora.ComposedDenseWeight` /
-            ``ConcatDenseWeight`` / ``InplaceDenseWeight``) or a
+            ``lora_inplace`` / ``lora_joined`` (our LoRA through
+            :class:`orca.adapters.lora.ComposedDenseWeight` / ``ConcatDenseWeight`` /
+            ``InplaceDenseWeight`` / ``JoinedDenseWeight``) or a
             registered adapter method
             (full, lora, dylora, delta_lora, qlora); LoRA-type methods adapt every block
             qkv/proj/fc1/fc2 with rank ``rank`` unless ``rank_map`` (a stage-2 JSON) says otherwise.
@@ -90,13 +92,15 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         groups = [{"params": params, "weight_decay": 0.01}]
     else:
         from orca.adapters import AdapterConfig, build_method
-        from orca.adapters.lora import ComposedDenseWeight, ConcatDenseWeight, InplaceDenseWeight, LoRALinear
+        from orca.adapters.lora import (ComposedDenseWeight, ConcatDenseWeight, InplaceDenseWeight,
+                                        JoinedDenseWeight, LoRALinear)
 
         # our LoRA through plain autograd ops (lora_composed), always the one-GEMM forward (lora_concat)
-        # or always the in-place rank-r update (lora_inplace); plain lora takes the one-GEMM form when
-        # compiled and the in-place one in eager mode
+        # or always the in-place rank-r update (lora_inplace), or the default forms with the backward's
+        # two GEMMs over g joined (lora_joined); plain lora takes the one-GEMM form when compiled and
+        # the in-place one in eager mode
         access = {"lora_composed": ComposedDenseWeight, "lora_concat": ConcatDenseWeight,
-                  "lora_inplace": InplaceDenseWeight}.get(method)
+                  "lora_inplace": InplaceDenseWeight, "lora_joined": JoinedDenseWeight}.get(method)
         extra = {"delta_lora_start": 0} if method == "delta_lora" else {}  # time the W update from step 0
         cfg = AdapterConfig(method="lora" if access else method, rank=rank, alpha=2.0 * rank, targets="all",
                             rank_map=rank_map, train_embedder=True, train_head=True, **extra)

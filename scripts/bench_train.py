@@ -16,7 +16,8 @@ GEMM over [x, x A^T] when compiled and the base GEMM plus an in-place rank-r upd
 ``orca.adapters.lora.DenseWeight``); ``lora_composed`` (the same LoRA through plain autograd ops
 instead of the fused Function: what the Function's Python forward and backward cost per step);
 ``lora_concat`` / ``lora_inplace`` (the same LoRA pinned to the one-GEMM / the in-place form, eager
-and compiled alike); ``lora_map``
+and compiled alike); ``lora_joined`` (the default forms, with the backward's two GEMMs over the
+output gradient joined into one, ``JoinedDenseWeight``: a candidate); ``lora_map``
 (ours, a stage-2 rank map); ``dylora``; ``delta_lora`` (W update active from step 0); ``qlora``
 (NF4 base + LoRA); ``peft`` (HF peft LoRA r = 8, the reference); with ``--grad-checkpointing``
 also ``full+gc`` and ``lora+gc`` (activation checkpointing: each entry a body stage S, all its
@@ -83,7 +84,8 @@ from orca.checkpointing import (describe as describe_checkpointing, normalize as
 from orca.distributed import setup_distributed, world_from_env  # noqa: E402
 from orca.schema import ConfigError  # noqa: E402
 
-METHODS = ("full", "lora", "lora_composed", "lora_concat", "lora_inplace", "lora_map", "dylora", "delta_lora", "qlora", "peft")
+METHODS = ("full", "lora", "lora_composed", "lora_concat", "lora_inplace", "lora_joined", "lora_map", "dylora",
+           "delta_lora", "qlora", "peft")
 GC_METHODS = ("full", "lora")
 SMOKE_BODY = {"img_size": 32, "embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "window_size": 2}
 
@@ -323,7 +325,8 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
              f"`{meta['command']}`", "",
              f"torch {meta['machine']['torch']}, git {meta['git']['commit']}{' (dirty)' if meta['git']['dirty'] else ''}, "
              f"{meta['date']}; {args.model}, {'bf16 autocast, fused AdamW' if device.type == 'cuda' else 'fp32, AdamW'}, "
-             f"r = {args.rank}; window attention {' and '.join(args.attention)}; median of {args.repeats} interleaved blocks of {args.steps} steps after "
+             f"r = {args.rank}; window attention {' and '.join(args.attention)}; "
+             f"median of {args.repeats} interleaved blocks of {args.steps} steps after "
              f"{args.warmup} warm-up steps; matmul peak {meta['matmul_peak_tflops']} TFLOP/s.", "",
              *gc_lines(rows, args),
              "| batch | config | img/s | vs full | vs peft | GFLOP/img | MFU | MFU (full-step FLOPs) | peak GiB | trainable |",

@@ -163,11 +163,13 @@ sdpa)
   # instead of timm's explicit matmuls, whose 49-token GEMMs ran on unaligned sm75 cutlass kernels,
   # ~22 ms of a 120 ms compiled step at batch 256 (session 9's profile). Eager first (both kinds,
   # every pair in one run, seconds), then CUDA graphs with sdpa at batch 256: full fine-tuning (its
-  # MFU), SDPA_GRAPH_METHODS="full lora" for the LoRA ratio too (~100 s more compilation).
-  step "bench_train, eager: full lora peft with bmm and sdpa attention at batch 64 and 256"
-  within 150 "$PY" scripts/bench_train.py --out "$out" --methods full lora peft --attention bmm sdpa \
+  # MFU: 32.5% in session 9), SDPA_GRAPH_METHODS="full lora lora_joined" for the LoRA ratios too
+  # (~80 s of compilation each). lora_joined: JoinedDenseWeight, the backward's two GEMMs over the
+  # output gradient as one (a candidate for issue 7's LoRA/full ratio, not yet timed on a GPU).
+  step "bench_train, eager: full lora lora_joined peft with bmm and sdpa attention at batch 64 and 256"
+  within 150 "$PY" scripts/bench_train.py --out "$out" --methods full lora lora_joined peft --attention bmm sdpa \
       --batch-sizes 64 256 --tag _eager_sdpa
-  step "bench_train, CUDA graphs: full (peft eager) with sdpa attention at batch 256 (${SDPA_GRAPH_METHODS:-full})"
+  step "bench_train, CUDA graphs: ${SDPA_GRAPH_METHODS:-full} (and peft eager) with sdpa attention at batch 256"
   within 400 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode reduce-overhead \
       --eager-methods peft --methods ${SDPA_GRAPH_METHODS:-full} peft --attention sdpa --batch-sizes 256 --tag _graphs_sdpa_b256
   ;;

@@ -12,15 +12,16 @@ def test_bench_train_smoke(tmp_path):
     rank_map = tmp_path / "rank_map.json"
     rank_map.write_text(json.dumps({"rank_map": {"layers.0.blocks.0": 4, "layers.3.blocks.0.mlp.fc1": 0}}))
     md = load_script("bench_train.py").main(["--smoke", "--rank-map", str(rank_map), "--grad-checkpointing", "0", "1:1",
-                             "--methods", "full", "lora", "lora_concat", "lora_inplace", "lora_map", "dylora",
-                             "delta_lora", "peft",
+                             "--methods", "full", "lora", "lora_concat", "lora_inplace", "lora_joined",
+                             "lora_map", "dylora", "delta_lora", "peft",
                              "--out", str(tmp_path / "bench")])
     assert md == tmp_path / "bench" / "train_smoke_gc.md"
     out = json.loads((tmp_path / "bench" / "train_smoke_gc.json").read_text())
     assert out["git"]["commit"] and "--smoke" in out["command"] and out["machine"]["torch"]
     assert out["matmul_peak_tflops"] > 0
     rows = {r["config"]: r for r in out["results"]}
-    assert list(rows) == ["full", "lora", "lora_concat", "lora_inplace", "lora_map", "dylora", "delta_lora", "peft",
+    assert list(rows) == ["full", "lora", "lora_concat", "lora_inplace", "lora_joined", "lora_map", "dylora",
+                          "delta_lora", "peft",
                           "full+gc", "lora+gc"]
     assert all(r["status"] == "ok" and r["batch"] == 4 and r["img_per_s"] > 0 for r in rows.values())
     # what +gc recomputed: the entries as given (stage 0 whole, first block of stage 1) and per stage
@@ -41,7 +42,7 @@ def test_bench_train_smoke(tmp_path):
     assert f["lora_map"] < f["lora"] and f["full+gc"] > 1.1 * f["full"]
     # the one-GEMM forward does the multiply-adds of the base GEMM plus the rank-r update, which the
     # default path does in place (addmm_, which torch's FLOP counter alone would not count)
-    for pinned in ("lora_concat", "lora_inplace"):
+    for pinned in ("lora_concat", "lora_inplace", "lora_joined"):
         assert rows[pinned]["trainable_params"] == rows["lora"]["trainable_params"]
         assert f[pinned] == f["lora"], pinned
     for r in rows.values():

@@ -95,6 +95,7 @@ def check_fwd_bwd(compiled, eager_layer, layer, x, tol, seed=None, what=""):
 LAYER_CASES = [  # (id, dropout, train mode, input shapes)
     ("fused", 0.0, True, [(2, 5, 12), (1, 4, 12), (3, 5, 12), (2, 3, 12)]),
     ("fused-inplace", 0.0, True, [(2, 5, 12), (1, 4, 12)]),  # the in-place rank-r update, compiled
+    ("fused-joined", 0.0, True, [(2, 5, 12), (1, 4, 12)]),  # one backward GEMM over g, compiled
     ("generic-eval", 0.3, False, [(2, 5, 12)]),
     ("generic-dropout", 0.3, True, [(2, 5, 12), (1, 4, 12)]),
 ]
@@ -104,10 +105,10 @@ LAYER_CASES = [  # (id, dropout, train mode, input shapes)
 @pytest.mark.parametrize("case_id,dropout,train,shapes", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
 def test_layer_compiled_matches_eager(backend, case_id, dropout, train, shapes):
     layer = lora_linear(dropout=dropout).train(train)
-    if case_id == "fused-inplace":  # the default compiles the one-GEMM form; this pins the other one
-        from orca.adapters.lora import InplaceDenseWeight
+    if case_id in ("fused-inplace", "fused-joined"):  # the in-place form, or the joined backward
+        from orca.adapters.lora import InplaceDenseWeight, JoinedDenseWeight
 
-        layer.weight_access = InplaceDenseWeight
+        layer.weight_access = InplaceDenseWeight if case_id == "fused-inplace" else JoinedDenseWeight
     # DenseWeight.lora_forward takes the fused Function exactly when there is no dropout module
     assert (layer.lora_dropout is None) == case_id.startswith("fused")
     eager = copy.deepcopy(layer)

@@ -266,9 +266,10 @@ FUSED_CASES = [  # (id, input shape, bias, W trainable, dtype, atol); tokens N v
 ]
 
 
-@pytest.mark.parametrize("concat", [False, True], ids=["addmm", "concat"])
+@pytest.mark.parametrize("concat,join", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["addmm", "concat", "addmm-joined", "concat-joined"])
 @pytest.mark.parametrize("case_id,shape,bias,w_grad,dtype,atol", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
-def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad, dtype, atol, concat):
+def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad, dtype, atol, concat, join):
     from orca.adapters.lora import fused_lora_linear
 
     gen = torch.Generator().manual_seed(0)
@@ -276,7 +277,7 @@ def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad,
     x, w, a, b = make(*shape), make(9, 12, grad=w_grad), make(3, 12), make(9, 3)
     bvec = make(9) if bias else None
     inputs = [t for t in (x, w, bvec, a, b) if t is not None and t.requires_grad]
-    ours = fused_lora_linear(x, w, bvec, a, b, 0.7, concat=concat)
+    ours = fused_lora_linear(x, w, bvec, a, b, 0.7, concat=concat, join_backward=join)
     ref = nn.functional.linear(x, w, bvec) + 0.7 * nn.functional.linear(nn.functional.linear(x, a), b)
     torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
     g = torch.randn(ref.shape, generator=gen, dtype=dtype)
@@ -287,11 +288,13 @@ def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad,
 
 
 @pytest.mark.parametrize("accessor,compiling", [("ComposedDenseWeight", False), ("ConcatDenseWeight", False),
-                                                ("InplaceDenseWeight", True), ("DenseWeight", True)])
+                                                ("InplaceDenseWeight", True), ("DenseWeight", True),
+                                                ("JoinedDenseWeight", False), ("JoinedDenseWeight", True)])
 def test_benchmarked_accessors_match_the_default(monkeypatch, accessor, compiling):
     """ComposedDenseWeight (plain autograd ops, the bench's lora_composed), ConcatDenseWeight (always one
     GEMM over [x, x A^T], lora_concat), InplaceDenseWeight (always the in-place rank-r update,
-    lora_inplace) and the default as it runs under torch.compile (one GEMM) give the eager default's
+    lora_inplace), JoinedDenseWeight (one backward GEMM over g, lora_joined) and the default as it runs
+    under torch.compile (one GEMM) give the eager default's
     output and gradients on every adapted layer of a model, and each takes the form it says."""
     from orca.adapters import lora as lora_module
     from orca.adapters.lora import DenseWeight, FusedLoRALinear, LoRALinear
@@ -307,7 +310,7 @@ def test_benchmarked_accessors_match_the_default(monkeypatch, accessor, compilin
     apply, calls = FusedLoRALinear.apply, []
 
     def checked(*args):
-        calls.append(args[-1])  # the concat flag
+        calls.append(args[6:])  # the concat and join_backward flags
         if accessor == "ComposedDenseWeight":
             raise AssertionError("the composed accessor ran the fused Function")
         return apply(*args)
@@ -316,8 +319,9 @@ def test_benchmarked_accessors_match_the_default(monkeypatch, accessor, compilin
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     out_c = composed(x)
     concat = {"ComposedDenseWeight": None, "ConcatDenseWeight": True, "InplaceDenseWeight": False,
-              "DenseWeight": True}[accessor]  # the default: one GEMM while compiling
-    assert calls == ([] if concat is None else [concat] * len(layers))
+              "DenseWeight": True, "JoinedDenseWeight": compiling}[accessor]  # the default: one GEMM while compiling
+    join = accessor == "JoinedDenseWeight"
+    assert calls == ([] if concat is None else [(concat, join)] * len(layers))
     torch.testing.assert_close(out_c, out_f, atol=1e-6, rtol=0)
     out_f.square().sum().backward()
     out_c.square().sum().backward()

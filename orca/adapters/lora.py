@@ -83,6 +83,7 @@ class DenseWeight:
 
     kind = "dense"
     concat: Optional[bool] = None
+    join_backward = False  # see JoinedDenseWeight
 
     @staticmethod
     def get(base: nn.Module) -> torch.Tensor:
@@ -104,7 +105,8 @@ class DenseWeight:
         if layer.lora_dropout is not None:
             return lora_forward_generic(layer, x, a, b, scale)
         concat = torch.compiler.is_compiling() if cls.concat is None else cls.concat
-        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale, concat=concat)
+        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale, concat=concat,
+                                 join_backward=cls.join_backward)
 
 
 class ComposedDenseWeight(DenseWeight):
@@ -140,6 +142,20 @@ class InplaceDenseWeight(DenseWeight):
     concat = False
 
 
+class JoinedDenseWeight(DenseWeight):
+    """The default forward forms with the backward's two GEMMs over g joined into one:
+    [dL/dx | dL/d(x A^T)] = g [W + s B A | s B] (N = d_in + r), instead of g (W + s B A) and then
+    g (s B), a second pass over the N x d_out output gradient. Why a candidate, not the default:
+    session 9's profile (results/bench/train_compile_b256_profile.md) has LoRA spending more GEMM time
+    than full fine-tuning, much of it in rank-r GEMMs that each re-read an activation; this removes
+    one of them per layer, at the price of an input gradient with row stride d_in + r, which eager
+    consumers may copy. Not chosen by :func:`dispatch_base` until a measurement says so
+    (``scripts/bench_train.py --methods lora_joined``)."""
+
+    kind = "dense (joined backward GEMM)"
+    join_backward = True
+
+
 # ---------------------------------------------------------------------------------------------
 # The LoRA forward: generic (any base layer) and fused (dense base)
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +189,7 @@ class FusedLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale, concat=False):
+    def forward(ctx, x, weight, bias, a, b, scale, concat=False, join_backward=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa = torch.mm(x2, a.t())
@@ -191,6 +207,7 @@ class FusedLoRALinear(torch.autograd.Function):
             out.addmm_(xa, b.t(), alpha=scale)
             ctx.save_for_backward(x2, xa, weight, a, b)
         ctx.scale, ctx.in_shape, ctx.has_bias, ctx.concat = scale, shape, bias is not None, concat
+        ctx.join_backward = join_backward
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -206,8 +223,15 @@ class FusedLoRALinear(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         many_tokens = g.shape[0] >= weight.shape[0]
-        gb = torch.mm(g, b * s) if need_a or (need_x and not many_tokens) else None  # dL/d(x A^T), N x r
-        if need_x:
+        joined = ctx.join_backward and need_x and need_a and many_tokens
+        if joined:
+            # [g (W + s B A) | g s B]: both products of g in one GEMM, returned as column slices
+            d_in = weight.shape[1]
+            joint = torch.mm(g, torch.cat([torch.addmm(weight, b, a, alpha=s), b * s], dim=1))
+            grad_x, gb = joint[:, :d_in].view(ctx.in_shape), joint[:, d_in:]
+        else:
+            gb = torch.mm(g, b * s) if need_a or (need_x and not many_tokens) else None  # dL/d(x A^T), N x r
+        if need_x and not joined:
             if many_tokens:
                 # g W + (s g B) A = g (W + s B A): one GEMM against the d_out x d_in effective weight
                 # instead of a second full-size pass that reads and rewrites grad_x. Forming it costs
@@ -224,26 +248,28 @@ class FusedLoRALinear(torch.autograd.Function):
             grad_a = torch.mm(gb.t(), x2)
         if need_b:
             grad_b = torch.mm(g.t(), xa).mul_(s)  # d_out x r
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
 def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      a: torch.Tensor, b: torch.Tensor, scale: float, concat: bool = False) -> torch.Tensor:
+                      a: torch.Tensor, b: torch.Tensor, scale: float, concat: bool = False,
+                      join_backward: bool = False) -> torch.Tensor:
     """Autocast-aware entry to :class:`FusedLoRALinear`: under autocast every operand is cast to
     the autocast dtype once, as F.linear would (x once for both paths). The matmuls inside then
     see matching dtypes, so autocast leaves them alone; no context switch is needed, which
     matters at small batches where eager mode is bound by Python overhead per layer.
-    ``concat``: the forward as one GEMM over [x, x A^T] (see :class:`FusedLoRALinear`)."""
+    ``concat``: the forward as one GEMM over [x, x A^T] (see :class:`FusedLoRALinear`);
+    ``join_backward``: the backward's two GEMMs over the output gradient as one (:class:`JoinedDenseWeight`)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         return FusedLoRALinear.apply(x.to(dtype), weight.to(dtype),
                                      None if bias is None else bias.to(dtype), a.to(dtype),
-                                     b.to(dtype), scale, concat)
+                                     b.to(dtype), scale, concat, join_backward)
     dtype = weight.dtype
     if x.dtype != dtype:
         x = x.to(dtype)
-    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat)
+    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat, join_backward)
 
 
 def _is_nf4_linear(module: nn.Module) -> bool:
