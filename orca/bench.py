@@ -69,8 +69,9 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         grad_ckpt_stages: what recomputes its activations in backward, as ``train.grad_checkpointing``:
             a body stage S (all its blocks) or ``"S:K"`` (its first K blocks), e.g. ``(0, 1, "2:6")``.
             The returned ``"checkpointing"`` says what that meant for this body (``"off"`` when empty).
-        attention: the body's window attention, ``sdpa`` or ``bmm`` (:func:`orca.bodies.set_attention`;
-            default: stage 3's); peft wraps the same body, so the reference gets the same kernels.
+        attention: the body's window attention, ``auto``, ``sdpa`` or ``bmm``
+            (:func:`orca.bodies.set_attention`; default: stage 3's); peft wraps the same body, so the
+            reference gets the same kernels.
         ddp: step through ``DistributedDataParallel`` (one process per GPU, the process group already
             initialised), compiled around the DDP module as stage 3 does (orca.train). FLOP counting
             still uses the bare model: a rank's FLOPs are one GPU's, with no collective in the count.

@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-ATTENTION_KINDS = ("bmm", "sdpa")
+ATTENTION_KINDS = ("auto", "sdpa", "bmm")  # auto: sdpa where timm's Swin offers it (V1), else the body's own
 BODY_META_KEY = "orca_body"  # safetensors metadata key holding {"model": name, "kwargs": {...}}
 
 
@@ -56,8 +56,8 @@ def create_body(name: str, weights: str = "none", hub_tag: str = "ms_in22k", wei
     raise ValueError(f"model.weights={weights!r}: choose hub, file or none")
 
 
-def set_attention(body: nn.Module, kind: str) -> int:
-    """Compute the body's window attention as ``bmm`` or ``sdpa``; returns how many blocks it set.
+def set_attention(body: nn.Module, kind: str = "auto") -> str:
+    """Compute the body's window attention as ``sdpa`` or ``bmm``; returns the kind it runs with.
 
     Why: timm computes Swin's window attention with explicit matmuls (q k^T, softmax, . v) and keeps
     ``F.scaled_dot_product_attention`` (the relative-position bias and the shift mask as its float
@@ -65,18 +65,26 @@ def set_attention(body: nn.Module, kind: str) -> int:
     explicit matmuls are unaligned (N = 49) and run on slow generic GEMM kernels on Hopper
     (results/bench/train_compile_b256_profile.md), and the fused kernel also keeps no N x N
     attention matrix for backward: on an H200 sdpa is 1.04-1.20x faster for full fine-tuning, LoRA and
-    peft alike, with 15% less peak memory at batch 256 (results/bench/train_eager_sdpa.md), so it is
-    the default (``model.attention``). A switch rather than a new attention module, so weights,
-    state dicts and checkpoints stay timm's own.
+    peft alike, with 15% less peak memory at batch 256 (results/bench/train_eager_sdpa.md), so
+    ``auto`` (the default ``model.attention``) takes it wherever the body has the switch. timm's Swin
+    V2 has no such switch (cosine attention, explicit matmuls): ``auto`` and ``bmm`` leave it as it
+    is, and ``sdpa`` is refused. A switch rather than a new attention module, so weights, state
+    dicts and checkpoints stay timm's own.
     """
+    from timm.models.swin_transformer import WindowAttention
+
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"attention={kind!r}: choose one of {', '.join(ATTENTION_KINDS)}")
-    blocks = [m for m in body.modules() if type(m).__name__ == "WindowAttention" and hasattr(m, "fused_attn")]
+    blocks = [m for m in body.modules() if isinstance(m, WindowAttention)]
     if not blocks:
-        raise ValueError(f"attention={kind!r}: {type(body).__name__} has no timm Swin WindowAttention to set")
+        if kind == "sdpa":
+            raise ValueError(f"attention='sdpa': {type(body).__name__} has no timm Swin (V1) WindowAttention "
+                             f"to switch; use attention=auto or bmm")
+        return "bmm"
+    kind = "sdpa" if kind == "auto" else kind
     for m in blocks:
         m.fused_attn = kind == "sdpa"
-    return len(blocks)
+    return kind
 
 
 def load_body_file(name: str, path: Optional[str], **kwargs: Any) -> nn.Module:

@@ -55,7 +55,7 @@ class ModelConfig:
     weights_file: Optional[str] = field(default=None, metadata={"help": "checkpoint path used with weights=file (.safetensors/.pth/.bin)"})
     body_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"help": "extra timm kwargs (embed_dim, depths, num_heads, window_size) for reduced Swins"})
     img_size: int = field(default=224, metadata={"help": "input resolution the body runs at; target inputs are resized to it"})
-    attention: str = field(default="sdpa", metadata={"help": "sdpa (F.scaled_dot_product_attention, bias and shift mask as its mask) | bmm (timm's default: explicit q k^T, softmax, . v): the same function, other kernels; sdpa is faster and smaller on GPU (results/bench/train_eager_sdpa.md)"})
+    attention: str = field(default="auto", metadata={"help": "auto (sdpa where the body has timm's switch: Swin V1) | sdpa (F.scaled_dot_product_attention, bias and shift mask as its mask) | bmm (timm's default: explicit q k^T, softmax, . v): the same function, other kernels; sdpa is faster and smaller on GPU (results/bench/train_eager_sdpa.md)"})
     embedder_init: str = field(default="pretrained", metadata={"help": "pretrained (ORCA: tile the RGB patch embedding over C_in) | random"})
     embedder_from: Optional[str] = field(default=None, metadata={"help": "stage-1 run directory whose aligned embedder replaces the initial one"})
     decoder_channels: int = field(default=3, metadata={"help": "channels of the SimMIM-style dense decoder before the channel mean"})

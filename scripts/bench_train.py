@@ -77,7 +77,7 @@ sys.path.insert(0, str(REPO))
 from orca.bench import (GC_WHERE, PROFILE_CATEGORIES, build_config, count_step_flops, create_body,  # noqa: E402
                         free_memory, git_state, machine, matmul_peak_tflops, median_rate, profile_steps,
                         short_kernel_name, summarize_profile, synchronize, train_step)
-from orca.bodies import ATTENTION_KINDS  # noqa: E402
+from orca.bodies import ATTENTION_KINDS, set_attention  # noqa: E402
 from orca.config import ModelConfig  # noqa: E402
 from orca.checkpointing import (describe as describe_checkpointing, normalize as normalize_checkpointing,  # noqa: E402
                                 plan as plan_checkpointing)
@@ -114,8 +114,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "or S:K (its first K blocks), e.g. 0 1 2:6")
     p.add_argument("--attention", nargs="+", default=[ModelConfig.attention], choices=ATTENTION_KINDS,
                    help="the body's window attention (orca.bodies.set_attention; default: stage 3's, "
-                        f"model.attention={ModelConfig.attention}); with both, every configuration is timed with "
-                        "each, the sdpa ones named NAME+sdpa")
+                        f"model.attention={ModelConfig.attention}: sdpa on Swin V1); with sdpa and bmm, every "
+                        "configuration is timed with each, the sdpa ones named NAME+sdpa")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny Swin, batch 4, 2 steps")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     p.add_argument("--tag", default=None, help="file-name suffix (default from --compile/--grad-checkpointing/--smoke)")
@@ -138,7 +138,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--rank-map {args.rank_map}: no such file")
     if args.smoke:
         args.model, args.batch_sizes, args.steps, args.warmup, args.repeats = "swin_tiny_patch4_window7_224", [4], 2, 1, 1
-    args.attention = sorted(set(args.attention), key=ATTENTION_KINDS.index)  # bmm rows first
+    try:  # the kinds the body really runs with (auto resolved), bmm rows first
+        body = create_body(args.model, torch.device("meta"), **(SMOKE_BODY if args.smoke else {}))
+        args.attention = sorted({set_attention(body, kind) for kind in args.attention}, key=("bmm", "sdpa").index)
+    except ValueError as err:
+        p.error(f"--attention: {err}")
     if args.eager_methods and not args.compile:
         p.error("--eager-methods only means something with --compile")
     if args.compile_mode == "default":

@@ -134,7 +134,9 @@ def test_sdpa_attention_is_the_same_function_as_bmm():
     for kind in ("bmm", "sdpa"):
         torch.manual_seed(3)
         bodies[kind] = create_body(SWIN, img_size=32, **cfg)
-        assert set_attention(bodies[kind], kind) == sum(cfg["depths"])
+        assert set_attention(bodies[kind], kind) == kind
+        switched = [m.fused_attn for m in bodies[kind].modules() if hasattr(m, "fused_attn")]
+        assert switched == [kind == "sdpa"] * sum(cfg["depths"])
     assert any(blk.shift_size for blk in bodies["sdpa"].modules() if hasattr(blk, "shift_size")
                and isinstance(blk.shift_size, tuple) and any(blk.shift_size)), "no shifted window was tested"
     x = torch.randn(3, 3, 32, 32)
@@ -150,11 +152,19 @@ def test_sdpa_attention_is_the_same_function_as_bmm():
         torch.testing.assert_close(grads["sdpa"][name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_attention_choice_errors():
+def test_attention_choice_errors_and_auto():
     body = create_body(SWIN, img_size=32, **TINY_BODY)
-    with pytest.raises(ValueError, match=r"attention='flash': choose one of bmm, sdpa"):
+    with pytest.raises(ValueError, match=r"attention='flash': choose one of auto, sdpa, bmm"):
         set_attention(body, "flash")
-    with pytest.raises(ValueError, match=r"Linear has no timm Swin WindowAttention"):
+    assert set_attention(body, "auto") == "sdpa"  # the default on timm's Swin (V1)
+    # Swin V2 has no switch: auto and bmm keep its own attention, sdpa is refused with the way out
+    v2 = create_body("swinv2_tiny_window8_256", img_size=32, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                     window_size=4)
+    assert set_attention(v2, "auto") == set_attention(v2, "bmm") == "bmm"
+    with pytest.raises(ValueError, match=r"SwinTransformerV2 has no timm Swin \(V1\) WindowAttention to switch; "
+                                         r"use attention=auto or bmm"):
+        set_attention(v2, "sdpa")
+    with pytest.raises(ValueError, match=r"Linear has no timm Swin \(V1\) WindowAttention"):
         set_attention(torch.nn.Linear(2, 2), "sdpa")
     with pytest.raises(ConfigError, match=r"model.attention='flash' is not allowed"):
         ModelConfig(attention="flash")
