@@ -78,9 +78,9 @@ from orca.bench import (GC_WHERE, PROFILE_CATEGORIES, build_config, count_step_f
                         free_memory, git_state, machine, matmul_peak_tflops, median_rate, profile_steps,
                         short_kernel_name, summarize_profile, synchronize, train_step)
 from orca.bodies import ATTENTION_KINDS, set_attention  # noqa: E402
-from orca.config import ModelConfig  # noqa: E402
 from orca.checkpointing import (describe as describe_checkpointing, normalize as normalize_checkpointing,  # noqa: E402
                                 plan as plan_checkpointing)
+from orca.config import ModelConfig  # noqa: E402
 from orca.distributed import setup_distributed, world_from_env  # noqa: E402
 from orca.schema import ConfigError  # noqa: E402
 
@@ -285,8 +285,6 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
 
     peak_tflops = args.peak_tflops
     spec_of = {spec["name"]: spec for spec in configurations(args)}
-    # a configuration's full-step FLOPs are those of full fine-tuning with the same attention kernels
-    full_of = {spec["name"]: "full" + sdpa_suffix(spec["attention"], args) for spec in spec_of.values()}
     for key, ts in times.items():
         name, b = key.rsplit("@", 1)
         b = int(b)
@@ -304,7 +302,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
                "grad_checkpointing": list(spec_of[name]["gc"]) or None, "attention": spec_of[name]["attention"],
                "checkpointing": configs[name]["checkpointing"], "cuda_graphs": configs[name]["cuda_graphs"],
                "warmup_s": round(configs[name]["warmup_s"], 1)}
-        full_flops = configs[full_of[name]]["flops"].get(b) if full_of[name] in configs else None
+        full = "full" + sdpa_suffix(spec_of[name]["attention"], args)  # full fine-tuning, same attention kernels
+        full_flops = configs[full]["flops"].get(b) if full in configs else None
         if full_flops:
             row["mfu_full_equiv"] = mfu(full_flops)
         results[key] = row
