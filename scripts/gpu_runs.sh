@@ -16,7 +16,7 @@
 #             (bmm and sdpa side by side, batch 64 and 256), then CUDA graphs at batch 256 (issue 7)
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches; Darcy-85 with LoRA, with
 #             LoRA on the patch merges too, with full fine-tuning, with the frozen body alone, at
-#             larger learning rates, with LoRA+, and for 40 epochs)
+#             larger learning rates, with LoRA+, for 40 epochs, and at other ranks)
 #             into results/runs/
 #   tables    issue 8's table sweeps (Tables 2, 3, 1, then 4 with its stage 1) into results/runs/,
 #             as far as the time allows; sweeps are resumable, so the next call continues
@@ -137,9 +137,12 @@ perf)
   # time goes. Compile mode default, not CUDA graphs: the profiler then sees every kernel (under
   # graphs it sees graph launches); this run's img/s beside train_graphs_b256.md's says how much
   # launch overhead is left at this batch.
-  step "bench_train --profile 3: full fine-tuning and our LoRA at batch 256, compiled (about 2 min each)"
-  within 500 "$PY" scripts/bench_train.py --out "$out" --compile --methods full lora --batch-sizes 256 \
-      --profile 3 --tag _compile_b256
+  # Session 10: PERF_ATTENTION=sdpa (the default since session 9; session 9's profile,
+  # train_compile_b256_profile.md, is of bmm) and PERF_METHODS (default full lora).
+  attn=${PERF_ATTENTION:-sdpa} methods=${PERF_METHODS:-full lora}
+  step "bench_train --profile 3: $methods at batch 256 with $attn attention, compiled (about 2 min each)"
+  within 500 "$PY" scripts/bench_train.py --out "$out" --compile --methods $methods --batch-sizes 256 \
+      --attention "$attn" --profile 3 --tag "_compile_${attn}_b256"
   ;;
 graphs)
   # Issue 3's batch-64 criterion and issue 7's batch-256 ratios with the whole forward and backward
@@ -180,6 +183,7 @@ evidence)
   sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_darcy body_evidence_darcy_merging \
       body_evidence_darcy_full body_evidence_darcy_head body_evidence_darcy_lr body_evidence_darcy_loraplus
   sweeps "issue 4 evidence, fractal vs random body, 40 epochs" 480 body_evidence_darcy_long
+  sweeps "issue 4 evidence, fractal vs random body, LoRA r in {2, 32, 64}" 300 body_evidence_darcy_rank
   ;;
 tables)
   # Run directories go to results/runs/<table>/ (the sweep files' output_dir), so that the
