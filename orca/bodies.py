@@ -8,14 +8,23 @@ embedding is detached from it and handed to the embedder, so the body starts at 
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import timm
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTENTION_KINDS = ("auto", "sdpa", "bmm")  # auto: sdpa where timm's Swin offers it (V1), else the body's own
+# The kernels sdpa may take for window attention: every one but cuDNN's. With Swin's float mask PyTorch
+# prefers cuDNN when the mask needs no gradient (a frozen relative-position bias, i.e. LoRA) and the
+# memory-efficient kernel when it does (full fine-tuning); on an H200 at batch 256 cuDNN's forward and
+# backward took 51 ms per compiled step against 23 ms for the memory-efficient ones
+# (results/bench/train_compile_sdpa_b256_profile.md). Flash attention takes no float mask, so on a GPU
+# this means the memory-efficient kernel; MATH stays as the fallback everywhere else.
+SDPA_BACKENDS = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
 BODY_META_KEY = "orca_body"  # safetensors metadata key holding {"model": name, "kwargs": {...}}
 
 
@@ -69,7 +78,8 @@ def set_attention(body: nn.Module, kind: str = "auto") -> str:
     ``auto`` (the default ``model.attention``) takes it wherever the body has the switch. timm's Swin
     V2 has no such switch (cosine attention, explicit matmuls): ``auto`` and ``bmm`` leave it as it
     is, and ``sdpa`` is refused. A switch rather than a new attention module, so weights, state
-    dicts and checkpoints stay timm's own.
+    dicts and checkpoints stay timm's own. ``sdpa`` also keeps PyTorch off cuDNN's attention kernel,
+    which it picks for a bias without gradient and which was 2x slower here (:data:`SDPA_BACKENDS`).
     """
     from timm.models.swin_transformer import WindowAttention
 
@@ -84,7 +94,17 @@ def set_attention(body: nn.Module, kind: str = "auto") -> str:
     kind = "sdpa" if kind == "auto" else kind
     for m in blocks:
         m.fused_attn = kind == "sdpa"
+        if kind == "sdpa":  # a bound method, so deepcopy and pickle rebind it to the copy
+            m.forward = types.MethodType(_window_attention_without_cudnn, m)
+        else:
+            m.__dict__.pop("forward", None)
     return kind
+
+
+def _window_attention_without_cudnn(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """timm's window attention with sdpa restricted to :data:`SDPA_BACKENDS` (traced by torch.compile)."""
+    with sdpa_kernel(list(SDPA_BACKENDS)):
+        return type(self).forward(self, *args, **kwargs)
 
 
 def load_body_file(name: str, path: Optional[str], **kwargs: Any) -> nn.Module:

@@ -169,9 +169,15 @@ sdpa)
   # MFU: 32.5% in session 9), SDPA_GRAPH_METHODS="full lora lora_joined" for the LoRA ratios too
   # (~80 s of compilation each). lora_joined: JoinedDenseWeight, the backward's two GEMMs over the
   # output gradient as one (a candidate for issue 7's LoRA/full ratio, not yet timed on a GPU).
-  step "bench_train, eager: full lora lora_joined peft with bmm and sdpa attention at batch 64 and 256"
-  within 150 "$PY" scripts/bench_train.py --out "$out" --methods full lora lora_joined peft --attention bmm sdpa \
-      --batch-sizes 64 256 --tag _eager_sdpa
+  # Session 10: sdpa keeps off cuDNN's attention kernel (orca.bodies.SDPA_BACKENDS), which PyTorch had
+  # picked for LoRA's frozen bias (2x slower than the memory-efficient kernel); SDPA_EAGER_METHODS and
+  # SDPA_EAGER_ATTENTION choose the eager run ("" skips it).
+  eager_methods=${SDPA_EAGER_METHODS-full lora lora_joined peft} eager_attn=${SDPA_EAGER_ATTENTION:-bmm sdpa}
+  if [ -n "$eager_methods" ]; then
+    step "bench_train, eager: $eager_methods with $eager_attn attention at batch 64 and 256"
+    within 150 "$PY" scripts/bench_train.py --out "$out" --methods $eager_methods --attention $eager_attn \
+        --batch-sizes 64 256 --tag _eager_sdpa
+  fi
   step "bench_train, CUDA graphs: ${SDPA_GRAPH_METHODS:-full} (and peft eager) with sdpa attention at batch 256"
   within 400 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode reduce-overhead \
       --eager-methods peft --methods ${SDPA_GRAPH_METHODS:-full} peft --attention sdpa --batch-sizes 256 --tag _graphs_sdpa_b256

@@ -152,6 +152,38 @@ def test_sdpa_attention_is_the_same_function_as_bmm():
         torch.testing.assert_close(grads["sdpa"][name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_sdpa_attention_keeps_off_cudnn_and_survives_copies(monkeypatch):
+    """With sdpa, every window-attention call runs with cuDNN's attention kernel switched off (it was 2x
+    slower than the memory-efficient one for LoRA's frozen bias on an H200) and the memory-efficient one
+    on; outside the body the global choice is untouched; copies call their own modules; bmm undoes it."""
+    import copy
+
+    import timm.models.swin_transformer as swin
+
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()))
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)  # timm calls it by this path
+    body = create_body(SWIN, img_size=32, **TINY_BODY)
+    set_attention(body, "sdpa")
+    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
+    body(torch.randn(2, 3, 32, 32))
+    assert seen and set(seen) == {(False, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_before
+    twin = copy.deepcopy(body)
+    attn = [m for m in twin.modules() if isinstance(m, swin.WindowAttention)]
+    assert all(m.forward.__self__ is m for m in attn), "a deep copy must call its own attention modules"
+    torch.testing.assert_close(twin(torch.ones(1, 3, 32, 32)), body(torch.ones(1, 3, 32, 32)))
+    set_attention(twin, "bmm")
+    seen.clear()
+    twin(torch.randn(1, 3, 32, 32))
+    assert not seen and all("forward" not in vars(m) for m in attn)
+
+
 def test_attention_choice_errors_and_auto():
     body = create_body(SWIN, img_size=32, **TINY_BODY)
     with pytest.raises(ValueError, match=r"attention='flash': choose one of auto, sdpa, bmm"):
