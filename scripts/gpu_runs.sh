@@ -168,7 +168,8 @@ sdpa)
   # every pair in one run, seconds), then CUDA graphs with sdpa at batch 256: full fine-tuning (its
   # MFU: 32.5% in session 9), SDPA_GRAPH_METHODS="full lora lora_joined" for the LoRA ratios too
   # (~80 s of compilation each). lora_joined: JoinedDenseWeight, the backward's two GEMMs over the
-  # output gradient as one (a candidate for issue 7's LoRA/full ratio, not yet timed on a GPU).
+  # output gradient as one (session 10, with cuDNN attention: 1.02x plain LoRA under CUDA graphs,
+  # 0.97x eager at batch 256; not the default).
   # Session 10: sdpa keeps off cuDNN's attention kernel (orca.bodies.SDPA_BACKENDS), which PyTorch had
   # picked for LoRA's frozen bias (2x slower than the memory-efficient kernel); SDPA_EAGER_METHODS and
   # SDPA_EAGER_ATTENTION choose the eager run ("" skips it).
