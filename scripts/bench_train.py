@@ -138,7 +138,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--rank-map {args.rank_map}: no such file")
     if args.smoke:
         args.model, args.batch_sizes, args.steps, args.warmup, args.repeats = "swin_tiny_patch4_window7_224", [4], 2, 1, 1
-    try:  # the kinds the body really runs with (auto resolved), bmm rows first
+    try:  # the kinds the body really runs with (auto resolved), bmm rows first; its stages checked below
         body = create_body(args.model, torch.device("meta"), **(SMOKE_BODY if args.smoke else {}))
         args.attention = sorted({set_attention(body, kind) for kind in args.attention}, key=("bmm", "sdpa").index)
     except ValueError as err:
@@ -147,9 +147,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("--eager-methods only means something with --compile")
     if args.compile_mode == "default":
         args.compile_mode = None
-    if args.grad_checkpointing is not None:  # syntax and distinct stages now; stage depths once the body exists
+    if args.grad_checkpointing is not None:  # refuse e.g. 2:30 on a stage of 18 blocks before anything is timed
         try:
             args.grad_checkpointing = normalize_checkpointing(args.grad_checkpointing, GC_WHERE)
+            plan_checkpointing(body, args.grad_checkpointing, GC_WHERE)
         except ConfigError as err:
             p.error(str(err))
     return args
@@ -178,9 +179,6 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
     world, rank = args.world, args.rank_id
     img = 32 if args.smoke else 224
     body_kwargs = dict(SMOKE_BODY) if args.smoke else {}
-    if args.grad_checkpointing:  # refuse e.g. 2:30 on a stage of 18 blocks before anything is built or timed
-        plan_checkpointing(create_body(args.model, torch.device("meta"), **body_kwargs), args.grad_checkpointing,
-                           GC_WHERE)
     data = {}
     for b in args.batch_sizes:
         gen = torch.Generator(device=device).manual_seed(b + 1000 * rank)  # each rank its own images

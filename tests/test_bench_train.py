@@ -65,6 +65,12 @@ def test_bench_train_eager_methods_need_compile_and_are_named(tmp_path, capsys):
     assert script.compiled_label(script.parse_args(["--methods", "full"])) == "eager"
 
 
+def test_bench_train_refuses_checkpointing_past_a_stage_before_timing(capsys):
+    with pytest.raises(SystemExit):
+        load_script("bench_train.py").parse_args(["--smoke", "--grad-checkpointing", "2:30"])
+    assert "entry '2:30': stage 2 has 1 block, so K must be in 1..1" in capsys.readouterr().err
+
+
 def test_bench_train_times_both_attention_kinds_in_one_run(tmp_path):
     md = load_script("bench_train.py").main(["--smoke", "--methods", "full", "lora", "--attention", "bmm", "sdpa",
                                              "--out", str(tmp_path)])
