@@ -3,8 +3,8 @@
 Why a file: the rank-gap hypothesis (scripts/hypothesis.py, analysis (c)) correlates each block's
 gap with the effective rank of its update Delta W = W_ft - W_0. Checkpoints (50-350 MB) never leave
 the GPU machine; the singular values do (a few hundred kB for Swin-B), and any energy threshold or
-the stable rank follows from them later. Stage 3 writes ``delta_w.json`` for the methods that train
-the body's weights.
+the stable rank follows from them later. Stage 3 writes ``delta_w.json.gz`` (gzipped JSON, see
+``rank_estimation.spectra_file``) for the methods that train the body's weights.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch
 
 from orca.config import ExperimentConfig
 from orca.runs import RunDir, atomic_write_bytes
+from rank_estimation.spectra_file import DELTA_W_FILE, encode_spectra
 
 DELTA_W_METHODS = ("full", "delta_lora")  # the methods whose body weights W change in training
-DELTA_W_FILE = "delta_w.json"
 
 
 def body_linear_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -45,7 +45,7 @@ def effective_weights(model: torch.nn.Module, names: List[str]) -> Dict[str, tor
 
 def write_delta_w(run: RunDir, model: torch.nn.Module, w0: Dict[str, torch.Tensor], cfg: ExperimentConfig,
                   tested: str, resumed: bool, log: Callable[[str], None] = print) -> Path:
-    """Write ``delta_w.json``: the singular values of each body Linear's update Delta W = W_ft - W_0.
+    """Write ``delta_w.json.gz``: the singular values of each body Linear's update Delta W = W_ft - W_0.
 
     Checkpoints never leave the GPU machine; these spectra (a few hundred kB for Swin-B) are what
     ``scripts/hypothesis.py`` analysis (c) needs. Ranks are not stored: any energy threshold is
@@ -80,7 +80,7 @@ def write_delta_w(run: RunDir, model: torch.nn.Module, w0: Dict[str, torch.Tenso
     body = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in spectra.items())
     text = "{\n" + head + ',\n  "layers": {\n' + body + "\n  }\n}\n"
     path = run.file(DELTA_W_FILE)
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(encode_spectra(text)))
     log(f"[stage3] {DELTA_W_FILE}: Delta W spectra of {len(spectra)} body Linears (W_ft = {tested.split(' (')[0]}), "
         f"median ||Delta W||/||W_0|| = {median:.3g}" + (" (> 0.5: W_0 is probably not the start!)" if median > 0.5 else "")
         + f", {time.time() - t0:.1f}s")

@@ -199,7 +199,7 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
                on_step: Optional[Callable[[int], None]] = None) -> RunDir:
     """Fine-tune, validate every epoch, test the best-by-validation checkpoint; return the run directory.
 
-    Methods that train the body's weights (``full``, ``delta_lora``) also leave ``delta_w.json``, the
+    Methods that train the body's weights (``full``, ``delta_lora``) also leave ``delta_w.json.gz``, the
     spectra of the tested weights' update (:func:`orca.delta_w.write_delta_w`), after ``summary.json``.
 
     Args:
@@ -223,7 +223,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     quiet = None if main else True  # tqdm: auto on rank 0, off elsewhere
     autocast = autocast_for(cfg.train.amp, device)
     task, model = initial_model(cfg, dist_.main_first)
-    # W_0 of the body's Linears, for delta_w.json at the end (rank 0; methods that train W only).
+    # W_0 of the body's Linears, for delta_w.json.gz at the end (rank 0; methods that train W only).
     w0 = body_linear_weights(model) if main and cfg.adapter.method in DELTA_W_METHODS else None
     if set_checkpointing(model.body, cfg.train.grad_checkpointing) is not None:
         log(f"[stage3] activation checkpointing: {checkpointing_summary(model.body)}")
@@ -424,7 +424,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     if report:
         summary["adapter_report"] = report
     path = run.write_summary(summary)
-    if w0 is not None:  # after the summary: a failure here costs delta_w.json only
+    if w0 is not None:  # after the summary: a failure here costs delta_w.json.gz only
         try:
             write_delta_w(run, model, w0, cfg, tested=f"ckpt/best.pt (epoch {best['epoch']}, the weights tested)"
                           if best is not None else "the final weights (no ckpt/best.pt; the weights tested)",
@@ -433,7 +433,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
             import traceback
 
             traceback.print_exc()
-            log(f"[stage3] WARNING: delta_w.json was NOT written ({type(err).__name__}: {err}); "
+            log(f"[stage3] WARNING: delta_w.json.gz was NOT written ({type(err).__name__}: {err}); "
                 f"summary.json and the checkpoints are complete")
     run.close()
     print(f"[stage3] test {metric} = {test[metric]:.5g} (best val epoch {state['best_epoch']}); summary: {path}", flush=True)

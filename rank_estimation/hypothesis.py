@@ -8,7 +8,7 @@ Pure functions (numpy / scipy, no torch import at module level), used by ``scrip
   over pairs and an exact (small n) or Monte-Carlo permutation p-value;
 - :func:`effective_rank_energy`, :func:`stable_rank`, :func:`delta_w_ranks`: how low-rank a full
   fine-tuning update Delta W = W_ft - W_0 is; :func:`delta_w_spectra` keeps only the singular values
-  (stage 3's ``delta_w.json``) and :func:`spectrum_ranks` gives the same ranks from them (the matrix
+  (stage 3's ``delta_w.json.gz``) and :func:`spectrum_ranks` gives the same ranks from them (the matrix
   functions call the spectrum functions: one implementation);
 - :func:`budget_matched`: runs of different methods grouped by equal adapter-parameter budgets;
 - :func:`verdict`: one rule, stated once, that turns an interval and a p-value into
@@ -297,7 +297,7 @@ def delta_w_spectra(base_state: Mapping[str, Any], finetuned_state: Mapping[str,
                     layer_names: Optional[Iterable[str]] = None,
                     digits: int = SPECTRUM_DIGITS) -> Dict[str, Dict[str, Any]]:
     """The spectrum of each Linear's update Delta W = W_ft - W_0, small enough to keep instead of
-    the checkpoints (what stage 3 writes to ``delta_w.json``).
+    the checkpoints (what stage 3 writes to ``delta_w.json.gz``).
 
     Args:
         base_state, finetuned_state, layer_names: as :func:`delta_w_ranks`.

@@ -18,10 +18,10 @@ ranks_heldout, ranks_digits, ranks_tones), (d) the equal-budget sweeps (``--budg
     first, last block: secondary) and its knee, with a bootstrap CI and a permutation p-value;
 (c) per full fine-tuning run, Spearman rho between each block's gap D_i and the effective rank of
     that block's update Delta W_i (energy rank at ``--energy``, stable rank), averaged over the
-    block's Linears. From the run's ``delta_w.json`` (the Delta W spectra stage 3 writes: no
-    checkpoint needed) when present, else from ``ckpt/best.pt`` with W_0 rebuilt from the run's
+    block's Linears. From the Delta W spectra stage 3 writes (``delta_w.json.gz``, or a legacy
+    ``delta_w.json``; no checkpoint needed) when present, else from ``ckpt/best.pt`` with W_0 rebuilt from the run's
     config (the seed fixes random init) or given by ``--base-state`` (which then takes precedence
-    over ``delta_w.json``); the report names the source of each run;
+    over the spectra); the report names the source of each run;
 (d) stage-2 (adaptive) rank maps vs uniform ranks vs AdaLoRA at equal adapter budgets
     (``--budget-tol``); AdaLoRA's budget is its live rank units at the end (``ckpt/last.pt``).
 
@@ -50,8 +50,8 @@ from rank_estimation.hypothesis import (  # noqa: E402
     bootstrap_knee, budget_matched, combine_verdicts, delta_w_ranks, knee_order_verdict, mean_difference_ci,
     permutation_pvalue, spearman_with_ci, spectrum_ranks, verdict,
 )
+from rank_estimation.spectra_file import find_spectra, read_spectra  # noqa: E402
 
-DELTA_W_FILE = "delta_w.json"  # what stage 3 writes for full fine-tuning (orca.delta_w.DELTA_W_FILE)
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
 #: The committed experiments: one body (the offline fractal Swin) and one recipe per analysis.
 DEFAULT_WEIGHTS = "file:results/checkpoints/fractal_swin.safetensors"
@@ -262,15 +262,15 @@ def analysis_delta_w(runs: List[Run], tg: dict, a) -> List[dict]:
     out = []
     for run in [r for r in runs if r.variant == "full"]:
         ckpt = run.path / "ckpt" / "best.pt"
-        spectra = run.path / DELTA_W_FILE
+        spectra = find_spectra(run.path)
         if run.task not in tg:
             continue
         layers = tg[run.task]["layers"]
         # --base-state names the W_0 to compare with, so it needs the checkpoint; else the spectra
         # stage 3 wrote (no checkpoint needed), else the checkpoint with W_0 rebuilt.
-        if spectra.is_file() and not (a.base_state and ckpt.is_file()):
+        if spectra is not None and not (a.base_state and ckpt.is_file()):
             names, ranks, w0_fro, how = ranks_from_spectra(spectra, layers, a.energy)
-            source = DELTA_W_FILE
+            source = spectra.name
         elif ckpt.is_file():
             names, ranks, w0_fro, how = ranks_from_checkpoint(run.path, ckpt, layers, a)
             source = "ckpt/best.pt"
@@ -311,16 +311,16 @@ def ranks_from_checkpoint(run_dir: Path, ckpt: Path, layers: List[str], a) -> tu
 
 
 def ranks_from_spectra(path: Path, layers: List[str], energy: float) -> tuple:
-    """(c) from the Delta W spectra stage 3 wrote (``delta_w.json``): names, ranks, ||W_0||_F, how."""
+    """(c) from the Delta W spectra stage 3 wrote (``delta_w.json.gz``): names, ranks, ||W_0||_F, how."""
     try:
-        spectra = json.loads(path.read_text())["layers"]
+        spectra = read_spectra(path)["layers"]
     except (ValueError, KeyError) as err:
-        raise ValueError(f"{path}: not a readable {DELTA_W_FILE} ({err}); delete it to fall back to ckpt/best.pt") from err
+        raise ValueError(f"{path}: no Delta W spectra in it ({err}); delete it to fall back to ckpt/best.pt") from err
     names = sorted(n[len("body."):] for n in spectra
                    if n.startswith("body.") and any(n.startswith(f"body.{b}.") for b in layers))
     ranks = {f"body.{n}": spectrum_ranks(spectra[f"body.{n}"]["s"], energy) for n in names}
     w0_fro = {n: float(spectra[f"body.{n}"]["w0_fro"]) for n in names}
-    return names, ranks, w0_fro, (f"spectra from `{DELTA_W_FILE}`: stage 3's best checkpoint vs the model "
+    return names, ranks, w0_fro, (f"spectra from `{path.name}`: stage 3's best checkpoint vs the model "
                                   "it built at its start, no checkpoint read")
 
 
@@ -439,7 +439,7 @@ def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> 
         L += ["**No stage-3 runs were found**, so nothing below is estimated. Needed:", "",
               "- (a), (b): per task, a uniform-rank sweep (`adapter.method=lora adapter.rank=R`, several R, "
               ">= 2 seeds each; `adapter.method=head` for rank 0) and a stage-2 run (`rank_map.json`) on >= 3 tasks;",
-              "- (c): a full fine-tuning run (`adapter.method=full`, writes `delta_w.json`) per task;",
+              "- (c): a full fine-tuning run (`adapter.method=full`, writes `delta_w.json.gz`) per task;",
               "- (d): stage-3 runs with `adapter.rank_map=<stage-2 rank_map.json>` and `adapter.method=adalora` "
               "at the budget of a uniform rank.", ""]
     if metrics and len(metrics) > 1:
@@ -495,7 +495,7 @@ def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> 
         warn = (" **Warning: the median ||Delta W|| / ||W_0|| is > 0.5; W_0 is probably not this run's starting "
                 "point (pass --base-state).**" if item["rel_update"] > 0.5 else "")
         # The checkpoint path's line is unchanged: its "W_0 rebuilt ..." / "W_0 --base-state ..." names it.
-        how = f"Delta W {item['how']}" if item["source"] == DELTA_W_FILE else f"W_0 {item['how']}"
+        how = f"Delta W {item['how']}" if item["source"] != "ckpt/best.pt" else f"W_0 {item['how']}"
         L += [f"- {r.task} seed {r.seed} (`{r.path.relative_to(a.runs)}`, {how}), {len(item['blocks'])} blocks, "
               f"median ||Delta W||_F / ||W_0||_F = {item['rel_update']:.3g}.{warn}",
               f"  - energy rank ({a.energy:g}): {fmt_corr(item['energy_corr'])} -> {item['energy_corr']['verdict']}",
@@ -504,7 +504,7 @@ def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> 
               f"{item['frac_corr']['verdict']}"]
         c_verdicts.append(item["energy_corr"]["verdict"])
     if not dw:
-        L.append("Missing: no full fine-tuning run (`adapter.method=full` with `delta_w.json` or `ckpt/best.pt`) "
+        L.append("Missing: no full fine-tuning run (`adapter.method=full` with `delta_w.json.gz` or `ckpt/best.pt`) "
                  "of a task that has stage-2 gaps.")
     c_final = combine_verdicts(c_verdicts) if c_verdicts else "inconclusive (reason: no full fine-tuning run with gaps)"
     L += ["", f"Verdict (c), D_i rank-correlates with the energy rank of Delta W_i: **{c_final}**"]

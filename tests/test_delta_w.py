@@ -1,4 +1,4 @@
-"""delta_w.json: stage 3 keeps the spectra of the full fine-tuning update Delta W = W_ft - W_0, so
+"""delta_w.json.gz: stage 3 keeps the spectra of the full fine-tuning update Delta W = W_ft - W_0, so
 scripts/hypothesis.py analysis (c) needs no checkpoint (checkpoints never leave the GPU machine)."""
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from orca.config import load_config
 from orca.runs import RunDir
 from orca.delta_w import body_linear_weights, effective_weights
 from orca.train import initial_model, run_stage3
+from rank_estimation.spectra_file import (
+    DELTA_W_FILE, LEGACY_DELTA_W_FILE, encode_spectra, find_spectra, read_spectra,
+)
 from rank_estimation.hypothesis import (
     delta_w_ranks,
     delta_w_spectra,
@@ -88,10 +91,10 @@ def test_spectrum_errors():
 # ----------------------------------------------------------------------------- (a), (b) stage 3
 def test_full_run_writes_delta_w_equal_to_checkpoint_vs_rebuilt_w0(tiny_overrides, capsys):
     run = run_stage3(load_config(None, tiny_overrides))
-    path = run.path / "delta_w.json"
+    path = run.path / DELTA_W_FILE
     assert path.is_file() and (run.path / "summary.json").is_file()
-    assert "[stage3] delta_w.json: Delta W spectra of 19 body Linears" in capsys.readouterr().out
-    d = json.loads(path.read_text())
+    assert "[stage3] delta_w.json.gz: Delta W spectra of 19 body Linears" in capsys.readouterr().out
+    d = read_spectra(path)
     assert d["method"] == "full" and d["resumed"] is False and "initial_model" in d["W_0"]
     assert d["W_ft"].startswith("ckpt/best.pt")
     spectra = d["layers"]
@@ -116,7 +119,7 @@ def test_delta_lora_run_counts_w_plus_sba(tiny_overrides):
     cfg = load_config(None, tiny_overrides + ["train.epochs=1", "adapter.method=delta_lora", "adapter.rank=2",
                                               "adapter.delta_lora_start=0"])
     run = run_stage3(cfg)
-    d = json.loads((run.path / "delta_w.json").read_text())
+    d = read_spectra(run.path / DELTA_W_FILE)
     assert d["method"] == "delta_lora" and "W + s B A" in d["W_ft"] and len(d["layers"]) == 19
     _, model = initial_model(cfg)
     build_method(cfg.adapter).prepare(model)
@@ -128,7 +131,7 @@ def test_delta_lora_run_counts_w_plus_sba(tiny_overrides):
 
 def test_lora_run_writes_no_delta_w(tiny_overrides):
     run = run_stage3(load_config(None, tiny_overrides + ["train.epochs=1", "adapter.method=lora", "adapter.rank=4"]))
-    assert (run.path / "summary.json").is_file() and not (run.path / "delta_w.json").exists()
+    assert (run.path / "summary.json").is_file() and not (run.path / DELTA_W_FILE).exists()
 
 
 def test_a_failing_delta_w_keeps_the_run(tiny_overrides, monkeypatch, capsys):
@@ -140,5 +143,28 @@ def test_a_failing_delta_w_keeps_the_run(tiny_overrides, monkeypatch, capsys):
     monkeypatch.setattr(orca.train, "write_delta_w", broken)
     run = run_stage3(load_config(None, tiny_overrides + ["train.epochs=1"]))
     assert json.loads((run.path / "summary.json").read_text())["test"]["rel_l2"] > 0
-    assert not (run.path / "delta_w.json").exists()
-    assert "delta_w.json was NOT written (RuntimeError: disk full)" in capsys.readouterr().out
+    assert not (run.path / DELTA_W_FILE).exists()
+    assert "delta_w.json.gz was NOT written (RuntimeError: disk full)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the file itself
+def test_spectra_file_round_trip_legacy_and_bad_input(tmp_path):
+    """Gzipped JSON with a zero timestamp (equal spectra, equal bytes), a legacy plain delta_w.json
+    still read, the compressed file preferred when both exist, and a broken file named in the error."""
+    doc = {"method": "full", "layers": {"body.layers.0.blocks.0.attn.qkv": {"s": [1.5, 0.25], "w0_fro": 2.0}}}
+    text = json.dumps(doc)
+    assert encode_spectra(text) == encode_spectra(text)
+    assert len(encode_spectra(text * 50)) < len(text * 50) / 10  # it does compress
+    assert find_spectra(tmp_path) is None
+    (tmp_path / LEGACY_DELTA_W_FILE).write_text(text)
+    assert find_spectra(tmp_path) == tmp_path / LEGACY_DELTA_W_FILE and read_spectra(find_spectra(tmp_path)) == doc
+    (tmp_path / DELTA_W_FILE).write_bytes(encode_spectra(text))
+    assert find_spectra(tmp_path) == tmp_path / DELTA_W_FILE and read_spectra(find_spectra(tmp_path)) == doc
+    bad = tmp_path / "bad" / DELTA_W_FILE
+    bad.parent.mkdir()
+    bad.write_bytes(encode_spectra(text)[:-8])  # truncated: no gzip trailer
+    with pytest.raises(ValueError, match=r"bad/delta_w\.json\.gz: not a readable Delta W spectra file"):
+        read_spectra(bad)
+    bad.write_text(text)  # plain JSON under the .gz name
+    with pytest.raises(ValueError, match="not a readable Delta W spectra file"):
+        read_spectra(bad)

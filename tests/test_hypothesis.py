@@ -289,7 +289,7 @@ def test_script_delta_w_from_a_given_base_state(tmp_path):
 
 def test_script_delta_w_from_json_equals_checkpoint_of_a_real_full_run(tiny_overrides, tmp_path):
     """(c) on a real tiny full run: from ckpt/best.pt with W_0 rebuilt from the run's config (no
-    delta_w.json), then from delta_w.json alone after ckpt/ is deleted: the same numbers."""
+    delta_w.json.gz), then from delta_w.json.gz alone after ckpt/ is deleted: the same numbers."""
     import shutil
     from types import SimpleNamespace
 
@@ -316,18 +316,18 @@ def test_script_delta_w_from_json_equals_checkpoint_of_a_real_full_run(tiny_over
         items = script.analysis_delta_w(runs_, script.task_gaps(gaps)[0], a)
         return path.read_text().split("## (c)")[1].split("## (d)")[0], items
 
-    spectra = run.path / "delta_w.json"
+    spectra = run.path / "delta_w.json.gz"
     assert spectra.is_file()
-    spectra.rename(tmp_path / "delta_w.json")
+    spectra.rename(tmp_path / "delta_w.json.gz")
     from_ckpt, ckpt_items = section_and_items("ckpt")
     assert "rebuilt from the run's config.yaml" in from_ckpt and "rho = " in from_ckpt
     assert "Warning" not in from_ckpt  # a wrong W_0 would make ||Delta W|| ~ ||W_0||
-    (tmp_path / "delta_w.json").rename(spectra)
+    (tmp_path / "delta_w.json.gz").rename(spectra)
     shutil.rmtree(run.path / "ckpt")
     from_json, json_items = section_and_items("json")
-    assert "spectra from `delta_w.json`" in from_json and "rebuilt" not in from_json
+    assert "spectra from `delta_w.json.gz`" in from_json and "rebuilt" not in from_json
     [c], [j] = ckpt_items, json_items
-    assert (c["source"], j["source"]) == ("ckpt/best.pt", "delta_w.json")
+    assert (c["source"], j["source"]) == ("ckpt/best.pt", "delta_w.json.gz")
     assert j["blocks"] == c["blocks"] and j["D"] == c["D"] and j["energy"] == c["energy"]
     assert j["stable"] == pytest.approx(c["stable"], rel=1e-6, abs=0)
     assert j["rel_update"] == pytest.approx(c["rel_update"], rel=1e-6, abs=0)
