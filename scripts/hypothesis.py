@@ -19,9 +19,9 @@ ranks_heldout, ranks_digits, ranks_tones), (d) the equal-budget sweeps (``--budg
 (c) per full fine-tuning run, Spearman rho between each block's gap D_i and the effective rank of
     that block's update Delta W_i (energy rank at ``--energy``, stable rank), averaged over the
     block's Linears. From the Delta W spectra stage 3 writes (``delta_w.json.gz``, or a legacy
-    ``delta_w.json``; no checkpoint needed) when present, else from ``ckpt/best.pt`` with W_0 rebuilt from the run's
-    config (the seed fixes random init) or given by ``--base-state`` (which then takes precedence
-    over the spectra); the report names the source of each run;
+    ``delta_w.json``; no checkpoint needed) when present, else from ``ckpt/best.pt`` with W_0
+    rebuilt from the run's config (the seed fixes random init) or given by ``--base-state``
+    (which then takes precedence over the spectra); the report names the source of each run;
 (d) stage-2 (adaptive) rank maps vs uniform ranks vs AdaLoRA at equal adapter budgets
     (``--budget-tol``); AdaLoRA's budget is its live rank units at the end (``ckpt/last.pt``).
 
