@@ -46,7 +46,7 @@ from orca.checkpointing import set_checkpointing, summary as checkpointing_summa
 from orca.config import ExperimentConfig, config_dict, save_config
 from orca.distributed import Dist, setup_distributed
 from orca.model import ORCAModel, build_model
-from orca.delta_w import DELTA_W_METHODS, body_linear_weights, write_delta_w
+from orca.delta_w import DELTA_W_FILE, DELTA_W_METHODS, body_linear_weights, write_delta_w
 from orca.runs import RunDir, check_arch, git_info, machine_info
 from orca.schema import ConfigError
 
@@ -433,7 +433,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
             import traceback
 
             traceback.print_exc()
-            log(f"[stage3] WARNING: delta_w.json.gz was NOT written ({type(err).__name__}: {err}); "
+            log(f"[stage3] WARNING: {DELTA_W_FILE} was NOT written ({type(err).__name__}: {err}); "
                 f"summary.json and the checkpoints are complete")
     run.close()
     print(f"[stage3] test {metric} = {test[metric]:.5g} (best val epoch {state['best_epoch']}); summary: {path}", flush=True)
