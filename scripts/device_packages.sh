@@ -48,7 +48,8 @@ tar czf .carry/site.tgz -C "$work/site" .
 echo "$(du -h .carry/site.tgz | cut -f1) .carry/site.tgz: $(echo $pins | tr '\n' ' ')(CUDA $cuda)"
 # What a call would carry: the tracked tree plus this archive, against the device's 64 MiB (session 11's
 # first call was refused at 63 MiB by this count, so warn with a margin).
-tree=$(git ls-files -z | xargs -0 stat -c %s | awk '{s += $1} END {print s}')
+# (a tracked file deleted here travels as nothing, so stat's complaint about it is not an error)
+tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}' || true)
 total=$(( tree + $(stat -c %s .carry/site.tgz) ))
 echo "a call carries about $(( total / 1048576 )) MiB (tracked tree $(( tree / 1048576 )) MiB + archive) of 64 MiB"
 if (( total > 60 * 1048576 )); then
