@@ -97,6 +97,9 @@ class TrainConfig:
     save_every_steps: Optional[int] = field(default=None, metadata={"help": "also checkpoint every N optimizer steps mid-epoch (resume granularity)"})
     time_budget_s: Optional[float] = field(default=None, metadata={"help": "stage 0: stop after this many seconds, rendering and compilation included (None = epochs only)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "stage 0: label smoothing of the cross entropy"})
+    mim_weight: float = field(default=0.0, metadata={"help": "stage 0: weight of SimMIM's masked-pixel L1 loss added to the cross entropy (0 = classification only; orca/masked_pretraining.py)"})
+    mim_mask_ratio: float = field(default=0.6, metadata={"help": "stage 0 with mim_weight > 0: fraction of mask blocks replaced by the mask token (SimMIM: 0.6)"})
+    mim_mask_patch: int = field(default=32, metadata={"help": "stage 0 with mim_weight > 0: side of a mask block in pixels, a multiple of the patch size (SimMIM on Swin: 32)"})
 
     def __post_init__(self):
         check_choice("train.optimizer", self.optimizer, ("adamw", "sgd", "paged_adamw"))
@@ -113,6 +116,10 @@ class TrainConfig:
             check_positive("train.time_budget_s", self.time_budget_s)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        check_positive("train.mim_weight", self.mim_weight, allow_zero=True)
+        check_positive("train.mim_mask_patch", self.mim_mask_patch)
+        if not 0.0 < self.mim_mask_ratio < 1.0:
+            raise ConfigError(f"train.mim_mask_ratio must be in (0, 1), got {self.mim_mask_ratio}")
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
             raise ConfigError(f"train.warmup_epochs={self.warmup_epochs} must be < train.epochs={self.epochs}")
 

@@ -50,6 +50,7 @@ from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_
 from orca.schema import ConfigError
 from orca.adapters.optim import build_param_groups
 from orca.checkpointing import set_checkpointing
+from orca.masked_pretraining import MaskedImageModel, masked_l1, random_block_mask
 from orca.train import autocast_for, build_optimizer, evaluate, resolve_device, seed_everything, warmup_linear_decay
 
 BODY_FILE = "body.safetensors"
@@ -178,7 +179,10 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
     init_weights = body.orca_weights
     body.reset_classifier(classes)  # timm's pooled Linear head; save_body drops it ("head.*")
     set_checkpointing(body, cfg.train.grad_checkpointing)
-    body.to(device)
+    mim_weight = float(cfg.train.mim_weight)
+    # What trains: the body (+ its classifier), and with SimMIM also a mask token and a decoder.
+    trained = MaskedImageModel(body, cfg.model.img_size, cfg.train.mim_mask_patch) if mim_weight > 0 else body
+    trained.to(device)
 
     run = RunDir.create(cfg, "stage0")
     save_config(cfg, run.file("config.yaml"))
@@ -188,6 +192,9 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
     log(f"body {cfg.model.body} {cfg.model.body_kwargs} @ {cfg.model.img_size}px: {n_params:,} parameters "
         f"(+ head {classes} classes); init: {init_weights}; device {device}"
         + (f"; time budget {budget:g} s" if budget else ""))
+    if mim_weight > 0:
+        log(f"objective: cross entropy + {mim_weight:g} x SimMIM masked-pixel L1 ({cfg.train.mim_mask_ratio:.0%} of "
+            f"{cfg.train.mim_mask_patch} px blocks masked, one forward for both)")
 
     # --- data: generated splits live on the device, file-backed ones go through a DataLoader
     t_data = time.time()
@@ -217,7 +224,7 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
         return {"val/acc": 1.0 - out[task.metric_name], "val/error": out[task.metric_name], "val/loss": out["loss"]}
 
     # --- optimisation: AdamW, progress-based warm-up + linear decay (see the module docstring)
-    optimizer = build_optimizer(cfg, decay_groups(body, cfg.train.lr, cfg.train.weight_decay), device)
+    optimizer = build_optimizer(cfg, decay_groups(trained, cfg.train.lr, cfg.train.weight_decay), device)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     micro_per_epoch = n_train // bs
@@ -227,12 +234,20 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
     micro_per_epoch = steps_per_epoch * accum
     max_steps = steps_per_epoch * cfg.train.epochs
     schedule = warmup_linear_decay(SCHEDULE_TICKS, round(SCHEDULE_TICKS * cfg.train.warmup_epochs / cfg.train.epochs))
-    train_model = torch.compile(body) if cfg.train.compile else body
+    train_model = torch.compile(trained) if cfg.train.compile else trained
+    parts: Dict[str, torch.Tensor] = {}  # the loss terms of the last micro-batch (logged, never synced early)
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if mim_weight == 0:
+            with autocast():
+                logits = train_model(x)
+            return F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+        mask = random_block_mask(len(x), trained.grid, cfg.train.mim_mask_ratio, x.device)
         with autocast():
-            logits = train_model(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+            logits, reconstruction = train_model(x, mask)
+        parts["ce"] = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+        parts["mim"] = masked_l1(reconstruction, x, trained.pixel_mask(mask))
+        return parts["ce"] + mim_weight * parts["mim"]
 
     compile_s, compiled = 0.0, cfg.train.compile
     if compiled:  # compile forward and backward before the clock that paces the schedule starts
@@ -242,7 +257,7 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
             loss_of(x.to(device), y.to(device)).backward()
         except Exception as err:  # noqa: BLE001 -- inductor fails in many ways; a budgeted run goes on eagerly
             log(f"torch.compile failed ({type(err).__name__}: {str(err)[:300]}); training without it")
-            train_model, compiled = body, False
+            train_model, compiled = trained, False
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -300,7 +315,7 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
             if (micro + 1) % accum:
                 continue
             if cfg.train.clip_grad:
-                torch.nn.utils.clip_grad_norm_(body.parameters(), cfg.train.clip_grad)
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.train.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
@@ -314,15 +329,17 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
             rate, t_log, img_log = img_log / max(now - t_log, 1e-9), now, 0
             lr = optimizer.param_groups[0]["lr"]
             history.append(last_loss)
+            terms = {f"train/{k}": float(v.detach()) for k, v in parts.items()}
             run.log_metrics({"kind": "train", "epoch": round(state["epochs"], 4), "step": state["step"],
-                             "images_seen": state["images"], "train/loss": last_loss, "train/lr": lr,
+                             "images_seen": state["images"], "train/loss": last_loss, **terms, "train/lr": lr,
                              "train/img_per_s": rate, "elapsed_s": now - t0})
             p = min(1.0, progress(state["step"]))
             bar.n = round(100 * p, 1)
             bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", ep=f"{state['epochs']:.2f}")
             if now - t_print >= PRINT_EVERY_S:  # the log file's progress (tqdm is off without a terminal)
                 t_print = now
-                log(f"{100 * p:.0f}%: step {state['step']}, epoch {state['epochs']:.2f}, loss {last_loss:.4f}, "
+                log(f"{100 * p:.0f}%: step {state['step']}, epoch {state['epochs']:.2f}, loss {last_loss:.4f}"
+                    + "".join(f" ({k.split('/')[1]} {v:.4f})" for k, v in terms.items()) + ", "
                     f"lr {lr:.2e}, {rate:.0f} img/s, elapsed {now - t0:.0f} s")
         if done:
             break
@@ -359,8 +376,11 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
         "time_s": {"render": render_s, "compile": compile_s, "train": train_s, "evals_in_train": state["eval_time"]},
         "wall_time_s": time.time() - t0,
         "first_last_logged_loss": [history[0], history[-1]] if history else None,
+        "last_loss_terms": {k: float(v.detach()) for k, v in parts.items()} or None,
         "optim": {"batch_size": bs, "grad_accum": accum, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
                   "warmup_fraction": cfg.train.warmup_epochs / cfg.train.epochs, "label_smoothing": smoothing,
+                  "mim": ({"weight": mim_weight, "mask_ratio": cfg.train.mim_mask_ratio,
+                           "mask_patch": cfg.train.mim_mask_patch} if mim_weight > 0 else None),
                   "compile": compiled, "amp": cfg.train.amp},
         "checkpoint": file_facts(ckpt), "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                                                             if device.type == "cuda" else None),

@@ -14,6 +14,11 @@
 #             variants (GRAPH_METHODS) compiled, peft eager, batch 256 then 64 (BATCHES; issues 3, 7)
 #   sdpa      bench_train with Swin's window attention through F.scaled_dot_product_attention: eager
 #             (bmm and sdpa side by side, batch 64 and 256), then CUDA graphs at batch 256 (issue 7)
+#   mim       issue 4: stage 0 with classes + SimMIM (configs/stage0_fractal_mim.yaml, Darcy-85 in the
+#             background), exported to results/checkpoints/fractal_swin_mim.safetensors; the run
+#             directory (as stage0_mim.tgz) and the checkpoint (in 3 parts, each under the 16 MiB a
+#             returned file may have; `cat` them back together) are written to OUT_DIR
+#   mim_evidence  issue 4: that body against a random one under LoRA, on Darcy-85 and natural patches
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches; Darcy-85 with LoRA, with
 #             LoRA on the patch merges too, with full fine-tuning, with the frozen body alone, at
 #             larger learning rates, with LoRA+, for 40 epochs, and at other ranks)
@@ -34,7 +39,7 @@
 # otherwise, so every timing is taken on an otherwise idle GPU. Sweeps run PER_GPU runs at a time
 # (default 6): the fractal body's eager runs are bound by Python, so they share one GPU well.
 source "$(dirname "$0")/_env.sh"
-[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|graphs|sdpa|evidence|tables|adaptive|issue8|ddp|pack OUT_DIR [SECONDS]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|graphs|sdpa|mim|mim_evidence|evidence|tables|adaptive|issue8|ddp|pack OUT_DIR [SECONDS]" >&2; exit 2; }
 part=$1 out=$2 deadline=$(( $(date +%s) + ${3:-560} ))
 mkdir -p "$out"
 darcy=configs/darcy_swinb.yaml
@@ -183,6 +188,20 @@ sdpa)
   within 400 "$PY" scripts/bench_train.py --out "$out" --compile --compile-mode reduce-overhead \
       --eager-methods peft --methods ${SDPA_GRAPH_METHODS:-full} peft --attention sdpa --batch-sizes 256 --tag _graphs_sdpa_b256
   ;;
+mim)
+  darcy_in_background 10
+  step "stage 0: fractal pretraining, classes + SimMIM"
+  work=$(mktemp -d)
+  within 560 bash scripts/stage0_pretrain.sh --export results/checkpoints/fractal_swin_mim.safetensors \
+      configs/stage0_fractal_mim.yaml output_dir="$work"
+  tar czf "$out/stage0_mim.tgz" --exclude=body.safetensors -C "$work" .
+  split -n 3 -d results/checkpoints/fractal_swin_mim.safetensors "$out/fractal_swin_mim.safetensors.part-"
+  sha256sum results/checkpoints/fractal_swin_mim.safetensors
+  darcy_wait
+  ;;
+mim_evidence)
+  sweeps "issue 4 evidence, classes + SimMIM body vs random body" 300 body_evidence_mim_patches body_evidence_mim_darcy
+  ;;
 evidence)
   darcy_in_background 10
   sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_patches
@@ -248,6 +267,6 @@ pack)
   echo "$(tar tzf "$out/runs.tgz" | grep -c summary.json) run directories in $out/runs.tgz"
   ;;
 *)
-  echo "unknown part '$part' (body, finetune, bench, perf, graphs, evidence, tables, adaptive, issue8, ddp or pack)" >&2; exit 2 ;;
+  echo "unknown part '$part' (body, finetune, bench, perf, graphs, sdpa, mim, mim_evidence, evidence, tables, adaptive, issue8, ddp or pack)" >&2; exit 2 ;;
 esac
 step "done: $part"
