@@ -26,6 +26,9 @@ ATTENTION_KINDS = ("auto", "sdpa", "bmm")  # auto: sdpa where timm's Swin offers
 # this means the memory-efficient kernel; MATH stays as the fallback everywhere else.
 SDPA_BACKENDS = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
 BODY_META_KEY = "orca_body"  # safetensors metadata key holding {"model": name, "kwargs": {...}}
+# timm kwargs that set training noise, not the weights' shapes: a weight file is loaded whatever they are
+# (stage 0 trains at timm's default stochastic depth, 0.1; stage 3 may switch it off).
+REGULARISATION_KWARGS = ("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 
 
 class WeightsError(RuntimeError):
@@ -119,8 +122,9 @@ def load_body_file(name: str, path: Optional[str], **kwargs: Any) -> nn.Module:
     if meta is not None:
         if meta["model"] != name:
             raise WeightsError(f"{file} holds weights of {meta['model']}, but model.body={name!r}")
-        saved = {k: _plain(v) for k, v in meta.get("kwargs", {}).items() if k not in ("num_classes", "img_size")}
-        given = {k: _plain(v) for k, v in kwargs.items() if k not in ("num_classes", "img_size")}
+        ignored = ("num_classes", "img_size") + REGULARISATION_KWARGS
+        saved = {k: _plain(v) for k, v in meta.get("kwargs", {}).items() if k not in ignored}
+        given = {k: _plain(v) for k, v in kwargs.items() if k not in ignored}
         if saved != given:
             raise WeightsError(f"{file} was saved for a Swin with {saved}, but model.body_kwargs gives {given}; "
                                f"set model.body_kwargs to the checkpoint's values")

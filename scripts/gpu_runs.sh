@@ -19,6 +19,8 @@
 #             directory (as stage0_mim.tgz) and the checkpoint (in 3 parts, each under the 16 MiB a
 #             returned file may have; `cat` them back together) are written to OUT_DIR
 #   mim_evidence  issue 4: that body against a random one under LoRA, on Darcy-85 and natural patches
+#   droppath  issue 4: the fractal and the random body under LoRA with stochastic depth off (natural
+#             patches while Darcy-85 generates, then Darcy-85)
 #   evidence  issue 4's fractal-vs-random evidence sweeps (natural patches; Darcy-85 with LoRA, with
 #             LoRA on the patch merges too, with full fine-tuning, with the frozen body alone, at
 #             larger learning rates, with LoRA+, for 40 epochs, and at other ranks)
@@ -39,7 +41,7 @@
 # otherwise, so every timing is taken on an otherwise idle GPU. Sweeps run PER_GPU runs at a time
 # (default 6): the fractal body's eager runs are bound by Python, so they share one GPU well.
 source "$(dirname "$0")/_env.sh"
-[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|graphs|sdpa|mim|mim_evidence|evidence|tables|adaptive|issue8|ddp|pack OUT_DIR [SECONDS]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_runs.sh body|finetune|bench|perf|graphs|sdpa|mim|mim_evidence|droppath|evidence|tables|adaptive|issue8|ddp|pack OUT_DIR [SECONDS]" >&2; exit 2; }
 part=$1 out=$2 deadline=$(( $(date +%s) + ${3:-560} ))
 mkdir -p "$out"
 darcy=configs/darcy_swinb.yaml
@@ -203,6 +205,12 @@ mim)
 mim_evidence)
   sweeps "issue 4 evidence, classes + SimMIM body vs random body" 300 body_evidence_mim_patches body_evidence_mim_darcy
   ;;
+droppath)
+  darcy_in_background 10
+  sweeps "issue 4 evidence, fractal vs random body, stochastic depth off" 300 body_evidence_patches_droppath
+  darcy_wait
+  sweeps "issue 4 evidence, fractal vs random body, stochastic depth off" 300 body_evidence_darcy_droppath
+  ;;
 evidence)
   darcy_in_background 10
   sweeps "issue 4 evidence, fractal vs random body" 300 body_evidence_patches
@@ -271,6 +279,6 @@ pack)
   echo "$(tar tzf "$out/runs.tgz" | grep -c summary.json) run directories in $out/runs.tgz"
   ;;
 *)
-  echo "unknown part '$part' (body, finetune, bench, perf, graphs, sdpa, mim, mim_evidence, evidence, tables, adaptive, issue8, ddp or pack)" >&2; exit 2 ;;
+  echo "unknown part '$part' (body, finetune, bench, perf, graphs, sdpa, mim, mim_evidence, droppath, evidence, tables, adaptive, issue8, ddp or pack)" >&2; exit 2 ;;
 esac
 step "done: $part"

@@ -75,6 +75,26 @@ def test_local_file_round_trip_and_variant_mismatch(tmp_path):
         create_body(SWIN, weights="file", weights_file=str(tmp_path / "plain.pth"), img_size=32, **other)
 
 
+def test_file_loads_at_any_stochastic_depth(tmp_path):
+    """drop_path_rate changes training noise, not shapes: a file saved at timm's default loads at 0
+    (and the blocks then drop nothing), while a real variant change is still refused."""
+    torch.manual_seed(3)
+    body = create_body(SWIN, img_size=32, **TINY_BODY)
+    path = tmp_path / "body.safetensors"
+    save_body(body, SWIN, dict(TINY_BODY), str(path))
+    loaded = create_body(SWIN, weights="file", weights_file=str(path), img_size=32, drop_path_rate=0.0, **TINY_BODY)
+    for (n, a), (_, b) in zip(body.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    drops = [m for m in loaded.modules() if type(m).__name__ == "DropPath"]
+    assert not drops and any(type(m).__name__ == "DropPath" for m in body.modules())
+    loaded.train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), loaded(x))  # no stochastic depth left to make two passes differ
+    with pytest.raises(WeightsError, match="was saved for a Swin with"):
+        create_body(SWIN, weights="file", weights_file=str(path), img_size=32, drop_path_rate=0.0,
+                    **dict(TINY_BODY, embed_dim=32, num_heads=[1, 2, 2, 4]))
+
+
 def test_own_files_bypass_timms_layout_guess(tmp_path, monkeypatch):
     """timm < 1.0.31 shifted layers.N.downsample of headless timm-layout files to N + 1 (a GPU run
     failed so); our files must load whatever that filter does, and original-layout ones still go to it."""
