@@ -22,7 +22,7 @@ ATTENTION_KINDS = ("auto", "sdpa", "bmm")  # auto: sdpa where timm's Swin offers
 # prefers cuDNN when the mask needs no gradient (a frozen relative-position bias, i.e. LoRA) and the
 # memory-efficient kernel when it does (full fine-tuning); on an H200 at batch 256 cuDNN's forward and
 # backward took 51 ms per compiled step against 23 ms for the memory-efficient ones
-# (results/bench/train_compile_sdpa_b256_profile.md). Flash attention takes no float mask, so on a GPU
+# (results/bench/train_compile_sdpa_cudnn_b256_profile.md). Flash attention takes no float mask, so on a GPU
 # this means the memory-efficient kernel; MATH stays as the fallback everywhere else.
 SDPA_BACKENDS = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
 BODY_META_KEY = "orca_body"  # safetensors metadata key holding {"model": name, "kwargs": {...}}
