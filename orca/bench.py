@@ -66,6 +66,9 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
             registered adapter method
             (full, lora, dylora, delta_lora, qlora); LoRA-type methods adapt every block
             qkv/proj/fc1/fc2 with rank ``rank`` unless ``rank_map`` (a stage-2 JSON) says otherwise.
+            ``rank0``: no adapters, the body frozen but its patch embedding trained, so the backward
+            still crosses every block without a rank-r product anywhere: the step LoRA would take if
+            its adapters cost nothing (ORCA's zero-rank end, whose embedder trains before the body).
         grad_ckpt_stages: what recomputes its activations in backward, as ``train.grad_checkpointing``:
             a body stage S (all its blocks) or ``"S:K"`` (its first K blocks), e.g. ``(0, 1, "2:6")``.
             The returned ``"checkpointing"`` says what that meant for this body (``"off"`` when empty).
@@ -92,7 +95,8 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         counts = {"trainable": sum(p.numel() for p in params)}
         groups = [{"params": params, "weight_decay": 0.01}]
     else:
-        from orca.adapters import AdapterConfig, build_method
+        from orca.adapters import AdapterConfig, build_method, count_parameters
+        from orca.adapters.base import set_trainable
         from orca.adapters.lora import (ComposedDenseWeight, ConcatDenseWeight, InplaceDenseWeight,
                                         JoinedDenseWeight, LoRALinear)
 
@@ -103,10 +107,16 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         access = {"lora_composed": ComposedDenseWeight, "lora_concat": ConcatDenseWeight,
                   "lora_inplace": InplaceDenseWeight, "lora_joined": JoinedDenseWeight}.get(method)
         extra = {"delta_lora_start": 0} if method == "delta_lora" else {}  # time the W update from step 0
-        cfg = AdapterConfig(method="lora" if access else method, rank=rank, alpha=2.0 * rank, targets="all",
+        registered = "lora" if access else "head" if method == "rank0" else method
+        cfg = AdapterConfig(method=registered, rank=rank, alpha=2.0 * rank, targets="all",
                             rank_map=rank_map, train_embedder=True, train_head=True, **extra)
         adapter = build_method(cfg)
         counts = adapter.prepare(model)  # adapters are created on the base layer's device
+        if method == "rank0":  # the input gradient must cross every block, as for an adapter in block 0
+            if not isinstance(getattr(body, "patch_embed", None), nn.Module):
+                raise ValueError(f"rank0 trains the body's patch_embed, which {model_name} does not have")
+            set_trainable(body.patch_embed, True)
+            counts = count_parameters(model)
         if access:
             for layer in model.modules():
                 if isinstance(layer, LoRALinear):

@@ -19,7 +19,9 @@ instead of the fused Function: what the Function's Python forward and backward c
 and compiled alike); ``lora_joined`` (the default forms, with the backward's two GEMMs over the
 output gradient joined into one, ``JoinedDenseWeight``: a candidate); ``lora_map``
 (ours, a stage-2 rank map); ``dylora``; ``delta_lora`` (W update active from step 0); ``qlora``
-(NF4 base + LoRA); ``peft`` (HF peft LoRA r = 8, the reference); with ``--grad-checkpointing``
+(NF4 base + LoRA); ``peft`` (HF peft LoRA r = 8, the reference); ``rank0`` (no adapters, the body
+frozen, its patch embedding trained: the backward crosses every block with no rank-r product, so
+this is how fast a LoRA step could be if its adapters cost nothing); with ``--grad-checkpointing``
 also ``full+gc`` and ``lora+gc`` (activation checkpointing: each entry a body stage S, all its
 blocks, or S:K, its first K blocks, as ``train.grad_checkpointing``; the JSON rows and the markdown
 say which blocks of how many were recomputed).
@@ -85,7 +87,7 @@ from orca.distributed import setup_distributed, world_from_env  # noqa: E402
 from orca.schema import ConfigError  # noqa: E402
 
 METHODS = ("full", "lora", "lora_composed", "lora_concat", "lora_inplace", "lora_joined", "lora_map", "dylora",
-           "delta_lora", "qlora", "peft")
+           "delta_lora", "qlora", "peft", "rank0")
 GC_METHODS = ("full", "lora")
 SMOKE_BODY = {"img_size": 32, "embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "window_size": 2}
 

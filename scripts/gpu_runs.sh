@@ -147,10 +147,12 @@ perf)
   # launch overhead is left at this batch.
   # Session 10: PERF_ATTENTION=sdpa (the default since session 9; session 9's profile,
   # train_compile_b256_profile.md, is of bmm) and PERF_METHODS (default full lora).
-  attn=${PERF_ATTENTION:-sdpa} methods=${PERF_METHODS:-full lora}
+  # Session 15: PERF_TAG names the files, e.g. PERF_METHODS="full lora rank0" PERF_TAG=_compile_sdpa_rank0_b256
+  # (rank0: LoRA's step with adapters that cost nothing, the measured ceiling scripts/kernel_budget.py models).
+  attn=${PERF_ATTENTION:-sdpa} methods=${PERF_METHODS:-full lora} tag=${PERF_TAG:-_compile_${attn}_b256}
   step "bench_train --profile 3: $methods at batch 256 with $attn attention, compiled (about 2 min each)"
   within 500 "$PY" scripts/bench_train.py --out "$out" --compile --methods $methods --batch-sizes 256 \
-      --attention "$attn" --profile 3 --tag "_compile_${attn}_b256"
+      --attention "$attn" --profile 3 --tag "$tag"
   ;;
 graphs)
   # Issue 3's batch-64 criterion and issue 7's batch-256 ratios with the whole forward and backward
@@ -177,7 +179,7 @@ sdpa)
   # MFU: 32.5% in session 9), SDPA_GRAPH_METHODS="full lora lora_joined" for the LoRA ratios too
   # (~80 s of compilation each). lora_joined: JoinedDenseWeight, the backward's two GEMMs over the
   # output gradient as one (session 10, with cuDNN attention: 1.02x plain LoRA under CUDA graphs,
-  # 0.97x eager at batch 256; not the default).
+  # 0.97x eager at batch 256; session 14, without cuDNN: 0.99x under graphs and compiled; not the default).
   # Session 10: sdpa keeps off cuDNN's attention kernel (orca.bodies.SDPA_BACKENDS), which PyTorch had
   # picked for LoRA's frozen bias (2x slower than the memory-efficient kernel); SDPA_EAGER_METHODS and
   # SDPA_EAGER_ATTENTION choose the eager run ("" skips it).

@@ -13,7 +13,7 @@ def test_bench_train_smoke(tmp_path):
     rank_map.write_text(json.dumps({"rank_map": {"layers.0.blocks.0": 4, "layers.3.blocks.0.mlp.fc1": 0}}))
     md = load_script("bench_train.py").main(["--smoke", "--rank-map", str(rank_map), "--grad-checkpointing", "0", "1:1",
                              "--methods", "full", "lora", "lora_concat", "lora_inplace", "lora_joined",
-                             "lora_map", "dylora", "delta_lora", "peft",
+                             "lora_map", "dylora", "delta_lora", "peft", "rank0",
                              "--out", str(tmp_path / "bench")])
     assert md == tmp_path / "bench" / "train_smoke_gc.md"
     out = json.loads((tmp_path / "bench" / "train_smoke_gc.json").read_text())
@@ -21,7 +21,7 @@ def test_bench_train_smoke(tmp_path):
     assert out["matmul_peak_tflops"] > 0
     rows = {r["config"]: r for r in out["results"]}
     assert list(rows) == ["full", "lora", "lora_concat", "lora_inplace", "lora_joined", "lora_map", "dylora",
-                          "delta_lora", "peft",
+                          "delta_lora", "peft", "rank0",
                           "full+gc", "lora+gc"]
     assert all(r["status"] == "ok" and r["batch"] == 4 and r["img_per_s"] > 0 for r in rows.values())
     # what +gc recomputed: the entries as given (stage 0 whole, first block of stage 1) and per stage
@@ -40,6 +40,11 @@ def test_bench_train_smoke(tmp_path):
     assert 0.5 < f["lora"] / f["full"] < 0.9, f
     assert f["lora"] <= f["peft"] < f["full"]  # same adapters; ours measured ~10% under peft on this body
     assert f["lora_map"] < f["lora"] and f["full+gc"] > 1.1 * f["full"]
+    # rank0: no adapters, only the head and the patch embedding (4 x 4 x 3 conv to 16 channels + its
+    # LayerNorm) train, yet the input gradient crosses every block: more than a forward, less than LoRA
+    assert head_and_embed == 128 * 100 + 100
+    assert rows["rank0"]["trainable_params"] == head_and_embed + (3 * 16 * 16 + 16) + 2 * 16
+    assert f["rank0"] < f["lora"] and f["rank0"] > 0.5 * f["lora"]
     # the one-GEMM forward does the multiply-adds of the base GEMM plus the rank-r update, which the
     # default path does in place (addmm_, which torch's FLOP counter alone would not count)
     for pinned in ("lora_concat", "lora_inplace", "lora_joined"):
@@ -84,3 +89,26 @@ def test_bench_train_times_both_attention_kinds_in_one_run(tmp_path):
     assert "| 4 | full+sdpa |" in text and text.count("| 1.00x |") >= 2
     ratio = rows["lora+sdpa"]["img_per_s"] / rows["lora"]["img_per_s"]
     assert f"| 4 | lora | {ratio:.2f}x |" in text
+
+
+def test_rank0_backpropagates_through_every_frozen_block():
+    """The floor a LoRA step is priced against (scripts/kernel_budget.py) must do LoRA's backward minus
+    the adapters: a gradient at the patch embedding, none on any block weight, no LoRA layer."""
+    import torch
+
+    from orca.adapters.lora import LoRALinear
+    from orca.bench import build_config, train_step
+
+    script = load_script("bench_train.py", "bench_train_rank0")
+    cfg = build_config("rank0", model_name="swin_tiny_patch4_window7_224", device=torch.device("cpu"),
+                       num_classes=5, body_kwargs=dict(script.SMOKE_BODY))
+    body = cfg["model"].body
+    assert not any(isinstance(m, LoRALinear) for m in body.modules())
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    before = body.patch_embed.proj.weight.detach().clone()
+    cfg["opt"].zero_grad = lambda set_to_none=True: None  # keep this step's gradients to look at
+    train_step(cfg, x, y)
+    assert body.patch_embed.proj.weight.grad is not None and body.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert not torch.equal(body.patch_embed.proj.weight, before)
+    trained = {n for n, p in body.named_parameters() if p.grad is not None}
+    assert trained == {n for n, _ in body.patch_embed.named_parameters(prefix="patch_embed")}

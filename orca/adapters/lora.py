@@ -149,8 +149,10 @@ class JoinedDenseWeight(DenseWeight):
     session 9's profile (results/bench/train_compile_b256_profile.md) has LoRA spending more GEMM time
     than full fine-tuning, much of it in rank-r GEMMs that each re-read an activation; this removes
     one of them per layer, at the price of an input gradient with row stride d_in + r, which eager
-    consumers may copy. Not chosen by :func:`dispatch_base` until a measurement says so
-    (``scripts/bench_train.py --methods lora_joined``)."""
+    consumers may copy. Measured, it does not pay: on an H200 at batch 256 it ran at 0.99x plain LoRA
+    compiled and under CUDA graphs (results/bench/train_compile_sdpa_b256.md,
+    train_graphs_sdpa_joined_b256.md), 0.96-0.97x eager, so :func:`dispatch_base` never picks it; it
+    stays as ``scripts/bench_train.py --methods lora_joined``, the record of that experiment."""
 
     kind = "dense (joined backward GEMM)"
     join_backward = True
