@@ -17,7 +17,7 @@ GEMM over [x, x A^T] when compiled and the base GEMM plus an in-place rank-r upd
 instead of the fused Function: what the Function's Python forward and backward cost per step);
 ``lora_concat`` / ``lora_inplace`` (the same LoRA pinned to the one-GEMM / the in-place form, eager
 and compiled alike); ``lora_joined`` (the default forms, with the backward's two GEMMs over the
-output gradient joined into one, ``JoinedDenseWeight``: a candidate); ``lora_map``
+output gradient joined into one, ``JoinedDenseWeight``: measured 0.99x lora, kept as a record); ``lora_map``
 (ours, a stage-2 rank map); ``dylora``; ``delta_lora`` (W update active from step 0); ``qlora``
 (NF4 base + LoRA); ``peft`` (HF peft LoRA r = 8, the reference); ``rank0`` (no adapters, the body
 frozen, its patch embedding trained: the backward crosses every block with no rank-r product, so

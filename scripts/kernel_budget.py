@@ -1,6 +1,6 @@
 """The ceiling of an adapter step's speed-up over full fine-tuning, from a bench_train.py profile.
 
-    python scripts/kernel_budget.py results/bench/train_compile_sdpa_b256_profile.json
+    python scripts/kernel_budget.py results/bench/train_compile_sdpa_rank0_b256_profile.json --targets 1.3 1.2
     python scripts/kernel_budget.py P_profile.json --bench P.json --targets 1.3 1.5 --out results/bench/kernel_budget
 
 Reads the ``*_profile.json`` kernel summary and the ``*.json`` of the same ``bench_train.py`` run
