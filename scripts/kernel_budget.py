@@ -58,7 +58,7 @@ def main(argv=None) -> int:
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), result)
-    m = profile.get("machine") or {}
+    m, table = profile.get("machine") or {}, budget_markdown(rows)
     args.out.with_suffix(".md").write_text(
         f"# Kernel budget: {', '.join(sorted({r['config'] for r in rows}))} against {args.base}\n\n"
         f"`{command}` at commit {result['git']['commit']}, from `{args.profile}` and `{bench_path}`, measured on "
@@ -67,8 +67,8 @@ def main(argv=None) -> int:
         "Times are ms per step, device time summed over kernels. Ideal GEMM = the base's GEMM ms x the FLOP "
         "ratio (every GEMM FLOP at the base's GEMM rate); ceiling = base ms / (ideal GEMM + non-GEMM); excess "
         "allowed = the GEMM time above ideal a step may keep and still reach the target (negative: out of reach "
-        "even at zero). The model: `orca/kernel_budget.py`.\n\n" + budget_markdown(rows))
-    print(budget_markdown(rows), end="")
+        "even at zero). The model: `orca/kernel_budget.py`.\n\n" + table)
+    print(table, end="")
     return 0
 
 
