@@ -13,10 +13,12 @@ import difflib
 import typing
 from typing import Any, Dict, List, Mapping, Sequence, Tuple, Type, TypeVar, Union
 
+from orca.errors import UsageError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config value or key is invalid; the message names the dotted key."""
 
 
