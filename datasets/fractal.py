@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import functools
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -558,9 +560,6 @@ class FractalGenerator:
         pairs = [(int(c), int(i)) for c, i in zip(class_ids, instances)]
         if workers <= 1 or len(pairs) < _PARALLEL_MIN_ITEMS:
             return _params_chunk((self, pairs))
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         # Contiguous chunks keep one class in few workers (each worker draws a class once, then caches it).
         size = math.ceil(len(pairs) / (4 * workers))
         chunks = [pairs[s:s + size] for s in range(0, len(pairs), size)]

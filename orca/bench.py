@@ -15,10 +15,18 @@ import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
+from orca.adapters import AdapterConfig, build_method, count_parameters
+from orca.adapters.base import set_trainable
+from orca.adapters.base_weights import ComposedDenseWeight, ConcatDenseWeight, InplaceDenseWeight, JoinedDenseWeight
+from orca.adapters.lora import LoRALinear
 from orca.bodies import set_attention
 from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
 from orca.config import ModelConfig
@@ -44,8 +52,6 @@ class BenchModel(nn.Module):
 
 def create_body(model_name: str, device: torch.device, **kwargs) -> nn.Module:
     """A randomly initialised timm body without classifier (seeded: every config starts alike)."""
-    import timm
-
     torch.manual_seed(0)
     with device:
         return timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
@@ -61,7 +67,7 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
     Args:
         method: ``peft`` (HF peft LoRA, the reference), ``lora_composed`` / ``lora_concat`` /
             ``lora_inplace`` / ``lora_joined`` (our LoRA through
-            :class:`orca.adapters.lora.ComposedDenseWeight` / ``ConcatDenseWeight`` /
+            :class:`orca.adapters.base_weights.ComposedDenseWeight` / ``ConcatDenseWeight`` /
             ``InplaceDenseWeight`` / ``JoinedDenseWeight``) or a
             registered adapter method
             (full, lora, dylora, delta_lora, qlora); LoRA-type methods adapt every block
@@ -95,11 +101,6 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
         counts = {"trainable": sum(p.numel() for p in params)}
         groups = [{"params": params, "weight_decay": 0.01}]
     else:
-        from orca.adapters import AdapterConfig, build_method, count_parameters
-        from orca.adapters.base import set_trainable
-        from orca.adapters.lora import (ComposedDenseWeight, ConcatDenseWeight, InplaceDenseWeight,
-                                        JoinedDenseWeight, LoRALinear)
-
         # our LoRA through plain autograd ops (lora_composed), always the one-GEMM forward (lora_concat)
         # or always the in-place rank-r update (lora_inplace), or the default forms with the backward's
         # two GEMMs over g joined (lora_joined); plain lora takes the one-GEMM form when compiled and
@@ -127,8 +128,6 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=fused)
     forward = model
     if ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(forward, mode=compile_mode) if compile else forward
     return {"model": model, "forward": forward, "opt": opt, "counts": counts, "adapter": adapter, "step": 0,
@@ -165,8 +164,6 @@ def _addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) 
 def count_step_flops(cfg: Dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> int:
     """FLOPs of one training step (forward + backward; the optimizer's elementwise work is not counted),
     by ``torch.utils.flop_counter`` on the eager model: compiled and eager steps do the same matmuls."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     # torch's counter knows addmm but not its in-place form, which FusedLoRALinear's forward uses for
     # the rank-r update (and its backward for small token counts): count it as the same GEMM.
     counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
@@ -263,8 +260,6 @@ def profile_steps(cfg: Dict[str, Any], x: torch.Tensor, y: torch.Tensor, steps: 
     """``steps`` extra training steps under ``torch.profiler`` (CPU, plus CUDA on a GPU): the raw
     ``key_averages`` rows (times in microseconds, summed over the steps) and the wall time per step
     (profiler overhead included). Run after warm-up (and compilation); ``trace``: a Chrome trace path."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
     with profile(activities=activities) as prof:

@@ -14,6 +14,9 @@ from typing import Any, Dict, Optional
 
 import timm
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.models.swin_transformer import WindowAttention
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -84,8 +87,6 @@ def set_attention(body: nn.Module, kind: str = "auto") -> str:
     dicts and checkpoints stay timm's own. ``sdpa`` also keeps PyTorch off cuDNN's attention kernel,
     which it picks for a bias without gradient and which was 2x slower here (:data:`SDPA_BACKENDS`).
     """
-    from timm.models.swin_transformer import WindowAttention
-
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"attention={kind!r}: choose one of {', '.join(ATTENTION_KINDS)}")
     blocks = [m for m in body.modules() if isinstance(m, WindowAttention)]
@@ -158,8 +159,6 @@ def _to_timm_layout(state: Dict[str, torch.Tensor], body: torch.nn.Module) -> Di
 def load_state_file(file: Path) -> Dict[str, torch.Tensor]:
     """Read a state dict from safetensors or a torch file without unpickling arbitrary objects."""
     if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(file))
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -175,8 +174,6 @@ def read_body_meta(file: Path) -> Optional[Dict[str, Any]]:
     """The ``{"model", "kwargs"}`` record stage 0 writes into a safetensors header (None if absent)."""
     if file.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-
     with safe_open(str(file), framework="pt") as handle:
         meta = handle.metadata() or {}
     return json.loads(meta[BODY_META_KEY]) if BODY_META_KEY in meta else None
@@ -184,8 +181,6 @@ def read_body_meta(file: Path) -> Optional[Dict[str, Any]]:
 
 def save_body(body: nn.Module, name: str, kwargs: Dict[str, Any], path: str) -> None:
     """Save body weights as safetensors with the exact timm config in the header (stage 0)."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items() if not k.startswith("head.")}
     meta = {BODY_META_KEY: json.dumps({"model": name, "kwargs": {k: _plain(v) for k, v in kwargs.items()}})}
     tmp = f"{path}.tmp"

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint
+from timm.models import swin_transformer, swin_transformer_v2
 from torch import nn
 
 from orca.schema import ConfigError
@@ -150,8 +151,6 @@ def plan(body: nn.Module, entries: Optional[Sequence[Any]], where: str = KEY) ->
 
 def _stage_forwards() -> Tuple[Any, ...]:
     """The stage forwards that :func:`_forward_first_blocks_checkpointed` reproduces (downsample, then blocks)."""
-    from timm.models import swin_transformer, swin_transformer_v2
-
     return (swin_transformer.SwinTransformerStage.forward, swin_transformer_v2.SwinTransformerV2Stage.forward)
 
 

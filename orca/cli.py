@@ -5,42 +5,48 @@
     python -m orca list tasks|adapters|objectives|gaps
     python -m orca show-config --config configs/darcy_swinb.yaml adapter.method=lora
     python -m orca data --config configs/darcy_swinb.yaml task.options.workers=16   # build/cache the data only
+    python -m orca sweep configs/experiments/table2_darcy_attn.yaml --dry-run   # a grid of stage-3 runs (orca.sweep)
+
+Why this is the one module that imports every stage: the stages import shared pieces below them
+(``orca.runtime``, ``orca.optimization``, ``orca.evaluation``) and never each other, and stage 2
+(``rank_estimation``) sits above orca core. Only here are they put side by side, and only here is
+the full config schema (``CONFIG_SCHEMA``: orca core's sections plus stage 2's ``rank``) chosen.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-STAGES = {
-    "stage0": ("orca.pretrain", "run_stage0"),
-    "stage1": ("orca.align.loop", "run_stage1"),
-    "stage2": ("rank_estimation.stage", "run_stage2"),
-    "stage3": ("orca.train", "run_stage3"),
-}
+from datasets.registry import TASKS, build_task
+from orca.adapters import ADAPTERS
+from orca.align.loop import run_stage1
+from orca.align.objectives import OBJECTIVES
+from orca.config import load_config, save_config
+from orca.pretrain import run_stage0
+from orca.schema import ConfigError
+from orca.sweep import main as sweep_main
+from orca.train import run_stage3
+from rank_estimation.config import Stage2Config
+from rank_estimation.gaps import GAP_METRICS
+from rank_estimation.stage import run_stage2
 
-
-def _registries():
-    from datasets.registry import TASKS
-    from orca.adapters import ADAPTERS
-
-    regs = {"tasks": TASKS, "adapters": ADAPTERS}
-    try:
-        from orca.align.objectives import OBJECTIVES
-        from rank_estimation.gaps import GAP_METRICS
-
-        regs.update({"objectives": OBJECTIVES, "gaps": GAP_METRICS})
-    except ImportError:  # pragma: no cover - partial checkouts
-        pass
-    return regs
+#: Every stage's sections: orca core's schema with stage 2's ``rank`` on top.
+CONFIG_SCHEMA = Stage2Config
+STAGES = {"stage0": run_stage0, "stage1": run_stage1, "stage2": run_stage2, "stage3": run_stage3}
+REGISTRIES = {"tasks": TASKS, "adapters": ADAPTERS, "objectives": OBJECTIVES, "gaps": GAP_METRICS}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"]:  # its own options (--gpus, --dry-run, ...): orca.sweep parses them
+        return sweep_main(argv[1:], schema=CONFIG_SCHEMA, prog="python -m orca sweep")
     parser = argparse.ArgumentParser(prog="python -m orca", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*STAGES, "list", "show-config", "data"])
+    parser.add_argument("command", choices=[*STAGES, "list", "show-config", "data", "sweep"])
     parser.add_argument("what", nargs="*", help="for stages, data and show-config: dotted overrides (train.lr=3e-4); "
                                                  "for list: tasks | adapters | objectives | gaps")
     parser.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml)")
@@ -48,23 +54,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     if args.command == "list":
-        regs = _registries()
-        for name in args.what or sorted(regs):
-            if name not in regs:
-                parser.error(f"list: unknown registry {name!r}; choose from {', '.join(sorted(regs))}")
-            print(f"{name}: {', '.join(regs[name].names())}")
+        for name in args.what or sorted(REGISTRIES):
+            if name not in REGISTRIES:
+                parser.error(f"list: unknown registry {name!r}; choose from {', '.join(sorted(REGISTRIES))}")
+            print(f"{name}: {', '.join(REGISTRIES[name].names())}")
         return 0
-
-    from orca.config import load_config, save_config
-    from orca.schema import ConfigError
 
     if args.resume and args.config:
         parser.error("--resume uses the run directory's config.yaml; do not pass --config too")
     try:  # a bad key or a missing file is the user's input: one clear line, no traceback
         if args.resume:
-            cfg = load_config(str(Path(args.resume) / "config.yaml"), [*args.what, f"run_dir={args.resume}"])
+            cfg = load_config(str(Path(args.resume) / "config.yaml"), [*args.what, f"run_dir={args.resume}"],
+                              schema=CONFIG_SCHEMA)
         else:
-            cfg = load_config(args.config, args.what)
+            cfg = load_config(args.config, args.what, schema=CONFIG_SCHEMA)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -72,18 +75,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         save_config(cfg, "/dev/stdout")
         return 0
     if args.command == "data":  # generate or check the task's data now (e.g. beside a GPU job), train nothing
-        import json
-
-        from datasets.registry import build_task
-
         task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
         sizes = {split: len(getattr(task, split)) for split in ("train", "val", "test")}
         print(json.dumps({"task": cfg.task.name, "sizes": sizes, "info": task.info}, default=str))
         return 0
-    module_name, fn_name = STAGES[args.command]
-    import importlib
-
-    run = getattr(importlib.import_module(module_name), fn_name)(cfg)
+    run = STAGES[args.command](cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
         print(f"[{args.command}] outputs: {run.path}")
     return 0

@@ -2,8 +2,14 @@
 
 Why one schema: stage 1, 2 and 3 of one experiment read the same task, body and seed, and the run
 directory of each stage stores the fully resolved config, so any run can be repeated from its
-``config.yaml`` alone. Sections owned by a sub-package (adapters, alignment, rank allocation, a
-task's options) keep their dataclass next to their code; this module only composes them.
+``config.yaml`` alone. Sections owned by a sub-package (adapters, alignment, a task's options) keep
+their dataclass next to their code; this module only composes them.
+
+Why the schema is composed in layers: :class:`ExperimentConfig` holds the sections of orca's own
+stages (0, 1 and 3). Stage 2 lives above orca core (``rank_estimation`` builds on it), so its
+``rank`` section is a subclass there (``rank_estimation.config.Stage2Config``) and orca core never
+imports it. The entry points (``orca.cli``, the scripts) load the most derived schema, which holds
+every section; :func:`load_config` takes the schema to load as an argument.
 
 YAML files may start with ``base: other.yaml`` (resolved relative to the file) and then list only
 the keys that differ, so an experiment file reads as its difference from the default.
@@ -14,7 +20,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -22,8 +28,8 @@ from orca.adapters.config import AdapterConfig
 from orca.align.config import AlignConfig
 from orca.bodies import ATTENTION_KINDS
 from orca.checkpointing import normalize as normalize_checkpointing
+from datasets.registry import get_task
 from orca.schema import ConfigError, check_choice, check_positive, from_dict, to_dict
-from rank_estimation.config import RankConfig
 
 
 @dataclass
@@ -35,8 +41,6 @@ class TaskConfig:
     options: Any = field(default_factory=dict, metadata={"help": "options of the task, checked against its schema"})
 
     def __post_init__(self):
-        from datasets.registry import get_task
-
         try:
             entry = get_task(self.name)
         except KeyError as err:
@@ -126,7 +130,7 @@ class TrainConfig:
 
 @dataclass
 class ExperimentConfig:
-    """Everything one run of any stage needs."""
+    """Everything one run of stage 0, 1 or 3 needs (stage 2 adds ``rank``: module docstring)."""
 
     name: str = field(default="default", metadata={"help": "experiment name, part of the run directory"})
     seed: int = field(default=0, metadata={"help": "global seed (data order, init, sampling)"})
@@ -137,7 +141,10 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
-    rank: RankConfig = field(default_factory=RankConfig)
+
+
+#: The schema a loader builds: :class:`ExperimentConfig` or a subclass that adds sections.
+Schema = TypeVar("Schema", bound=ExperimentConfig)
 
 
 def parse_override(text: str) -> Tuple[List[str], Any]:
@@ -181,8 +188,13 @@ def deep_update(dst: Dict[str, Any], src: Dict[str, Any]) -> Dict[str, Any]:
     return dst
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
+                schema: Type[Schema] = ExperimentConfig) -> Schema:
     """Defaults < YAML at ``path`` (with its ``base:`` chain) < dotted ``overrides``; then validate.
+
+    Args:
+        schema: the config class to build; the entry points pass the one with every stage's
+            sections (``orca.cli.CONFIG_SCHEMA``).
 
     Raises:
         ConfigError: unknown or misspelt key (naming the nearest valid one), bad value.
@@ -200,7 +212,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ex
         node[keys[-1]] = value
     if isinstance(data.get("task"), dict) and "name" in data["task"] and "options" not in data["task"]:
         data["task"]["options"] = {}
-    return from_dict(ExperimentConfig, data)
+    return from_dict(schema, data)
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:

@@ -1,10 +1,10 @@
 """Delta W spectra: what full fine-tuning changed in each body Linear, kept small enough to commit.
 
 Why a file: the rank-gap hypothesis (scripts/hypothesis.py, analysis (c)) correlates each block's
-gap with the effective rank of its update Delta W = W_ft - W_0. Checkpoints (50-350 MB) never leave
-the GPU machine; the singular values do (a few hundred kB for Swin-B), and any energy threshold or
-the stable rank follows from them later. Stage 3 writes ``delta_w.json.gz`` (gzipped JSON, see
-``rank_estimation.spectra_file``) for the methods that train the body's weights.
+gap with the effective rank of its update Delta W = W_ft - W_0. Checkpoints (50-350 MB) are not
+kept; the singular values are (a few hundred kB for Swin-B), and any energy threshold or the stable
+rank follows from them later. Stage 3 writes ``delta_w.json.gz`` (gzipped JSON, see
+``orca.spectra``) for the methods that train the body's weights.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from orca.config import ExperimentConfig
 from orca.runs import RunDir, atomic_write_bytes
-from rank_estimation.spectra_file import DELTA_W_FILE, encode_spectra
+from orca.spectra import DELTA_W_FILE, SPECTRUM_DIGITS, delta_w_spectra, encode_spectra, spectrum_ranks
 
 DELTA_W_METHODS = ("full", "delta_lora")  # the methods whose body weights W change in training
 
@@ -47,12 +47,10 @@ def write_delta_w(run: RunDir, model: torch.nn.Module, w0: Dict[str, torch.Tenso
                   tested: str, resumed: bool, log: Callable[[str], None] = print) -> Path:
     """Write ``delta_w.json.gz``: the singular values of each body Linear's update Delta W = W_ft - W_0.
 
-    Checkpoints never leave the GPU machine; these spectra (a few hundred kB for Swin-B) are what
+    Checkpoints are not kept; these spectra (a few hundred kB for Swin-B) are what
     ``scripts/hypothesis.py`` analysis (c) needs. Ranks are not stored: any energy threshold is
-    computed later by ``rank_estimation.hypothesis.spectrum_ranks``.
+    computed later by ``orca.spectra.spectrum_ranks``.
     """
-    from rank_estimation.hypothesis import SPECTRUM_DIGITS, delta_w_spectra, spectrum_ranks
-
     t0 = time.time()
     names = list(w0)
     if not names:
@@ -65,7 +63,7 @@ def write_delta_w(run: RunDir, model: torch.nn.Module, w0: Dict[str, torch.Tenso
         "what": "singular values s (descending, float64 SVD, %d significant digits) of Delta W = W_ft - W_0 "
                 "per body Linear weight; shape [d_out, d_in]; w0_fro = ||W_0||_F" % SPECTRUM_DIGITS,
         "ranks": "not stored: any energy threshold and the stable rank follow from s "
-                 "(rank_estimation.hypothesis.spectrum_ranks)",
+                 "(orca.spectra.spectrum_ranks)",
         "method": cfg.adapter.method, "task": cfg.task.name, "seed": cfg.seed,
         "W_ft": tested + ("; LoRA wrappers count as W + s B A" if cfg.adapter.method != "full" else ""),
         "W_0": f"the body as built at the start of this stage-3 process by orca.train.initial_model "

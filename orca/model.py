@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from orca.bodies import create_body, set_attention
@@ -80,8 +81,6 @@ def build_model(model_cfg, task) -> ORCAModel:
 
 def load_embedder(embedder: nn.Module, run_dir: str) -> None:
     """Load the aligned embedder that stage 1 saved in ``run_dir``."""
-    from safetensors.torch import load_file
-
     path = Path(run_dir) / EMBEDDER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"model.embedder_from={run_dir!r}: no {EMBEDDER_FILE} there; "

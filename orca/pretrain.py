@@ -45,13 +45,15 @@ from datasets.images import normalize_uint8, random_resized_crop_flip
 from datasets.registry import TaskData, build_task
 from orca.bodies import create_body, read_body_meta, save_body
 from orca.config import ExperimentConfig, save_config
+from orca.evaluation import evaluate
 from orca.model import body_from_config
+from orca.optimization import build_optimizer, warmup_linear_decay
 from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_json
+from orca.runtime import autocast_for, resolve_device, seed_everything
 from orca.schema import ConfigError
 from orca.adapters.optim import build_param_groups
 from orca.checkpointing import set_checkpointing
 from orca.masked_pretraining import MaskedImageModel, masked_l1, random_block_mask
-from orca.train import autocast_for, build_optimizer, evaluate, resolve_device, seed_everything, warmup_linear_decay
 
 BODY_FILE = "body.safetensors"
 LOG_FILE = "stage0.log"

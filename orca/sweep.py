@@ -4,7 +4,7 @@
     bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml               # every visible GPU, one run each
     bash scripts/sweep.sh configs/experiments/table4_darcy_otdd.yaml model.embedder_from=results/runs/stage1__...
     bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml --gpus 0 train.epochs=2   # sequential, in-process
-    python -m orca.sweep configs/experiments/table1_smallgap.yaml sweep.output_dir=/tmp/runs
+    python -m orca sweep configs/experiments/table1_smallgap.yaml sweep.output_dir=/tmp/runs
 
 A sweep file is an ordinary experiment config (``base:`` chain, sections, keys) plus a ``sweep:``
 section that the experiment schema does not know, so it is taken out here and checked against
@@ -50,11 +50,16 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
+import torch
+from tqdm.auto import tqdm
+
+import orca.train
+from datasets.registry import build_task
 from orca.config import ExperimentConfig, config_dict, parse_override, read_yaml, save_config
 from orca.runs import REPO_ROOT, usable_cpus, write_json
-from orca.schema import ConfigError, from_dict, nearest
+from orca.schema import ConfigError, from_dict, nearest, to_dict
 
 #: Methods whose result does not depend on ``adapter.rank``: their run names and table rows omit it.
 RANKLESS_METHODS = ("full", "head")
@@ -197,22 +202,25 @@ def run_name(cfg: ExperimentConfig, point: Dict[str, Any]) -> str:
     return "_".join(parts)
 
 
-def _build_config(data: Dict[str, Any], where: str) -> ExperimentConfig:
+def _build_config(data: Dict[str, Any], where: str, schema: Type[ExperimentConfig]) -> ExperimentConfig:
     if isinstance(data.get("task"), dict) and "name" in data["task"] and "options" not in data["task"]:
         data["task"]["options"] = {}  # as load_config: a changed task must not inherit the old task's options
     try:
-        return from_dict(ExperimentConfig, data)
+        return from_dict(schema, data)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
 
 
-def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Tuple[SweepSpec, List[SweepRun]]:
+def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = (),
+               schema: Type[ExperimentConfig] = ExperimentConfig) -> Tuple[SweepSpec, List[SweepRun]]:
     """Read a sweep file and expand it into runs (in grid order, then include order; duplicates dropped).
 
     Args:
         path: the sweep YAML (an experiment config with a ``sweep:`` section).
         overrides: dotted ``key=value`` strings; ``sweep.*`` keys edit the sweep section, all others
             apply to every run.
+        schema: the experiment schema the runs' configs are built with (``orca.cli`` passes the
+            one with every stage's sections, as for a single run).
 
     Raises:
         ConfigError: unknown sweep or config key (naming the nearest valid one), bad value, or a
@@ -241,7 +249,7 @@ def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Tuple[
         run_data = copy.deepcopy(data)
         for key, value in point.items():
             _set(run_data, key, value, where)
-        cfg = _build_config(run_data, where)
+        cfg = _build_config(run_data, where, schema)
         resolved = config_dict(cfg)
         for key in spec.require:
             if _lookup(resolved, key, "sweep.require") is None:
@@ -254,7 +262,7 @@ def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Tuple[
         if name in runs:  # e.g. full fine-tuning crossed with ranks: the rank does not change the run
             continue
         run_data["run_dir"] = str(Path(spec.output_dir) / spec.table / name)
-        runs[name] = SweepRun(name=name, table=spec.table, point=point, cfg=_build_config(run_data, where),
+        runs[name] = SweepRun(name=name, table=spec.table, point=point, cfg=_build_config(run_data, where, schema),
                               gpus=spec.gpus_per_run)
     return spec, list(runs.values())
 
@@ -267,8 +275,6 @@ def visible_devices(n: Optional[int]) -> List[str]:
         ValueError: more workers asked for than GPUs exist -- a worker given an absent GPU would
             see no CUDA at all and quietly train on the CPU.
     """
-    import torch
-
     count = torch.cuda.device_count()
     n = count if n is None else n
     env = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
@@ -287,9 +293,6 @@ def build_data_once(runs: Sequence[SweepRun]) -> None:
     Why: generated tasks (Darcy) write their cache on first use; parallel workers that all find an
     empty cache would each generate it and race on the files. Built once, they only read it.
     """
-    from datasets.registry import build_task
-    from orca.schema import to_dict
-
     seen = set()
     for run in runs:
         task = run.cfg.task
@@ -338,14 +341,12 @@ def prepare(run: SweepRun, sweep_file: str, cli_overrides: Sequence[str]) -> Non
 
 
 def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
-    from orca.train import run_stage3
-
     failed = []
     for run in pending:
         bar.set_postfix_str(run.name)
         (run.run_dir / "sweep_error.log").unlink(missing_ok=True)  # from an earlier failed attempt
         try:
-            run_stage3(run.cfg)
+            orca.train.run_stage3(run.cfg)
         except Exception:  # noqa: BLE001 - one broken run must not stop the sweep; it is reported at the end
             (run.run_dir / "sweep_error.log").write_text(traceback.format_exc())
             failed.append((run, str(run.run_dir / "sweep_error.log")))
@@ -425,7 +426,8 @@ def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
 
 def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Optional[int] = None,
               dry_run: bool = False, command: Callable[[SweepRun], List[str]] = stage3_command,
-              poll_s: float = 2.0, per_gpu: int = 1) -> List[Tuple[SweepRun, str]]:
+              poll_s: float = 2.0, per_gpu: int = 1,
+              schema: Type[ExperimentConfig] = ExperimentConfig) -> List[Tuple[SweepRun, str]]:
     """Run every pending point of a sweep; return the failed runs with the path of their log.
 
     Args:
@@ -437,10 +439,9 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         command: the subprocess command of one run (tests substitute a cheap one).
         per_gpu: concurrent runs per GPU (small, launch-bound models leave most of a GPU idle).
         poll_s: how often the worker pool checks its subprocesses.
+        schema: as :func:`load_sweep`.
     """
-    from tqdm.auto import tqdm
-
-    spec, runs = load_sweep(path, overrides)
+    spec, runs = load_sweep(path, overrides, schema)
     check_ownership(runs, str(path))
     pending = [r for r in runs if not r.done]
     print(f"[sweep] {path}: {len(runs)} runs in {Path(spec.output_dir) / spec.table}, "
@@ -468,8 +469,10 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
     return failed
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orca.sweep", description=__doc__,
+def main(argv: Optional[Sequence[str]] = None, schema: Type[ExperimentConfig] = ExperimentConfig,
+         prog: str = "python -m orca sweep") -> int:
+    """The sweep command line (``python -m orca sweep``, which passes the full schema)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML (configs/experiments/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run; sweep.KEY=VALUE edits the sweep")
@@ -484,7 +487,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.per_gpu < 1:
         parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
     try:
-        failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu)
+        failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu,
+                           schema=schema)
     except (ConfigError, FileNotFoundError) as err:  # a user mistake: the message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -499,4 +503,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit("error: run sweeps with `python -m orca sweep ...`, which knows every stage's config sections")

@@ -30,13 +30,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import random
 import sys
 import time
+import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
@@ -44,40 +44,14 @@ from datasets.registry import TaskData, build_task
 from orca.adapters import build_method
 from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
 from orca.config import ExperimentConfig, config_dict, save_config
-from orca.distributed import Dist, setup_distributed
-from orca.model import ORCAModel, build_model
 from orca.delta_w import DELTA_W_FILE, DELTA_W_METHODS, body_linear_weights, write_delta_w
+from orca.distributed import Dist, setup_distributed
+from orca.evaluation import evaluate, loss_reduction
+from orca.model import ORCAModel, build_model
+from orca.optimization import build_optimizer, warmup_linear_decay
 from orca.runs import RunDir, check_arch, git_info, machine_info
+from orca.runtime import autocast_for, resolve_device, seed_everything
 from orca.schema import ConfigError
-
-
-# ----------------------------------------------------------------------------- setup helpers
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch; optionally force deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; refuse an explicit CUDA device that is absent."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but no CUDA device is visible; use train.device=cpu or auto")
-    return device
-
-
-def autocast_for(amp: str, device: torch.device):
-    """The autocast context of ``train.amp``: bf16 on CUDA by default, full precision on CPU."""
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    if not use:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class EpochBatchSampler(Sampler[List[int]]):
@@ -122,55 +96,6 @@ class EpochBatchSampler(Sampler[List[int]]):
 
     def __len__(self) -> int:
         return self._global_batches() - self.skip
-
-
-def warmup_linear_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """ORCA's schedule: linear warm-up to the peak, then linear decay to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
-
-
-def build_optimizer(cfg: ExperimentConfig, groups: List[Dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    """The configured optimizer over ``groups`` (AdamW fused on CUDA, SGD, or paged AdamW for QLoRA)."""
-    from orca.adapters.optim import build_optimizer as make_optimizer
-
-    t = cfg.train
-    paged = t.optimizer == "paged_adamw" or cfg.adapter.paged_adamw
-    if paged and device.type != "cuda":
-        raise RuntimeError("paged AdamW (train.optimizer=paged_adamw or adapter.paged_adamw) needs a CUDA device")
-    return make_optimizer(groups, "adamw" if paged else t.optimizer, lr=t.lr, betas=t.betas,
-                          momentum=t.momentum, paged=paged)
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, task: TaskData, device: torch.device,
-             autocast, desc: str = "eval") -> Dict[str, float]:
-    """Mean per-sample error (``task.metric``) and mean loss over ``loader``."""
-    model.eval()
-    errors, loss_sum, n = [], 0.0, 0
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            out = model(x)
-        out = out.float()
-        errors.append(task.metric(decode(task, out), y).float().cpu())
-        loss_sum += float(task.loss(out, y)) * (1 if loss_reduction(task) == "sum" else len(x))
-        n += len(x)
-    err = torch.cat(errors)
-    if not torch.isfinite(err).all():
-        raise FloatingPointError(f"{desc}: non-finite {task.metric_name} on {int((~torch.isfinite(err)).sum())} samples")
-    return {task.metric_name: float(err.mean()), "loss": loss_sum / max(n, 1)}
-
-
-def decode(task: TaskData, out: torch.Tensor) -> torch.Tensor:
-    """Model output -> physical units (identity for tasks without a decoder)."""
-    return task.decode(out) if task.decode is not None else out
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -430,19 +355,12 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
                           if best is not None else "the final weights (no ckpt/best.pt; the weights tested)",
                           resumed=resume is not None, log=log)
         except Exception as err:  # noqa: BLE001 - any failure: report it, keep the finished run
-            import traceback
-
             traceback.print_exc()
             log(f"[stage3] WARNING: {DELTA_W_FILE} was NOT written ({type(err).__name__}: {err}); "
                 f"summary.json and the checkpoints are complete")
     run.close()
     print(f"[stage3] test {metric} = {test[metric]:.5g} (best val epoch {state['best_epoch']}); summary: {path}", flush=True)
     return run
-
-
-def loss_reduction(task: TaskData) -> str:
-    """``sum`` or ``mean``: how ``task.loss`` reduces over the batch (dense tasks sum, as ORCA/FNO)."""
-    return getattr(task.loss, "reduction", "sum" if task.kind == "dense" else "mean")
 
 
 def wrap_for_training(model: torch.nn.Module, cfg: ExperimentConfig, dist_: Dist,
@@ -457,8 +375,6 @@ def wrap_for_training(model: torch.nn.Module, cfg: ExperimentConfig, dist_: Dist
     """
     train_model = model
     if dist_.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         # torch >= 2.14 renames broadcast_buffers; syncing the (identical) buffers once at init is harmless.
         no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else {"broadcast_buffers": False})

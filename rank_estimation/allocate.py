@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch.nn as nn
 
 from ibp.rank_posterior import RankPosterior, sample_rank_posterior
 from rank_estimation.config import SUMMARIES, TARGET_PATTERNS, RankConfig
@@ -445,8 +446,6 @@ def costs_from_model(model: Any, targets: str = "all") -> Dict[str, int]:
         model: a torch module (e.g. the timm Swin body); only ``nn.Linear`` children count.
         targets: "attn" or "all" (see :data:`rank_estimation.config.TARGET_PATTERNS`).
     """
-    import torch.nn as nn
-
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     return {n: int(linears[n].in_features + linears[n].out_features)
             for n in select_targets(linears, targets)}

@@ -4,14 +4,20 @@ Why a dataclass with ``__post_init__`` checks: a YAML typo or an impossible sett
 r_max, burn-in longer than the run) should fail when the config is loaded, naming the field, the
 value and what is allowed, not minutes into sampling. The gap metric name is only checked to be a
 non-empty string here; the gap-metric registry validates it where it is built.
+
+:class:`Stage2Config` is orca core's :class:`orca.config.ExperimentConfig` plus the ``rank``
+section: orca core knows nothing of stage 2, and stage 2 adds its section on top.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["RankConfig", "TARGET_PATTERNS", "TARGETS", "SUMMARIES", "POOLS", "DEFAULT_METRICS"]
+from orca.config import ExperimentConfig
+from orca.schema import from_dict
+
+__all__ = ["RankConfig", "Stage2Config", "TARGET_PATTERNS", "TARGETS", "SUMMARIES", "POOLS", "DEFAULT_METRICS"]
 
 #: Which Linear modules of the Swin body get a LoRA rank, as fnmatch patterns over module names.
 TARGET_PATTERNS: Dict[str, Tuple[str, ...]] = {
@@ -187,6 +193,12 @@ class RankConfig:
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "RankConfig":
         """Build from a dict (the ``rank`` section); unknown keys raise, naming the closest field."""
-        from orca.schema import from_dict
-
         return from_dict(cls, values, "rank")
+
+
+@dataclass
+class Stage2Config(ExperimentConfig):
+    """Every section of orca core's schema plus ``rank``: what stage 2 reads, and (stage 2 being the
+    one stage above orca core) the full schema the entry points load."""
+
+    rank: RankConfig = field(default_factory=RankConfig)

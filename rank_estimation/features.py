@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from orca.runtime import autocast_for
 from rank_estimation.config import POOLS
 
 __all__ = ["EMBED", "POOLS", "block_names", "layer_names", "resolve_layers", "capture_block_features"]
@@ -154,8 +155,6 @@ def capture_block_features(model: nn.Module, inputs: Inputs, *, embedder: Option
         layer name -> ``[N, C_layer]`` (mean) or ``[N * tokens, C_layer]`` (tokens) float32, in
         forward order.
     """
-    from orca.train import autocast_for
-
     if pool not in POOLS:
         raise ValueError(f"pool={pool!r} is not allowed; choose one of {POOLS}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from orca.align.mmd import DEFAULT_MULTIPLIERS, mmd2_unbiased
 from orca.align.otdd import check_features, check_labels, otdd
-from orca.registry import Registry
+from datasets.registry import Registry
 
 GAP_METRICS = Registry("gap metric")
 LABELLED_METRICS = ("otdd",)

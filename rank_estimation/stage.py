@@ -51,13 +51,16 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from datasets.images import source_feature_set
 from datasets.registry import build_task
-from orca.config import ExperimentConfig, save_config
+from orca.config import save_config
 from orca.model import body_from_config, build_model, source_embedder
 from orca.runs import RunDir, git_info, machine_info, save_png, write_json
-from orca.train import resolve_device, seed_everything
+from orca.runtime import fetch_inputs, resolve_device, seed_everything, target_labels
 from rank_estimation.allocate import RankAllocation, allocate_from_config, check_budget, costs_from_model, expand
+from rank_estimation.config import Stage2Config
 from rank_estimation.features import EMBED, capture_block_features, layer_names
+from rank_estimation.gaps import GAP_METRICS, gap_profile
 
 RANK_MAP_FILE = "rank_map.json"
 
@@ -65,8 +68,6 @@ RANK_MAP_FILE = "rank_map.json"
 # ----------------------------------------------------------------------------- checks
 def stage2_metrics(rank_cfg) -> List[str]:
     """The metrics to measure: ``rank.metrics`` plus ``rank.gap_metric``, each checked against the registry."""
-    from rank_estimation.gaps import GAP_METRICS
-
     metrics = list(rank_cfg.metrics)
     if rank_cfg.gap_metric not in metrics:
         metrics.append(rank_cfg.gap_metric)
@@ -143,8 +144,6 @@ def measure_profile(src: Dict[str, torch.Tensor], tgt: Dict[str, torch.Tensor], 
         device: where the metrics run.
         source_labels, target_labels: per-image labels ``[m]`` / ``[n]`` (for otdd), or None.
     """
-    from rank_estimation.gaps import gap_profile
-
     merged: Dict[str, Any] = {"layers": [], "metrics": metrics, "values": {}, "scale": {}, "rows": {},
                               "seconds": {m: 0.0 for m in metrics}}
     boot = [m for m in metrics if rank_cfg.boot_metrics is None or m in rank_cfg.boot_metrics]
@@ -285,7 +284,7 @@ def body_only(model_cfg) -> torch.nn.Module:
     return body.eval().requires_grad_(False)
 
 
-def read_gaps(cfg: ExperimentConfig, layers: List[str], weights: str) -> Dict[str, Any]:
+def read_gaps(cfg: Stage2Config, layers: List[str], weights: str) -> Dict[str, Any]:
     """The gap profile of ``rank.gaps_from``'s ``gaps.json``, checked against this run.
 
     Args:
@@ -338,7 +337,7 @@ def read_gaps(cfg: ExperimentConfig, layers: List[str], weights: str) -> Dict[st
     return gaps
 
 
-def measure_gaps(cfg: ExperimentConfig, task, model: torch.nn.Module, positions: List[int],
+def measure_gaps(cfg: Stage2Config, task, model: torch.nn.Module, positions: List[int],
                  metrics: List[str]) -> Tuple[Dict[str, Any], Dict[str, float]]:
     """Capture source and target features at every layer and measure the gap profile (the slow half).
 
@@ -353,9 +352,6 @@ def measure_gaps(cfg: ExperimentConfig, task, model: torch.nn.Module, positions:
         ``(gaps, timing)``: the gap profile with ``dims`` and ``provenance`` (gaps.json without ``chosen``),
         and seconds per phase.
     """
-    from datasets.images import source_feature_set
-    from orca.align.loop import fetch_inputs, target_labels
-
     r = cfg.rank
     device = resolve_device(cfg.train.device)
     source_name = r.source or cfg.align.source
@@ -401,7 +397,7 @@ def measure_gaps(cfg: ExperimentConfig, task, model: torch.nn.Module, positions:
     return profile, times
 
 
-def allocate_and_write(cfg: ExperimentConfig, run: RunDir, gaps: Dict[str, Any], body: torch.nn.Module,
+def allocate_and_write(cfg: Stage2Config, run: RunDir, gaps: Dict[str, Any], body: torch.nn.Module,
                        costs: Dict[str, int], times: Dict[str, Optional[float]], t0: float) -> None:
     """D_i from a gap profile, the rank allocation under ``rank.budget``, and every output file of the run.
 
@@ -471,7 +467,7 @@ def allocate_and_write(cfg: ExperimentConfig, run: RunDir, gaps: Dict[str, Any],
           flush=True)
 
 
-def run_stage2(cfg: ExperimentConfig) -> RunDir:
+def run_stage2(cfg: Stage2Config) -> RunDir:
     """Measure the gap profile (or read ``rank.gaps_from``'s), allocate ranks under the budget, write the rank
     map; return the run dir.
 

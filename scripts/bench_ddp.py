@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = "scripts/bench_train.py"  # run from the repository root
 
@@ -45,8 +47,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if args.smoke:
             args.gpus = 2
         else:
-            import torch
-
             args.gpus = torch.cuda.device_count()
     if args.gpus < 2:
         p.error(f"scaling needs at least 2 GPUs for the DDP run, got {args.gpus}"

@@ -40,12 +40,19 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from datasets.images import source_feature_set  # noqa: E402
+from orca.bodies import create_body  # noqa: E402
+from orca.embedders import ConvEmbedder2d  # noqa: E402
+from orca.model import ORCAModel  # noqa: E402
+from orca.runs import git_info, machine_info  # noqa: E402
+from orca.runtime import resolve_device, seed_everything  # noqa: E402
+from rank_estimation.features import capture_block_features  # noqa: E402
+from rank_estimation.gaps import GAP_METRICS, gap_profile, get_gap_metric  # noqa: E402
+
 GOAL_S = 30.0  # the issue: all metrics together under 30 s on one H100
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from rank_estimation.gaps import GAP_METRICS
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=5000, help="samples per side (source and target)")
@@ -91,14 +98,6 @@ def sync(device: torch.device) -> None:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    from orca.bodies import create_body
-    from orca.embedders import ConvEmbedder2d
-    from orca.model import ORCAModel
-    from orca.runs import git_info, machine_info
-    from orca.train import resolve_device, seed_everything
-    from rank_estimation.features import capture_block_features
-    from rank_estimation.gaps import gap_profile, get_gap_metric
-
     device = resolve_device(args.device)
     seed_everything(args.seed)
     body = create_body(args.body, weights="none", img_size=args.img_size, **args.body_kwargs)
@@ -115,8 +114,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     gen = torch.Generator().manual_seed(args.seed)
     if args.source == "fractal":
-        from datasets.images import source_feature_set
-
         images, src_labels = source_feature_set("fractal", args.n, image_size=args.img_size, seed=args.seed,
                                                 device=device)
         src_inputs = images

@@ -13,7 +13,7 @@ Setup (SPEC.md "Reference numbers"): timm Swin-B at 224 with random weights, ran
 labels, mean-pooled features -> Linear(1024, 100) -> cross-entropy, bf16 autocast, fused AdamW.
 Configurations: ``full``; ``lora`` (ours, r = 8 on every block qkv/proj/fc1/fc2; its forward is one
 GEMM over [x, x A^T] when compiled and the base GEMM plus an in-place rank-r update in eager mode,
-``orca.adapters.lora.DenseWeight``); ``lora_composed`` (the same LoRA through plain autograd ops
+``orca.adapters.base_weights.DenseWeight``); ``lora_composed`` (the same LoRA through plain autograd ops
 instead of the fused Function: what the Function's Python forward and backward cost per step);
 ``lora_concat`` / ``lora_inplace`` (the same LoRA pinned to the one-GEMM / the in-place form, eager
 and compiled alike); ``lora_joined`` (the default forms, with the backward's two GEMMs over the

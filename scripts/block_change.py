@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from datasets.registry import build_task  # noqa: E402
+from orca.cli import CONFIG_SCHEMA  # noqa: E402
 from orca.config import load_config  # noqa: E402
 from orca.model import build_model  # noqa: E402
 from orca.runs import git_info, machine_info  # noqa: E402
@@ -79,7 +80,8 @@ def main(argv: List[str] | None = None) -> Path:
         p.error("--n must be >= 1")
     rows: Dict[str, Dict[str, float]] = {}
     for weights in args.weights:
-        cfg = load_config(args.config, [f"task.name={args.task}", *args.overrides, f"model.weights={weights}"])
+        cfg = load_config(args.config, [f"task.name={args.task}", *args.overrides, f"model.weights={weights}"],
+                          schema=CONFIG_SCHEMA)
         task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
         n = min(args.n, len(task.train))
         x = torch.stack([task.train[i][0] for i in range(n)])

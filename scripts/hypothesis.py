@@ -41,16 +41,23 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from orca.cli import CONFIG_SCHEMA  # noqa: E402
+from orca.config import load_config  # noqa: E402
+from orca.schema import ConfigError  # noqa: E402
+from orca.spectra import delta_w_ranks, find_spectra, read_spectra, spectrum_ranks  # noqa: E402
+from orca.sweep import load_sweep  # noqa: E402
+from orca.train import initial_model  # noqa: E402
+from rank_estimation.allocate import fit_gamma  # noqa: E402
 from rank_estimation.hypothesis import (  # noqa: E402
-    bootstrap_knee, budget_matched, combine_verdicts, delta_w_ranks, knee_order_verdict, mean_difference_ci,
-    permutation_pvalue, spearman_with_ci, spectrum_ranks, verdict,
+    bootstrap_knee, budget_matched, combine_verdicts, knee_order_verdict, mean_difference_ci,
+    permutation_pvalue, spearman_with_ci, verdict,
 )
-from rank_estimation.spectra_file import find_spectra, read_spectra  # noqa: E402
 
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
 #: The committed experiments: one body (the offline fractal Swin) and one recipe per analysis.
@@ -148,9 +155,6 @@ def complete_sweeps(runs: List[Run], notes: List[str]) -> List[Run]:
     file named in the runs' ``sweep.json`` (relative to the repository, as ``orca.sweep`` records it);
     runs whose sweep file is not here are kept, with a note that their completeness was not checked.
     """
-    from orca.schema import ConfigError
-    from orca.sweep import load_sweep
-
     kept: List[Run] = []
     by_table: Dict[Optional[str], List[Run]] = defaultdict(list)
     for r in runs:
@@ -166,7 +170,8 @@ def complete_sweeps(runs: List[Run], notes: List[str]) -> List[Run]:
             kept += members
             continue
         try:
-            _, grid = load_sweep(REPO / recorded, next(r.sweep_overrides for r in members if r.sweep_file == recorded))
+            _, grid = load_sweep(REPO / recorded, next(r.sweep_overrides for r in members if r.sweep_file == recorded),
+                                 CONFIG_SCHEMA)
         except ConfigError as err:
             notes.append(f"{table}: {recorded} does not load ({err}); completeness not checked")
             kept += members
@@ -196,8 +201,6 @@ def adalora_budget(d: Path, summary: dict, adapter: dict, notes: List[str], root
         return float(report["adapter_params"])
     ckpt = d / "ckpt" / "last.pt"
     if ckpt.is_file():
-        import torch
-
         state = torch.load(ckpt, map_location="cpu", weights_only=True).get("method") or {}
         if "final_budget" in state:
             return float(state["final_budget"]["adapter_params"])
@@ -296,8 +299,6 @@ def analysis_delta_w(runs: List[Run], tg: dict, a) -> List[dict]:
 
 def ranks_from_checkpoint(run_dir: Path, ckpt: Path, layers: List[str], a) -> tuple:
     """(c) from ``ckpt/best.pt`` and W_0 (``--base-state`` or rebuilt): names, ranks, ||W_0||_F, how."""
-    import torch
-
     tuned = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
     base, how = initial_state(run_dir, a.base_state)
     names = sorted({k[len("body."):-len(".weight")] for k, v in tuned.items()
@@ -327,16 +328,11 @@ def ranks_from_spectra(path: Path, layers: List[str], energy: float) -> tuple:
 def initial_state(run_dir: Path, base_state: Optional[str]) -> tuple:
     """W_0: a given state dict, or the model rebuilt exactly as stage 3 built it
     (``orca.train.initial_model``: seed, task, model)."""
-    import torch
-
     if base_state:
         state = torch.load(base_state, map_location="cpu", weights_only=True)
         state = state.get("model", state)
         return ({k if k.startswith("body.") else f"body.{k}": v for k, v in state.items()}, f"--base-state {base_state}")
-    from orca.config import load_config
-    from orca.train import initial_model
-
-    _, model = initial_model(load_config(str(run_dir / "config.yaml")))
+    _, model = initial_model(load_config(str(run_dir / "config.yaml"), schema=CONFIG_SCHEMA))
     return model.state_dict(), "rebuilt from the run's config.yaml (same seed)"
 
 
@@ -479,8 +475,6 @@ def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> 
                 primary = c["verdict"] if not (metrics and len(metrics) > 1) else \
                     "inconclusive (reason: gap metrics differ across tasks)"
         try:
-            from rank_estimation.allocate import fit_gamma
-
             fit = fit_gamma({t: (float(np.mean(tg[t]["D"])), knees[t]["knee"]) for t in both})
             L.append(f"- power law log D = log beta + gamma log(1 + r): gamma = {fit.gamma:.3f} +- {fit.gamma_se:.3f} (n = {fit.n})")
         except ValueError as err:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 #: Where the seed's numbers are looked for when --reference is not given (first existing wins):
 #: a copy inside the repository, then the project's shared reference folder next to the checkout.
@@ -107,8 +109,6 @@ def _read_config_adapter(run_dir: Path) -> Dict[str, Any]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
-    import yaml
-
     data = yaml.safe_load(path.read_text()) or {}
     return data.get("adapter", {}) if isinstance(data, dict) else {}
 

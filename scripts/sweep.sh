@@ -5,4 +5,4 @@
 # Exits non-zero when any run failed (listed at the end); rerunning skips the runs that completed.
 source "$(dirname "$0")/_env.sh"
 [ $# -ge 1 ] || { echo "usage: bash scripts/sweep.sh SWEEP.yaml [--dry-run] [--gpus N] [overrides...]" >&2; exit 2; }
-exec "$PY" -m orca.sweep "$@"
+exec "$PY" -m orca sweep "$@"

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from orca.adapters import AdapterConfig, build_method, lora_layers, sweep_ranks
-from orca.adapters.dylora import RANK_DISTRIBUTIONS, sample_rank
+from orca.adapters.dylora import sample_rank
 from orca.adapters.optim import build_optimizer, build_param_groups
+from orca.adapters.registries import RANK_DISTRIBUTIONS
 from tests.conftest import Stand, needs_nf4_cpu
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -231,7 +232,8 @@ NF4_LAYER_RTOL = 0.11
 
 
 def _nf4_checks(device):
-    from orca.adapters.qlora import NF4Weight, nf4_error_bound, quantize_linears
+    from orca.adapters.base_weights import NF4Weight
+    from orca.adapters.qlora import nf4_error_bound, quantize_linears
 
     torch.manual_seed(0)
     body = tiny_swin().to(device)
@@ -259,14 +261,15 @@ def test_nf4_bound_covers_the_double_quantised_absmax_and_is_tight():
     CPU kernel misreads blocks that span rows on AVX-512."""
     import bitsandbytes.functional as bnbf
 
-    from orca.adapters.qlora import _absmax_storage_error, _make_nf4, _nf4_to_dense, nf4_error_bound
+    from orca.adapters.base_weights import _nf4_to_dense, make_nf4
+    from orca.adapters.qlora import _absmax_storage_error, nf4_error_bound
 
     torch.manual_seed(0)
     worst, worst_absmax = 0.0, 0.0
     for rows, cols, std, tail in [(256, 512, 0.02, 1), (384, 128, 0.02, 4), (128, 1024, 1.0, 4)]:
         w = torch.randn(rows, cols) * std
         w.view(-1)[::997] *= tail  # a few heavy-tailed entries, as trained weights have
-        param = _make_nf4(w, 64, True, torch.device("cpu"), nn.Linear(cols, rows))
+        param = make_nf4(w, 64, True, torch.device("cpu"), nn.Linear(cols, rows))
         state = param.quant_state
         absmax = w.reshape(-1, 64).abs().amax(dim=1)
         stored = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
@@ -314,16 +317,16 @@ def test_qlora_without_working_bitsandbytes_raises(monkeypatch):
 def test_qlora_refuses_weights_read_back_outside_the_nf4_bound(monkeypatch):
     """A bitsandbytes that quantises but reads a weight back wrongly (as 0.50.2's CPU kernel on
     AVX-512 for blocks spanning rows) is refused by name, with the body left unquantised."""
-    from orca.adapters import qlora
+    from orca.adapters import base_weights
 
-    read = qlora.NF4Weight.get
+    read = base_weights.NF4Weight.get
 
     def off_by_a_block(base):  # NF4 dequantised, then one block's scale doubled
         w = read(base).clone()
         w.view(-1)[:64] *= 2
         return w
 
-    monkeypatch.setattr(qlora.NF4Weight, "get", staticmethod(off_by_a_block))
+    monkeypatch.setattr(base_weights.NF4Weight, "get", staticmethod(off_by_a_block))
     model = Stand(nn.Identity(), nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 128)), nn.Identity())
     with pytest.raises(RuntimeError, match=r"dequantises the NF4 weight of '0' \(shape \(64, 64\), on cpu\) "
                                            r"wrongly: .*relative RMS error .*no fallback"):

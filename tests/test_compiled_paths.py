@@ -106,7 +106,7 @@ LAYER_CASES = [  # (id, dropout, train mode, input shapes)
 def test_layer_compiled_matches_eager(backend, case_id, dropout, train, shapes):
     layer = lora_linear(dropout=dropout).train(train)
     if case_id in ("fused-inplace", "fused-joined"):  # the in-place form, or the joined backward
-        from orca.adapters.lora import InplaceDenseWeight, JoinedDenseWeight
+        from orca.adapters.base_weights import InplaceDenseWeight, JoinedDenseWeight
 
         layer.weight_access = InplaceDenseWeight if case_id == "fused-inplace" else JoinedDenseWeight
     # DenseWeight.lora_forward takes the fused Function exactly when there is no dropout module
@@ -129,7 +129,7 @@ def test_compiled_default_traces_the_one_gemm_forward(accessor, concat):
     """Under torch.compile the default dense accessor takes the one-GEMM forward over [x, x A^T]
     (measured 1.07x full fine-tuning with CUDA graphs, against 0.96-0.97x for the in-place form):
     the traced graph concatenates; the pinned in-place form does not."""
-    from orca.adapters import lora
+    from orca.adapters import base_weights
 
     traced = []
 
@@ -139,7 +139,7 @@ def test_compiled_default_traces_the_one_gemm_forward(accessor, concat):
 
     torch._dynamo.reset()
     layer = lora_linear()
-    layer.weight_access = getattr(lora, accessor)
+    layer.weight_access = getattr(base_weights, accessor)
     torch.compile(layer, backend=backend, fullgraph=True)(torch.randn(2, 5, 12, requires_grad=True)).sum().backward()
     assert traced == [concat]
 
@@ -150,7 +150,7 @@ def test_layer_compiled_under_autocast_matches_eager():
     one-GEMM form, which rounds the output once where the eager default's in-place update rounds it
     twice, so its eager reference is the same form (ConcatDenseWeight), and the eager default is
     checked to within one bf16 rounding of it."""
-    from orca.adapters.lora import ConcatDenseWeight, DenseWeight
+    from orca.adapters.base_weights import ConcatDenseWeight, DenseWeight
 
     for dropout in (0.0, 0.3):
         torch._dynamo.reset()

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from orca.config import ExperimentConfig, load_config, save_config
-from orca.registry import Registry
+from datasets.registry import Registry
 from orca.schema import ConfigError
 
 

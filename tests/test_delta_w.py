@@ -12,10 +12,8 @@ from orca.config import load_config
 from orca.runs import RunDir
 from orca.delta_w import body_linear_weights, effective_weights
 from orca.train import initial_model, run_stage3
-from rank_estimation.spectra_file import (
+from orca.spectra import (
     DELTA_W_FILE, LEGACY_DELTA_W_FILE, encode_spectra, find_spectra, read_spectra,
-)
-from rank_estimation.hypothesis import (
     delta_w_ranks,
     delta_w_spectra,
     effective_rank_energy,

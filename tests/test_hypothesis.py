@@ -16,16 +16,14 @@ from rank_estimation.hypothesis import (
     bootstrap_knee,
     budget_matched,
     combine_verdicts,
-    delta_w_ranks,
-    effective_rank_energy,
     knee_order_verdict,
     knee_rank,
     mean_difference_ci,
     permutation_pvalue,
     spearman_with_ci,
-    stable_rank,
     verdict,
 )
+from orca.spectra import delta_w_ranks, effective_rank_energy, stable_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = [1, 2, 4, 8, 16]

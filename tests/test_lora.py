@@ -270,7 +270,7 @@ FUSED_CASES = [  # (id, input shape, bias, W trainable, dtype, atol); tokens N v
                          ids=["addmm", "concat", "addmm-joined", "concat-joined"])
 @pytest.mark.parametrize("case_id,shape,bias,w_grad,dtype,atol", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
 def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad, dtype, atol, concat, join):
-    from orca.adapters.lora import fused_lora_linear
+    from orca.adapters.lora_forward import fused_lora_linear
 
     gen = torch.Generator().manual_seed(0)
     make = lambda *s, grad=True: torch.randn(*s, generator=gen, dtype=dtype).requires_grad_(grad)
@@ -296,8 +296,10 @@ def test_benchmarked_accessors_match_the_default(monkeypatch, accessor, compilin
     lora_inplace), JoinedDenseWeight (one backward GEMM over g, lora_joined) and the default as it runs
     under torch.compile (one GEMM) give the eager default's
     output and gradients on every adapted layer of a model, and each takes the form it says."""
-    from orca.adapters import lora as lora_module
-    from orca.adapters.lora import DenseWeight, FusedLoRALinear, LoRALinear
+    from orca.adapters import base_weights
+    from orca.adapters.base_weights import DenseWeight
+    from orca.adapters.lora import LoRALinear
+    from orca.adapters.lora_forward import FusedLoRALinear
 
     fused, x, _, _, _ = prepared("mlp", dict(rank=4, targets=MLP_T))
     randomize_b(fused)
@@ -305,7 +307,7 @@ def test_benchmarked_accessors_match_the_default(monkeypatch, accessor, compilin
     layers = [m for m in composed.modules() if isinstance(m, LoRALinear)]
     assert layers and all(m.weight_access is DenseWeight for m in layers)
     for m in layers:
-        m.weight_access = getattr(lora_module, accessor)
+        m.weight_access = getattr(base_weights, accessor)
     out_f = fused(x)
     apply, calls = FusedLoRALinear.apply, []
 
@@ -315,7 +317,7 @@ def test_benchmarked_accessors_match_the_default(monkeypatch, accessor, compilin
             raise AssertionError("the composed accessor ran the fused Function")
         return apply(*args)
 
-    monkeypatch.setattr("orca.adapters.lora.FusedLoRALinear.apply", checked)
+    monkeypatch.setattr("orca.adapters.lora_forward.FusedLoRALinear.apply", checked)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     out_c = composed(x)
     concat = {"ComposedDenseWeight": None, "ConcatDenseWeight": True, "InplaceDenseWeight": False,

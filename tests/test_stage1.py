@@ -20,7 +20,7 @@ from datasets.registry import build_task
 from orca.config import load_config
 from orca.model import EMBEDDER_FILE, build_model, source_embedder
 from orca.runs import RunDir
-from orca.train import seed_everything
+from orca.runtime import kmeans_labels, seed_everything
 
 STAGE1 = ["align.source=fractal", "align.source_options={num_points: 5000}", "align.n_source=60",
           "align.n_clusters=3", "align.epochs=5"]
@@ -201,7 +201,7 @@ def test_kmeans_labels_recover_separated_groups():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([0.0, 10.0, 20.0]).repeat_interleave(5)
     fields = centres[:, None, None] + 0.1 * torch.randn(15, 4, 4, generator=g)
-    labels = loop.kmeans_labels(fields, k=3, n_init=4, seed=0)
+    labels = kmeans_labels(fields, k=3, n_init=4, seed=0)
     groups = labels.view(3, 5)
     assert all(len(set(row.tolist())) == 1 for row in groups)  # each group is one cluster
     assert len(set(groups[:, 0].tolist())) == 3  # and the three groups are different clusters

@@ -2,6 +2,7 @@
 whose rank map stage 3 loads, bad inputs, and the benchmark script's CPU smoke test."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -12,14 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from orca.config import load_config
+from orca.config import load_config as load_core_config
 from orca.model import ORCAModel
 from orca.schema import ConfigError
 from rank_estimation.allocate import allocate_ranks, costs_from_model, expand
+from rank_estimation.config import Stage2Config
 from rank_estimation.features import EMBED, capture_block_features
 from rank_estimation.gaps import gap_profile
 
 REPO = Path(__file__).resolve().parents[1]
+#: Stage 2 reads the ``rank`` section, which orca core's schema does not hold.
+load_config = functools.partial(load_core_config, schema=Stage2Config)
 FAST_RANK = ["rank.n_chains=2", "rank.n_sweeps=40", "rank.burn_in=20"]
 
 

@@ -17,6 +17,7 @@ from orca.config import config_dict
 from orca import sweep as sweep_mod
 from orca.runs import usable_cpus
 from orca.schema import ConfigError
+from rank_estimation.config import Stage2Config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,7 +208,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, data_root, capsys
 def test_experiment_sweeps_expand(name, n_runs):
     """The committed sweep files load, and hold 3 seeds where the brief asks for them."""
     spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml",
-                                      ["model.embedder_from=results/runs/table4/stage1_otdd_s0"])
+                                      ["model.embedder_from=results/runs/table4/stage1_otdd_s0"], Stage2Config)
     assert len(runs) == n_runs and spec.table == (name if name.startswith("ranks") else name[:6])
     seeds = {}
     for run in runs:
@@ -265,7 +266,7 @@ def test_interrupted_run_fails_then_resumes(tmp_path, data_root, monkeypatch, ca
 def test_adaptive_sweeps_match_budgets(name):
     """Issue 8 (d): uniform, AdaLoRA and stage-2 maps at the same three budgets, 3 seeds each; a map's
     run is named after its stage-2 directory, and the sweep's grid is not inherited from a table."""
-    spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml")
+    spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml", schema=Stage2Config)
     assert spec.table == name and len(runs) == 27
     rows = {}
     for run in runs:
@@ -285,7 +286,7 @@ def test_adaptive_sweeps_match_budgets(name):
 def test_body_evidence_sweeps_pair_the_bodies(name, method):
     """Issue 4: each evidence sweep trains one method from the fractal and from a random body, 3 seeds each,
     with everything else equal."""
-    spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml")
+    spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml", schema=Stage2Config)
     assert spec.table == name and len(runs) == 6
     assert {(r.cfg.model.weights, r.cfg.seed) for r in runs} == {(w, s) for w in ("file", "none") for s in (0, 1, 2)}
     assert {r.cfg.adapter.method for r in runs} == {method} and {r.cfg.task.name for r in runs} == {"darcy"}
@@ -330,8 +331,8 @@ def test_gpus_per_run_must_be_positive(tmp_path, data_root):
 
 def test_ddp_darcy_sweeps_differ_only_in_gpus():
     """Issue 7's DDP check: the 2-GPU sweep trains exactly the 1-GPU sweep's runs (global batch included)."""
-    spec1, one = sweep_mod.load_sweep(REPO / "configs/experiments/ddp_darcy_1gpu.yaml")
-    spec2, two = sweep_mod.load_sweep(REPO / "configs/experiments/ddp_darcy_2gpu.yaml")
+    spec1, one = sweep_mod.load_sweep(REPO / "configs/experiments/ddp_darcy_1gpu.yaml", schema=Stage2Config)
+    spec2, two = sweep_mod.load_sweep(REPO / "configs/experiments/ddp_darcy_2gpu.yaml", schema=Stage2Config)
     assert (spec1.gpus_per_run, spec2.gpus_per_run) == (1, 2) and {r.gpus for r in two} == {2}
     assert [r.name for r in one] == [r.name for r in two] == ["full_s0", "full_s1", "full_s2"]
     strip = lambda cfg: {**config_dict(cfg), "run_dir": None}  # noqa: E731

@@ -10,7 +10,8 @@ import torch
 
 from orca.config import load_config
 from orca.runs import CheckpointMismatch, RunDir
-from orca.train import EpochBatchSampler, run_stage3, warmup_linear_decay
+from orca.optimization import warmup_linear_decay
+from orca.train import EpochBatchSampler, run_stage3
 
 
 class Killed(Exception):

@@ -5,7 +5,6 @@ set (``python -c "from orca.adapters import ADAPTERS; print(ADAPTERS.names())"``
 it. See ``base.py`` for the contract with the training loop.
 """
 from orca.adapters.base import (
-    ADAPTERS,
     AdapterMethod,
     FullFineTuning,
     HeadOnly,
@@ -27,6 +26,7 @@ from orca.adapters.lora import (
 )
 from orca.adapters.adalora import AdaLoRAMethod
 from orca.adapters.qlora import QLoRAMethod
+from orca.adapters.registries import ADAPTERS
 
 ADAPTERS.register("full", FullFineTuning)
 ADAPTERS.register("head", HeadOnly)

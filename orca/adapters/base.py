@@ -40,9 +40,8 @@ import torch
 from torch import nn
 
 from orca.adapters.config import AdapterConfig
-from orca.registry import Registry
-
-ADAPTERS = Registry("adapter method")
+from orca.adapters.optim import build_param_groups
+from orca.adapters.registries import ADAPTERS
 
 #: The unique name prefix of trainable adapter parameters.
 ADAPTER_PREFIX = "lora_"
@@ -178,8 +177,6 @@ class AdapterMethod:
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> List[Dict[str, Any]]:
         """Optimizer parameter groups: one per distinct (lr, weight decay); see the contract."""
-        from orca.adapters.optim import build_param_groups
-
         exempt = no_decay_names(model)
         return build_param_groups(
             model.named_parameters(), lr=lr, weight_decay=weight_decay, lr_scale=self.lr_scale,

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from orca.adapters.registries import ADAPTERS, INIT_SCHEMES, RANK_DISTRIBUTIONS
+from orca.schema import from_dict
+
 #: Target presets (module names relative to the timm Swin body, matched with ``re.fullmatch``).
 #: ``attn`` is what seed 001 adapts (its Table 2 parameter counts are 72,192 x r on Swin-B, which is
 #: exactly qkv + proj of every block); LoRA (Hu et al. 2021, Sec. 7.1) found adapting more weight
@@ -109,10 +112,6 @@ class AdapterConfig:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        from orca.adapters import ADAPTERS  # lazy: the registry is filled by the package __init__
-        from orca.adapters.dylora import RANK_DISTRIBUTIONS
-        from orca.adapters.lora import INIT_SCHEMES
-
         _choice("method", self.method, ADAPTERS.names())
         _int("rank", self.rank, low=1)
         _number("alpha", self.alpha, positive=True)
@@ -218,8 +217,6 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "AdapterConfig":
         """Build from a plain dict; unknown keys are errors naming the nearest key (a typo must not silently default)."""
-        from orca.schema import from_dict
-
         return from_dict(cls, data, "adapter")
 
 

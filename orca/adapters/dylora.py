@@ -17,14 +17,12 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 import torch
 
 from orca.adapters.lora import LoRALayer, LoRAMethod, LoRAVariant
-from orca.registry import Registry
+from orca.adapters.registries import RANK_DISTRIBUTIONS
+
 
 # ---------------------------------------------------------------------------------------------
 # Distributions of b
 # ---------------------------------------------------------------------------------------------
-RANK_DISTRIBUTIONS = Registry("DyLoRA rank distribution")
-
-
 @RANK_DISTRIBUTIONS.register("uniform")
 def uniform_weights(r_min: int, r_max: int) -> torch.Tensor:
     """p(b) = 1 / (r_max - r_min + 1): the paper's choice."""

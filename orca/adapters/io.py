@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from orca.adapters.base import AdapterMethod, build_method, is_adapter_param
+from orca.adapters.base_weights import NF4Weight
 from orca.adapters.config import AdapterConfig
 from orca.adapters.dylora import DynamicRank
 from orca.adapters.lora import LoRALinear, lora_layers
@@ -173,8 +174,6 @@ def merged_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
             replaced[name] = {"weight": m.merged_weight(),
                               **({"bias": bias.detach()} if bias is not None else {})}
         elif type(getattr(m, "weight", None)).__name__ == "Params4bit" and not _inside(name, replaced):
-            from orca.adapters.qlora import NF4Weight
-
             replaced[name] = {"weight": NF4Weight.get(m).float(),
                               **({"bias": m.bias.detach()} if m.bias is not None else {})}
     out: Dict[str, torch.Tensor] = {}

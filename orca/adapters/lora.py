@@ -12,15 +12,15 @@ Two kinds of strategy objects keep the wrapper free of if/elif chains:
 
 - a *variant* (:class:`LoRAVariant`) decides how the update B A enters the forward pass and the
   merged weight: :class:`VanillaLoRA` here, DyLoRA's truncated rank in ``dylora.py``;
-- a *base-weight accessor* (:class:`DenseWeight` here, ``NF4Weight`` in ``qlora.py``) reads and
+- a *base-weight accessor* (``DenseWeight``, ``NF4Weight`` in ``base_weights.py``) reads and
   writes the frozen W and runs the forward pass for that kind of base: a fused autograd Function
-  (:class:`FusedLoRALinear`) for dense W, bitsandbytes' kernel plus the LoRA matmuls for NF4. It
-  is chosen by :func:`dispatch_base` (first match wins, as peft's dispatchers).
+  (``FusedLoRALinear`` in ``lora_forward.py``) for dense W, bitsandbytes' kernel plus the LoRA matmuls for NF4. It
+  is chosen by ``dispatch_base`` (first match wins, as peft's dispatchers).
 
 Speed (measured on one H100, Swin-B, batch 256, bf16 autocast, eager): the naive composition
 ``base(x) + s * B(A(x))`` ran at 0.91x full fine-tuning, the fused Function at 0.98x, HF peft at
 0.75x; compiled with CUDA graphs (one H200, ``results/bench/train_graphs_b{64,256}.md``) the fused
-Function in its one-GEMM form (the compiled default, see :class:`DenseWeight`) runs at 1.07x full
+Function in its one-GEMM form (the compiled default, see ``DenseWeight``) runs at 1.07x full
 fine-tuning at batch 64 and 256, and at 2.62x eager peft at batch 256. See ``scripts/bench_train.py`` /
 ``scripts/bench_adapters.py``.
 
@@ -32,21 +32,19 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from orca.adapters.base import AdapterMethod, set_trainable
-from orca.registry import Registry
+from orca.adapters.base_weights import dispatch_base
+from orca.adapters.registries import INIT_SCHEMES
+
 
 # ---------------------------------------------------------------------------------------------
 # A initialisation schemes
 # ---------------------------------------------------------------------------------------------
-INIT_SCHEMES = Registry("LoRA init scheme")
-
-
 @INIT_SCHEMES.register("kaiming")
 def init_kaiming(a: torch.Tensor) -> None:
     """Kaiming-uniform with a = sqrt(5), i.e. nn.Linear's default: what the LoRA reference code
@@ -60,237 +58,6 @@ def init_gaussian(a: torch.Tensor) -> None:
     variance Theta(1/n) that LoRA+ (Hayou et al. 2024, Init[1]) analyses; peft's "gaussian" uses
     std 1/r instead, which makes the initial A x grow with the width."""
     nn.init.normal_(a, std=1.0 / math.sqrt(a.shape[1]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Base-weight accessors (dense W or quantised W)
-# ---------------------------------------------------------------------------------------------
-class DenseWeight:
-    """Read / write the frozen weight of a plain ``nn.Linear`` (exact, in its own dtype).
-
-    Its LoRA forward is :class:`FusedLoRALinear` in one of two forms, chosen by ``concat``: the
-    base GEMM plus an in-place rank-r update of its output, or one GEMM over [x, x A^T] against
-    [W, s B]. ``None`` (the default) takes the one-GEMM form while torch.compile traces and the
-    in-place form in eager mode. Why: compiled with CUDA graphs on one H200 (Swin-B, r = 8 ``all``,
-    ``results/bench/train_graphs_b{64,256}.md``) the one-GEMM form ran at 1.07x full fine-tuning at
-    batch 64 and 256 where the in-place form ran at 0.97x and 0.96x: the rank-r update re-reads and
-    rewrites the whole N x d_out output, a memory-bound pass that full fine-tuning does not make,
-    while inductor writes [x, x A^T] in the kernel that produces x. In eager mode the concatenation
-    is a separate copy (and one more launch per layer, where small batches are launch-bound), and
-    the in-place form is the one measured there (0.98-1.02x full at batch 256, sessions 3-4).
-    Subclasses pin the choice for benchmarks (:class:`ConcatDenseWeight`, :class:`InplaceDenseWeight`).
-    """
-
-    kind = "dense"
-    concat: Optional[bool] = None
-    join_backward = False  # see JoinedDenseWeight
-
-    @staticmethod
-    def get(base: nn.Module) -> torch.Tensor:
-        return base.weight.data
-
-    @staticmethod
-    def set(base: nn.Module, weight: torch.Tensor) -> None:
-        base.weight.data.copy_(weight.to(base.weight.dtype))
-
-    @staticmethod
-    def add_(base: nn.Module, delta: torch.Tensor, alpha: float = 1.0) -> None:
-        base.weight.data.add_(delta.to(base.weight.dtype), alpha=alpha)
-
-    @classmethod
-    def lora_forward(cls, layer: "LoRALinear", x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-        """W0 x + bias + scale * B A x through :class:`FusedLoRALinear` (dropout needs the generic
-        path: its LoRA input differs from the base input)."""
-        if layer.lora_dropout is not None:
-            return lora_forward_generic(layer, x, a, b, scale)
-        concat = torch.compiler.is_compiling() if cls.concat is None else cls.concat
-        return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale, concat=concat,
-                                 join_backward=cls.join_backward)
-
-
-class ComposedDenseWeight(DenseWeight):
-    """A dense base whose LoRA path is :func:`lora_forward_generic` (plain autograd ops) instead of
-    :class:`FusedLoRALinear`. Not chosen by :func:`dispatch_base`: it is the reference that the fused
-    Function is timed against (``scripts/bench_train.py --methods lora_composed``), since the
-    Function's Python forward and backward add a fixed cost per adapted Linear per step that the
-    composed ops, whose backward runs in C++, do not have."""
-
-    kind = "dense (composed)"
-
-    @staticmethod
-    def lora_forward(layer: "LoRALinear", x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-        return lora_forward_generic(layer, x, a, b, scale)
-
-
-class ConcatDenseWeight(DenseWeight):
-    """A dense base that always takes the one-GEMM forward over [x, x A^T] against [W, s B], eager
-    mode included. Not chosen by :func:`dispatch_base`: ``scripts/bench_train.py --methods
-    lora_concat`` times it (in eager mode it is the one-GEMM form the default does not take)."""
-
-    kind = "dense (concatenated GEMM)"
-    concat = True
-
-
-class InplaceDenseWeight(DenseWeight):
-    """A dense base that always takes the base GEMM plus the in-place rank-r update, compiled
-    included: the form the default took before session 8, kept as the reference the one-GEMM form
-    is timed against (``scripts/bench_train.py --methods lora_inplace``)."""
-
-    kind = "dense (in-place rank-r update)"
-    concat = False
-
-
-class JoinedDenseWeight(DenseWeight):
-    """The default forward forms with the backward's two GEMMs over g joined into one:
-    [dL/dx | dL/d(x A^T)] = g [W + s B A | s B] (N = d_in + r), instead of g (W + s B A) and then
-    g (s B), a second pass over the N x d_out output gradient. Why a candidate, not the default:
-    session 9's profile (results/bench/train_compile_b256_profile.md) has LoRA spending more GEMM time
-    than full fine-tuning, much of it in rank-r GEMMs that each re-read an activation; this removes
-    one of them per layer, at the price of an input gradient with row stride d_in + r, which eager
-    consumers may copy. Measured, it does not pay: on an H200 at batch 256 it ran at 0.99x plain LoRA
-    compiled and under CUDA graphs (results/bench/train_compile_sdpa_b256.md,
-    train_graphs_sdpa_joined_b256.md), 0.96-0.97x eager, so :func:`dispatch_base` never picks it; it
-    stays as ``scripts/bench_train.py --methods lora_joined``, the record of that experiment."""
-
-    kind = "dense (joined backward GEMM)"
-    join_backward = True
-
-
-# ---------------------------------------------------------------------------------------------
-# The LoRA forward: generic (any base layer) and fused (dense base)
-# ---------------------------------------------------------------------------------------------
-def lora_forward_generic(layer: "LoRALinear", x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                         scale: float) -> torch.Tensor:
-    """base(x) + scale * (x A^T) B^T for any base layer (NF4 included); the scaled add is folded
-    into the second matmul (addmm, beta = 1) instead of a separate elementwise pass."""
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-        # Cast once for both paths: autocast would cast x separately for the base matmul and for
-        # x A^T, and keep both low-precision copies alive for backward. Same numbers either way.
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    result = layer.base_layer(x)
-    xa = F.linear(layer.lora_input(x), a)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]).to(result.dtype),
-                      b.t().to(result.dtype), alpha=scale)
-    return out.view(result.shape)
-
-
-class FusedLoRALinear(torch.autograd.Function):
-    """h = x W^T + bias + s (x A^T) B^T with a hand-written backward.
-
-    Why: autograd of the composed ops makes extra full-size passes over the activations -- the
-    update (N x d_out) is written, added, and scaled again in backward, and the two input
-    gradients (N x d_in) are summed by a separate kernel. Here the output is one GEMM with the LoRA
-    term accumulated into it (addmm_ with beta = 1), and the input gradient is one GEMM against
-    W + s B A, formed on the small d_out x d_in weight (in fp32 equal to the two-term sum to
-    rounding; under bf16 autocast it carries one more bf16 rounding of W + s B A, the size of the
-    rounding W itself already has). W gets a gradient only if it requires one (never under LoRA),
-    so the step skips the weight-gradient GEMM that costs full fine-tuning a third of its
-    linear-layer FLOPs.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale, concat=False, join_backward=False):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xa = torch.mm(x2, a.t())
-        if concat:
-            # [x, xA^T] [W, s B]^T: the LoRA term joins the base GEMM's reduction (K = d_in + r), so the
-            # N x d_out output is written once, not written, re-read and rewritten by addmm_. The
-            # price is materialising [x, xA^T] (N x (d_in + r)), which torch.compile can fold into
-            # the kernel that produces x; it is what backward keeps (x and xA^T as views of it).
-            xcat = torch.cat([x2, xa], dim=1)
-            wcat = torch.cat([weight, b * scale], dim=1)
-            out = torch.addmm(bias, xcat, wcat.t()) if bias is not None else torch.mm(xcat, wcat.t())
-            ctx.save_for_backward(xcat, weight, a, b)
-        else:
-            out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-            out.addmm_(xa, b.t(), alpha=scale)
-            ctx.save_for_backward(x2, xa, weight, a, b)
-        ctx.scale, ctx.in_shape, ctx.has_bias, ctx.concat = scale, shape, bias is not None, concat
-        ctx.join_backward = join_backward
-        return out.view(*shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.concat:
-            xcat, weight, a, b = ctx.saved_tensors
-            d_in = weight.shape[1]
-            x2, xa = xcat[:, :d_in], xcat[:, d_in:]
-        else:
-            x2, xa, weight, a, b = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        s = ctx.scale
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        many_tokens = g.shape[0] >= weight.shape[0]
-        joined = ctx.join_backward and need_x and need_a and many_tokens
-        if joined:
-            # [g (W + s B A) | g s B]: both products of g in one GEMM, returned as column slices
-            d_in = weight.shape[1]
-            joint = torch.mm(g, torch.cat([torch.addmm(weight, b, a, alpha=s), b * s], dim=1))
-            grad_x, gb = joint[:, :d_in].view(ctx.in_shape), joint[:, d_in:]
-        else:
-            gb = torch.mm(g, b * s) if need_a or (need_x and not many_tokens) else None  # dL/d(x A^T), N x r
-        if need_x and not joined:
-            if many_tokens:
-                # g W + (s g B) A = g (W + s B A): one GEMM against the d_out x d_in effective weight
-                # instead of a second full-size pass that reads and rewrites grad_x. Forming it costs
-                # 2 r d_in d_out FLOPs, less than the 2 N r d_in it saves once N >= d_out.
-                grad_x = torch.mm(g, torch.addmm(weight, b, a, alpha=s))
-            else:
-                grad_x = torch.mm(g, weight).addmm_(gb, a)
-            grad_x = grad_x.view(ctx.in_shape)
-        if need_w:
-            grad_w = torch.mm(g.t(), x2)
-        if need_bias and ctx.has_bias:
-            grad_bias = g.sum(0)
-        if need_a:
-            grad_a = torch.mm(gb.t(), x2)
-        if need_b:
-            grad_b = torch.mm(g.t(), xa).mul_(s)  # d_out x r
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
-
-
-def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      a: torch.Tensor, b: torch.Tensor, scale: float, concat: bool = False,
-                      join_backward: bool = False) -> torch.Tensor:
-    """Autocast-aware entry to :class:`FusedLoRALinear`: under autocast every operand is cast to
-    the autocast dtype once, as F.linear would (x once for both paths). The matmuls inside then
-    see matching dtypes, so autocast leaves them alone; no context switch is needed, which
-    matters at small batches where eager mode is bound by Python overhead per layer.
-    ``concat``: the forward as one GEMM over [x, x A^T] (see :class:`FusedLoRALinear`);
-    ``join_backward``: the backward's two GEMMs over the output gradient as one (:class:`JoinedDenseWeight`)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return FusedLoRALinear.apply(x.to(dtype), weight.to(dtype),
-                                     None if bias is None else bias.to(dtype), a.to(dtype),
-                                     b.to(dtype), scale, concat, join_backward)
-    dtype = weight.dtype
-    if x.dtype != dtype:
-        x = x.to(dtype)
-    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat, join_backward)
-
-
-def _is_nf4_linear(module: nn.Module) -> bool:
-    return type(getattr(module, "weight", None)).__name__ == "Params4bit"
-
-
-def dispatch_base(module: nn.Module, name: str = "") -> Any:
-    """Pick the weight accessor for a base layer: first match wins, as peft's ``dispatch_*``.
-
-    NF4 comes first because bitsandbytes' ``Linear4bit`` subclasses ``nn.Linear``.
-    """
-    if _is_nf4_linear(module):
-        from orca.adapters.qlora import NF4Weight  # lazy: bitsandbytes is optional
-
-        return NF4Weight
-    if isinstance(module, nn.Linear):
-        return DenseWeight
-    raise ValueError(f"cannot adapt module {name!r} of type {type(module).__name__}: supported base "
-                     "layers are torch.nn.Linear and bitsandbytes.nn.Linear4bit (NF4)")
 
 
 # ---------------------------------------------------------------------------------------------

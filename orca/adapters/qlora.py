@@ -23,6 +23,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
+from orca.adapters.base_weights import NF4Weight, make_nf4
 from orca.adapters.lora import LoRAMethod
 
 NF4_BLOCKSIZE = 64  # QLoRA Sec. 3: block size 64 for the weights
@@ -65,57 +66,6 @@ def require_bitsandbytes(device: torch.device) -> Any:
     return bnb
 
 
-def _nf4_to_dense(weight: nn.Parameter) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
-
-    data, state = weight.data, weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks CPU weights for AVX512-BF16 inference; undo that to read them
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
-    return bnbf.dequantize_4bit(data, state)
-
-
-def _make_nf4(weight: torch.Tensor, blocksize: int, double_quant: bool, device: torch.device,
-              module: nn.Module):
-    import bitsandbytes as bnb
-
-    param = bnb.nn.Params4bit(weight.detach().contiguous(), requires_grad=False, blocksize=blocksize,
-                              compress_statistics=double_quant, quant_type="nf4", module=module)
-    return param.to(device)  # bitsandbytes quantises on the move to a device
-
-
-class NF4Weight:
-    """Weight accessor for a ``Linear4bit`` base: read = dequantise, write = re-quantise. Merging
-    into NF4 is lossy (the merged weight is rounded to the 4-bit grid again), as in peft."""
-
-    kind = "nf4"
-
-    @staticmethod
-    def get(base: nn.Module) -> torch.Tensor:
-        return _nf4_to_dense(base.weight)
-
-    @staticmethod
-    def set(base: nn.Module, weight: torch.Tensor) -> None:
-        old = base.weight
-        new = _make_nf4(weight.to(torch.float32), old.blocksize, old.compress_statistics,
-                        old.device, base)
-        base.weight = new
-        base.quant_state = new.quant_state
-
-    @classmethod
-    def add_(cls, base: nn.Module, delta: torch.Tensor, alpha: float = 1.0) -> None:
-        cls.set(base, cls.get(base).float() + alpha * delta.float())
-
-    @staticmethod
-    def lora_forward(layer, x, a, b, scale):
-        """The 4-bit matmul is bitsandbytes' kernel, so only the generic composition applies."""
-        from orca.adapters.lora import lora_forward_generic
-
-        return lora_forward_generic(layer, x, a, b, scale)
-
-
 def quantize_linears(body: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
                      double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE) -> Dict[str, nn.Module]:
     """Replace every ``nn.Linear`` of ``body`` by a frozen NF4 ``bitsandbytes.nn.Linear4bit``.
@@ -142,7 +92,7 @@ def quantize_linears(body: nn.Module, compute_dtype: torch.dtype = torch.bfloat1
         q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=double_quant,
                               quant_type="nf4", device="meta")
-        q.weight = _make_nf4(dense.weight.data, blocksize, double_quant, dense.weight.device, q)
+        q.weight = make_nf4(dense.weight.data, blocksize, double_quant, dense.weight.device, q)
         q.quant_state = q.weight.quant_state
         _check_dequantised(name, dense.weight.data, NF4Weight.get(q), blocksize, double_quant, bnb)
         if dense.bias is not None:

@@ -32,85 +32,23 @@ import inspect
 import math
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from datasets.registry import TaskData, build_task
+from datasets.registry import build_task
+from orca.align.objectives import OBJECTIVES
 from orca.align.source_features import SourceFeatures, load_or_compute_source_features, token_mean
 from orca.config import ExperimentConfig, save_config
 from orca.model import EMBEDDER_FILE, build_model
 from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, save_png, write_json
-from orca.train import resolve_device, seed_everything
+from orca.runtime import fetch_inputs, resolve_device, seed_everything, target_indices, target_labels
 
 #: ``objective(target_feats [n, d], target_labels [n], source_feats [m, d], source_labels [m]) -> scalar``
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ----------------------------------------------------------------------------- target side
-def target_indices(n_train: int, n_target: Optional[int]) -> List[int]:
-    """The first ``n_target`` of ``n_train`` training items (all when None; ORCA uses all)."""
-    if n_target is not None and n_target > n_train:
-        raise ValueError(f"align.n_target={n_target} exceeds the {n_train} training samples of the target task; "
-                         f"lower it or set it to null (all)")
-    return list(range(n_train if n_target is None else n_target))
-
-
-def fetch_inputs(dataset, indices: Sequence[int], seed: int) -> torch.Tensor:
-    """Stack the inputs ``x`` of ``dataset[indices]`` with the torch RNG seeded to ``seed``.
-
-    Why seeded: random augmentations must produce the same inputs in the no-grad pass and the
-    backward pass of one step (module docstring), without disturbing the global RNG.
-
-    Returns:
-        ``[len(indices), C, H, W]`` float32.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return torch.stack([dataset[int(i)][0] for i in indices]).float()
-
-
-def kmeans_labels(targets: torch.Tensor, k: int, n_init: int, seed: int) -> torch.Tensor:
-    """ORCA's pseudo-labels for regression targets: k-means on the flattened target fields.
-
-    Args:
-        targets: ``[n, ...]`` target values (e.g. Darcy solutions ``[n, s, s]``).
-        k: clusters; must be <= n.
-        n_init: k-means restarts (fixed, so the labelling is a function of the seed).
-        seed: k-means ``random_state``.
-    Returns:
-        ``[n]`` int64 cluster ids in ``[0, k)``.
-    """
-    from sklearn.cluster import KMeans
-
-    flat = targets.reshape(targets.shape[0], -1).double().numpy()
-    if k > flat.shape[0]:
-        raise ValueError(f"align.n_clusters={k} is larger than the {flat.shape[0]} target samples; "
-                         f"k-means needs at least k samples: lower align.n_clusters or raise align.n_target")
-    if not np.isfinite(flat).all():
-        bad = int(np.flatnonzero(~np.isfinite(flat).all(1))[0])
-        raise ValueError(f"target labels (regression targets) hold NaN/inf, first in training sample {bad}")
-    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
-    return torch.from_numpy(km.fit_predict(flat).astype(np.int64))
-
-
-def target_labels(task: TaskData, indices: Sequence[int], align_cfg, seed: int) -> Tuple[torch.Tensor, str]:
-    """Labels of the target samples: real classes, or k-means clusters for dense/regression tasks.
-
-    Returns:
-        ``(labels [n] int64, how)`` where ``how`` says which rule was used (for ``alignment.json``).
-    """
-    ds = task.train
-    if task.kind == "classification":
-        if hasattr(ds, "targets"):  # avoids decoding every image just for its label
-            all_labels = torch.as_tensor(ds.targets, dtype=torch.int64)
-            return all_labels[torch.as_tensor(list(indices), dtype=torch.int64)], "classes"
-        return torch.tensor([int(ds[int(i)][1]) for i in indices], dtype=torch.int64), "classes"
-    ys = torch.stack([torch.as_tensor(ds[int(i)][1]) for i in indices])
-    return kmeans_labels(ys, align_cfg.n_clusters, align_cfg.kmeans_n_init, seed), f"kmeans(k={align_cfg.n_clusters})"
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -130,8 +68,6 @@ def build_objective(align_cfg, seed: int):
         an ``AlignmentObjective``: ``objective(target_feats [n, d], target_labels [n],
         source_feats [m, d], source_labels [m]) -> scalar``.
     """
-    from orca.align.objectives import OBJECTIVES
-
     cls = OBJECTIVES.get(align_cfg.objective)
     kwargs: Dict[str, Any] = {"seed": seed} if align_cfg.objective in ("otdd", "mmd") else {}
     if align_cfg.objective == "otdd":
@@ -313,8 +249,6 @@ def objective_settings(objective) -> Dict[str, Any]:
 
 def save_embedder(embedder: nn.Module, run: RunDir) -> str:
     """Write the embedder's state dict as ``embedder.safetensors`` (read by ``model.embedder_from``)."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in embedder.state_dict().items()}
     path = run.file(EMBEDDER_FILE)
     atomic_write_bytes(path, lambda tmp: save_file(state, str(tmp)))

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from orca.align.mmd import DEFAULT_MULTIPLIERS, mean_l2_per_cluster, mmd2_per_cluster
 from orca.align.otdd import OTDD, SinkhornOptions, check_features, check_labels
-from orca.registry import Registry
+from datasets.registry import Registry
 
 OBJECTIVES = Registry("alignment objective")
 WEIGHTINGS = ("frequency", "uniform")

@@ -23,8 +23,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from datasets.images import source_feature_set
+from orca.model import source_embedder
 from orca.runs import atomic_write_bytes
 
 #: Bump when the definition of a source feature changes, so old caches stop matching.
@@ -142,9 +146,6 @@ def compute_source_features(model_cfg, align_cfg, seed: int, data_root: str,
     Returns:
         ``(feats [N, D] float32, labels [N] int64)`` on the CPU.
     """
-    from datasets.images import source_feature_set
-    from orca.model import source_embedder
-
     images, labels = source_feature_set(align_cfg.source, align_cfg.n_source, image_size=model_cfg.img_size,
                                         seed=seed, data_root=data_root, options=dict(align_cfg.source_options),
                                         device=device)
@@ -154,8 +155,6 @@ def compute_source_features(model_cfg, align_cfg, seed: int, data_root: str,
 
 def _read_cache(path: Path, key: Dict[str, Any]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """The cached (feats, labels) if ``path`` holds features for exactly ``key``; else None."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             stored = json.loads((handle.metadata() or {}).get("key", "null"))
@@ -180,8 +179,6 @@ def load_or_compute_source_features(model_cfg, align_cfg, seed: int, data_root: 
     Returns:
         :class:`SourceFeatures` (``from_cache`` tells which path was taken).
     """
-    from safetensors.torch import save_file
-
     key = source_cache_key(model_cfg, align_cfg, seed)
     path = cache_file(data_root, align_cfg, key)
     if path.is_file():
