@@ -37,7 +37,7 @@ A configuration's peak memory is its own block's peak minus the other configurat
 memory; under CUDA graphs (``--compile-mode reduce-overhead`` or ``max-autotune``) it is not reported, since a graph's
 memory pool is taken at capture and looks resident. Compiling Swin-B takes about 2 min per
 configuration and batch size: with ``--compile`` pick a few methods per call and one batch size per
-process (a second shape recompiles), as ``gpu_runs.sh graphs`` does; ``--eager-methods peft`` times
+process (a second shape recompiles), as ``reproduce.sh bench_graphs`` does; ``--eager-methods peft`` times
 the reference eager beside compiled ours.
 
 Writes ``results/bench/train{tag}.json`` and ``.md`` (tag: ``_compile``, ``_gc``, ``_smoke`` or
