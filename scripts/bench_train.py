@@ -9,7 +9,7 @@
     python scripts/bench_train.py --compile --methods full lora --batch-sizes 64 --profile 3 --tag _compile_b64
                                                   # + train_compile_b64_profile.md: where each step's time goes
 
-Setup (SPEC.md "Reference numbers"): timm Swin-B at 224 with random weights, random images and
+Setup: timm Swin-B at 224 with random weights, random images and
 labels, mean-pooled features -> Linear(1024, 100) -> cross-entropy, bf16 autocast, fused AdamW.
 Configurations: ``full``; ``lora`` (ours, r = 8 on every block qkv/proj/fc1/fc2; its forward is one
 GEMM over [x, x A^T] when compiled and the base GEMM plus an in-place rank-r update in eager mode,
