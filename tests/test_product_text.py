@@ -104,3 +104,38 @@ def test_product_text_does_not_mention_the_workshop():
                 for path in files
                 for number, what, line in workshop_mentions(path.read_text(encoding="utf-8"))]
     assert not offences, "the product mentions the workshop:\n" + "\n".join(offences)
+
+
+#: (document, the directory its paths are relative to, the prefixes that mark a path in it).
+DOCUMENTED_PATHS = [
+    ("README.md", ".", r"(orca|rank_estimation|ibp|datasets|scripts|configs|results|tests)/"),
+    ("results/README.md", "results", r"(runs|bench|checkpoints|demo|block_change|reference)/"),
+]
+
+
+def documented_paths(text: str, prefix: str) -> list[str]:
+    """The repository paths a document quotes in backticks (``{a,b}`` expanded; globs kept)."""
+    paths = []
+    for token in re.findall(r"`([^`\s]+)`", text):
+        if not re.match(prefix + r"[\w./*{},-]*$", token):
+            continue
+        braces = re.search(r"\{([^}]*)\}", token)
+        paths += ([token[:braces.start()] + alt + token[braces.end():] for alt in braces.group(1).split(",")]
+                  if braces else [token])
+    return paths
+
+
+@pytest.mark.parametrize("document, base, prefix", DOCUMENTED_PATHS)
+def test_paths_the_documents_quote_exist(document, base, prefix):
+    """A module that moves takes its README mention with it."""
+    paths = documented_paths((ROOT / document).read_text(encoding="utf-8"), prefix)
+    assert len(paths) >= 5
+    missing = [p for p in paths
+               if not (list((ROOT / base).glob(p)) if "*" in p else (ROOT / base / p).exists())]
+    assert not missing, f"{document} quotes paths that do not exist: {missing}"
+
+
+def test_documented_paths_expands_braces_and_skips_prose():
+    text = "see `orca/model.py`, `bench/train_{a,b}.md`, `python -m orca` and `orca`"
+    assert documented_paths(text, r"(orca|bench)/") == ["orca/model.py", "bench/train_a.md",
+                                                        "bench/train_b.md"]
