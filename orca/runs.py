@@ -27,10 +27,12 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from orca.errors import OrcaError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(OrcaError, ValueError):
     """A checkpoint was saved from a model with other parameter names or shapes."""
 
 

@@ -56,7 +56,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
 
 
 def test_missing_config_file_and_bad_override_syntax(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config file not found"):
+    with pytest.raises(ConfigError, match="config file not found, .*nope.yaml"):
         load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["train.lr"])
