@@ -416,6 +416,8 @@ def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
             owner = json.loads(record.read_text())
         except (OSError, ValueError):
             continue  # unreadable: prepare() rewrites it
+        if not isinstance(owner, dict):
+            continue
         mine = run.record(sweep_file, ())
         theirs = {k: owner.get(k) for k in ("sweep_file", "task")}
         if theirs != {k: mine[k] for k in theirs}:

@@ -14,10 +14,11 @@ from orca.errors import FileReadError, OrcaError, UsageError, exit_on_error, rea
 
 
 def _one_error_line(err: str) -> str:
+    """The stderr's last line, the only ``error:`` line, with no traceback (progress bars may precede it)."""
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
+    assert "Traceback" not in err
+    return lines[-1]
 
 
 def _snapshot(root):
@@ -133,3 +134,92 @@ def test_python_m_orca_prints_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert _one_error_line(proc.stderr).startswith("error: the value '[0.9,' is not valid YAML")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# corrupt, truncated and wrong-format files: each error names the path; nothing is written
+# ------------------------------------------------------------------------------------------------
+GARBAGE = b"\x00\x01 these bytes are no known format \xff" * 8
+
+
+def _damaged(path, good: bytes, damage: str) -> None:
+    path.write_bytes({"garbage": GARBAGE, "truncated": good[: len(good) // 2], "empty": b""}[damage])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_unreadable_body_weights_name_the_file(tmp_path, damage, capsys, tiny_overrides):
+    import torch
+    from safetensors.torch import save_file
+
+    from orca.bodies import load_state_file
+
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(good))
+    for suffix, good_bytes in ((".safetensors", good.read_bytes()), (".pth", None)):
+        path = tmp_path / f"body{suffix}"
+        if good_bytes is None:
+            torch.save({"w": torch.ones(64, 64)}, path)
+            good_bytes = path.read_bytes()
+        _damaged(path, good_bytes, damage)
+        with pytest.raises(FileReadError) as err:
+            load_state_file(path)
+        assert str(err.value).startswith("cannot read a ") and f", {path}, re-export it" in str(err.value)
+    # through the entry point: exit 1, one line, no run directory made
+    assert cli.main(["stage3", *tiny_overrides, "model.weights=file", f"model.weights_file={path}"]) == 1
+    assert str(path) in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"{\"rank_map\": {\"a\": 2", "cannot read the rank map (JSONDecodeError: Expecting"),
+    (b"[1, 2]", "cannot read the rank map (ValueError: expected a JSON object with a 'rank_map' object"),
+    (b"{\"rank_map\": {\"a\": -1}}", "cannot read the rank map (ValueError: rank_map: rank for 'a' is -1"),
+    (b"\xff\xfe{}", "cannot read the rank map (UnicodeDecodeError"),
+])
+def test_unreadable_rank_map_names_the_file(tmp_path, content, what):
+    from orca.adapters.config import AdapterConfig
+
+    path = tmp_path / "rank_map.json"
+    path.write_bytes(content)
+    with pytest.raises(FileReadError) as err:
+        AdapterConfig(method="lora", rank_map=str(path)).load_rank_map()
+    assert str(err.value).startswith(what), str(err.value)
+    assert f", {path}, give the rank_map.json a stage-2 run wrote" in str(err.value)
+    with pytest.raises(UsageError, match=r"adapter.rank_map: no such file, .*nope.json"):
+        AdapterConfig(method="lora", rank_map=str(tmp_path / "nope.json")).load_rank_map()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_unreadable_checkpoint_on_resume_is_one_line_and_changes_nothing(tmp_path, damage, capsys, tiny_overrides):
+    import torch
+
+    from orca.config import load_config, save_config
+
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "ckpt").mkdir(parents=True)
+    save_config(load_config(None, [*tiny_overrides, f"run_dir={run_dir}"]), run_dir / "config.yaml")
+    torch.save({"model": {"w": torch.ones(256, 256)}, "epoch": 1}, run_dir / "ckpt" / "last.pt")
+    _damaged(run_dir / "ckpt" / "last.pt", (run_dir / "ckpt" / "last.pt").read_bytes(), damage)
+    before = _snapshot(run_dir)
+    assert cli.main(["stage3", "--resume", str(run_dir)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: cannot read a checkpoint (truncated, or not a torch file) (")
+    assert line.endswith(f", {run_dir / 'ckpt' / 'last.pt'}, delete it and run again, or start a new run")
+    assert _snapshot(run_dir) == before
+
+
+def test_unreadable_embedder_and_spectra_name_the_file(tmp_path):
+    from orca.embedders import ConvEmbedder2d
+    from orca.model import EMBEDDER_FILE, load_embedder
+    from rank_estimation.spectra_file import read_spectra
+
+    (tmp_path / EMBEDDER_FILE).write_bytes(GARBAGE)
+    with pytest.raises(FileReadError, match=rf"cannot read the stage-1 embedder \(SafetensorError: .*\), "
+                                            rf"{tmp_path / EMBEDDER_FILE}, rerun stage 1"):
+        load_embedder(ConvEmbedder2d(1, 16, img_size=32, patch_size=4), str(tmp_path))
+    with pytest.raises(UsageError, match=rf"model.embedder_from: no {EMBEDDER_FILE} there, {tmp_path / 'x'}, "):
+        load_embedder(ConvEmbedder2d(1, 16, img_size=32, patch_size=4), str(tmp_path / "x"))
+    spectra = tmp_path / "delta_w.json.gz"
+    spectra.write_bytes(GARBAGE)
+    with pytest.raises(FileReadError, match=rf"cannot read a Delta W spectra file \(BadGzipFile: .*\), {spectra}, "):
+        read_spectra(spectra)
