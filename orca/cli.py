@@ -7,6 +7,10 @@
     python -m orca data --config configs/darcy_swinb.yaml task.options.workers=16   # build/cache the data only
     python -m orca sweep configs/experiments/table2_darcy_attn.yaml --dry-run   # a grid of stage-3 runs (orca.sweep)
 
+A mistake in the command, a config or an input file ends in one line ``error: <what>, <where>,
+<what to do>`` (exit 2 for usage and config, 1 at run time); ``--debug`` or ORCA_DEBUG=1 adds the
+traceback.
+
 Why this is the one module that imports every stage: the stages import shared pieces below them
 (``orca.runtime``, ``orca.optimization``, ``orca.evaluation``) and never each other, and stage 2
 (``rank_estimation``) sits above orca core. Only here are they put side by side, and only here is
@@ -26,8 +30,8 @@ from orca.adapters import ADAPTERS
 from orca.align.loop import run_stage1
 from orca.align.objectives import OBJECTIVES
 from orca.config import load_config, save_config
+from orca.errors import UsageError, exit_on_error
 from orca.pretrain import run_stage0
-from orca.schema import ConfigError
 from orca.sweep import main as sweep_main
 from orca.train import run_stage3
 from rank_estimation.config import Stage2Config
@@ -41,9 +45,14 @@ REGISTRIES = {"tasks": TASKS, "adapters": ADAPTERS, "objectives": OBJECTIVES, "g
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``orca`` command: :func:`run_command` with user failures as one ``error:`` line and exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sweep"]:  # its own options (--gpus, --dry-run, ...): orca.sweep parses them
         return sweep_main(argv[1:], schema=CONFIG_SCHEMA, prog="python -m orca sweep")
+    return exit_on_error(run_command, argv)
+
+
+def run_command(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m orca", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=[*STAGES, "list", "show-config", "data", "sweep"])
@@ -51,6 +60,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                  "for list: tasks | adapters | objectives | gaps")
     parser.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml)")
     parser.add_argument("--resume", help="run directory to continue (its config.yaml is used)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error too (or set ORCA_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)
 
     if args.command == "list":
@@ -62,15 +73,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.resume and args.config:
         parser.error("--resume uses the run directory's config.yaml; do not pass --config too")
-    try:  # a bad key or a missing file is the user's input: one clear line, no traceback
-        if args.resume:
-            cfg = load_config(str(Path(args.resume) / "config.yaml"), [*args.what, f"run_dir={args.resume}"],
-                              schema=CONFIG_SCHEMA)
-        else:
-            cfg = load_config(args.config, args.what, schema=CONFIG_SCHEMA)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.resume:
+        if not (Path(args.resume) / "config.yaml").is_file():
+            raise UsageError("--resume needs a run directory holding config.yaml", args.resume,
+                             "pass a directory under runs/ that a stage created")
+        cfg = load_config(str(Path(args.resume) / "config.yaml"), [*args.what, f"run_dir={args.resume}"],
+                          schema=CONFIG_SCHEMA)
+    else:
+        cfg = load_config(args.config, args.what, schema=CONFIG_SCHEMA)
     if args.command == "show-config":
         save_config(cfg, "/dev/stdout")
         return 0

@@ -10,8 +10,9 @@ this module, which needs numpy only.
   :func:`delta_w_spectra` keeps only the singular values and :func:`spectrum_ranks` gives the same
   ranks from them (the matrix functions call the spectrum functions: one implementation).
 - :data:`DELTA_W_FILE`: gzipped JSON. The singular values of every body Linear are ~140 kB of
-  decimal digits per full fine-tuning run, and run directories are committed; compressed they take
-  40%; the content is the same JSON (``zcat delta_w.json.gz``). Older runs hold a plain
+  decimal digits per full fine-tuning run, and run directories are committed, so they weigh on
+  every clone (and on every copy of the tree sent to a GPU machine). Compressed they take 40%; the
+  content is the same JSON (``zcat delta_w.json.gz``). Older run directories hold a plain
   ``delta_w.json``, which the reader still takes.
 """
 from __future__ import annotations
@@ -23,8 +24,10 @@ from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
+from orca.errors import reading
+
 DELTA_W_FILE = "delta_w.json.gz"
-LEGACY_DELTA_W_FILE = "delta_w.json"  # uncompressed, written by older runs
+LEGACY_DELTA_W_FILE = "delta_w.json"  # uncompressed, written by older versions
 
 
 def encode_spectra(text: str) -> bytes:
@@ -45,15 +48,13 @@ def read_spectra(path: Path) -> Dict[str, Any]:
     """The JSON document of a ``delta_w.json.gz`` or a legacy ``delta_w.json``.
 
     Raises:
-        ValueError: the file is neither valid gzip-compressed JSON nor valid JSON, naming the file.
+        FileReadError: the file is neither valid gzip-compressed JSON nor valid JSON, naming the file.
     """
     path = Path(path)
     raw = path.read_bytes()
-    try:
+    with reading(path, "a Delta W spectra file", "rerun the stage-3 run that wrote it, or move the file aside"):
         text = gzip.decompress(raw).decode("utf-8") if path.suffix == ".gz" else raw.decode("utf-8")
         return json.loads(text)
-    except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable Delta W spectra file ({type(err).__name__}: {err})") from err
 
 
 # ----------------------------------------------------------------------------- ranks from a matrix or its spectrum

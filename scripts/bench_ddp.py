@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from orca.errors import exit_on_error
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = "scripts/bench_train.py"  # run from the repository root
 
@@ -140,4 +142,4 @@ def main(argv: Optional[List[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))

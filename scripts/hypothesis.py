@@ -45,16 +45,16 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from orca.cli import CONFIG_SCHEMA  # noqa: E402
-from orca.config import load_config  # noqa: E402
-from orca.schema import ConfigError  # noqa: E402
-from orca.spectra import delta_w_ranks, find_spectra, read_spectra, spectrum_ranks  # noqa: E402
-from orca.sweep import load_sweep  # noqa: E402
-from orca.train import initial_model  # noqa: E402
-from rank_estimation.allocate import fit_gamma  # noqa: E402
-from rank_estimation.hypothesis import (  # noqa: E402
+from orca.cli import CONFIG_SCHEMA
+from orca.config import load_config
+from orca.errors import exit_on_error
+from orca.schema import ConfigError
+from orca.spectra import delta_w_ranks, find_spectra, read_spectra, spectrum_ranks
+from orca.sweep import load_sweep
+from orca.train import initial_model
+from rank_estimation.allocate import fit_gamma
+from rank_estimation.hypothesis import (
     bootstrap_knee, budget_matched, combine_verdicts, knee_order_verdict, mean_difference_ci,
     permutation_pvalue, spearman_with_ci, verdict,
 )
@@ -569,4 +569,4 @@ def main(argv: Optional[List[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))
