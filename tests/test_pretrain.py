@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import orca.pretrain as pretrain
 from datasets.registry import build_task
 from orca.bodies import WeightsError, create_body, read_body_meta
-from orca.cli import main as cli_main
+from orca.cli import CONFIG_SCHEMA, main as cli_main
 from orca.config import TrainConfig, load_config, read_yaml
 from orca.errors import UsageError
 from orca.model import build_model
@@ -202,7 +202,7 @@ def test_zero_classes_and_non_classification_tasks_are_refused():
 def test_body_fragment_selects_the_committed_checkpoint(tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text(f"base: {REPO / 'configs' / 'body_fractal.yaml'}\ntask: {{name: fractal_heldout}}\n")
-    cfg = load_config(str(exp))
+    cfg = load_config(str(exp), schema=CONFIG_SCHEMA)
     assert cfg.model.weights == "file"
     assert cfg.model.weights_file == "results/checkpoints/fractal_swin.safetensors"
     assert cfg.model.body_kwargs == {"embed_dim": 64, "depths": [2, 2, 6, 2], "num_heads": [2, 4, 8, 16]}
@@ -218,7 +218,7 @@ def test_stage0_config_pretrains_the_body_of_the_fragment():
     assert raw["task"]["options"]["image_size"] == body["img_size"]
     if not {"time_budget_s", "label_smoothing"} <= names:
         pytest.skip("TrainConfig has no time_budget_s / label_smoothing yet (orca/config.py)")
-    cfg = load_config(str(REPO / "configs" / "stage0_fractal.yaml"))
+    cfg = load_config(str(REPO / "configs" / "stage0_fractal.yaml"), schema=CONFIG_SCHEMA)
     assert cfg.model.weights == "none" and cfg.task.name == "fractal" and cfg.train.time_budget_s > 0
 
 

@@ -209,14 +209,12 @@ def test_kmeans_labels_recover_separated_groups():
 
 # ----------------------------------------------------------------------------- bad inputs
 def test_nan_in_source_features_is_reported_and_not_cached(overrides, own_cache, monkeypatch, tmp_path):
-    import datasets.images as images
-
     def poisoned(name, n, image_size, seed, **kwargs):  # finite images except one pixel of image 7
         x = torch.randn(n, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
         x[7, :, 3, 3] = float("nan")
         return x, torch.arange(n) % 10
 
-    monkeypatch.setattr(images, "source_feature_set", poisoned)
+    monkeypatch.setattr(sf, "source_feature_set", poisoned)
     with pytest.raises(ValueError, match=r"source features contain NaN/inf in 1 of 60 rows"):
         run(overrides, own_cache)
     assert not list((tmp_path / "features").glob("*.safetensors"))
