@@ -5,6 +5,7 @@
     python -m orca list tasks|adapters|objectives|gaps
     python -m orca show-config --config configs/darcy_swinb.yaml adapter.method=lora
     python -m orca data --config configs/darcy_swinb.yaml task.options.workers=16   # build/cache the data only
+    python -m orca export runs/stage3__darcy__... --format peft|merged|adapter [--out DIR] [--checkpoint last]
 """
 from __future__ import annotations
 
@@ -37,10 +38,34 @@ def _registries():
     return regs
 
 
+def export_main(argv: List[str]) -> int:
+    """``python -m orca export RUN_DIR ...`` (orca/export.py)."""
+    from orca.errors import OrcaError, error_line
+    from orca.export import CHECKPOINTS, FORMATS, describe, export_run
+
+    parser = argparse.ArgumentParser(prog="python -m orca export",
+                                     description="Export a stage-3 run's weights (orca/export.py).")
+    parser.add_argument("run_dir", help="a stage-3 run directory")
+    parser.add_argument("--format", required=True, help=f"{' | '.join(FORMATS)}")
+    parser.add_argument("--out", help="output directory (default RUN_DIR/export/FORMAT-CHECKPOINT)")
+    parser.add_argument("--checkpoint", default="best", help=f"{' | '.join(CHECKPOINTS)} (default best: the tested weights)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_run(args.run_dir, args.format, args.out, args.checkpoint)
+    except OrcaError as err:
+        print(error_line(err), file=sys.stderr)
+        return err.exit_code
+    print(f"[export] {args.format} export of {args.run_dir} ({args.checkpoint} checkpoint): {out} ({describe(out)})")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m orca", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*STAGES, "list", "show-config", "data"])
+    parser.add_argument("command", choices=[*STAGES, "list", "show-config", "data", "export"])
     parser.add_argument("what", nargs="*", help="for stages, data and show-config: dotted overrides (train.lr=3e-4); "
                                                  "for list: tasks | adapters | objectives | gaps")
     parser.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml)")

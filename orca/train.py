@@ -45,7 +45,7 @@ from orca.adapters import build_method
 from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
 from orca.config import ExperimentConfig, config_dict, save_config
 from orca.distributed import Dist, setup_distributed
-from orca.model import ORCAModel, build_model
+from orca.model import ORCAModel, build_model, task_shape
 from orca.delta_w import DELTA_W_FILE, DELTA_W_METHODS, body_linear_weights, write_delta_w
 from orca.runs import RunDir, check_arch, git_info, machine_info
 from orca.schema import ConfigError
@@ -312,7 +312,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
         if not main:
             return
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "state": dict(state), "arch": model.arch(),
+                   "scheduler": scheduler.state_dict(), "state": dict(state), "arch": model.arch(), "task_shape": shape,
                    "method": method.state_for_checkpoint(), "rng_cpu": torch.get_rng_state(),
                    "config": config_dict(cfg)}
         if device.type == "cuda":
@@ -320,6 +320,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
         run.save_checkpoint(name, payload)
 
     metric = task.metric_name
+    shape = task_shape(task)  # in every checkpoint: `orca export` rebuilds the model without the data
     for epoch in range(state["epoch"], cfg.train.epochs):
         model.train()
         train_sampler.set_epoch(epoch, skip_batches=state["batch"])
@@ -391,7 +392,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
             record.update({f"val/{k}": v for k, v in val.items()})
             if val[metric] < state["best"]:
                 state["best"], state["best_epoch"] = val[metric], epoch + 1
-                run.save_checkpoint("best", {"model": model.state_dict(), "arch": model.arch(),
+                run.save_checkpoint("best", {"model": model.state_dict(), "arch": model.arch(), "task_shape": shape,
                                              "epoch": epoch + 1, f"val_{metric}": val[metric]})
             log(f"[stage3] epoch {epoch + 1}: train loss {record['train/loss']:.4g}, "
                 f"val {metric} {val[metric]:.4g} (best {state['best']:.4g} @ {state['best_epoch']})")
