@@ -39,9 +39,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from datasets.images import normalize_uint8, random_resized_crop_flip
+from datasets.progress import Progress, interval_s
 from datasets.registry import TaskData, build_task
 from orca.bodies import create_body, read_body_meta, save_body
 from orca.config import ExperimentConfig, save_config
@@ -58,7 +58,6 @@ LOG_FILE = "stage0.log"
 SCHEDULE_TICKS = 10_000  # resolution of the progress-based learning-rate schedule
 GPU_RENDER_BATCH = 512  # instances per chaos-game batch on CUDA (~1.5 GB at 224 px, 100k points)
 MAX_DATA_FRACTION = 0.6  # of free GPU memory the resident image set may take (the rest trains)
-PRINT_EVERY_S = 30.0  # progress lines in the log
 
 
 class StageLog:
@@ -118,7 +117,7 @@ def load_split(dataset, device: torch.device, workers: int, log: StageLog, name:
                                f"{MAX_DATA_FRACTION:.0%} of the {free / 2**30:.1f} GiB free; lower "
                                f"task.options.train_per_class or num_classes, or model/task image_size")
     t = time.time()
-    with tqdm(total=n, desc=f"render {name}", unit="img", dynamic_ncols=True, disable=None) as bar:
+    with Progress(total=n, desc=f"render {name}", unit="img") as bar:
         images, labels = dataset.render_uint8(
             range(n), device=device, batch_size=GPU_RENDER_BATCH if device.type == "cuda" else None,
             workers=workers, progress=bar.update)
@@ -289,8 +288,9 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
 
     state = {"step": 0, "images": 0, "epochs": 0.0, "eval_time": 0.0}
     stop, done, last_loss, history = "epochs", False, float("nan"), []
-    bar = tqdm(total=100, desc="stage0", unit="%", dynamic_ncols=True, disable=None,
-               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    # a bar on a terminal; the progress lines are the log's own (every ORCA_PROGRESS_S, also in LOG_FILE)
+    bar = Progress(total=100, desc="stage0", unit="%", lines=False)
+    every_s = interval_s()
     t_log, img_log, t_print = time.time(), 0, time.time()
     for epoch in range(cfg.train.epochs):
         body.train()
@@ -334,9 +334,9 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
                              "images_seen": state["images"], "train/loss": last_loss, **terms, "train/lr": lr,
                              "train/img_per_s": rate, "elapsed_s": now - t0})
             p = min(1.0, progress(state["step"]))
-            bar.n = round(100 * p, 1)
+            bar.update(round(100 * p, 1) - bar.n)
             bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", ep=f"{state['epochs']:.2f}")
-            if now - t_print >= PRINT_EVERY_S:  # the log file's progress (tqdm is off without a terminal)
+            if every_s and now - t_print >= every_s:  # the log's progress lines
                 t_print = now
                 log(f"{100 * p:.0f}%: step {state['step']}, epoch {state['epochs']:.2f}, loss {last_loss:.4f}"
                     + "".join(f" ({k.split('/')[1]} {v:.4f})" for k, v in terms.items()) + ", "

@@ -27,8 +27,8 @@ sections merge like any other section, key by key inside ``grid``, while lists (
 one-element list of it (``adapter.targets: [[...]]``).
 
 Why deterministic run directories (``lora_r8_s1``) instead of the time-stamped ones of single runs:
-a sweep restarted after a crash must find its own runs again. A run whose ``summary.json`` exists
-is done and skipped; any other run is started with ``run_dir=`` set, so stage 3 resumes it from
+a sweep restarted after a crash must find its own runs again. A run whose ``summary.json`` says
+``finished`` is done and skipped; any other run is started with ``run_dir=`` set, so stage 3 resumes it from
 ``ckpt/last.pt`` when it got that far. Each run directory also gets ``sweep.json`` (table tag, row,
 grid point), which ``scripts/make_tables.py`` groups by.
 
@@ -52,8 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from datasets.progress import Progress
 from orca.config import ExperimentConfig, config_dict, parse_override, read_yaml, save_config
-from orca.runs import REPO_ROOT, usable_cpus, write_json
+from orca.runs import REPO_ROOT, RunDir, usable_cpus, write_json
 from orca.schema import ConfigError, from_dict, nearest
 
 #: Methods whose result does not depend on ``adapter.rank``: their run names and table rows omit it.
@@ -136,7 +137,7 @@ class SweepRun:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
+        return RunDir(self.run_dir).finished() is not None if self.run_dir.is_dir() else False
 
     @property
     def row(self) -> str:
@@ -342,7 +343,7 @@ def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
 
     failed = []
     for run in pending:
-        bar.set_postfix_str(run.name)
+        bar.set_postfix(run=run.name)
         (run.run_dir / "sweep_error.log").unlink(missing_ok=True)  # from an earlier failed attempt
         try:
             run_stage3(run.cfg)
@@ -401,7 +402,7 @@ def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callabl
 def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
     """Refuse run directories that another sweep file already wrote.
 
-    Why: completion is "summary.json exists", so two sweep files whose run names and ``sweep.table``
+    Why: completion is "summary.json says finished", so two sweep files whose run names and ``sweep.table``
     coincide (say the same grid on another task) would silently take each other's results.
 
     Raises:
@@ -438,8 +439,6 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         per_gpu: concurrent runs per GPU (small, launch-bound models leave most of a GPU idle).
         poll_s: how often the worker pool checks its subprocesses.
     """
-    from tqdm.auto import tqdm
-
     spec, runs = load_sweep(path, overrides)
     check_ownership(runs, str(path))
     pending = [r for r in runs if not r.done]
@@ -460,7 +459,7 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         prepare(run, str(path), overrides)
     if devices and pending:
         build_data_once(pending)
-    with tqdm(total=len(pending), desc="sweep", unit="run", dynamic_ncols=True) as bar:
+    with Progress(total=len(pending), desc="sweep", unit="run") as bar:
         if not devices:
             failed = _run_in_process(pending, bar)
         else:
