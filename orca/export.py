@@ -33,7 +33,7 @@ import torch
 from orca.adapters import build_method
 from orca.adapters.io import export_merged, export_peft, save_adapter
 from orca.config import load_config
-from orca.errors import OrcaError, UsageError
+from orca.errors import OrcaError, UsageError, reading
 from orca.model import build_model
 from orca.runs import check_arch, CheckpointMismatch, write_json
 
@@ -43,13 +43,9 @@ NO_ADAPTERS = ("full", "head")  # methods that leave no adapter to export (merge
 
 
 def _read_checkpoint(path: Path) -> dict:
-    try:
+    other = "last" if path.stem == "best" else "best"
+    with reading(path, "a checkpoint (truncated, or not a torch file)", f"export the other one (--checkpoint {other})"):
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
-        other = "last" if path.stem == "best" else "best"
-        first = (str(err).strip().splitlines() or [""])[0][:160]
-        raise OrcaError(f"cannot read the checkpoint ({type(err).__name__}: {first})", str(path),
-                        f"the file is damaged or truncated; export the other one (--checkpoint {other})") from None
 
 
 def _task_facts(cfg, saved: dict):

@@ -36,10 +36,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
+from orca.errors import OrcaError, reading
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(OrcaError, ValueError):
     """A checkpoint was saved from a model with other parameter names or shapes."""
 
 
@@ -47,8 +49,8 @@ def git_info() -> Dict[str, Any]:
     """Commit and dirty flag of the code that runs (``unknown`` outside a git checkout).
 
     ``ORCA_GIT_COMMIT`` overrides both (dirty = False): for machines that receive a copy of a clean,
-    committed tree without its current history (a lent GPU machine), where ``git`` would report
-    whatever stale ``.git`` happens to be there.
+    committed tree without its current history (e.g. a GPU machine sent only the working tree),
+    where ``git`` would report whatever stale ``.git`` happens to be there.
     """
     if os.environ.get("ORCA_GIT_COMMIT"):
         return {"commit": os.environ["ORCA_GIT_COMMIT"], "dirty": False, "source": "ORCA_GIT_COMMIT"}
@@ -225,14 +227,17 @@ class RunDir:
     def read_metrics(self) -> list:
         """The rows of ``metrics.jsonl``; a last line cut short (a run killed while appending it) is skipped."""
         path = self.path / "metrics.jsonl"
-        lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        if not path.exists():
+            return []
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         rows = []
         for i, line in enumerate(lines):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i < len(lines) - 1:
-                    raise
+            with reading(path, "the metrics log", "repair or delete the damaged line (one JSON object per line)"):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:
+                        raise
         return rows
 
     def begin(self, config_text: str, facts: Dict[str, Any], keep: Optional[Callable[[Dict[str, Any]], bool]] = None) -> None:
@@ -316,7 +321,9 @@ class RunDir:
         path = self.ckpt_dir / f"{name}.pt"
         if not path.exists():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with reading(path, "a checkpoint (truncated, or not a torch file)",
+                     "delete it and run again, or start a new run"):
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_arch(saved: Dict[str, Any], model: torch.nn.Module, source: str) -> None:
