@@ -44,7 +44,7 @@ from datasets.images import normalize_uint8, random_resized_crop_flip
 from datasets.progress import Progress, interval_s
 from datasets.registry import TaskData, build_task
 from orca.bodies import create_body, read_body_meta, save_body
-from orca.config import ExperimentConfig, save_config
+from orca.config import ExperimentConfig, config_yaml
 from orca.errors import OrcaError, UsageError, exit_on_error
 from orca.model import body_from_config
 from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_json
@@ -164,11 +164,23 @@ def check_stage0_inputs(cfg: ExperimentConfig, task: TaskData) -> Tuple[int, Opt
 def run_stage0(cfg: ExperimentConfig) -> RunDir:
     """Pretrain ``cfg.model.body`` on ``cfg.task`` and save ``body.safetensors``; return the run directory.
 
+    A run that stops on an error after its directory began says so in ``summary.json`` (``status: failed``).
+
     Raises:
         ConfigError: a non-classification task, fewer than 2 classes, a bad time budget.
         WeightsError: ``model.weights=file`` with a missing file or one of another Swin variant.
         RuntimeError: the time budget is spent before training starts; the data does not fit the GPU.
     """
+    began: Dict[str, Any] = {}  # filled once the run directory has begun
+    try:
+        return _run_stage0(cfg, began)
+    except BaseException as err:
+        if began:
+            began["run"].record_failure(err, began["facts"])
+        raise
+
+
+def _run_stage0(cfg: ExperimentConfig, began: Dict[str, Any]) -> RunDir:
     t0 = time.time()
     seed_everything(cfg.seed, cfg.train.deterministic)
     device = resolve_device(cfg.train.device)
@@ -185,7 +197,10 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
     trained.to(device)
 
     run = RunDir.create(cfg, "stage0")
-    save_config(cfg, run.file("config.yaml"))
+    facts = {"stage": "stage0", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed,
+             "body": cfg.model.body, "run_dir": str(run.path)}
+    run.begin(config_yaml(cfg), facts)
+    began.update(run=run, facts=facts)
     log = StageLog(run.file(LOG_FILE))
     n_params = sum(p.numel() for n, p in body.named_parameters() if not n.startswith("head."))
     log(f"run directory: {run.path}")

@@ -259,7 +259,8 @@ def finished_run(cfg: ExperimentConfig, run: Optional[RunDir]) -> Optional[RunDi
 
 
 def config_differences(saved: Path, cfg: ExperimentConfig, ignore=()) -> List[str]:
-    """``key: A there, B here`` for every setting of ``cfg`` that differs from the config file ``saved``."""
+    """``key: A there, B here`` for every setting of ``cfg`` that differs from the config file ``saved``
+    (settings the file does not have, added to the code since it was written, do not count)."""
     def flat(node: Any, prefix: str = "") -> Dict[str, Any]:
         if not isinstance(node, dict):
             return {prefix[:-1]: node}
@@ -267,8 +268,8 @@ def config_differences(saved: Path, cfg: ExperimentConfig, ignore=()) -> List[st
 
     there = flat(yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
     here = flat(yaml.safe_load(config_yaml(cfg)))
-    return [f"{k}: {there.get(k)!r} there, {v!r} here" for k, v in here.items()
-            if k not in ignore and there.get(k) != v]
+    return [f"{k}: {there[k]!r} there, {v!r} here" for k, v in here.items()
+            if k not in ignore and k in there and there[k] != v]  # a key newer than the file: its default
 
 
 def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[Callable[[int], None]],
