@@ -340,6 +340,19 @@ def prepare(run: SweepRun, sweep_file: str, cli_overrides: Sequence[str]) -> Non
     write_json(run.run_dir / "sweep.json", run.record(sweep_file, cli_overrides))
 
 
+def _mark_failed(run: SweepRun, trace: str) -> str:
+    """Write the traceback to ``sweep_error.log`` and, for a run that began, a ``failed`` summary whose reason
+    is the traceback's last line (a packed run fails inside the pack, where no stage-3 loop records it)."""
+    log = run.run_dir / "sweep_error.log"
+    log.write_text(trace)
+    rundir = RunDir(run.run_dir)
+    summary = rundir.read_summary()
+    if isinstance(summary, dict) and summary.get("status") == "running":
+        last = (trace.strip().splitlines() or ["unknown error"])[-1]
+        rundir.write_summary({**{k: v for k, v in summary.items() if k != "status"}, "reason": last}, status="failed")
+    return str(log)
+
+
 def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
     from orca.train import run_stage3
 
@@ -382,8 +395,7 @@ def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str]
             continue
         except Exception:  # noqa: BLE001 - one broken pack must not stop the sweep; reported at the end
             for run in pack:
-                (run.run_dir / "sweep_error.log").write_text(traceback.format_exc())
-                failed.append((run, str(run.run_dir / "sweep_error.log")))
+                failed.append((run, _mark_failed(run, traceback.format_exc())))
             print(f"[sweep] FAILED pack of {len(pack)}; traceback in each run's sweep_error.log", flush=True)
             bar.update(len(pack))
             continue
@@ -392,8 +404,7 @@ def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str]
                 fh.write(json.dumps({"runs": [run.name for run in pack], **result["timing"]}) + "\n")
         for run, error in zip(pack, result["errors"]):
             if error is not None:
-                (run.run_dir / "sweep_error.log").write_text(error + "\n")
-                failed.append((run, str(run.run_dir / "sweep_error.log")))
+                failed.append((run, _mark_failed(run, error + "\n")))
         bar.update(len(pack))
     return failed, alone
 
