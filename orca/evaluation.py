@@ -10,8 +10,8 @@ from typing import Dict
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from datasets.progress import progress
 from datasets.registry import TaskData
 
 
@@ -21,7 +21,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: TaskData, device:
     """Mean per-sample error (``task.metric``) and mean loss over ``loader``."""
     model.eval()
     errors, loss_sum, n = [], 0.0, 0
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+    for x, y in progress(loader, desc=desc, unit="batch", leave=False):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             out = model(x)
