@@ -1,6 +1,7 @@
 """The hypothesis statistics on hand-computed cases, and scripts/hypothesis.py end to end."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -210,12 +211,13 @@ def _synthetic_results(root: Path) -> None:
 
 
 def _script_module():
-    """scripts/hypothesis.py as a module (scripts/ is not a package)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import hypothesis as script
-    finally:
-        sys.path.pop(0)
+    """scripts/hypothesis.py as a module (scripts/ is not a package), under a name of its own: as
+    ``hypothesis`` it would shadow the property-testing library of that name, whose pytest plugin
+    imports it at the end of the session."""
+    spec = importlib.util.spec_from_file_location("hypothesis_script", ROOT / "scripts" / "hypothesis.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up there
+    spec.loader.exec_module(script)
     return script
 
 
