@@ -28,8 +28,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
+from orca.errors import OrcaError
 
-class BudgetInputError(ValueError):
+
+class BudgetInputError(OrcaError, ValueError):
     """The profile and the benchmark cannot be read together (wrong files, a CPU-only profile, a
     configuration missing from one of them)."""
 

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from orca.errors import reading
+
 DELTA_W_FILE = "delta_w.json.gz"
 LEGACY_DELTA_W_FILE = "delta_w.json"  # uncompressed, written by older versions
 
@@ -36,12 +38,10 @@ def read_spectra(path: Path) -> Dict[str, Any]:
     """The JSON document of a ``delta_w.json.gz`` or a legacy ``delta_w.json``.
 
     Raises:
-        ValueError: the file is neither valid gzip-compressed JSON nor valid JSON, naming the file.
+        FileReadError: the file is neither valid gzip-compressed JSON nor valid JSON, naming the file.
     """
     path = Path(path)
     raw = path.read_bytes()
-    try:
+    with reading(path, "a Delta W spectra file", "rerun the stage-3 run that wrote it, or move the file aside"):
         text = gzip.decompress(raw).decode("utf-8") if path.suffix == ".gz" else raw.decode("utf-8")
         return json.loads(text)
-    except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable Delta W spectra file ({type(err).__name__}: {err})") from err

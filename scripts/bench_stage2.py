@@ -37,8 +37,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.nn.functional as F
 
+from orca.errors import exit_on_error
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 GOAL_S = 30.0  # the target: all metrics together under 30 s on one H100
 
@@ -203,4 +204,4 @@ def markdown(rec: Dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))

@@ -74,17 +74,17 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from orca.bench import (GC_WHERE, PROFILE_CATEGORIES, build_config, count_step_flops, create_body,  # noqa: E402
+from orca.bench import (GC_WHERE, PROFILE_CATEGORIES, build_config, count_step_flops, create_body,
                         free_memory, git_state, machine, matmul_peak_tflops, median_rate, profile_steps,
                         short_kernel_name, summarize_profile, synchronize, train_step)
-from orca.bodies import ATTENTION_KINDS, set_attention  # noqa: E402
-from orca.checkpointing import (describe as describe_checkpointing, normalize as normalize_checkpointing,  # noqa: E402
+from orca.bodies import ATTENTION_KINDS, set_attention
+from orca.checkpointing import (describe as describe_checkpointing, normalize as normalize_checkpointing,
                                 plan as plan_checkpointing)
-from orca.config import ModelConfig  # noqa: E402
-from orca.distributed import setup_distributed, world_from_env  # noqa: E402
-from orca.schema import ConfigError  # noqa: E402
+from orca.config import ModelConfig
+from orca.distributed import setup_distributed, world_from_env
+from orca.errors import exit_on_error
+from orca.schema import ConfigError
 
 METHODS = ("full", "lora", "lora_composed", "lora_concat", "lora_inplace", "lora_joined", "lora_map", "dylora",
            "delta_lora", "qlora", "peft", "rank0")
@@ -532,4 +532,4 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))

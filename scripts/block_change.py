@@ -33,12 +33,12 @@ from typing import Dict, List
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from datasets.registry import build_task  # noqa: E402
-from orca.config import load_config  # noqa: E402
-from orca.model import build_model  # noqa: E402
-from orca.runs import git_info, machine_info  # noqa: E402
+from datasets.registry import build_task
+from orca.config import load_config
+from orca.errors import exit_on_error
+from orca.model import build_model
+from orca.runs import git_info, machine_info
 
 
 def block_changes(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, float]:
@@ -112,4 +112,4 @@ def main(argv: List[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))

@@ -19,10 +19,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orca.kernel_budget import BudgetInputError, budget_markdown, kernel_budget  # noqa: E402
-from orca.runs import git_info, write_json  # noqa: E402
+from orca.errors import exit_on_error
+from orca.kernel_budget import BudgetInputError, budget_markdown, kernel_budget
+from orca.runs import git_info, write_json
 
 
 def _load(path: Path, what: str) -> dict:
@@ -73,4 +73,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_error(main))
