@@ -5,6 +5,7 @@
     bash scripts/sweep.sh configs/experiments/table4_darcy_otdd.yaml model.embedder_from=results/runs/stage1__...
     bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml --gpus 0 train.epochs=2   # sequential, in-process
     python -m orca.sweep configs/experiments/table1_smallgap.yaml sweep.output_dir=/tmp/runs
+    bash scripts/sweep.sh configs/experiments/ranks_patches.yaml --slurm --submit   # a Slurm job array (orca/slurm.py)
 
 A sweep file is an ordinary experiment config (``base:`` chain, sections, keys) plus a ``sweep:``
 section that the experiment schema does not know, so it is taken out here and checked against
@@ -425,7 +426,7 @@ def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
 
 def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Optional[int] = None,
               dry_run: bool = False, command: Callable[[SweepRun], List[str]] = stage3_command,
-              poll_s: float = 2.0, per_gpu: int = 1) -> List[Tuple[SweepRun, str]]:
+              poll_s: float = 2.0, per_gpu: int = 1, only: Optional[Sequence[str]] = None) -> List[Tuple[SweepRun, str]]:
     """Run every pending point of a sweep; return the failed runs with the path of their log.
 
     Args:
@@ -437,11 +438,14 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         command: the subprocess command of one run (tests substitute a cheap one).
         per_gpu: concurrent runs per GPU (small, launch-bound models leave most of a GPU idle).
         poll_s: how often the worker pool checks its subprocesses.
+        only: run names to restrict the sweep to (a Slurm array task's share); None: all of them.
     """
     from tqdm.auto import tqdm
 
     spec, runs = load_sweep(path, overrides)
     check_ownership(runs, str(path))
+    if only is not None:
+        runs = select_runs(runs, only, str(path))
     pending = [r for r in runs if not r.done]
     print(f"[sweep] {path}: {len(runs)} runs in {Path(spec.output_dir) / spec.table}, "
           f"{len(runs) - len(pending)} done, {len(pending)} pending", flush=True)
@@ -468,6 +472,21 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
     return failed
 
 
+def select_runs(runs: Sequence[SweepRun], names: Sequence[str], sweep_file: str) -> List[SweepRun]:
+    """The runs named in ``names``, in sweep order.
+
+    Raises:
+        ConfigError: a name the sweep does not have (the file changed since the array was written).
+    """
+    by_name = {run.name: run for run in runs}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise ConfigError(f"{sweep_file} has no run named {', '.join(missing)}; `bash scripts/sweep.sh {sweep_file} "
+                          f"--dry-run` lists its runs (regenerate the Slurm script after editing the sweep)")
+    wanted = set(names)
+    return [run for run in runs if run.name in wanted]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orca.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -478,13 +497,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run nothing")
     parser.add_argument("--per-gpu", type=int, default=1,
                         help="concurrent runs on each GPU (default 1; more for small, launch-bound models)")
+    parser.add_argument("--only", default=None, metavar="NAME[,NAME...]",
+                        help="run only these runs of the sweep (a Slurm array task's share, orca/slurm.py)")
     args = parser.parse_intermixed_args(argv)
     if args.gpus is not None and args.gpus < 0:
         parser.error(f"--gpus must be >= 0, got {args.gpus}")
     if args.per_gpu < 1:
         parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
+    only = [name for name in args.only.split(",") if name] if args.only is not None else None
     try:
-        failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu)
+        failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu,
+                           only=only)
     except (ConfigError, FileNotFoundError) as err:  # a user mistake: the message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
