@@ -76,6 +76,7 @@ import re
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -231,6 +232,12 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
             free_memory()
             for b in args.batch_sizes:
                 results[f"{name}@{b}"] = {"config": name, "batch": b, "status": "oom"}
+            continue
+        except Exception as err:  # noqa: BLE001 - e.g. a reference that fails to compile: report it, time the rest
+            traceback.print_exc()
+            free_memory()
+            for b in args.batch_sizes:
+                results[f"{name}@{b}"] = {"config": name, "batch": b, "status": f"failed ({type(err).__name__})"}
             continue
         free_memory()
         cfg["resident"] = (torch.cuda.memory_allocated(device) if cuda else 0) - before

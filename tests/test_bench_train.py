@@ -119,3 +119,22 @@ def test_rank0_backpropagates_through_every_frozen_block():
     assert not torch.equal(body.patch_embed.proj.weight, before)
     trained = {n for n, p in body.named_parameters() if p.grad is not None}
     assert trained == {n for n, _ in body.patch_embed.named_parameters(prefix="patch_embed")}
+
+
+def test_a_configuration_that_fails_is_reported_and_the_rest_timed(tmp_path, monkeypatch):
+    """A configuration that cannot be built or compiled (say peft under torch.compile) costs its own
+    row, not the call: the others are timed and both files are written."""
+    script = load_script("bench_train.py", "bench_train_failing")
+    real = script.build_config
+
+    def build(method, **kwargs):
+        if method == "peft":
+            raise RuntimeError("peft does not compile here")
+        return real(method, **kwargs)
+
+    monkeypatch.setattr(script, "build_config", build)
+    md = script.main(["--smoke", "--methods", "full", "peft", "--out", str(tmp_path)])
+    rows = {r["config"]: r for r in json.loads((tmp_path / "train_smoke.json").read_text())["results"]}
+    assert rows["full"]["status"] == "ok" and rows["full"]["img_per_s"] > 0
+    assert rows["peft"]["status"] == "failed (RuntimeError)"
+    assert "| 4 | peft | failed (RuntimeError) |" in md.read_text()

@@ -63,7 +63,8 @@ if triton is not None:
             else:
                 acc += tl.dot(tl.trans(g), xa)
                 gb = tl.dot(g, sb)
-            tl.atomic_add(gb_ptr + offs_n[:, None] * R + offs_r[None, :], gb, mask=mask_n[:, None] & mask_r[None, :])
+            tl.atomic_add(gb_ptr + offs_n[:, None] * rank + offs_r[None, :], gb,
+                          mask=mask_n[:, None] & mask_r[None, :])
         tl.store(part_ptr + pid_n * d_out * R + offs_d[:, None] * R + offs_r[None, :], acc,
                  mask=mask_d[:, None] & mask_r[None, :])
 
@@ -83,13 +84,13 @@ def triton_factor_grads(g: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, b: t
         programs = max(1, min(triton.cdiv(n, block_n), (4 * sms) // d_blocks))
     rows_per_prog = triton.cdiv(triton.cdiv(n, programs), block_n) * block_n
     n_progs = triton.cdiv(n, rows_per_prog)
-    gb = torch.zeros(n, R, device=g.device, dtype=torch.float32)
+    gb = torch.zeros(n, rank, device=g.device, dtype=torch.float32)  # only the real ranks, not R's padding
     part = torch.empty(n_progs, d_out, R, device=g.device, dtype=torch.float32)
     _g_pass[(n_progs, d_blocks)](g, xa, sb, gb, part, n, d_out, rank, rows_per_prog,
                                  g.stride(0), xa.stride(0), sb.stride(0), R=R, BLOCK_N=block_n, BLOCK_D=block_d,
                                  IEEE=g.dtype == torch.float32)
     grad_b = part.sum(0)[:, :rank].mul_(scale).to(g.dtype)
-    grad_a = torch.mm(gb[:, :rank].to(x.dtype).t(), x)
+    grad_a = torch.mm(gb.to(x.dtype).t(), x)
     return grad_a, grad_b
 
 
