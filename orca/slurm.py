@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from orca.errors import OrcaError, UsageError
+from orca.errors import OrcaError, UsageError, exit_on_error
 from orca.runs import REPO_ROOT
 from orca.sweep import check_ownership, load_sweep
 
@@ -234,6 +234,12 @@ def _joined_sbatch(argv: Sequence[str]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``bash scripts/sweep.sh SWEEP.yaml --slurm ...``: a bad sweep file or ``--sbatch``, or sbatch
+    missing or refusing, ends in one ``error:`` line (exit 2 or 1), not a traceback."""
+    return exit_on_error(_main, argv)
+
+
+def _main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="bash scripts/sweep.sh SWEEP.yaml --slurm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML (configs/experiments/*.yaml)")
@@ -246,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--gpus", type=int, default=None,
                         help="each task's --gpus (default: the GPUs Slurm gives it; 0 = in the task's process)")
     parser.add_argument("--per-gpu", type=int, default=1, help="runs side by side on each of a task's GPUs")
-    args = parser.parse_intermixed_args(_joined_sbatch(sys.argv[1:] if argv is None else argv))
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (or ORCA_DEBUG=1)")
+    args = parser.parse_intermixed_args(_joined_sbatch(argv))
     if args.gpus is not None and args.gpus < 0:
         parser.error(f"--gpus must be >= 0, got {args.gpus}")
     if args.per_gpu < 1:
@@ -255,16 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--array-limit must be >= 1, got {args.array_limit}")
     task_flags = ([f"--gpus={args.gpus}"] if args.gpus is not None else []) + \
                  ([f"--per-gpu={args.per_gpu}"] if args.per_gpu > 1 else [])
-    try:
-        slurm_sweep(args.sweep, args.overrides, runs_per_task=max(1, args.gpus or 1) * args.per_gpu,
-                    task_flags=task_flags, array_limit=args.array_limit, sbatch_args=args.sbatch,
-                    submit_job=args.submit)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OrcaError as err:  # a bad sweep file or --sbatch, sbatch missing or refusing: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    slurm_sweep(args.sweep, args.overrides, runs_per_task=max(1, args.gpus or 1) * args.per_gpu,
+                task_flags=task_flags, array_limit=args.array_limit, sbatch_args=args.sbatch, submit_job=args.submit)
     return 0
 
 
