@@ -252,17 +252,22 @@ def _main(argv: List[str]) -> int:
     parser.add_argument("--gpus", type=int, default=None,
                         help="each task's --gpus (default: the GPUs Slurm gives it; 0 = in the task's process)")
     parser.add_argument("--per-gpu", type=int, default=1, help="runs side by side on each of a task's GPUs")
+    parser.add_argument("--pack", type=int, default=0, metavar="K",
+                        help="one array task per K runs, trained together through one shared body (orca.sweep --pack)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (or ORCA_DEBUG=1)")
     args = parser.parse_intermixed_args(_joined_sbatch(argv))
     if args.gpus is not None and args.gpus < 0:
         parser.error(f"--gpus must be >= 0, got {args.gpus}")
     if args.per_gpu < 1:
         parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
+    if args.pack < 0:
+        parser.error(f"--pack must be >= 0, got {args.pack}")
     if args.array_limit < 1:
         parser.error(f"--array-limit must be >= 1, got {args.array_limit}")
     task_flags = ([f"--gpus={args.gpus}"] if args.gpus is not None else []) + \
-                 ([f"--per-gpu={args.per_gpu}"] if args.per_gpu > 1 else [])
-    slurm_sweep(args.sweep, args.overrides, runs_per_task=max(1, args.gpus or 1) * args.per_gpu,
+                 ([f"--per-gpu={args.per_gpu}"] if args.per_gpu > 1 else []) + \
+                 ([f"--pack={args.pack}"] if args.pack else [])
+    slurm_sweep(args.sweep, args.overrides, runs_per_task=args.pack or max(1, args.gpus or 1) * args.per_gpu,
                 task_flags=task_flags, array_limit=args.array_limit, sbatch_args=args.sbatch, submit_job=args.submit)
     return 0
 

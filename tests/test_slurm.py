@@ -88,6 +88,18 @@ def test_array_script_lists_only_unfinished_runs(tmp_path, data_root, monkeypatc
     assert slurm.slurm_sweep(path) == (None, None) and script.read_text() == before
 
 
+def test_packs_are_array_tasks(tmp_path, data_root, monkeypatch):
+    """--slurm --pack K: one task per K unfinished runs, each passing --pack K on to the sweep."""
+    path = tiny_sweep(tmp_path, data_root, GRID_3)
+    monkeypatch.chdir(tmp_path)
+    assert slurm.main([str(path), "--pack", "2"]) == 0
+    text = (tmp_path / "runs" / "arr" / "slurm" / "tiny_sweep.sbatch").read_text()
+    assert task_lists(text) == [["lora_r1_s0", "lora_r2_s0"], ["lora_r4_s0"]] and "#SBATCH --array=0-1%2" in text
+    assert text.splitlines()[-1].endswith(' --pack=2 --only "${TASKS[$SLURM_ARRAY_TASK_ID]}"')
+    # the flag the task passes is one the sweep takes
+    assert sweep_mod.main([str(path), "--pack=2", "--dry-run"]) == 0
+
+
 def test_only_trains_the_named_runs_and_skips_finished_ones(tmp_path, data_root, monkeypatch):
     path = tiny_sweep(tmp_path, data_root, GRID_3)
     trained = []
@@ -142,7 +154,8 @@ def test_sbatch_lines_and_chunks():
 
 def test_cli_flag_errors(tmp_path, data_root, capsys):
     path = tiny_sweep(tmp_path, data_root, GRID_3)
-    for argv in ([str(path), "--array-limit", "0"], [str(path), "--per-gpu", "0"], [str(path), "--gpus", "-1"]):
+    for argv in ([str(path), "--array-limit", "0"], [str(path), "--per-gpu", "0"], [str(path), "--gpus", "-1"],
+                 [str(path), "--pack", "-1"]):
         with pytest.raises(SystemExit) as exc:
             slurm.main(argv)
         assert exc.value.code == 2
