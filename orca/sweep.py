@@ -29,8 +29,8 @@ sections merge like any other section, key by key inside ``grid``, while lists (
 one-element list of it (``adapter.targets: [[...]]``).
 
 Why deterministic run directories (``lora_r8_s1``) instead of the time-stamped ones of single runs:
-a sweep restarted after a crash must find its own runs again. A run whose ``summary.json`` exists
-is done and skipped; any other run is started with ``run_dir=`` set, so stage 3 resumes it from
+a sweep restarted after a crash must find its own runs again. A run whose ``summary.json`` says
+``finished`` is done and skipped; any other run is started with ``run_dir=`` set, so stage 3 resumes it from
 ``ckpt/last.pt`` when it got that far. Each run directory also gets ``sweep.json`` (table tag, row,
 grid point), which ``scripts/make_tables.py`` groups by.
 
@@ -54,9 +54,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from datasets.progress import Progress
 from orca.errors import exit_on_error
 from orca.config import ExperimentConfig, config_dict, parse_override, read_yaml, save_config
-from orca.runs import REPO_ROOT, usable_cpus, write_json
+from orca.runs import REPO_ROOT, RunDir, usable_cpus, write_json
 from orca.schema import ConfigError, from_dict, nearest
 
 #: Methods whose result does not depend on ``adapter.rank``: their run names and table rows omit it.
@@ -139,7 +140,7 @@ class SweepRun:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
+        return RunDir(self.run_dir).finished() is not None if self.run_dir.is_dir() else False
 
     @property
     def row(self) -> str:
@@ -340,12 +341,25 @@ def prepare(run: SweepRun, sweep_file: str, cli_overrides: Sequence[str]) -> Non
     write_json(run.run_dir / "sweep.json", run.record(sweep_file, cli_overrides))
 
 
+def _mark_failed(run: SweepRun, trace: str) -> str:
+    """Write the traceback to ``sweep_error.log`` and, for a run that began, a ``failed`` summary whose reason
+    is the traceback's last line (a packed run fails inside the pack, where no stage-3 loop records it)."""
+    log = run.run_dir / "sweep_error.log"
+    log.write_text(trace)
+    rundir = RunDir(run.run_dir)
+    summary = rundir.read_summary()
+    if isinstance(summary, dict) and summary.get("status") == "running":
+        last = (trace.strip().splitlines() or ["unknown error"])[-1]
+        rundir.write_summary({**{k: v for k, v in summary.items() if k != "status"}, "reason": last}, status="failed")
+    return str(log)
+
+
 def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
     from orca.train import run_stage3
 
     failed = []
     for run in pending:
-        bar.set_postfix_str(run.name)
+        bar.set_postfix(run=run.name)
         (run.run_dir / "sweep_error.log").unlink(missing_ok=True)  # from an earlier failed attempt
         try:
             run_stage3(run.cfg)
@@ -370,7 +384,7 @@ def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str]
     failed = []
     for members in packs:
         pack = [pending[i] for i in members]
-        bar.set_postfix_str(f"pack of {len(pack)}: {pack[0].name} ...")
+        bar.set_postfix(pack=f"{len(pack)} runs: {pack[0].name} ...")
         print(f"[sweep] pack of {len(pack)}: {', '.join(run.name for run in pack)}", flush=True)
         for run in pack:
             (run.run_dir / "sweep_error.log").unlink(missing_ok=True)  # from an earlier failed attempt
@@ -382,8 +396,7 @@ def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str]
             continue
         except Exception:  # noqa: BLE001 - one broken pack must not stop the sweep; reported at the end
             for run in pack:
-                (run.run_dir / "sweep_error.log").write_text(traceback.format_exc())
-                failed.append((run, str(run.run_dir / "sweep_error.log")))
+                failed.append((run, _mark_failed(run, traceback.format_exc())))
             print(f"[sweep] FAILED pack of {len(pack)}; traceback in each run's sweep_error.log", flush=True)
             bar.update(len(pack))
             continue
@@ -392,8 +405,7 @@ def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str]
                 fh.write(json.dumps({"runs": [run.name for run in pack], **result["timing"]}) + "\n")
         for run, error in zip(pack, result["errors"]):
             if error is not None:
-                (run.run_dir / "sweep_error.log").write_text(error + "\n")
-                failed.append((run, str(run.run_dir / "sweep_error.log")))
+                failed.append((run, _mark_failed(run, error + "\n")))
         bar.update(len(pack))
     return failed, alone
 
@@ -445,7 +457,7 @@ def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callabl
 def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
     """Refuse run directories that another sweep file already wrote.
 
-    Why: completion is "summary.json exists", so two sweep files whose run names and ``sweep.table``
+    Why: completion is "summary.json says finished", so two sweep files whose run names and ``sweep.table``
     coincide (say the same grid on another task) would silently take each other's results.
 
     Raises:
@@ -489,8 +501,6 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         poll_s: how often the worker pool checks its subprocesses.
         only: run names to restrict the sweep to (a Slurm array task's share); None: all of them.
     """
-    from tqdm.auto import tqdm
-
     spec, runs = load_sweep(path, overrides)
     check_ownership(runs, str(path))
     if only is not None:
@@ -515,7 +525,7 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         prepare(run, str(path), overrides)
     if devices and pending:
         build_data_once(pending)
-    with tqdm(total=len(pending), desc="sweep", unit="run", dynamic_ncols=True) as bar:
+    with Progress(total=len(pending), desc="sweep", unit="run") as bar:
         failed = []
         if pack:
             failed, pending = _run_packed(pending, pack, bar, pack_timing)
