@@ -1,4 +1,4 @@
-"""The Darcy-flow task (SPEC.md "Darcy flow"): data from FNO's generator or FNO's .mat files.
+"""The Darcy-flow task: data from FNO's generator or FNO's .mat files.
 
 Why two sources: the published files (``piececonst_r421_N1024_smooth{1,2}.mat``) are what ORCA
 reports on, but they are 1.3 GB each and not always reachable, so ``source="generate"`` rebuilds

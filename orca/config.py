@@ -70,7 +70,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Stage-3 optimisation (defaults: ORCA's Darcy recipe, SPEC.md)."""
+    """Stage-3 optimisation (defaults: ORCA's Darcy recipe)."""
 
     optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd | paged_adamw (QLoRA)"})
     lr: float = field(default=1e-3, metadata={"gt": 0, "help": "peak learning rate"})

@@ -40,8 +40,8 @@ def git_info() -> Dict[str, Any]:
     """Commit and dirty flag of the code that runs (``unknown`` outside a git checkout).
 
     ``ORCA_GIT_COMMIT`` overrides both (dirty = False): for machines that receive a copy of a clean,
-    committed tree without its current history (a lent GPU machine), where ``git`` would report
-    whatever stale ``.git`` happens to be there.
+    committed tree without its current history (e.g. a GPU machine sent only the working tree),
+    where ``git`` would report whatever stale ``.git`` happens to be there.
     """
     if os.environ.get("ORCA_GIT_COMMIT"):
         return {"commit": os.environ["ORCA_GIT_COMMIT"], "dirty": False, "source": "ORCA_GIT_COMMIT"}

@@ -1,6 +1,6 @@
 """Per-layer gaps -> an exact-budget LoRA rank map, through the IBP rank posterior P(r | D).
 
-Pipeline (``shared/IBP_RANK.md``, "From posterior to rank map"):
+Pipeline, from posterior to rank map:
 
 1. :func:`expand` maps gaps measured per block onto the block's Linear modules.
 2. :func:`ibp.rank_posterior.sample_rank_posterior` calibrates beta so the posterior expected cost

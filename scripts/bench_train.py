@@ -9,7 +9,7 @@
     python scripts/bench_train.py --compile --methods full lora --batch-sizes 64 --profile 3 --tag _compile_b64
                                                   # + train_compile_b64_profile.md: where each step's time goes
 
-Setup (SPEC.md "Reference numbers"): timm Swin-B at 224 with random weights, random images and
+Setup: timm Swin-B at 224 with random weights, random images and
 labels, mean-pooled features -> Linear(1024, 100) -> cross-entropy, bf16 autocast, fused AdamW.
 Configurations: ``full``; ``lora`` (ours, r = 8 on every block qkv/proj/fc1/fc2; its forward is one
 GEMM over [x, x A^T] when compiled and the base GEMM plus an in-place rank-r update in eager mode,
@@ -37,7 +37,7 @@ A configuration's peak memory is its own block's peak minus the other configurat
 memory; under CUDA graphs (``--compile-mode reduce-overhead`` or ``max-autotune``) it is not reported, since a graph's
 memory pool is taken at capture and looks resident. Compiling Swin-B takes about 2 min per
 configuration and batch size: with ``--compile`` pick a few methods per call and one batch size per
-process (a second shape recompiles), as ``gpu_runs.sh graphs`` does; ``--eager-methods peft`` times
+process (a second shape recompiles), as ``reproduce.sh bench_graphs`` does; ``--eager-methods peft`` times
 the reference eager beside compiled ours.
 
 Writes ``results/bench/train{tag}.json`` and ``.md`` (tag: ``_compile``, ``_gc``, ``_smoke`` or

@@ -5,8 +5,8 @@
     python scripts/block_change.py --n 8 --out /tmp/bc task.options.n_train=8   # overrides go last
 
 Why: under LoRA r = 8 a random body beats the fractal-pretrained one on Darcy-85, while the fractal
-body is the better start for full fine-tuning and the better frozen feature map (issue 4,
-``results/tables.md``, "body_evidence_darcy*"). One reading: a randomly initialised block (weights
+body is the better start for full fine-tuning and the better frozen feature map
+(``results/tables.md``, "body_evidence_darcy*"). One reading: a randomly initialised block (weights
 of std 0.02 on a residual stream) changes its input little, so a random body starts close to the
 identity and low-rank updates build the task's map almost freely, while a pretrained body's blocks
 transform their inputs strongly and LoRA has to bend them. This script measures the first half of

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("profile", type=Path, help="a *_profile.json written by bench_train.py --profile")
     p.add_argument("--bench", type=Path, help="the same run's benchmark .json (default: the profile's name without _profile)")
     p.add_argument("--base", default="full", help="the configuration ratios are taken against")
-    p.add_argument("--targets", type=float, nargs="+", default=[1.3], help="img/s ratios to price (issue 7: 1.3)")
+    p.add_argument("--targets", type=float, nargs="+", default=[1.3], help="img/s ratios to price, e.g. 1.3 1.2")
     p.add_argument("--out", type=Path, default=Path("results/bench/kernel_budget"), help="output path stem")
     args = p.parse_args(argv)
     bench_path = args.bench or args.profile.with_name(args.profile.name.replace("_profile.json", ".json"))

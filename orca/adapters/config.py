@@ -45,7 +45,7 @@ def _help(text: str) -> Dict[str, str]:
 
 @dataclass
 class AdapterConfig:
-    """Stage-3 fine-tuning method and its hyperparameters (see SPEC.md, "Methods")."""
+    """Stage-3 fine-tuning method and its hyperparameters (the methods table in the README)."""
 
     method: str = field(default="lora", metadata=_help(
         "Fine-tuning method: full | head | lora | delta_lora | dylora | qlora | adalora (peft baseline)."))
