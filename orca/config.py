@@ -236,9 +236,14 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ex
     return from_dict(ExperimentConfig, data)
 
 
+def config_yaml(cfg: ExperimentConfig) -> str:
+    """The fully resolved config as YAML text (what ``config.yaml`` holds)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
     """Write the fully resolved config as YAML (the run directory's ``config.yaml``)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
 
 
 def config_dict(cfg: ExperimentConfig) -> Dict[str, Any]:

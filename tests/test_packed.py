@@ -147,7 +147,8 @@ def test_diverging_run_fails_alone(workdir, alone):
     assert [run.name for run, _ in failed] == [diverging]
     bad = out / diverging
     assert "FloatingPointError: non-finite training loss" in (bad / "sweep_error.log").read_text()
-    assert not (bad / "summary.json").exists()  # not done: a rerun tries it again
+    bad_summary = json.loads((bad / "summary.json").read_text())  # not finished: a rerun tries it again
+    assert bad_summary["status"] == "failed" and "non-finite training loss" in bad_summary["reason"]
     assert_same_run(alone / "lora_r1_s0", out / "lora_r1_s0")  # its pack-mate never noticed
 
 
@@ -166,7 +167,8 @@ def test_interrupted_pack_resumes_then_skips(workdir, alone, monkeypatch):
     monkeypatch.setattr(packed_mod, "train_pack", killed_after_step_3)
     failed = sweep_mod.run_sweep(path, overrides, gpus=0, pack=4)
     assert len(failed) == 4 and all("killed" in Path(log).read_text() for _, log in failed)
-    assert not list(out.glob("*/summary.json")) and len(list(out.glob("*/ckpt/last.pt"))) == 4
+    assert [json.loads(p.read_text())["status"] for p in out.glob("*/summary.json")] == ["failed"] * 4
+    assert len(list(out.glob("*/ckpt/last.pt"))) == 4
 
     monkeypatch.setattr(packed_mod, "train_pack", train_pack)
     assert sweep_mod.run_sweep(path, overrides, gpus=0, pack=4) == []
