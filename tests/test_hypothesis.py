@@ -1,7 +1,6 @@
 """The hypothesis statistics on hand-computed cases, and scripts/hypothesis.py end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from orca.sweep import load_sweep
+from tests.conftest import load_script
 from rank_estimation.hypothesis import (
     bootstrap_knee,
     budget_matched,
@@ -211,14 +211,8 @@ def _synthetic_results(root: Path) -> None:
 
 
 def _script_module():
-    """scripts/hypothesis.py as a module (scripts/ is not a package), under a name of its own: as
-    ``hypothesis`` it would shadow the property-testing library of that name, whose pytest plugin
-    imports it at the end of the session."""
-    spec = importlib.util.spec_from_file_location("hypothesis_script", ROOT / "scripts" / "hypothesis.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # dataclasses look their module up there
-    spec.loader.exec_module(script)
-    return script
+    """scripts/hypothesis.py as a module, under another name than the property-testing library's."""
+    return load_script("hypothesis.py", "hypothesis_script")
 
 
 def _run_script(runs: Path, out: Path):
