@@ -49,6 +49,7 @@ from orca.model import ORCAModel, build_model
 from orca.delta_w import DELTA_W_FILE, DELTA_W_METHODS, body_linear_weights, write_delta_w
 from orca.runs import RunDir, check_arch, git_info, machine_info
 from orca.schema import ConfigError
+from orca.warmup import load_warmup
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -223,6 +224,9 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     quiet = None if main else True  # tqdm: auto on rank 0, off elsewhere
     autocast = autocast_for(cfg.train.amp, device)
     task, model = initial_model(cfg, dist_.main_first)
+    if cfg.model.warmup_from:
+        used = load_warmup(model, cfg.model.warmup_from, config_dict(cfg)["task"], cfg.seed)
+        log(f"[stage3] embedder and head from the warm-up run {used}")
     # W_0 of the body's Linears, for delta_w.json.gz at the end (rank 0; methods that train W only).
     w0 = body_linear_weights(model) if main and cfg.adapter.method in DELTA_W_METHODS else None
     if set_checkpointing(model.body, cfg.train.grad_checkpointing) is not None:
