@@ -5,6 +5,10 @@
     python -m orca list tasks|adapters|objectives|gaps
     python -m orca show-config --config configs/darcy_swinb.yaml adapter.method=lora
     python -m orca data --config configs/darcy_swinb.yaml task.options.workers=16   # build/cache the data only
+
+A mistake in the command, a config or an input file ends in one line ``error: <what>, <where>,
+<what to do>`` (exit 2 for usage and config, 1 at run time); ``--debug`` or ORCA_DEBUG=1 adds the
+traceback.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from orca.errors import UsageError, exit_on_error
 
 STAGES = {
     "stage0": ("orca.pretrain", "run_stage0"),
@@ -38,6 +44,11 @@ def _registries():
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``orca`` command: :func:`run_command` with user failures as one ``error:`` line and exit status."""
+    return exit_on_error(run_command, argv)
+
+
+def run_command(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m orca", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=[*STAGES, "list", "show-config", "data"])
@@ -45,6 +56,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                  "for list: tasks | adapters | objectives | gaps")
     parser.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml)")
     parser.add_argument("--resume", help="run directory to continue (its config.yaml is used)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error too (or set ORCA_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)
 
     if args.command == "list":
@@ -56,18 +69,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from orca.config import load_config, save_config
-    from orca.schema import ConfigError
 
     if args.resume and args.config:
         parser.error("--resume uses the run directory's config.yaml; do not pass --config too")
-    try:  # a bad key or a missing file is the user's input: one clear line, no traceback
-        if args.resume:
-            cfg = load_config(str(Path(args.resume) / "config.yaml"), [*args.what, f"run_dir={args.resume}"])
-        else:
-            cfg = load_config(args.config, args.what)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.resume:
+        if not (Path(args.resume) / "config.yaml").is_file():
+            raise UsageError("--resume needs a run directory holding config.yaml", args.resume,
+                             "pass a directory under runs/ that a stage created")
+        cfg = load_config(str(Path(args.resume) / "config.yaml"), [*args.what, f"run_dir={args.resume}"])
+    else:
+        cfg = load_config(args.config, args.what)
     if args.command == "show-config":
         save_config(cfg, "/dev/stdout")
         return 0

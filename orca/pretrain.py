@@ -45,6 +45,7 @@ from datasets.images import normalize_uint8, random_resized_crop_flip
 from datasets.registry import TaskData, build_task
 from orca.bodies import create_body, read_body_meta, save_body
 from orca.config import ExperimentConfig, save_config
+from orca.errors import OrcaError, UsageError, exit_on_error
 from orca.model import body_from_config
 from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_json
 from orca.schema import ConfigError
@@ -409,7 +410,8 @@ def load_saved_body(path: Path) -> torch.nn.Module:
     """The body in ``path`` rebuilt from the timm config in its header, as stages 1-3 load it."""
     meta = read_body_meta(Path(path))
     if meta is None:
-        raise ValueError(f"{path} has no orca_body header; it was not written by stage 0 (save_body)")
+        raise OrcaError("the weights file has no orca_body header", str(path),
+                        "give a body.safetensors written by stage 0 (python -m orca stage0)")
     kwargs = dict(meta["kwargs"])
     img_size = kwargs.pop("img_size", 224)
     return create_body(meta["model"], weights="file", weights_file=str(path), img_size=img_size, **kwargs)
@@ -430,7 +432,7 @@ def export_checkpoint(run_dir: str, dest: str) -> Path:
     """Copy a finished run's body to ``dest`` (e.g. results/checkpoints/), check it loads, note it in the summary."""
     src = Path(run_dir) / BODY_FILE
     if not src.is_file():
-        raise FileNotFoundError(f"{src} not found: {run_dir} is not a finished stage-0 run directory")
+        raise UsageError(f"no {BODY_FILE} in the run directory", run_dir, "give a finished stage-0 run directory")
     out = Path(dest)
     atomic_write_bytes(out, lambda tmp: shutil.copyfile(src, tmp))
     verify_body_file(out)
@@ -445,6 +447,11 @@ def export_checkpoint(run_dir: str, dest: str) -> Path:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m orca.pretrain export``: a user mistake ends in one ``error:`` line, not a traceback."""
+    return exit_on_error(_main, argv)
+
+
+def _main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m orca.pretrain", description="stage-0 checkpoint tools")
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="copy RUN_DIR/body.safetensors to DEST and check that it loads")

@@ -27,10 +27,12 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from orca.errors import OrcaError, reading
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(OrcaError, ValueError):
     """A checkpoint was saved from a model with other parameter names or shapes."""
 
 
@@ -38,8 +40,8 @@ def git_info() -> Dict[str, Any]:
     """Commit and dirty flag of the code that runs (``unknown`` outside a git checkout).
 
     ``ORCA_GIT_COMMIT`` overrides both (dirty = False): for machines that receive a copy of a clean,
-    committed tree without its current history (a lent GPU machine), where ``git`` would report
-    whatever stale ``.git`` happens to be there.
+    committed tree without its current history (e.g. a GPU machine sent only the working tree),
+    where ``git`` would report whatever stale ``.git`` happens to be there.
     """
     if os.environ.get("ORCA_GIT_COMMIT"):
         return {"commit": os.environ["ORCA_GIT_COMMIT"], "dirty": False, "source": "ORCA_GIT_COMMIT"}
@@ -154,7 +156,10 @@ class RunDir:
 
     def read_metrics(self) -> list:
         path = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        if not path.exists():
+            return []
+        with reading(path, "the metrics log", "repair or delete the damaged line (one JSON object per line)"):
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def truncate_metrics(self, keep) -> None:
         """Keep only metric records for which ``keep(record)`` is true (resume drops rows after the checkpoint)."""
@@ -191,7 +196,9 @@ class RunDir:
         path = self.ckpt_dir / f"{name}.pt"
         if not path.exists():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with reading(path, "a checkpoint (truncated, or not a torch file)",
+                     "delete it and run again, or start a new run"):
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_arch(saved: Dict[str, Any], model: torch.nn.Module, source: str) -> None:

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from orca.errors import exit_on_error
 from orca.config import ExperimentConfig, config_dict, parse_override, read_yaml, save_config
 from orca.runs import REPO_ROOT, usable_cpus, write_json
 from orca.schema import ConfigError, from_dict, nearest
@@ -415,6 +416,8 @@ def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
             owner = json.loads(record.read_text())
         except (OSError, ValueError):
             continue  # unreadable: prepare() rewrites it
+        if not isinstance(owner, dict):
+            continue
         mine = run.record(sweep_file, ())
         theirs = {k: owner.get(k) for k in ("sweep_file", "task")}
         if theirs != {k: mine[k] for k in theirs}:
@@ -469,6 +472,11 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m orca.sweep``: a config mistake ends in one ``error:`` line (exit 2), not a traceback."""
+    return exit_on_error(_main, argv)
+
+
+def _main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m orca.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML (configs/experiments/*.yaml)")
@@ -478,16 +486,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run nothing")
     parser.add_argument("--per-gpu", type=int, default=1,
                         help="concurrent runs on each GPU (default 1; more for small, launch-bound models)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (or ORCA_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)
     if args.gpus is not None and args.gpus < 0:
         parser.error(f"--gpus must be >= 0, got {args.gpus}")
     if args.per_gpu < 1:
         parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
-    try:
-        failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu)
-    except (ConfigError, FileNotFoundError) as err:  # a user mistake: the message, not a traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu)
     if failed:
         print(f"[sweep] {len(failed)} run(s) failed:", file=sys.stderr)
         for run, log in failed:

@@ -19,7 +19,7 @@ positive finite-sample bias: small for sinkhorn at its default blur, O(n^-1/2) f
 sliced_wasserstein, and for otdd the exact inner W_2^2 between finite class samples (it is not
 debiased, as in the paper) -- compare otdd values only at equal sample and class sizes.
 
-Speed (the issue's budget: every metric on 5,000 x 5,000 features at all 24 Swin-B blocks in
+Speed (the target: every metric on 5,000 x 5,000 features at all 24 Swin-B blocks in
 ~30 s on one H100): everything runs on the features' device as dense batched tensor ops; pad
 trains its classifier with full-batch L-BFGS in torch when the features are on a GPU (sklearn on
 CPU), on at most ``max_samples`` points per side; otdd caps exact inner OT at 128 points per class.

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from datasets.registry import build_task
 from orca.config import ExperimentConfig, save_config
+from orca.errors import reading
 from orca.model import body_from_config, build_model, source_embedder
 from orca.runs import RunDir, git_info, machine_info, save_png, write_json
 from orca.train import resolve_device, seed_everything
@@ -312,10 +313,8 @@ def read_gaps(cfg: ExperimentConfig, layers: List[str], weights: str) -> Dict[st
     path = Path(where) / "gaps.json"
     if not path.is_file():
         raise FileNotFoundError(f"{head}: no gaps.json there; point it at a finished stage-2 run directory")
-    try:
-        gaps = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{head}: {path} is not valid JSON ({err})") from None
+    with reading(path, "a stage-2 gap profile", "rerun that stage-2 run, or leave rank.gaps_from unset"):
+        gaps = json.loads(path.read_text(encoding="utf-8"))
     missing = [k for k in GAPS_KEYS if not isinstance(gaps, dict) or k not in gaps]
     if missing:
         raise ValueError(f"{head}: {path} is not a stage-2 gaps.json (missing {missing})")

@@ -39,10 +39,10 @@ from typing import Callable, Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orca.align.otdd import OTDD, otdd_reference  # noqa: E402
-from orca.runs import git_info, usable_cpus  # noqa: E402
+from orca.align.otdd import OTDD, otdd_reference
+from orca.errors import exit_on_error
+from orca.runs import git_info, usable_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -230,4 +230,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_error(main))

@@ -30,20 +30,18 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from datasets.fractal_dial import DIAL_LEVELS, FractalDialOptions  # noqa: E402
-from datasets.images import source_feature_set  # noqa: E402
-from datasets.registry import build_task, get_task  # noqa: E402
-from orca.align.loop import fetch_inputs  # noqa: E402
-from orca.config import load_config  # noqa: E402
-from orca.model import build_model, source_embedder  # noqa: E402
-from orca.runs import git_info, machine_info, write_json  # noqa: E402
-from rank_estimation.calibration import (  # noqa: E402
+from datasets.fractal_dial import DIAL_LEVELS, FractalDialOptions
+from datasets.images import source_feature_set
+from datasets.registry import build_task, get_task
+from orca.align.loop import fetch_inputs
+from orca.config import load_config
+from orca.errors import exit_on_error
+from orca.model import build_model, source_embedder
+from orca.runs import git_info, machine_info, write_json
+from rank_estimation.calibration import (
     CANDIDATES, SATURATION_LIMIT, SELECTION_RULE, evaluate, joint_bootstrap, saturation, select_primary,
 )
-from rank_estimation.features import EMBED, capture_block_features  # noqa: E402
+from rank_estimation.features import EMBED, capture_block_features
 
 BODY_CONFIG = "configs/body_fractal.yaml"
 DIAL_CLASSES = 100
@@ -65,7 +63,7 @@ def features(model, inputs: torch.Tensor, embedder=None) -> Dict[str, torch.Tens
 
 def collect(args) -> tuple:
     """Source features and every target set's features (block outputs), with timings."""
-    cfg = load_config(str(REPO / BODY_CONFIG))
+    cfg = load_config(BODY_CONFIG)
     times: Dict[str, float] = {}
     t = time.time()
     src_x, src_y = source_feature_set("fractal", args.n_source, image_size=cfg.model.img_size, seed=args.seed,
@@ -137,7 +135,7 @@ def report(out: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-source", type=int, default=128)
     p.add_argument("--n-target", type=int, default=64)
@@ -164,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         times[f"bootstrap_{m}_s"] = time.time() - t
         print(f"[calibrate] {m}: passes={evaluations[m]['passes']} ({times[f'bootstrap_{m}_s']:.0f}s)", flush=True)
     out = {
-        "command": "python " + " ".join([str(Path(sys.argv[0]).as_posix()), *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python " + " ".join(["scripts/calibrate_gaps.py", *(argv if argv is not None else sys.argv[1:])]),
         "git": git_info(), "machine": machine_info(), "wall_s": time.time() - t0, "timing_s": times,
         "n_source": args.n_source, "source_classes": source_classes, "n_target": args.n_target, "n_boot": args.n_boot,
         "seed": args.seed, "blocks": blocks, "dial_levels": DIAL_LEVELS, "tasks": {k: v for k, v in TASKS.items()},
@@ -177,8 +175,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     (args.out / "gap_calibration.md").write_text(report(out))
     print(f"[calibrate] primary: {out['selection']['primary']} ({out['selection']['clause']}); "
           f"wrote {args.out}/gap_calibration.{{md,json}}", flush=True)
-    return out
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))

@@ -56,14 +56,14 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from rank_estimation.hypothesis import (  # noqa: E402
+from orca.errors import exit_on_error
+from rank_estimation.hypothesis import (
     bootstrap_knee, budget_matched, combine_verdicts, delta_w_ranks, knee_order_verdict, mean_difference_ci,
     permutation_pvalue, spearman_with_ci, spectrum_ranks, verdict,
 )
-from rank_estimation.preregistered import analyse, render, task_key  # noqa: E402
-from rank_estimation.spectra_file import find_spectra, read_spectra  # noqa: E402
+from rank_estimation.preregistered import analyse, render, task_key
+from rank_estimation.spectra_file import find_spectra, read_spectra
 
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
 #: The committed experiments: one body (the offline fractal Swin) and one recipe per analysis.
@@ -731,4 +731,4 @@ def _without_check(argv: Optional[List[str]]) -> List[str]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))

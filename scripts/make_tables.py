@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from orca.errors import exit_on_error
+
 REPO = Path(__file__).resolve().parents[1]
 #: Where the seed's numbers are looked for when --reference is not given (first existing wins):
 #: a copy inside the repository, then the project's shared reference folder next to the checkout.
@@ -372,4 +374,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_error(main))

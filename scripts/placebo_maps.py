@@ -18,14 +18,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from orca.config import load_config  # noqa: E402
-from orca.runs import write_json  # noqa: E402
-from rank_estimation.allocate import costs_from_model  # noqa: E402
-from rank_estimation.placebo import adapter_params, depth_only_map, shuffled_gap_map, uniform_map  # noqa: E402
-from rank_estimation.stage import RANK_MAP_FILE, body_only  # noqa: E402
+from orca.config import load_config
+from orca.errors import exit_on_error
+from orca.runs import write_json
+from rank_estimation.allocate import costs_from_model
+from rank_estimation.placebo import adapter_params, depth_only_map, shuffled_gap_map, uniform_map
+from rank_estimation.stage import RANK_MAP_FILE, body_only
 
 SHUFFLE_SEED = 0
 
@@ -62,4 +60,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))

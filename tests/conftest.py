@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -12,6 +13,9 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+# Subprocesses the tests start (python scripts/x.py, python -m orca) find this checkout's packages
+# the way scripts/_env.sh gives them to the stage scripts, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def load_script(filename: str, name: Optional[str] = None) -> ModuleType:

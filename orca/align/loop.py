@@ -5,7 +5,7 @@
     bash scripts/stage1.sh configs/darcy_swinb.yaml align.mode=source_init      # the ablation: no training
     python -m orca stage3 --config configs/darcy_swinb.yaml model.embedder_from=runs/stage1__darcy__...
 
-ORCA's recipe (SPEC.md, stage 1): source = N labelled images through the body's pretrained patch
+ORCA's recipe (stage 1): source = N labelled images through the body's pretrained patch
 embedding, token-averaged (cached, see ``orca.align.source_features``); target = the new embedder's
 outputs on the target training inputs, token-averaged; target labels = the real classes, or k-means
 clusters of the flattened targets for regression; loss = class-frequency-weighted sum over target
