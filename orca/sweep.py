@@ -4,6 +4,7 @@
     bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml               # every visible GPU, one run each
     bash scripts/sweep.sh configs/experiments/table4_darcy_otdd.yaml model.embedder_from=results/runs/stage1__...
     bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml --gpus 0 train.epochs=2   # sequential, in-process
+    bash scripts/sweep.sh configs/experiments/table3_darcy_all.yaml --pack 24      # 24 runs at a time, one body
     python -m orca.sweep configs/experiments/table1_smallgap.yaml sweep.output_dir=/tmp/runs
 
 A sweep file is an ordinary experiment config (``base:`` chain, sections, keys) plus a ``sweep:``
@@ -355,6 +356,47 @@ def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
     return failed
 
 
+def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str] = None
+                ) -> Tuple[List[Tuple[SweepRun, str]], List[SweepRun]]:
+    """Train the packable runs in packs of up to ``k`` in this process (:mod:`orca.packed`); return
+    the failed runs and the runs left to train alone (each alone run's reason is printed)."""
+    from orca.packed import PackError, plan_packs, train_pack
+
+    packs, alone_idx = plan_packs([run.cfg for run in pending], k)
+    for i, reason in alone_idx:
+        print(f"[sweep] {pending[i].name} trains alone: {reason}", flush=True)
+    alone = [pending[i] for i, _ in alone_idx]
+    failed = []
+    for members in packs:
+        pack = [pending[i] for i in members]
+        bar.set_postfix_str(f"pack of {len(pack)}: {pack[0].name} ...")
+        print(f"[sweep] pack of {len(pack)}: {', '.join(run.name for run in pack)}", flush=True)
+        for run in pack:
+            (run.run_dir / "sweep_error.log").unlink(missing_ok=True)  # from an earlier failed attempt
+        try:
+            result = train_pack([run.cfg for run in pack])
+        except PackError as err:
+            print(f"[sweep] these runs train alone: they cannot share a packed model ({err})", flush=True)
+            alone.extend(pack)
+            continue
+        except Exception:  # noqa: BLE001 - one broken pack must not stop the sweep; reported at the end
+            for run in pack:
+                (run.run_dir / "sweep_error.log").write_text(traceback.format_exc())
+                failed.append((run, str(run.run_dir / "sweep_error.log")))
+            print(f"[sweep] FAILED pack of {len(pack)}; traceback in each run's sweep_error.log", flush=True)
+            bar.update(len(pack))
+            continue
+        if timing_file:
+            with open(timing_file, "a") as fh:
+                fh.write(json.dumps({"runs": [run.name for run in pack], **result["timing"]}) + "\n")
+        for run, error in zip(pack, result["errors"]):
+            if error is not None:
+                (run.run_dir / "sweep_error.log").write_text(error + "\n")
+                failed.append((run, str(run.run_dir / "sweep_error.log")))
+        bar.update(len(pack))
+    return failed, alone
+
+
 def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callable[[SweepRun], List[str]],
               poll_s: float) -> List[Tuple[SweepRun, str]]:
     """One subprocess per slot from a shared queue; each writes ``sweep.log`` in its run directory.
@@ -428,7 +470,8 @@ def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
 
 def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Optional[int] = None,
               dry_run: bool = False, command: Callable[[SweepRun], List[str]] = stage3_command,
-              poll_s: float = 2.0, per_gpu: int = 1) -> List[Tuple[SweepRun, str]]:
+              poll_s: float = 2.0, per_gpu: int = 1, pack: int = 0,
+              pack_timing: Optional[str] = None) -> List[Tuple[SweepRun, str]]:
     """Run every pending point of a sweep; return the failed runs with the path of their log.
 
     Args:
@@ -439,6 +482,9 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         dry_run: only print each run's status and directory.
         command: the subprocess command of one run (tests substitute a cheap one).
         per_gpu: concurrent runs per GPU (small, launch-bound models leave most of a GPU idle).
+        pack: above 0, train up to ``pack`` runs at a time in this process through one shared body
+            (:mod:`orca.packed`); runs that cannot pack then run as without it.
+        pack_timing: a file to append each pack's time split to (one JSON line per pack).
         poll_s: how often the worker pool checks its subprocesses.
     """
     from tqdm.auto import tqdm
@@ -454,6 +500,8 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         return []
     if per_gpu < 1:
         raise ValueError(f"per_gpu must be >= 1, got {per_gpu}")
+    if pack < 0:
+        raise ValueError(f"pack must be >= 0, got {pack}")
     devices = visible_devices(gpus)
     if spec.gpus_per_run > 1:
         devices = gpu_slots(devices, spec.gpus_per_run, per_gpu)
@@ -464,10 +512,13 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
     if devices and pending:
         build_data_once(pending)
     with tqdm(total=len(pending), desc="sweep", unit="run", dynamic_ncols=True) as bar:
-        if not devices:
-            failed = _run_in_process(pending, bar)
-        else:
-            failed = _run_pool(pending, devices, bar, command, poll_s)
+        failed = []
+        if pack:
+            failed, pending = _run_packed(pending, pack, bar, pack_timing)
+        if pending and not devices:
+            failed += _run_in_process(pending, bar)
+        elif pending:
+            failed += _run_pool(pending, devices, bar, command, poll_s)
     return failed
 
 
@@ -486,13 +537,22 @@ def _main(argv: List[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run nothing")
     parser.add_argument("--per-gpu", type=int, default=1,
                         help="concurrent runs on each GPU (default 1; more for small, launch-bound models)")
+    parser.add_argument("--pack", type=int, default=0, metavar="K",
+                        help="train up to K runs at a time in one process through one shared frozen body "
+                             "(LoRA and head runs; others train as without it)")
+    parser.add_argument("--pack-timing", default=None, metavar="FILE",
+                        help="with --pack: append each pack's time split (setup, steps, evaluation, checkpoints) "
+                             "to FILE as one JSON line")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (or ORCA_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)
     if args.gpus is not None and args.gpus < 0:
         parser.error(f"--gpus must be >= 0, got {args.gpus}")
     if args.per_gpu < 1:
         parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
-    failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu)
+    if args.pack < 0:
+        parser.error(f"--pack must be >= 1 (or 0: off), got {args.pack}")
+    failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu,
+                       pack=args.pack, pack_timing=args.pack_timing)
     if failed:
         print(f"[sweep] {len(failed)} run(s) failed:", file=sys.stderr)
         for run, log in failed:
