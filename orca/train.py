@@ -178,7 +178,8 @@ def decode(task: TaskData, out: torch.Tensor) -> torch.Tensor:
 def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable[[], Any]], Any]] = None
                   ) -> Tuple[TaskData, ORCAModel]:
     """The task and the model stage 3 starts from: ``seed_everything(cfg.seed)`` -> ``build_task`` ->
-    ``build_model``, in that order (the one place it is written down).
+    ``build_model`` (-> the warm-up's embedder and head when ``model.warmup_from`` is set), in that
+    order (the one place it is written down; runs alone and packed runs both start here).
 
     Random initialisations (embedder, head, a body with ``model.weights=none``) draw from the RNG
     after the task is built, so this order and seed reproduce a run's initial weights W_0 exactly
@@ -193,7 +194,10 @@ def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable
     seed_everything(cfg.seed, cfg.train.deterministic)
     make_task = lambda: build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)  # noqa: E731
     task = main_first(make_task) if main_first is not None else make_task()
-    return task, build_model(cfg.model, task)
+    model = build_model(cfg.model, task)
+    if cfg.model.warmup_from:  # here, so that every way of training a run (alone or packed) starts from it
+        load_warmup(model, cfg.model.warmup_from, config_dict(cfg)["task"], cfg.seed)
+    return task, model
 
 
 def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
@@ -224,9 +228,6 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     quiet = None if main else True  # tqdm: auto on rank 0, off elsewhere
     autocast = autocast_for(cfg.train.amp, device)
     task, model = initial_model(cfg, dist_.main_first)
-    if cfg.model.warmup_from:
-        used = load_warmup(model, cfg.model.warmup_from, config_dict(cfg)["task"], cfg.seed)
-        log(f"[stage3] embedder and head from the warm-up run {used}")
     # W_0 of the body's Linears, for delta_w.json.gz at the end (rank 0; methods that train W only).
     w0 = body_linear_weights(model) if main and cfg.adapter.method in DELTA_W_METHODS else None
     if set_checkpointing(model.body, cfg.train.grad_checkpointing) is not None:

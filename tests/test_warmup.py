@@ -4,7 +4,7 @@ import torch
 
 from orca.config import load_config
 from orca.errors import OrcaError
-from orca.train import run_stage3
+from orca.train import initial_model, run_stage3
 from orca.warmup import find_warmup_run
 
 
@@ -23,6 +23,9 @@ def test_adapter_run_loads_the_matching_warmup_and_keeps_it_frozen(tiny_override
     cfg = load_config(None, tiny_overrides + [
         "adapter.method=lora", "adapter.rank=2", "seed=1", f"model.warmup_from={warm}",
         "adapter.train_embedder=false", "adapter.train_head=false", f"run_dir={tmp_path / 'lora'}"])
+    _, start = initial_model(cfg)  # where every run starts, alone or packed
+    for k, v in _parts(warm_state).items():
+        assert torch.equal(start.state_dict()[k], v), k
     run_stage3(cfg)
     after = torch.load(tmp_path / "lora" / "ckpt" / "best.pt", weights_only=True)["model"]
     for k, v in _parts(warm_state).items():
