@@ -113,7 +113,9 @@ def analyse(runs: Sequence[Mapping[str, Any]], gaps: Mapping[str, Mapping[str, f
                                  "complete": not incomplete, "knees": None, "errors": None}
         if key not in gaps:
             missing.append(f"{key}: no {primary_metric} gap profile (stage 2)")
-        if incomplete:
+        if not curve:
+            missing.append(f"{key}: knee sweep not run")
+        elif incomplete:
             missing.append(f"{key}: knee sweep incomplete ({'; '.join(incomplete)})")
         if len(curve) >= 2:
             ranks = sorted(curve)
