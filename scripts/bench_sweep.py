@@ -1,6 +1,6 @@
 """Time the knee sweep three ways on one GPU: one run at a time, K runs side by side, and packed.
 
-    PYTHONUNBUFFERED=1 python scripts/bench_sweep.py --out results/bench            # GPU, ~8 minutes
+    PYTHONUNBUFFERED=1 python scripts/bench_sweep.py --out results/bench            # GPU, <= 8 minutes
     python scripts/bench_sweep.py --smoke --out /tmp/bench                           # CPU, toy size
 
 The workload is the knee sweep of ``configs/experiments/table3_darcy_all.yaml``'s recipe on the
@@ -119,7 +119,8 @@ class GpuMonitor:
 def run_mode(name: str, sweep: Path, out: Path, flags: List[str], timeout_s: float, log_dir: Path) -> Dict[str, Any]:
     """One launcher invocation; its wall time, finished runs, GPU readings and per-run results."""
     cmd = [sys.executable, "-m", "orca.sweep", str(sweep), *flags, f"sweep.output_dir={out}"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
     print(f"[bench] {name}: {' '.join(cmd[1:])}", flush=True)
     log = open(log_dir / f"{name}.log", "w")
     t0 = time.time()
