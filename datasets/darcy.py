@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from datasets import darcy_solver
 from datasets.darcy_solver import STREAMS, darcy_stats  # noqa: F401  (re-exported)
 from datasets.errors import DataFileError
+from datasets.progress import Progress
 from datasets.registry import TaskData, register_task
 
 # Bump when a change to darcy_solver changes the samples: it is part of the cache key.
@@ -161,7 +161,7 @@ def generate_darcy(
         stream: ``"train"`` (train/val pool) or ``"test"``.
         seed, resolution, subsample, a_high, a_low, alpha, tau: see :func:`darcy_solver.generate_sample`.
         workers: processes for generation (default ``os.cpu_count()``); 1 runs in this process.
-        progress: show a tqdm bar while generating.
+        progress: report progress while generating (:class:`datasets.progress.Progress`).
         flush_every: samples between cache writes.
 
     Returns:
@@ -190,7 +190,7 @@ def generate_darcy(
     workers = min(int(workers or os.cpu_count() or 1), len(missing))
     new_c, new_s = [coeff], [sol]
     done_since_flush = 0
-    bar = tqdm(total=len(missing), desc=f"darcy {stream} {resolution}->{s}", unit="sample", disable=not progress)
+    bar = Progress(total=len(missing), desc=f"darcy {stream} {resolution}->{s}", unit="sample", enabled=progress)
 
     def consume(results) -> None:
         nonlocal done_since_flush

@@ -81,6 +81,12 @@ def build_model(model_cfg, task) -> ORCAModel:
     return model
 
 
+def task_shape(task) -> Dict[str, Any]:
+    """What :func:`build_model` needs of a task. Stage 3 saves it in its checkpoints, so that
+    ``orca export`` rebuilds the model without the task's data."""
+    return {"in_channels": int(task.in_channels), "kind": task.kind, "out_shape": [int(s) for s in task.out_shape]}
+
+
 def load_embedder(embedder: nn.Module, run_dir: str) -> None:
     """Load the aligned embedder that stage 1 saved in ``run_dir``."""
     path = Path(run_dir) / EMBEDDER_FILE

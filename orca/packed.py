@@ -36,7 +36,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from orca.adapters import build_method
-from orca.config import ExperimentConfig, config_dict, save_config
+from orca.config import ExperimentConfig, config_dict, config_yaml
+from orca.model import task_shape
 from orca.packed_model import PackError, PackedModel, Slot
 from orca.runs import RunDir, check_arch, git_info, machine_info
 from orca.train import (EpochBatchSampler, autocast_for, build_optimizer, check_finite, decode, initial_model,
@@ -304,7 +305,9 @@ class _Run:
         self.dir = RunDir.create(cfg, "stage3")
         self.error: Optional[str] = None
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best": math.inf, "best_epoch": -1,
-                      "train_time": 0.0, "train_images": 0}
+                      "train_time": 0.0, "train_images": 0,
+                      # stage 3 alone's mid-epoch sums (same checkpoint keys); a pack does not fill them yet
+                      "epoch_loss": 0.0, "epoch_time": 0.0, "epoch_images": 0}
 
     @property
     def alive(self) -> bool:
@@ -387,14 +390,17 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
             rng_cpu[i] = resume["rng_cpu"]
             if device.type == "cuda" and "rng_cuda" in resume:
                 rng_dev[i] = resume["rng_cuda"]
-            state = run.state
-            run.dir.truncate_metrics(lambda r: (r.get("kind") == "train" and r["step"] <= state["step"])
-                                     or (r.get("kind") == "epoch" and r["epoch"] <= state["epoch"]))
         gen = torch.Generator(device=device)
         gen.set_state(rng_dev[i] if device.type == "cuda" else rng_cpu[i])
         generators.append(gen)
         methods[i].on_train_start(models[i], total_steps)
-        save_config(run.cfg, run.dir.file("config.yaml"))
+        covered = dict(run.state)  # as in stage 3 alone: config and running summary once all was read
+        run.dir.begin(config_yaml(run.cfg), {
+            "stage": "stage3", "task": run.cfg.task.name, "experiment": run.cfg.name, "seed": run.cfg.seed,
+            "method": run.cfg.adapter.method, "epochs": run.cfg.train.epochs, "run_dir": str(run.dir.path)},
+            keep=None if resume is None else (
+                lambda r, c=covered: (r.get("kind") == "train" and r["step"] <= c["step"])
+                or (r.get("kind") == "epoch" and r["epoch"] <= c["epoch"])))
         log(f"[pack] run directory: {run.dir.path} ({run.cfg.adapter.method}, "
             f"{params[i]['trainable']:,} trainable parameters)")
     packed.generators[:] = generators
@@ -422,7 +428,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
                 continue
             payload = {"model": models[i].state_dict(), "optimizer": adamw.export(i),
                        "scheduler": schedulers[i].state_dict(), "state": dict(run.state), "arch": models[i].arch(),
-                       "method": methods[i].state_for_checkpoint(),
+                       "task_shape": task_shape(task), "method": methods[i].state_for_checkpoint(),
                        "rng_cpu": generators[i].get_state() if device.type == "cpu" else rng_cpu[i],
                        "config": config_dict(run.cfg)}
             if device.type == "cuda":
@@ -517,7 +523,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
                 packed.store_to_runs(models)
                 for i in improved:
                     runs[i].dir.save_checkpoint("best", {"model": models[i].state_dict(), "arch": models[i].arch(),
-                                                         "epoch": epoch + 1, f"val_{metric}": runs[i].state["best"]})
+                                                         "task_shape": task_shape(task), "epoch": epoch + 1, f"val_{metric}": runs[i].state["best"]})
                 timing["checkpoint_s"] += time.time() - tc
         for run, record in zip(runs, records):
             if run.alive:

@@ -6,6 +6,7 @@
     bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml --gpus 0 train.epochs=2   # sequential, in-process
     bash scripts/sweep.sh configs/experiments/table3_darcy_all.yaml --pack 24      # 24 runs at a time, one body
     python -m orca.sweep configs/experiments/table1_smallgap.yaml sweep.output_dir=/tmp/runs
+    bash scripts/sweep.sh configs/experiments/ranks_patches.yaml --slurm --submit   # a Slurm job array (orca/slurm.py)
 
 A sweep file is an ordinary experiment config (``base:`` chain, sections, keys) plus a ``sweep:``
 section that the experiment schema does not know, so it is taken out here and checked against
@@ -28,8 +29,8 @@ sections merge like any other section, key by key inside ``grid``, while lists (
 one-element list of it (``adapter.targets: [[...]]``).
 
 Why deterministic run directories (``lora_r8_s1``) instead of the time-stamped ones of single runs:
-a sweep restarted after a crash must find its own runs again. A run whose ``summary.json`` exists
-is done and skipped; any other run is started with ``run_dir=`` set, so stage 3 resumes it from
+a sweep restarted after a crash must find its own runs again. A run whose ``summary.json`` says
+``finished`` is done and skipped; any other run is started with ``run_dir=`` set, so stage 3 resumes it from
 ``ckpt/last.pt`` when it got that far. Each run directory also gets ``sweep.json`` (table tag, row,
 grid point), which ``scripts/make_tables.py`` groups by.
 
@@ -53,9 +54,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from datasets.progress import Progress
 from orca.errors import exit_on_error
 from orca.config import ExperimentConfig, config_dict, parse_override, read_yaml, save_config
-from orca.runs import REPO_ROOT, usable_cpus, write_json
+from orca.runs import REPO_ROOT, RunDir, usable_cpus, write_json
 from orca.schema import ConfigError, from_dict, nearest
 
 #: Methods whose result does not depend on ``adapter.rank``: their run names and table rows omit it.
@@ -138,7 +140,7 @@ class SweepRun:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
+        return RunDir(self.run_dir).finished() is not None if self.run_dir.is_dir() else False
 
     @property
     def row(self) -> str:
@@ -339,12 +341,25 @@ def prepare(run: SweepRun, sweep_file: str, cli_overrides: Sequence[str]) -> Non
     write_json(run.run_dir / "sweep.json", run.record(sweep_file, cli_overrides))
 
 
+def _mark_failed(run: SweepRun, trace: str) -> str:
+    """Write the traceback to ``sweep_error.log`` and, for a run that began, a ``failed`` summary whose reason
+    is the traceback's last line (a packed run fails inside the pack, where no stage-3 loop records it)."""
+    log = run.run_dir / "sweep_error.log"
+    log.write_text(trace)
+    rundir = RunDir(run.run_dir)
+    summary = rundir.read_summary()
+    if isinstance(summary, dict) and summary.get("status") == "running":
+        last = (trace.strip().splitlines() or ["unknown error"])[-1]
+        rundir.write_summary({**{k: v for k, v in summary.items() if k != "status"}, "reason": last}, status="failed")
+    return str(log)
+
+
 def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
     from orca.train import run_stage3
 
     failed = []
     for run in pending:
-        bar.set_postfix_str(run.name)
+        bar.set_postfix(run=run.name)
         (run.run_dir / "sweep_error.log").unlink(missing_ok=True)  # from an earlier failed attempt
         try:
             run_stage3(run.cfg)
@@ -369,7 +384,7 @@ def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str]
     failed = []
     for members in packs:
         pack = [pending[i] for i in members]
-        bar.set_postfix_str(f"pack of {len(pack)}: {pack[0].name} ...")
+        bar.set_postfix(pack=f"{len(pack)} runs: {pack[0].name} ...")
         print(f"[sweep] pack of {len(pack)}: {', '.join(run.name for run in pack)}", flush=True)
         for run in pack:
             (run.run_dir / "sweep_error.log").unlink(missing_ok=True)  # from an earlier failed attempt
@@ -381,8 +396,7 @@ def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str]
             continue
         except Exception:  # noqa: BLE001 - one broken pack must not stop the sweep; reported at the end
             for run in pack:
-                (run.run_dir / "sweep_error.log").write_text(traceback.format_exc())
-                failed.append((run, str(run.run_dir / "sweep_error.log")))
+                failed.append((run, _mark_failed(run, traceback.format_exc())))
             print(f"[sweep] FAILED pack of {len(pack)}; traceback in each run's sweep_error.log", flush=True)
             bar.update(len(pack))
             continue
@@ -391,8 +405,7 @@ def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str]
                 fh.write(json.dumps({"runs": [run.name for run in pack], **result["timing"]}) + "\n")
         for run, error in zip(pack, result["errors"]):
             if error is not None:
-                (run.run_dir / "sweep_error.log").write_text(error + "\n")
-                failed.append((run, str(run.run_dir / "sweep_error.log")))
+                failed.append((run, _mark_failed(run, error + "\n")))
         bar.update(len(pack))
     return failed, alone
 
@@ -444,7 +457,7 @@ def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callabl
 def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
     """Refuse run directories that another sweep file already wrote.
 
-    Why: completion is "summary.json exists", so two sweep files whose run names and ``sweep.table``
+    Why: completion is "summary.json says finished", so two sweep files whose run names and ``sweep.table``
     coincide (say the same grid on another task) would silently take each other's results.
 
     Raises:
@@ -471,7 +484,7 @@ def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
 def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Optional[int] = None,
               dry_run: bool = False, command: Callable[[SweepRun], List[str]] = stage3_command,
               poll_s: float = 2.0, per_gpu: int = 1, pack: int = 0,
-              pack_timing: Optional[str] = None) -> List[Tuple[SweepRun, str]]:
+              pack_timing: Optional[str] = None, only: Optional[Sequence[str]] = None) -> List[Tuple[SweepRun, str]]:
     """Run every pending point of a sweep; return the failed runs with the path of their log.
 
     Args:
@@ -486,11 +499,12 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
             (:mod:`orca.packed`); runs that cannot pack then run as without it.
         pack_timing: a file to append each pack's time split to (one JSON line per pack).
         poll_s: how often the worker pool checks its subprocesses.
+        only: run names to restrict the sweep to (a Slurm array task's share); None: all of them.
     """
-    from tqdm.auto import tqdm
-
     spec, runs = load_sweep(path, overrides)
     check_ownership(runs, str(path))
+    if only is not None:
+        runs = select_runs(runs, only, str(path))
     pending = [r for r in runs if not r.done]
     print(f"[sweep] {path}: {len(runs)} runs in {Path(spec.output_dir) / spec.table}, "
           f"{len(runs) - len(pending)} done, {len(pending)} pending", flush=True)
@@ -511,7 +525,7 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         prepare(run, str(path), overrides)
     if devices and pending:
         build_data_once(pending)
-    with tqdm(total=len(pending), desc="sweep", unit="run", dynamic_ncols=True) as bar:
+    with Progress(total=len(pending), desc="sweep", unit="run") as bar:
         failed = []
         if pack:
             failed, pending = _run_packed(pending, pack, bar, pack_timing)
@@ -520,6 +534,21 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         elif pending:
             failed += _run_pool(pending, devices, bar, command, poll_s)
     return failed
+
+
+def select_runs(runs: Sequence[SweepRun], names: Sequence[str], sweep_file: str) -> List[SweepRun]:
+    """The runs named in ``names``, in sweep order.
+
+    Raises:
+        ConfigError: a name the sweep does not have (the file changed since the array was written).
+    """
+    by_name = {run.name: run for run in runs}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise ConfigError(f"{sweep_file} has no run named {', '.join(missing)}; `bash scripts/sweep.sh {sweep_file} "
+                          f"--dry-run` lists its runs (regenerate the Slurm script after editing the sweep)")
+    wanted = set(names)
+    return [run for run in runs if run.name in wanted]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -543,6 +572,8 @@ def _main(argv: List[str]) -> int:
     parser.add_argument("--pack-timing", default=None, metavar="FILE",
                         help="with --pack: append each pack's time split (setup, steps, evaluation, checkpoints) "
                              "to FILE as one JSON line")
+    parser.add_argument("--only", default=None, metavar="NAME[,NAME...]",
+                        help="run only these runs of the sweep (a Slurm array task's share, orca/slurm.py)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (or ORCA_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)
     if args.gpus is not None and args.gpus < 0:
@@ -551,8 +582,9 @@ def _main(argv: List[str]) -> int:
         parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
     if args.pack < 0:
         parser.error(f"--pack must be >= 1 (or 0: off), got {args.pack}")
+    only = [name for name in args.only.split(",") if name] if args.only is not None else None
     failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu,
-                       pack=args.pack, pack_timing=args.pack_timing)
+                       pack=args.pack, pack_timing=args.pack_timing, only=only)
     if failed:
         print(f"[sweep] {len(failed)} run(s) failed:", file=sys.stderr)
         for run, log in failed:

@@ -103,6 +103,8 @@ def load_runs(root: Path, split: str, weights: str = "any") -> tuple:
     for summary_path in sorted(root.rglob("summary.json")) if root.is_dir() else []:
         d = summary_path.parent
         s = json.loads(summary_path.read_text())
+        if s.get("status", "finished") != "finished":  # a run still running, or one that failed: no result
+            continue
         if weights != "any" and s.get("stage") in ("stage2", "stage3") and s.get("weights") != weights:
             other_body[str(s.get("weights"))] += 1
             continue

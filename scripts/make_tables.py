@@ -125,7 +125,7 @@ def load_runs(root: Path) -> Tuple[List[Run], List[str]]:
         except json.JSONDecodeError as err:
             warnings.append(f"{summary_path}: unreadable JSON ({err}); skipped")
             continue
-        if s.get("stage") != "stage3":
+        if s.get("stage") != "stage3" or s.get("status", "finished") != "finished":  # running or failed: no result
             continue
         sweep_path = run_dir / "sweep.json"
         sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None

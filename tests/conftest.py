@@ -87,6 +87,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def tiny_overrides(tmp_path):
     """Overrides that make a whole stage-3 run take seconds on one CPU core."""
+    return tiny_overrides_under(tmp_path)
+
+
+def tiny_overrides_under(tmp_path):
+    """:func:`tiny_overrides` with outputs and data under ``tmp_path`` (for module-scoped fixtures)."""
     return [
         "name=test", f"output_dir={tmp_path / 'runs'}", f"task.data_root={tmp_path / 'data'}",
         "task.name=darcy", "task.options.resolution=41", "task.options.subsample=4",

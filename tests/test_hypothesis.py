@@ -216,7 +216,7 @@ def _synthetic_results(root: Path) -> None:
 
 
 def _script_module():
-    """scripts/hypothesis.py as a module, under a name that cannot shadow the Hypothesis testing package."""
+    """scripts/hypothesis.py as a module, under another name than the property-testing library's."""
     return load_script("hypothesis.py", "hypothesis_script")
 
 

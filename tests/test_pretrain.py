@@ -158,6 +158,10 @@ def test_time_budget_ends_the_run_with_the_learning_rate_at_zero(tmp_path, monke
 def test_time_budget_spent_before_training_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="time_budget_s=0.001 is spent before training starts"):
         pretrain.run_stage0(_budgeted_cfg(tmp_path / "runs", budget=1e-3))
+    (run_dir,) = (tmp_path / "runs").iterdir()  # the run had begun: it says it failed, and why
+    s = _summary(run_dir)
+    assert s["status"] == "failed" and s["stage"] == "stage0"
+    assert s["reason"].startswith("RuntimeError: ") and "time_budget_s=0.001 is spent before training" in s["reason"]
 
 
 # ------------------------------------------------------------------------------------------------
