@@ -405,14 +405,17 @@ def test_a_partial_sweep_is_left_out_of_the_knees_and_named(tmp_path):
         run(g.name, g.point["adapter.rank"], 0.2 / g.point["adapter.rank"] + 0.001 * g.point["seed"], g.point["seed"])
     args = ["--runs", str(runs), "--out", str(out), "--n-boot", "50", "--n-perm", "100", "--weights", "any",
             "--knee-tables", "tiny"]
+    def knee_table(report: str) -> str:  # the pre-registered design's table lists every task, run or not
+        return report.split("## (a) Knee rank per task")[1].split("## (b)")[0]
+
     report = script.main(args).read_text()
-    assert "| tones |" not in report
+    assert "| tones |" not in knee_table(report)
     assert f"tiny: 3 of 4 runs of {sweep_file} finished (missing: {grid[3].name}); left out until the sweep is " \
         "complete" in report
     last = grid[3].point
     run(grid[3].name, last["adapter.rank"], 0.2 / last["adapter.rank"] + 0.001 * last["seed"], last["seed"])
     report = script.main(args).read_text()
-    assert "| tones | 4 |" in report and "left out until" not in report
+    assert "| tones | 4 |" in knee_table(report) and "left out until" not in report
 
 
 def test_check_passes_on_a_fresh_report_and_fails_on_one_changed_byte(tmp_path):
