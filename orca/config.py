@@ -58,6 +58,7 @@ class ModelConfig:
     attention: str = field(default="auto", metadata={"help": "auto (sdpa where the body has timm's switch: Swin V1) | sdpa (F.scaled_dot_product_attention, bias and shift mask as its mask) | bmm (timm's default: explicit q k^T, softmax, . v): the same function, other kernels; sdpa is faster and smaller on GPU (results/bench/train_eager_sdpa.md)"})
     embedder_init: str = field(default="pretrained", metadata={"help": "pretrained (ORCA: tile the RGB patch embedding over C_in) | random"})
     embedder_from: Optional[str] = field(default=None, metadata={"help": "stage-1 run directory whose aligned embedder replaces the initial one"})
+    warmup_from: Optional[str] = field(default=None, metadata={"help": "stage 3: a head-only warm-up run (or a directory of them: the one with this task and seed) whose embedder and head are loaded; freeze them with adapter.train_embedder=false adapter.train_head=false (orca/warmup.py)"})
     decoder_channels: int = field(default=3, metadata={"min": 1, "help": "channels of the SimMIM-style dense decoder before the channel mean"})
 
     def __post_init__(self):

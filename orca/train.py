@@ -54,6 +54,7 @@ from orca.delta_w import DELTA_W_FILE, DELTA_W_METHODS, body_linear_weights, wri
 from orca.errors import UsageError
 from orca.runs import RunDir, check_arch, git_info, machine_info
 from orca.schema import ConfigError
+from orca.warmup import load_warmup
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -199,7 +200,8 @@ def decode(task: TaskData, out: torch.Tensor) -> torch.Tensor:
 def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable[[], Any]], Any]] = None
                   ) -> Tuple[TaskData, ORCAModel]:
     """The task and the model stage 3 starts from: ``seed_everything(cfg.seed)`` -> ``build_task`` ->
-    ``build_model``, in that order (the one place it is written down).
+    ``build_model`` (-> the warm-up's embedder and head when ``model.warmup_from`` is set), in that
+    order (the one place it is written down; runs alone and packed runs both start here).
 
     Random initialisations (embedder, head, a body with ``model.weights=none``) draw from the RNG
     after the task is built, so this order and seed reproduce a run's initial weights W_0 exactly
@@ -214,7 +216,10 @@ def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable
     seed_everything(cfg.seed, cfg.train.deterministic)
     make_task = lambda: build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)  # noqa: E731
     task = main_first(make_task) if main_first is not None else make_task()
-    return task, build_model(cfg.model, task)
+    model = build_model(cfg.model, task)
+    if cfg.model.warmup_from:  # here, so that every way of training a run (alone or packed) starts from it
+        load_warmup(model, cfg.model.warmup_from, config_dict(cfg)["task"], cfg.seed)
+    return task, model
 
 
 def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
