@@ -1,4 +1,4 @@
-"""The Darcy-flow task (SPEC.md "Darcy flow"): data from FNO's generator or FNO's .mat files.
+"""The Darcy-flow task: data from FNO's generator or FNO's .mat files.
 
 Why two sources: the published files (``piececonst_r421_N1024_smooth{1,2}.mat``) are what ORCA
 reports on, but they are 1.3 GB each and not always reachable, so ``source="generate"`` rebuilds
@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from datasets import darcy_solver
 from datasets.darcy_solver import STREAMS, darcy_stats  # noqa: F401  (re-exported)
+from datasets.errors import DataFileError
+from datasets.progress import Progress
 from datasets.registry import TaskData, register_task
 
 # Bump when a change to darcy_solver changes the samples: it is part of the cache key.
@@ -160,7 +161,7 @@ def generate_darcy(
         stream: ``"train"`` (train/val pool) or ``"test"``.
         seed, resolution, subsample, a_high, a_low, alpha, tau: see :func:`darcy_solver.generate_sample`.
         workers: processes for generation (default ``os.cpu_count()``); 1 runs in this process.
-        progress: show a tqdm bar while generating.
+        progress: report progress while generating (:class:`datasets.progress.Progress`).
         flush_every: samples between cache writes.
 
     Returns:
@@ -189,7 +190,7 @@ def generate_darcy(
     workers = min(int(workers or os.cpu_count() or 1), len(missing))
     new_c, new_s = [coeff], [sol]
     done_since_flush = 0
-    bar = tqdm(total=len(missing), desc=f"darcy {stream} {resolution}->{s}", unit="sample", disable=not progress)
+    bar = Progress(total=len(missing), desc=f"darcy {stream} {resolution}->{s}", unit="sample", enabled=progress)
 
     def consume(results) -> None:
         nonlocal done_since_flush
@@ -218,14 +219,14 @@ def generate_darcy(
 # --------------------------------------------------------------------------------------------
 # FNO .mat files
 # --------------------------------------------------------------------------------------------
-def _mat_missing_message(path: Path) -> str:
-    return (
-        f"Darcy .mat file not found: {path}. Expected one of FNO's files "
-        f"({FNO_TRAIN_FILE} for train/val, {FNO_TEST_FILE} for test) holding fields 'coeff' and 'sol' "
-        f"of shape [N, 421, 421]: get them from the FNO data release (Li et al., 2021) and place them "
-        f"under the data root or set task.options.train_file/test_file to their paths, "
-        f"or use task.options.source='generate' to build the same distribution locally."
-    )
+MAT_FIX = ("get FNO's files (Li et al., 2021) under the data root or set task.options.train_file/test_file, "
+           "or use task.options.source='generate' to build the same distribution locally")
+
+
+def _mat_missing(path: Path) -> DataFileError:
+    return DataFileError(
+        f"Darcy .mat file not found; expected one of FNO's files ({FNO_TRAIN_FILE} for train/val, "
+        f"{FNO_TEST_FILE} for test) holding fields 'coeff' and 'sol' of shape [N, 421, 421]", str(path), MAT_FIX)
 
 
 def load_darcy_mat(
@@ -235,6 +236,8 @@ def load_darcy_mat(
 
     MATLAB v7.3 files are HDF5 with every axis reversed (MATLAB is column-major), so they are read
     with h5py, strided on disk (only the needed 85x85 of each 421x421 is read) and transposed back.
+    A v5 file is read whole before its fields are checked, so a truncated file is reported as
+    truncated, not as one that lacks ``sol``.
 
     Args:
         path: the .mat file.
@@ -244,59 +247,70 @@ def load_darcy_mat(
 
     Returns:
         coeff, sol: float32 ``[n, s, s]``.
+
+    Raises:
+        DataFileError: the file is missing, not a MATLAB file, truncated, or holds other fields,
+            shapes or fewer samples than asked for (naming the path).
     """
     import h5py
     import scipy.io
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(_mat_missing_message(path))
+        raise _mat_missing(path)
     sl = slice(None, None, subsample)
     fields = {}
-    if h5py.is_hdf5(path):
-        with h5py.File(path, "r") as f:
-            names = [k for k in f.keys() if not k.startswith("#")]
-            _check_fields(path, names)
+    try:
+        if h5py.is_hdf5(path):
+            with h5py.File(path, "r") as f:
+                names = [k for k in f.keys() if not k.startswith("#")]
+                _check_fields(path, names)
+                for key in ("coeff", "sol"):
+                    shape = tuple(reversed(f[key].shape))
+                    _check_shape(path, key, shape, resolution)
+                    count = shape[0] if n is None else n
+                    _check_count(path, shape[0], count)
+                    fields[key] = np.asarray(f[key][sl, sl, :count]).transpose(2, 1, 0)
+        else:
+            data = scipy.io.loadmat(str(path), variable_names=["coeff", "sol"])
+            _check_fields(path, [name for name, _, _ in scipy.io.whosmat(str(path))])
             for key in ("coeff", "sol"):
-                shape = tuple(reversed(f[key].shape))
-                _check_shape(path, key, shape, resolution)
-                count = shape[0] if n is None else n
-                _check_count(path, shape[0], count)
-                fields[key] = np.asarray(f[key][sl, sl, :count]).transpose(2, 1, 0)
-    else:
-        names = [name for name, _, _ in scipy.io.whosmat(str(path))]
-        _check_fields(path, names)
-        data = scipy.io.loadmat(str(path), variable_names=["coeff", "sol"])
-        for key in ("coeff", "sol"):
-            _check_shape(path, key, data[key].shape, resolution)
-            count = data[key].shape[0] if n is None else n
-            _check_count(path, data[key].shape[0], count)
-            fields[key] = data[key][:count, sl, sl]
+                _check_shape(path, key, data[key].shape, resolution)
+                count = data[key].shape[0] if n is None else n
+                _check_count(path, data[key].shape[0], count)
+                fields[key] = data[key][:count, sl, sl]
+    except DataFileError:
+        raise
+    except (OSError, ValueError, IndexError, EOFError, KeyError, TypeError) as err:  # what scipy/h5py raise on bad bytes
+        raise DataFileError(f"cannot read the Darcy .mat file, it is truncated or not a MATLAB file "
+                            f"({type(err).__name__}: {str(err)[:120]})", str(path), MAT_FIX) from err
     if fields["coeff"].shape != fields["sol"].shape:
-        raise ValueError(f"{path}: 'coeff' {fields['coeff'].shape} and 'sol' {fields['sol'].shape} differ in shape")
+        raise DataFileError(f"'coeff' {fields['coeff'].shape} and 'sol' {fields['sol'].shape} differ in shape",
+                            str(path), MAT_FIX)
     return tuple(np.ascontiguousarray(fields[k], dtype=np.float32) for k in ("coeff", "sol"))
 
 
 def _check_fields(path: Path, names) -> None:
     absent = [k for k in ("coeff", "sol") if k not in names]
     if absent:
-        raise ValueError(
-            f"{path} has no field {' or '.join(map(repr, absent))}; its fields are {sorted(names)}. "
-            f"An FNO Darcy file holds 'coeff' and 'sol' [N, 421, 421]."
+        raise DataFileError(
+            f"no field {' or '.join(map(repr, absent))}; its fields are {sorted(names)}", str(path),
+            "an FNO Darcy file holds 'coeff' and 'sol' [N, 421, 421]",
         )
 
 
 def _check_shape(path: Path, key: str, shape, resolution: int) -> None:
     if len(shape) != 3 or tuple(shape[1:]) != (resolution, resolution):
-        raise ValueError(
-            f"{path}: field {key!r} has shape {tuple(shape)}, expected [N, {resolution}, {resolution}] "
-            f"(set task.options.resolution to the file's grid size)"
+        raise DataFileError(
+            f"field {key!r} has shape {tuple(shape)}, expected [N, {resolution}, {resolution}]", str(path),
+            "set task.options.resolution to the file's grid size",
         )
 
 
 def _check_count(path: Path, available: int, wanted: int) -> None:
     if wanted > available:
-        raise ValueError(f"{path} holds {available} samples but {wanted} were requested")
+        raise DataFileError(f"the file holds {available} samples but {wanted} were requested", str(path),
+                            "ask for fewer samples (task.options.n_train, n_val, n_test)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,11 +531,10 @@ def load_darcy_splits(opts: DarcyOptions, data_root: PathLike, progress: bool = 
         train_path = _resolve(data_root, opts.train_file)
         coeff, sol = load_darcy_mat(train_path, None, opts.resolution, opts.subsample)
         if len(coeff) < n_pool:
-            raise ValueError(
-                f"{train_path} holds {len(coeff)} samples but n_train + n_val = "
-                f"{opts.n_train} + {opts.n_val} = {n_pool}; "
-                f"validation is carved after the training samples of this file, never from the test file: "
-                f"lower n_val (<= {max(len(coeff) - opts.n_train, 0)}) or n_train"
+            raise DataFileError(
+                f"the file holds {len(coeff)} samples but n_train + n_val = {opts.n_train} + {opts.n_val} = {n_pool} "
+                f"(validation is carved after the training samples of this file, never from the test file)",
+                str(train_path), f"lower n_val (<= {max(len(coeff) - opts.n_train, 0)}) or n_train",
             )
         coeff, sol = coeff[:n_pool], sol[:n_pool]
         test = load_darcy_mat(_resolve(data_root, opts.test_file), opts.n_test, opts.resolution, opts.subsample)

@@ -2,7 +2,7 @@
 
 Why a transcription and not a "clean" solver: ORCA's and FNO's numbers are on the published
 arrays, so our samples must come from the same distribution, including two details that look
-like accidents but move u by more than ORCA's whole error (SPEC.md, reference/darcy_stats.json):
+like accidents but move u by more than ORCA's whole error (results/reference/darcy_stats.json):
 
 * the data live on **cell centres** ``(i + 1/2) / K`` while the PDE is solved on **nodes**
   ``linspace(0, 1, K)``; both moves are not-a-knot cubic splines (MATLAB ``interp2(..., 'spline')``),

@@ -1,6 +1,6 @@
 """P(r | D): per-layer LoRA ranks as row sums of an IBP feature matrix, sampled as a real posterior.
 
-Design (the one of ``shared/IBP_RANK.md``, with an uncollapsed sampler chosen for speed):
+Design (with an uncollapsed sampler, chosen for speed):
 
 * Customers are the N adapted Linear layers, dishes are rank-1 components, Z in {0,1}^(N x K) and
   layer i's rank is its row sum r_i = sum_k z_ik.
@@ -15,7 +15,7 @@ Design (the one of ``shared/IBP_RANK.md``, with an uncollapsed sampler chosen fo
   (:func:`finite_prior_moments`).
 * Rank support: r_i is restricted to [r_min, r_max] (the prior conditioned on the ranks a rank map
   may use), so posterior means are already valid ranks and the budget equation uses them unclipped.
-* Likelihood: the gap carries the rank information through the power law of IBP_RANK.md,
+* Likelihood: the gap carries the rank information through a power law,
       log D_i ~ Normal(log beta + gamma * log(1 + r_i), sigma^2),
   gamma = 1 meaning "rank proportional to gap". It depends on Z only through r_i, which is what
   makes every z_ik update O(1). beta is the budget knob: larger beta, smaller ranks; it is set by

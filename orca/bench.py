@@ -185,7 +185,8 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, dtype: torch.dtype =
     """Measured dense matmul throughput (TFLOP/s) of an ``n``-cubed product: the MFU denominator.
 
     Measured rather than taken from a datasheet, because clocks, power caps and the torch/cuBLAS
-    build decide what this GPU reaches (SPEC.md: 789 TFLOP/s bf16 on the H100 in use).
+    build decide what this GPU reaches (704-793 TFLOP/s bf16 from run to run on the H100s and
+    H200s behind results/bench/).
     """
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

@@ -14,8 +14,12 @@ from typing import Any, Dict, Optional
 
 import timm
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from orca.errors import READ_ERRORS, OrcaError, reading
 
 ATTENTION_KINDS = ("auto", "sdpa", "bmm")  # auto: sdpa where timm's Swin offers it (V1), else the body's own
 # The kernels sdpa may take for window attention: every one but cuDNN's. With Swin's float mask PyTorch
@@ -31,8 +35,8 @@ BODY_META_KEY = "orca_body"  # safetensors metadata key holding {"model": name, 
 REGULARISATION_KWARGS = ("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 
 
-class WeightsError(RuntimeError):
-    """A body's weights could not be found or do not fit the configured variant."""
+class WeightsError(OrcaError, RuntimeError):
+    """A body's weights could not be found, read, or do not fit the configured variant."""
 
 
 def create_body(name: str, weights: str = "none", hub_tag: str = "ms_in22k", weights_file: Optional[str] = None,
@@ -157,14 +161,12 @@ def _to_timm_layout(state: Dict[str, torch.Tensor], body: torch.nn.Module) -> Di
 
 def load_state_file(file: Path) -> Dict[str, torch.Tensor]:
     """Read a state dict from safetensors or a torch file without unpickling arbitrary objects."""
+    fix = "re-export it, or re-download it if it came from elsewhere"
     if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file))
-    try:
+        with reading(file, "a safetensors weights file", fix, READ_ERRORS + (SafetensorError,)):
+            return load_file(str(file))
+    with reading(file, "a torch weights file", fix):
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except RuntimeError as err:
-        raise WeightsError(f"could not read {file}: {err}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -175,17 +177,15 @@ def read_body_meta(file: Path) -> Optional[Dict[str, Any]]:
     """The ``{"model", "kwargs"}`` record stage 0 writes into a safetensors header (None if absent)."""
     if file.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        meta = handle.metadata() or {}
-    return json.loads(meta[BODY_META_KEY]) if BODY_META_KEY in meta else None
+    with reading(file, "a safetensors weights file", "re-export it (python -m orca.pretrain export)",
+                 READ_ERRORS + (SafetensorError,)):
+        with safe_open(str(file), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        return json.loads(meta[BODY_META_KEY]) if BODY_META_KEY in meta else None
 
 
 def save_body(body: nn.Module, name: str, kwargs: Dict[str, Any], path: str) -> None:
     """Save body weights as safetensors with the exact timm config in the header (stage 0)."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items() if not k.startswith("head.")}
     meta = {BODY_META_KEY: json.dumps({"model": name, "kwargs": {k: _plain(v) for k, v in kwargs.items()}})}
     tmp = f"{path}.tmp"

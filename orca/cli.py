@@ -5,6 +5,11 @@
     python -m orca list tasks|adapters|objectives|gaps
     python -m orca show-config --config configs/darcy_swinb.yaml adapter.method=lora
     python -m orca data --config configs/darcy_swinb.yaml task.options.workers=16   # build/cache the data only
+    python -m orca export runs/stage3__darcy__... --format peft|merged|adapter [--out DIR] [--checkpoint last]
+
+A mistake in the command, a config or an input file ends in one line ``error: <what>, <where>,
+<what to do>`` (exit 2 for usage and config, 1 at run time); ``--debug`` or ORCA_DEBUG=1 adds the
+traceback.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from orca.errors import UsageError, exit_on_error
 
 STAGES = {
     "stage0": ("orca.pretrain", "run_stage0"),
@@ -37,14 +44,39 @@ def _registries():
     return regs
 
 
+def export_main(argv: List[str]) -> int:
+    """``python -m orca export RUN_DIR ...`` (orca/export.py)."""
+    from orca.export import CHECKPOINTS, FORMATS, describe, export_run
+
+    parser = argparse.ArgumentParser(prog="python -m orca export",
+                                     description="Export a stage-3 run's weights (orca/export.py).")
+    parser.add_argument("run_dir", help="a stage-3 run directory")
+    parser.add_argument("--format", required=True, help=f"{' | '.join(FORMATS)}")
+    parser.add_argument("--out", help="output directory (default RUN_DIR/export/FORMAT-CHECKPOINT)")
+    parser.add_argument("--checkpoint", default="best", help=f"{' | '.join(CHECKPOINTS)} (default best: the tested weights)")
+    args = parser.parse_args(argv)
+    out = export_run(args.run_dir, args.format, args.out, args.checkpoint)
+    print(f"[export] {args.format} export of {args.run_dir} ({args.checkpoint} checkpoint): {out} ({describe(out)})")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``orca`` command: :func:`run_command` with user failures as one ``error:`` line and exit status."""
+    return exit_on_error(run_command, argv)
+
+
+def run_command(argv: List[str]) -> int:
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m orca", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*STAGES, "list", "show-config", "data"])
+    parser.add_argument("command", choices=[*STAGES, "list", "show-config", "data", "export"])
     parser.add_argument("what", nargs="*", help="for stages, data and show-config: dotted overrides (train.lr=3e-4); "
                                                  "for list: tasks | adapters | objectives | gaps")
     parser.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml)")
     parser.add_argument("--resume", help="run directory to continue (its config.yaml is used)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error too (or set ORCA_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)
 
     if args.command == "list":
@@ -56,18 +88,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from orca.config import load_config, save_config
-    from orca.schema import ConfigError
 
     if args.resume and args.config:
         parser.error("--resume uses the run directory's config.yaml; do not pass --config too")
-    try:  # a bad key or a missing file is the user's input: one clear line, no traceback
-        if args.resume:
-            cfg = load_config(str(Path(args.resume) / "config.yaml"), [*args.what, f"run_dir={args.resume}"])
-        else:
-            cfg = load_config(args.config, args.what)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.resume:
+        if not (Path(args.resume) / "config.yaml").is_file():
+            raise UsageError("--resume needs a run directory holding config.yaml", args.resume,
+                             "pass a directory under runs/ that a stage created")
+        cfg = load_config(str(Path(args.resume) / "config.yaml"), [*args.what, f"run_dir={args.resume}"])
+    else:
+        cfg = load_config(args.config, args.what)
     if args.command == "show-config":
         save_config(cfg, "/dev/stdout")
         return 0

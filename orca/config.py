@@ -71,7 +71,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Stage-3 optimisation (defaults: ORCA's Darcy recipe, SPEC.md)."""
+    """Stage-3 optimisation (defaults: ORCA's Darcy recipe)."""
 
     optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd | paged_adamw (QLoRA)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
@@ -141,31 +141,64 @@ class ExperimentConfig:
 
 
 def parse_override(text: str) -> Tuple[List[str], Any]:
-    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); the value is parsed as YAML."""
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); the value is parsed as YAML.
+
+    Raises:
+        ConfigError: no ``=``, an empty key part, or a value that is not valid YAML (naming the key).
+    """
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=3e-4)")
+        raise ConfigError(f"override {text!r} has no '='", "the command line", "write section.key=value (e.g. train.lr=3e-4)")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""  # "3e-4" stays a str; float fields coerce it
+        raise ConfigError(f"override {text!r} has an empty key", "the command line", "write section.key=value (e.g. train.lr=3e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""  # "3e-4" stays a str; float fields coerce it
+    except yaml.YAMLError as err:
+        raise ConfigError(f"the value {raw!r} is not valid YAML ({_yaml_problem(err)})", key,
+                          "quote the value or close its brackets (e.g. train.betas=[0.9,0.98])") from None
     return key.split("."), value
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's complaint without its multi-line excerpt: 'expected ..., line 3 column 5'."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark else str(problem)
+
+
 def read_yaml(path: str | os.PathLike, _seen: Optional[set] = None) -> Dict[str, Any]:
-    """Load a YAML config, following ``base:`` links (relative to the file) and merging on top."""
+    """Load a YAML config, following ``base:`` links (relative to the file) and merging on top.
+
+    An empty file (or one holding only comments) is an error rather than "all defaults": a config
+    that says nothing is far more often a truncated or wrong file than a wish for the defaults,
+    which ``python -m orca stage3`` without ``--config`` already gives.
+
+    Raises:
+        ConfigError: the file is missing, empty, not UTF-8, not valid YAML, not a mapping, or its
+            ``base:`` chain is circular; the message names the file.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path} (configs live in configs/; see README)")
+        raise ConfigError("config file not found", str(path), "configs live in configs/ (see README)")
     seen = _seen or set()
     if path.resolve() in seen:
-        raise ConfigError(f"config {path}: circular 'base:' chain")
+        raise ConfigError("circular 'base:' chain", str(path), "make the chain end in a file without base:")
     seen.add(path.resolve())
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        problem = _yaml_problem(err) if isinstance(err, yaml.YAMLError) else "not UTF-8 text"
+        raise ConfigError(f"config is not valid YAML ({problem})", str(path), "fix the file (configs/*.yaml show the format)") from None
+    if data is None:
+        raise ConfigError("config file is empty", str(path), "write at least one key, or leave --config out for the defaults")
     if not isinstance(data, dict):
-        raise ConfigError(f"config {path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config's top level must be a mapping of keys, got {type(data).__name__}", str(path),
+                          "write section: / key: value lines (configs/*.yaml show the format)")
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"'base:' must name another YAML file, got {base!r}", str(path), "write base: other.yaml")
     merged = read_yaml(path.parent / base, seen)
     deep_update(merged, data)
     return merged
@@ -185,27 +218,34 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ex
     """Defaults < YAML at ``path`` (with its ``base:`` chain) < dotted ``overrides``; then validate.
 
     Raises:
-        ConfigError: unknown or misspelt key (naming the nearest valid one), bad value.
-        FileNotFoundError: ``path`` does not exist.
+        ConfigError: unknown or misspelt key (naming the nearest valid one), bad value, a missing,
+            empty or malformed file.
     """
     data: Dict[str, Any] = read_yaml(path) if path else {}
     for text in overrides:
         keys, value = parse_override(text)
         node = data
-        for part in keys[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
-            node = child
+        for depth, part in enumerate(keys[:-1]):
+            if node.get(part) is None:  # absent, or an empty "section:" in the YAML
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {text!r} sets a key inside a value that is not a section",
+                                  ".".join(keys[:depth + 1]), "set that key itself or drop the override")
+            node = node[part]
         node[keys[-1]] = value
     if isinstance(data.get("task"), dict) and "name" in data["task"] and "options" not in data["task"]:
         data["task"]["options"] = {}
     return from_dict(ExperimentConfig, data)
 
 
+def config_yaml(cfg: ExperimentConfig) -> str:
+    """The fully resolved config as YAML text (what ``config.yaml`` holds)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
     """Write the fully resolved config as YAML (the run directory's ``config.yaml``)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
 
 
 def config_dict(cfg: ExperimentConfig) -> Dict[str, Any]:

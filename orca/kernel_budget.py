@@ -1,6 +1,6 @@
 """How fast could an adapter step be? A ceiling from one measured kernel profile.
 
-Why: issue 7 asks our LoRA r = 8 for >= 1.3x full fine-tuning's img/s. A LoRA step does ~2/3 of
+Why: is LoRA r = 8 at >= 1.3x full fine-tuning's img/s within reach? A LoRA step does ~2/3 of
 full fine-tuning's FLOPs (no weight gradients), but only part of a step is GEMM time: the rest
 (attention, LayerNorm, GELU, residual adds, window shifts) must run for LoRA too, since every
 layer's adapter needs the gradient that flows through it. Whether a target ratio is reachable at
@@ -28,8 +28,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
+from orca.errors import OrcaError
 
-class BudgetInputError(ValueError):
+
+class BudgetInputError(OrcaError, ValueError):
     """The profile and the benchmark cannot be read together (wrong files, a CPU-only profile, a
     configuration missing from one of them)."""
 

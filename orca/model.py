@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any, Dict
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from orca.bodies import create_body, set_attention
 from orca.embedders import ConvEmbedder2d
+from orca.errors import READ_ERRORS, OrcaError, UsageError, reading
 from orca.heads import ClassificationHead, DenseDecoderHead
 
 EMBEDDER_FILE = "embedder.safetensors"  # what stage 1 writes into its run directory
@@ -78,20 +81,27 @@ def build_model(model_cfg, task) -> ORCAModel:
     return model
 
 
+def task_shape(task) -> Dict[str, Any]:
+    """What :func:`build_model` needs of a task. Stage 3 saves it in its checkpoints, so that
+    ``orca export`` rebuilds the model without the task's data."""
+    return {"in_channels": int(task.in_channels), "kind": task.kind, "out_shape": [int(s) for s in task.out_shape]}
+
+
 def load_embedder(embedder: nn.Module, run_dir: str) -> None:
     """Load the aligned embedder that stage 1 saved in ``run_dir``."""
-    from safetensors.torch import load_file
-
     path = Path(run_dir) / EMBEDDER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"model.embedder_from={run_dir!r}: no {EMBEDDER_FILE} there; "
-                                f"point it at a finished stage-1 run directory")
-    state = load_file(str(path))
+        raise UsageError(f"model.embedder_from: no {EMBEDDER_FILE} there", str(run_dir),
+                         "point it at a finished stage-1 run directory")
+    with reading(path, "the stage-1 embedder", "rerun stage 1, or point model.embedder_from at another run",
+                 READ_ERRORS + (SafetensorError,)):
+        state = load_file(str(path))
     own = embedder.state_dict()
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
     if bad:
-        raise ValueError(f"stage-1 embedder in {run_dir} does not fit this model ({bad[0]}: "
-                         f"{list(state[bad[0]].shape) if bad[0] in state else 'missing'} vs {list(own[bad[0]].shape)})")
+        raise OrcaError(f"the stage-1 embedder does not fit this model ({bad[0]}: "
+                        f"{list(state[bad[0]].shape) if bad[0] in state else 'missing'} vs {list(own[bad[0]].shape)})",
+                        str(path), "align with the same task, body and img_size, or drop model.embedder_from")
     embedder.load_state_dict(state)
 
 

@@ -39,12 +39,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from datasets.images import normalize_uint8, random_resized_crop_flip
+from datasets.progress import Progress, interval_s
 from datasets.registry import TaskData, build_task
 from orca.bodies import create_body, read_body_meta, save_body
-from orca.config import ExperimentConfig, save_config
+from orca.config import ExperimentConfig, config_yaml
+from orca.errors import OrcaError, UsageError, exit_on_error
 from orca.model import body_from_config
 from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, write_json
 from orca.schema import ConfigError
@@ -58,7 +59,6 @@ LOG_FILE = "stage0.log"
 SCHEDULE_TICKS = 10_000  # resolution of the progress-based learning-rate schedule
 GPU_RENDER_BATCH = 512  # instances per chaos-game batch on CUDA (~1.5 GB at 224 px, 100k points)
 MAX_DATA_FRACTION = 0.6  # of free GPU memory the resident image set may take (the rest trains)
-PRINT_EVERY_S = 30.0  # progress lines in the log
 
 
 class StageLog:
@@ -118,7 +118,7 @@ def load_split(dataset, device: torch.device, workers: int, log: StageLog, name:
                                f"{MAX_DATA_FRACTION:.0%} of the {free / 2**30:.1f} GiB free; lower "
                                f"task.options.train_per_class or num_classes, or model/task image_size")
     t = time.time()
-    with tqdm(total=n, desc=f"render {name}", unit="img", dynamic_ncols=True, disable=None) as bar:
+    with Progress(total=n, desc=f"render {name}", unit="img") as bar:
         images, labels = dataset.render_uint8(
             range(n), device=device, batch_size=GPU_RENDER_BATCH if device.type == "cuda" else None,
             workers=workers, progress=bar.update)
@@ -164,11 +164,23 @@ def check_stage0_inputs(cfg: ExperimentConfig, task: TaskData) -> Tuple[int, Opt
 def run_stage0(cfg: ExperimentConfig) -> RunDir:
     """Pretrain ``cfg.model.body`` on ``cfg.task`` and save ``body.safetensors``; return the run directory.
 
+    A run that stops on an error after its directory began says so in ``summary.json`` (``status: failed``).
+
     Raises:
         ConfigError: a non-classification task, fewer than 2 classes, a bad time budget.
         WeightsError: ``model.weights=file`` with a missing file or one of another Swin variant.
         RuntimeError: the time budget is spent before training starts; the data does not fit the GPU.
     """
+    began: Dict[str, Any] = {}  # filled once the run directory has begun
+    try:
+        return _run_stage0(cfg, began)
+    except BaseException as err:
+        if began:
+            began["run"].record_failure(err, began["facts"])
+        raise
+
+
+def _run_stage0(cfg: ExperimentConfig, began: Dict[str, Any]) -> RunDir:
     t0 = time.time()
     seed_everything(cfg.seed, cfg.train.deterministic)
     device = resolve_device(cfg.train.device)
@@ -185,7 +197,10 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
     trained.to(device)
 
     run = RunDir.create(cfg, "stage0")
-    save_config(cfg, run.file("config.yaml"))
+    facts = {"stage": "stage0", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed,
+             "body": cfg.model.body, "run_dir": str(run.path)}
+    run.begin(config_yaml(cfg), facts)
+    began.update(run=run, facts=facts)
     log = StageLog(run.file(LOG_FILE))
     n_params = sum(p.numel() for n, p in body.named_parameters() if not n.startswith("head."))
     log(f"run directory: {run.path}")
@@ -289,8 +304,9 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
 
     state = {"step": 0, "images": 0, "epochs": 0.0, "eval_time": 0.0}
     stop, done, last_loss, history = "epochs", False, float("nan"), []
-    bar = tqdm(total=100, desc="stage0", unit="%", dynamic_ncols=True, disable=None,
-               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    # a bar on a terminal; the progress lines are the log's own (every ORCA_PROGRESS_S, also in LOG_FILE)
+    bar = Progress(total=100, desc="stage0", unit="%", lines=False)
+    every_s = interval_s()
     t_log, img_log, t_print = time.time(), 0, time.time()
     for epoch in range(cfg.train.epochs):
         body.train()
@@ -334,9 +350,9 @@ def run_stage0(cfg: ExperimentConfig) -> RunDir:
                              "images_seen": state["images"], "train/loss": last_loss, **terms, "train/lr": lr,
                              "train/img_per_s": rate, "elapsed_s": now - t0})
             p = min(1.0, progress(state["step"]))
-            bar.n = round(100 * p, 1)
+            bar.update(round(100 * p, 1) - bar.n)
             bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", ep=f"{state['epochs']:.2f}")
-            if now - t_print >= PRINT_EVERY_S:  # the log file's progress (tqdm is off without a terminal)
+            if every_s and now - t_print >= every_s:  # the log's progress lines
                 t_print = now
                 log(f"{100 * p:.0f}%: step {state['step']}, epoch {state['epochs']:.2f}, loss {last_loss:.4f}"
                     + "".join(f" ({k.split('/')[1]} {v:.4f})" for k, v in terms.items()) + ", "
@@ -409,7 +425,8 @@ def load_saved_body(path: Path) -> torch.nn.Module:
     """The body in ``path`` rebuilt from the timm config in its header, as stages 1-3 load it."""
     meta = read_body_meta(Path(path))
     if meta is None:
-        raise ValueError(f"{path} has no orca_body header; it was not written by stage 0 (save_body)")
+        raise OrcaError("the weights file has no orca_body header", str(path),
+                        "give a body.safetensors written by stage 0 (python -m orca stage0)")
     kwargs = dict(meta["kwargs"])
     img_size = kwargs.pop("img_size", 224)
     return create_body(meta["model"], weights="file", weights_file=str(path), img_size=img_size, **kwargs)
@@ -430,7 +447,7 @@ def export_checkpoint(run_dir: str, dest: str) -> Path:
     """Copy a finished run's body to ``dest`` (e.g. results/checkpoints/), check it loads, note it in the summary."""
     src = Path(run_dir) / BODY_FILE
     if not src.is_file():
-        raise FileNotFoundError(f"{src} not found: {run_dir} is not a finished stage-0 run directory")
+        raise UsageError(f"no {BODY_FILE} in the run directory", run_dir, "give a finished stage-0 run directory")
     out = Path(dest)
     atomic_write_bytes(out, lambda tmp: shutil.copyfile(src, tmp))
     verify_body_file(out)
@@ -445,6 +462,11 @@ def export_checkpoint(run_dir: str, dest: str) -> Path:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m orca.pretrain export``: a user mistake ends in one ``error:`` line, not a traceback."""
+    return exit_on_error(_main, argv)
+
+
+def _main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m orca.pretrain", description="stage-0 checkpoint tools")
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="copy RUN_DIR/body.safetensors to DEST and check that it loads")

@@ -4,7 +4,8 @@ Layout of one run (``runs/{stage}__{task}__{name}__s{seed}__{time}/``)::
 
     config.yaml      the fully resolved config (repeat the run from this file alone)
     metrics.jsonl    one JSON object per epoch / evaluation, appended as the run goes
-    summary.json     final facts: git commit, machine, wall time, img/s, parameters, metrics
+    summary.json     ``status``: ``running`` (with host and pid), ``failed`` (with the reason), or
+                     ``finished`` with the final facts: git commit, machine, wall time, img/s, metrics
     tb/              TensorBoard scalars
     ckpt/last.pt     resume point (atomic write, loads with weights_only=True)
     ckpt/best.pt     best-by-validation weights
@@ -12,25 +13,35 @@ Layout of one run (``runs/{stage}__{task}__{name}__s{seed}__{time}/``)::
 Checkpoints are written to a temporary file and renamed, so a run killed while saving keeps its
 previous checkpoint; they are read with ``torch.load(weights_only=True)``, so loading a file never
 executes pickled code.
+
+Nothing earlier is lost when a run cannot start: a stage first reads and checks everything it resumes
+from, then writes its start (``config.yaml`` and the ``running`` summary) in one step
+(:meth:`RunDir.begin`: every file is written to a temporary, and only when all were written are they
+renamed into place); rows of ``metrics.jsonl`` that a resume supersedes are dropped only when the first
+new row is written. A temporary file left by a killed write is removed when the next run starts there.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
+
+from orca.errors import OrcaError, reading
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(OrcaError, ValueError):
     """A checkpoint was saved from a model with other parameter names or shapes."""
 
 
@@ -38,8 +49,8 @@ def git_info() -> Dict[str, Any]:
     """Commit and dirty flag of the code that runs (``unknown`` outside a git checkout).
 
     ``ORCA_GIT_COMMIT`` overrides both (dirty = False): for machines that receive a copy of a clean,
-    committed tree without its current history (a lent GPU machine), where ``git`` would report
-    whatever stale ``.git`` happens to be there.
+    committed tree without its current history (e.g. a GPU machine sent only the working tree),
+    where ``git`` would report whatever stale ``.git`` happens to be there.
     """
     if os.environ.get("ORCA_GIT_COMMIT"):
         return {"commit": os.environ["ORCA_GIT_COMMIT"], "dirty": False, "source": "ORCA_GIT_COMMIT"}
@@ -75,16 +86,56 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
+_TEMP = re.compile(r"\..+\.tmp(\d+)")
+
+
+def _temp_of(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old or the new file, never half."""
+    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old or the new file, never half.
+
+    A failed write (a full disk, an exception in ``write``) removes the temporary and leaves ``path`` as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temp_of(path)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_together(files: Dict[Path, bytes]) -> None:
+    """Write several files so that either all of them change or none does (short of a crash between renames).
+
+    Every temporary is written first; only when all were written are they renamed into place. A failed
+    write removes the temporaries and leaves every file as it was.
+    """
+    temps = {path: _temp_of(path) for path in files}
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps[path].write_bytes(data)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps.values():
+            if tmp.exists():
+                tmp.unlink()
+
+
+def remove_stale_temps(directory: Path) -> List[Path]:
+    """Delete temporaries that a killed write left in ``directory`` and its subdirectories (other processes')."""
+    removed = []
+    for path in Path(directory).rglob(".*.tmp*"):
+        m = _TEMP.fullmatch(path.name)
+        if m and int(m.group(1)) != os.getpid() and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def save_png(fig, path: Path) -> None:
@@ -96,9 +147,13 @@ def save_png(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, default=_jsonable) + "\n").encode()
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomically write ``data`` as indented JSON."""
-    atomic_write_bytes(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=_jsonable) + "\n"))
+    atomic_write_bytes(Path(path), lambda tmp: Path(tmp).write_bytes(_json_bytes(data)))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -109,6 +164,12 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def is_finished(summary: Any) -> bool:
+    """Whether a ``summary.json``'s content is that of a finished run (not ``running`` nor ``failed``;
+    summaries from before ``status`` existed were written only by finished runs)."""
+    return isinstance(summary, dict) and summary.get("status", "finished") == "finished"
 
 
 class RunDir:
@@ -122,6 +183,7 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._tb = None
+        self._keep: Optional[Callable[[Dict[str, Any]], bool]] = None  # a resume's pending metrics filter
 
     @classmethod
     def create(cls, cfg, stage: str) -> "RunDir":
@@ -144,23 +206,90 @@ class RunDir:
         return self.path / name
 
     def log_metrics(self, record: Dict[str, Any]) -> None:
-        """Append one JSON line to ``metrics.jsonl`` and mirror numeric values to TensorBoard."""
-        with open(self.path / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record, default=_jsonable) + "\n")
+        """Append one JSON line to ``metrics.jsonl`` and mirror numeric values to TensorBoard.
+
+        After :meth:`begin` with ``keep``, the first call rewrites the file without the rows that
+        ``keep`` rejects (the rows a resume supersedes), with ``record`` appended, in one atomic write.
+        """
+        line = json.dumps(record, default=_jsonable) + "\n"
+        if self._keep is not None:
+            rows = "".join(json.dumps(r, default=_jsonable) + "\n" for r in self.read_metrics() if self._keep(r))
+            atomic_write_bytes(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(rows + line))
+            self._keep = None
+        else:
+            with open(self.path / "metrics.jsonl", "a") as fh:
+                fh.write(line)
         step = record.get("step", record.get("epoch", 0))
         for key, value in record.items():
             if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.scalar(key, value, step)
 
     def read_metrics(self) -> list:
+        """The rows of ``metrics.jsonl``; a last line cut short (a run killed while appending it) is skipped."""
         path = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        if not path.exists():
+            return []
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            with reading(path, "the metrics log", "repair or delete the damaged line (one JSON object per line)"):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:
+                        raise
+        return rows
 
-    def truncate_metrics(self, keep) -> None:
-        """Keep only metric records for which ``keep(record)`` is true (resume drops rows after the checkpoint)."""
-        rows = [r for r in self.read_metrics() if keep(r)]
-        atomic_write_bytes(self.path / "metrics.jsonl",
-                           lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    def begin(self, config_text: str, facts: Dict[str, Any], keep: Optional[Callable[[Dict[str, Any]], bool]] = None) -> None:
+        """Start (or resume) the run: ``config.yaml`` and a ``running`` summary, written together.
+
+        Call it once everything the run resumes from was read and checked: a run that fails before
+        leaves the directory as it was. It also removes temporaries left by a killed write.
+
+        Args:
+            config_text: the resolved config's YAML (the file is rewritten only when it differs).
+            facts: what the running summary says besides ``status``, host and pid.
+            keep: for a resume, which existing ``metrics.jsonl`` rows stay (those the checkpoint
+                covers); the others are dropped by the first :meth:`log_metrics`, not now.
+        """
+        files = {self.path / "summary.json": _json_bytes({"status": "running", **facts, "host": socket.gethostname(),
+                                                          "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})}
+        config = self.path / "config.yaml"
+        if not config.is_file() or config.read_text() != config_text:
+            files[config] = config_text.encode()
+        write_together(files)
+        remove_stale_temps(self.path)
+        self._keep = keep
+
+    def read_summary(self) -> Optional[Dict[str, Any]]:
+        """``summary.json`` (None if absent or unreadable)."""
+        try:
+            return json.loads((self.path / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def finished(self) -> Optional[Dict[str, Any]]:
+        """The summary of a finished run in this directory, else None."""
+        summary = self.read_summary()
+        return summary if is_finished(summary) else None
+
+    @contextlib.contextmanager
+    def failure_recorded(self, facts: Dict[str, Any]) -> Iterator[None]:
+        """An exception escaping the block writes the ``failed`` summary (:meth:`record_failure`), then propagates."""
+        try:
+            yield
+        except BaseException as err:
+            self.record_failure(err, facts)
+            raise
+
+    def record_failure(self, err: BaseException, facts: Dict[str, Any]) -> None:
+        """Best effort ``summary.json`` with ``status: failed`` and the reason; never raises (the disk may be full)."""
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        try:
+            self.write_summary({**facts, "reason": reason, "host": socket.gethostname(), "pid": os.getpid()},
+                               status="failed")
+        except Exception:  # noqa: BLE001 - the original error is what the user must see
+            pass
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """TensorBoard scalar (the writer is created lazily, so runs that never log make no tb/)."""
@@ -170,8 +299,9 @@ class RunDir:
             self._tb = SummaryWriter(str(self.path / "tb"))
         self._tb.add_scalar(tag, value, step)
 
-    def write_summary(self, summary: Dict[str, Any]) -> Path:
-        write_json(self.path / "summary.json", summary)
+    def write_summary(self, summary: Dict[str, Any], status: str = "finished") -> Path:
+        """Atomically write ``summary.json`` with ``status`` first (``finished`` unless told)."""
+        write_json(self.path / "summary.json", {"status": status, **summary})
         return self.path / "summary.json"
 
     def close(self) -> None:
@@ -191,7 +321,9 @@ class RunDir:
         path = self.ckpt_dir / f"{name}.pt"
         if not path.exists():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with reading(path, "a checkpoint (truncated, or not a torch file)",
+                     "delete it and run again, or start a new run"):
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_arch(saved: Dict[str, Any], model: torch.nn.Module, source: str) -> None:

@@ -4,6 +4,7 @@
     bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml               # every visible GPU, one run each
     bash scripts/sweep.sh configs/experiments/table4_darcy_otdd.yaml model.embedder_from=results/runs/stage1__...
     bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml --gpus 0 train.epochs=2   # sequential, in-process
+    bash scripts/sweep.sh configs/experiments/table3_darcy_all.yaml --pack 24      # 24 runs at a time, one body
     python -m orca.sweep configs/experiments/table1_smallgap.yaml sweep.output_dir=/tmp/runs
 
 A sweep file is an ordinary experiment config (``base:`` chain, sections, keys) plus a ``sweep:``
@@ -27,8 +28,8 @@ sections merge like any other section, key by key inside ``grid``, while lists (
 one-element list of it (``adapter.targets: [[...]]``).
 
 Why deterministic run directories (``lora_r8_s1``) instead of the time-stamped ones of single runs:
-a sweep restarted after a crash must find its own runs again. A run whose ``summary.json`` exists
-is done and skipped; any other run is started with ``run_dir=`` set, so stage 3 resumes it from
+a sweep restarted after a crash must find its own runs again. A run whose ``summary.json`` says
+``finished`` is done and skipped; any other run is started with ``run_dir=`` set, so stage 3 resumes it from
 ``ckpt/last.pt`` when it got that far. Each run directory also gets ``sweep.json`` (table tag, row,
 grid point), which ``scripts/make_tables.py`` groups by.
 
@@ -52,8 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from datasets.progress import Progress
+from orca.errors import exit_on_error
 from orca.config import ExperimentConfig, config_dict, parse_override, read_yaml, save_config
-from orca.runs import REPO_ROOT, usable_cpus, write_json
+from orca.runs import REPO_ROOT, RunDir, usable_cpus, write_json
 from orca.schema import ConfigError, from_dict, nearest
 
 #: Methods whose result does not depend on ``adapter.rank``: their run names and table rows omit it.
@@ -136,7 +139,7 @@ class SweepRun:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
+        return RunDir(self.run_dir).finished() is not None if self.run_dir.is_dir() else False
 
     @property
     def row(self) -> str:
@@ -337,12 +340,25 @@ def prepare(run: SweepRun, sweep_file: str, cli_overrides: Sequence[str]) -> Non
     write_json(run.run_dir / "sweep.json", run.record(sweep_file, cli_overrides))
 
 
+def _mark_failed(run: SweepRun, trace: str) -> str:
+    """Write the traceback to ``sweep_error.log`` and, for a run that began, a ``failed`` summary whose reason
+    is the traceback's last line (a packed run fails inside the pack, where no stage-3 loop records it)."""
+    log = run.run_dir / "sweep_error.log"
+    log.write_text(trace)
+    rundir = RunDir(run.run_dir)
+    summary = rundir.read_summary()
+    if isinstance(summary, dict) and summary.get("status") == "running":
+        last = (trace.strip().splitlines() or ["unknown error"])[-1]
+        rundir.write_summary({**{k: v for k, v in summary.items() if k != "status"}, "reason": last}, status="failed")
+    return str(log)
+
+
 def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
     from orca.train import run_stage3
 
     failed = []
     for run in pending:
-        bar.set_postfix_str(run.name)
+        bar.set_postfix(run=run.name)
         (run.run_dir / "sweep_error.log").unlink(missing_ok=True)  # from an earlier failed attempt
         try:
             run_stage3(run.cfg)
@@ -352,6 +368,45 @@ def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
             print(f"[sweep] FAILED {run.name}; traceback in {run.run_dir / 'sweep_error.log'}", flush=True)
         bar.update(1)
     return failed
+
+
+def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str] = None
+                ) -> Tuple[List[Tuple[SweepRun, str]], List[SweepRun]]:
+    """Train the packable runs in packs of up to ``k`` in this process (:mod:`orca.packed`); return
+    the failed runs and the runs left to train alone (each alone run's reason is printed)."""
+    from orca.packed import PackError, plan_packs, train_pack
+
+    packs, alone_idx = plan_packs([run.cfg for run in pending], k)
+    for i, reason in alone_idx:
+        print(f"[sweep] {pending[i].name} trains alone: {reason}", flush=True)
+    alone = [pending[i] for i, _ in alone_idx]
+    failed = []
+    for members in packs:
+        pack = [pending[i] for i in members]
+        bar.set_postfix(pack=f"{len(pack)} runs: {pack[0].name} ...")
+        print(f"[sweep] pack of {len(pack)}: {', '.join(run.name for run in pack)}", flush=True)
+        for run in pack:
+            (run.run_dir / "sweep_error.log").unlink(missing_ok=True)  # from an earlier failed attempt
+        try:
+            result = train_pack([run.cfg for run in pack])
+        except PackError as err:
+            print(f"[sweep] these runs train alone: they cannot share a packed model ({err})", flush=True)
+            alone.extend(pack)
+            continue
+        except Exception:  # noqa: BLE001 - one broken pack must not stop the sweep; reported at the end
+            for run in pack:
+                failed.append((run, _mark_failed(run, traceback.format_exc())))
+            print(f"[sweep] FAILED pack of {len(pack)}; traceback in each run's sweep_error.log", flush=True)
+            bar.update(len(pack))
+            continue
+        if timing_file:
+            with open(timing_file, "a") as fh:
+                fh.write(json.dumps({"runs": [run.name for run in pack], **result["timing"]}) + "\n")
+        for run, error in zip(pack, result["errors"]):
+            if error is not None:
+                failed.append((run, _mark_failed(run, error + "\n")))
+        bar.update(len(pack))
+    return failed, alone
 
 
 def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callable[[SweepRun], List[str]],
@@ -401,7 +456,7 @@ def _run_pool(pending: List[SweepRun], devices: List[str], bar, command: Callabl
 def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
     """Refuse run directories that another sweep file already wrote.
 
-    Why: completion is "summary.json exists", so two sweep files whose run names and ``sweep.table``
+    Why: completion is "summary.json says finished", so two sweep files whose run names and ``sweep.table``
     coincide (say the same grid on another task) would silently take each other's results.
 
     Raises:
@@ -415,6 +470,8 @@ def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
             owner = json.loads(record.read_text())
         except (OSError, ValueError):
             continue  # unreadable: prepare() rewrites it
+        if not isinstance(owner, dict):
+            continue
         mine = run.record(sweep_file, ())
         theirs = {k: owner.get(k) for k in ("sweep_file", "task")}
         if theirs != {k: mine[k] for k in theirs}:
@@ -425,7 +482,8 @@ def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
 
 def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Optional[int] = None,
               dry_run: bool = False, command: Callable[[SweepRun], List[str]] = stage3_command,
-              poll_s: float = 2.0, per_gpu: int = 1) -> List[Tuple[SweepRun, str]]:
+              poll_s: float = 2.0, per_gpu: int = 1, pack: int = 0,
+              pack_timing: Optional[str] = None) -> List[Tuple[SweepRun, str]]:
     """Run every pending point of a sweep; return the failed runs with the path of their log.
 
     Args:
@@ -436,10 +494,11 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         dry_run: only print each run's status and directory.
         command: the subprocess command of one run (tests substitute a cheap one).
         per_gpu: concurrent runs per GPU (small, launch-bound models leave most of a GPU idle).
+        pack: above 0, train up to ``pack`` runs at a time in this process through one shared body
+            (:mod:`orca.packed`); runs that cannot pack then run as without it.
+        pack_timing: a file to append each pack's time split to (one JSON line per pack).
         poll_s: how often the worker pool checks its subprocesses.
     """
-    from tqdm.auto import tqdm
-
     spec, runs = load_sweep(path, overrides)
     check_ownership(runs, str(path))
     pending = [r for r in runs if not r.done]
@@ -451,6 +510,8 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         return []
     if per_gpu < 1:
         raise ValueError(f"per_gpu must be >= 1, got {per_gpu}")
+    if pack < 0:
+        raise ValueError(f"pack must be >= 0, got {pack}")
     devices = visible_devices(gpus)
     if spec.gpus_per_run > 1:
         devices = gpu_slots(devices, spec.gpus_per_run, per_gpu)
@@ -460,15 +521,23 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         prepare(run, str(path), overrides)
     if devices and pending:
         build_data_once(pending)
-    with tqdm(total=len(pending), desc="sweep", unit="run", dynamic_ncols=True) as bar:
-        if not devices:
-            failed = _run_in_process(pending, bar)
-        else:
-            failed = _run_pool(pending, devices, bar, command, poll_s)
+    with Progress(total=len(pending), desc="sweep", unit="run") as bar:
+        failed = []
+        if pack:
+            failed, pending = _run_packed(pending, pack, bar, pack_timing)
+        if pending and not devices:
+            failed += _run_in_process(pending, bar)
+        elif pending:
+            failed += _run_pool(pending, devices, bar, command, poll_s)
     return failed
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m orca.sweep``: a config mistake ends in one ``error:`` line (exit 2), not a traceback."""
+    return exit_on_error(_main, argv)
+
+
+def _main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m orca.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML (configs/experiments/*.yaml)")
@@ -478,16 +547,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run nothing")
     parser.add_argument("--per-gpu", type=int, default=1,
                         help="concurrent runs on each GPU (default 1; more for small, launch-bound models)")
+    parser.add_argument("--pack", type=int, default=0, metavar="K",
+                        help="train up to K runs at a time in one process through one shared frozen body "
+                             "(LoRA and head runs; others train as without it)")
+    parser.add_argument("--pack-timing", default=None, metavar="FILE",
+                        help="with --pack: append each pack's time split (setup, steps, evaluation, checkpoints) "
+                             "to FILE as one JSON line")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (or ORCA_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)
     if args.gpus is not None and args.gpus < 0:
         parser.error(f"--gpus must be >= 0, got {args.gpus}")
     if args.per_gpu < 1:
         parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
-    try:
-        failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu)
-    except (ConfigError, FileNotFoundError) as err:  # a user mistake: the message, not a traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.pack < 0:
+        parser.error(f"--pack must be >= 1 (or 0: off), got {args.pack}")
+    failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu,
+                       pack=args.pack, pack_timing=args.pack_timing)
     if failed:
         print(f"[sweep] {len(failed)} run(s) failed:", file=sys.stderr)
         for run, log in failed:

@@ -30,23 +30,28 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
+from datasets.progress import Progress, progress
 from datasets.registry import TaskData, build_task
 from orca.adapters import build_method
 from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
-from orca.config import ExperimentConfig, config_dict, save_config
+from orca.config import ExperimentConfig, config_dict, config_yaml
 from orca.distributed import Dist, setup_distributed
-from orca.model import ORCAModel, build_model
+from orca.model import ORCAModel, build_model, task_shape
+from orca.provenance import check_embedder_from, check_rank_map
 from orca.delta_w import DELTA_W_FILE, DELTA_W_METHODS, body_linear_weights, write_delta_w
+from orca.errors import UsageError
 from orca.runs import RunDir, check_arch, git_info, machine_info
 from orca.schema import ConfigError
 
@@ -154,7 +159,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: TaskData, device:
     """Mean per-sample error (``task.metric``) and mean loss over ``loader``."""
     model.eval()
     errors, loss_sum, n = [], 0.0, 0
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+    for x, y in progress(loader, desc=desc, unit="batch", leave=False):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             out = model(x)
@@ -208,19 +213,70 @@ def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
             which resumes too when ``cfg.run_dir`` holds ``ckpt/last.pt``).
         on_step: called with the optimizer step count after every step (tests use it to simulate a kill).
     """
+    done = finished_run(cfg, run)
+    if done is not None:
+        return done
     dist_, device = setup_distributed(cfg.train.batch_size, resolve_device(cfg.train.device))
+    began: Dict[str, Any] = {}  # filled once the run directory has changed (rank 0)
     try:
-        return _run_stage3(cfg, run, on_step, dist_, device)
+        return _run_stage3(cfg, run, on_step, dist_, device, began)
+    except BaseException as err:  # the run began: its summary says it failed, and why
+        if began:
+            began["run"].record_failure(err, began["facts"]())
+        raise
     finally:
         dist_.close()
 
 
+def finished_run(cfg: ExperimentConfig, run: Optional[RunDir]) -> Optional[RunDir]:
+    """The run directory, when it holds a run that finished ``cfg.train.epochs`` epochs (else None).
+
+    Resuming such a run is a no-op that says so: it writes nothing (its summary and test row stay).
+    A larger ``train.epochs`` trains on from its last checkpoint instead.
+    """
+    path = run.path if run is not None else (Path(cfg.run_dir) if cfg.run_dir else None)
+    if path is None or not (path / "summary.json").is_file():
+        return None
+    run = run if run is not None else RunDir(path)
+    summary = run.finished()
+    if summary is None:
+        return None
+    differ = config_differences(path / "config.yaml", cfg, ignore=("run_dir", "train.epochs"))
+    if differ:
+        raise UsageError(f"run_dir holds a finished run of another config ({'; '.join(differ[:3])}"
+                         + (f"; {len(differ) - 3} more" if len(differ) > 3 else "") + ")", f"run_dir={path}",
+                         "choose another run_dir, or resume the run with its own config.yaml")
+    if int(summary.get("epochs", 0)) < cfg.train.epochs:
+        return None
+    metric = summary.get("metric")
+    test = summary.get("test", {}).get(metric) if metric else None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[stage3] {path} is a finished run ({summary.get('epochs')} epochs"
+              + (f", test {metric} {test:.5g}" if isinstance(test, (int, float)) else "")
+              + f"): nothing to do, nothing written; to train longer, resume it with a larger train.epochs",
+              flush=True)
+    return run
+
+
+def config_differences(saved: Path, cfg: ExperimentConfig, ignore=()) -> List[str]:
+    """``key: A there, B here`` for every setting of ``cfg`` that differs from the config file ``saved``
+    (settings the file does not have, added to the code since it was written, do not count)."""
+    def flat(node: Any, prefix: str = "") -> Dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix[:-1]: node}
+        return {k: v for key, child in node.items() for k, v in flat(child, f"{prefix}{key}.").items()}
+
+    there = flat(yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+    here = flat(yaml.safe_load(config_yaml(cfg)))
+    return [f"{k}: {there[k]!r} there, {v!r} here" for k, v in here.items()
+            if k not in ignore and k in there and there[k] != v]  # a key newer than the file: its default
+
+
 def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[Callable[[int], None]],
-                dist_: Dist, device: torch.device) -> RunDir:
+                dist_: Dist, device: torch.device, began: Dict[str, Any]) -> RunDir:
     t0 = time.time()
     main = dist_.main
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
-    quiet = None if main else True  # tqdm: auto on rank 0, off elsewhere
     autocast = autocast_for(cfg.train.amp, device)
     task, model = initial_model(cfg, dist_.main_first)
     # W_0 of the body's Linears, for delta_w.json.gz at the end (rank 0; methods that train W only).
@@ -235,15 +291,14 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     if cfg.train.channels_last:
         model.embedder.to(memory_format=torch.channels_last)
 
+    check_embedder_from(cfg, model.weights_source)  # products of another task, body or embedder: nothing written
+    check_rank_map(cfg, model.weights_source)
     if run is None:
         path = dist_.broadcast(str(RunDir.create(cfg, "stage3").path) if main else None)
         run = RunDir(path)
     resume = run.load_checkpoint("last")  # read before anything in the directory is touched
     if resume is not None:
         check_arch(resume["arch"], model, str(run.ckpt_dir / "last.pt"))
-    dist_.barrier()  # every rank has read the checkpoint before rank 0 writes anything
-    if main:
-        save_config(cfg, run.file("config.yaml"))
     log(f"[stage3] run directory: {run.path}")
     log(f"[stage3] body weights: {model.weights_source}; method: {cfg.adapter.method}"
         + (f"; {dist_.world} processes, {cfg.train.batch_size // dist_.world} samples each per step" if dist_.world > 1 else ""))
@@ -276,8 +331,10 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear_decay(total_steps, round(cfg.train.warmup_epochs * steps_per_epoch)))
 
+    # epoch_*: the current epoch's running sums up to the last checkpoint, so that a resumed epoch logs
+    # the loss and img/s of the whole epoch, as an uninterrupted run does.
     state = {"epoch": 0, "batch": 0, "step": 0, "best": math.inf, "best_epoch": -1,
-             "train_time": 0.0, "train_images": 0}
+             "train_time": 0.0, "train_images": 0, "epoch_loss": 0.0, "epoch_time": 0.0, "epoch_images": 0}
     if resume is not None:  # every rank loads the same checkpoint, so ranks stay identical
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -287,10 +344,17 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
         torch.set_rng_state(resume["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in resume:
             torch.cuda.set_rng_state(resume["rng_cuda"])
-        if main:
-            run.truncate_metrics(lambda r: (r.get("kind") == "train" and r["step"] <= state["step"])
-                                 or (r.get("kind") == "epoch" and r["epoch"] <= state["epoch"]))
         log(f"[stage3] resumed at epoch {state['epoch']} batch {state['batch']} (step {state['step']})")
+    dist_.barrier()  # every rank has read and loaded the checkpoint before rank 0 writes anything
+    facts = {"stage": "stage3", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed,
+             "method": cfg.adapter.method, "epochs": cfg.train.epochs, "run_dir": str(run.path)}
+    if main:  # the resume is known good: only now does the directory change
+        covered = dict(state)
+        run.begin(config_yaml(cfg), facts, keep=None if resume is None else (
+            lambda r: (r.get("kind") == "train" and r["step"] <= covered["step"])
+            or (r.get("kind") == "epoch" and r["epoch"] <= covered["epoch"])))
+        began["run"], began["facts"] = run, lambda: {**facts, "epoch": state["epoch"], "step": state["step"],
+                                                     "wall_time_s": time.time() - t0, "git": git_info()}
 
     method.on_train_start(model, total_steps)  # after load_state: a resumed method keeps its own
     train_model = wrap_for_training(model, cfg, dist_, device)
@@ -312,7 +376,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
         if not main:
             return
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "state": dict(state), "arch": model.arch(),
+                   "scheduler": scheduler.state_dict(), "state": dict(state), "arch": model.arch(), "task_shape": shape,
                    "method": method.state_for_checkpoint(), "rng_cpu": torch.get_rng_state(),
                    "config": config_dict(cfg)}
         if device.type == "cuda":
@@ -320,84 +384,95 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
         run.save_checkpoint(name, payload)
 
     metric = task.metric_name
+    shape = task_shape(task)  # in every checkpoint: `orca export` rebuilds the model without the data
     for epoch in range(state["epoch"], cfg.train.epochs):
         model.train()
         train_sampler.set_epoch(epoch, skip_batches=state["batch"])
-        bar = tqdm(total=micro_per_epoch, initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   dynamic_ncols=True, disable=quiet)
-        # Losses accumulate on the device and are read back only at log steps: a host sync per
-        # step stalls the kernel queue, which dominates small-batch steps (ORCA's batch 4).
-        t_epoch, images, loss_acc = time.time(), 0, torch.zeros((), device=device)
-        for micro, (x, y) in enumerate(train_loader, start=state["batch"]):
-            if micro >= micro_per_epoch:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if micro % cfg.train.grad_accum == 0:
-                method.on_step_start(model, state["step"])
-            last_micro = (micro + 1) % cfg.train.grad_accum == 0
-            # DDP all-reduces at every backward unless told otherwise: accumulate locally first.
-            sync = contextlib.nullcontext() if last_micro or dist_.world == 1 else train_model.no_sync()
-            if graphs:  # a new step: the previous step's graph outputs may now be overwritten
-                torch.compiler.cudagraph_mark_step_begin()
-            with sync:
-                with autocast():
-                    out = train_model(x)
-                loss = task.loss(out.float(), y)
-                reg = method.regularization(model)
-                scaled = loss * dist_.world if rescale else loss
-                ((scaled if reg is None else scaled + reg) / cfg.train.grad_accum).backward()
-            images += len(x) * dist_.world
-            loss_acc += loss.detach()
-            bar.update(1)
-            if not last_micro:
-                continue
-            if cfg.train.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            method.on_step_end(model, state["step"])
-            state["step"] += 1
-            state["batch"] = micro + 1
-            if state["step"] % cfg.train.log_every == 0:
-                step_loss = global_loss(loss)
-                check_finite(step_loss, epoch, state["step"])
-                if main:
-                    bar.set_postfix(loss=f"{step_loss.item():.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                    run.log_metrics({"kind": "train", "epoch": epoch + 1, "step": state["step"],
-                                     "train/loss": float(step_loss), "train/lr": scheduler.get_last_lr()[0]})
-            if cfg.train.save_every_steps and state["step"] % cfg.train.save_every_steps == 0:
-                state["train_time"] += time.time() - t_epoch
-                state["train_images"] += images
-                t_epoch, images = time.time(), 0
-                checkpoint()
-            if on_step is not None:
-                on_step(state["step"])
-        bar.close()
+        with Progress(total=micro_per_epoch, initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                      unit="batch", enabled=main) as bar:
+            # Losses accumulate on the device and are read back only at log steps: a host sync per
+            # step stalls the kernel queue, which dominates small-batch steps (ORCA's batch 4).
+            t_epoch, images, loss_acc = time.time(), 0, torch.zeros((), device=device)
+            for micro, (x, y) in enumerate(train_loader, start=state["batch"]):
+                if micro >= micro_per_epoch:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if cfg.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if micro % cfg.train.grad_accum == 0:
+                    method.on_step_start(model, state["step"])
+                last_micro = (micro + 1) % cfg.train.grad_accum == 0
+                # DDP all-reduces at every backward unless told otherwise: accumulate locally first.
+                sync = contextlib.nullcontext() if last_micro or dist_.world == 1 else train_model.no_sync()
+                if graphs:  # a new step: the previous step's graph outputs may now be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
+                with sync:
+                    with autocast():
+                        out = train_model(x)
+                    loss = task.loss(out.float(), y)
+                    reg = method.regularization(model)
+                    scaled = loss * dist_.world if rescale else loss
+                    ((scaled if reg is None else scaled + reg) / cfg.train.grad_accum).backward()
+                images += len(x) * dist_.world
+                loss_acc += loss.detach()
+                bar.update(1)
+                if not last_micro:
+                    continue
+                if cfg.train.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                method.on_step_end(model, state["step"])
+                state["step"] += 1
+                state["batch"] = micro + 1
+                if state["step"] % cfg.train.log_every == 0:
+                    step_loss = global_loss(loss)
+                    check_finite(step_loss, epoch, state["step"])
+                    if main:
+                        bar.set_postfix(loss=f"{step_loss.item():.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                        run.log_metrics({"kind": "train", "epoch": epoch + 1, "step": state["step"],
+                                         "train/loss": float(step_loss), "train/lr": scheduler.get_last_lr()[0]})
+                if cfg.train.save_every_steps and state["step"] % cfg.train.save_every_steps == 0:
+                    segment = global_loss(loss_acc)  # the sums so far go into the checkpoint (a collective)
+                    check_finite(segment, epoch, state["step"])
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    seconds = time.time() - t_epoch
+                    state["epoch_loss"] += float(segment)
+                    state["epoch_time"] += seconds
+                    state["epoch_images"] += images
+                    state["train_time"] += seconds
+                    state["train_images"] += images
+                    loss_acc.zero_()
+                    checkpoint()
+                    t_epoch, images = time.time(), 0  # saving is not training: img/s leaves it out
+                if on_step is not None:
+                    on_step(state["step"])
         loss_acc = global_loss(loss_acc)
         check_finite(loss_acc, epoch, state["step"])
         if device.type == "cuda":
             torch.cuda.synchronize()
-        state["train_time"] += time.time() - t_epoch
+        seconds = time.time() - t_epoch
+        state["train_time"] += seconds
         state["train_images"] += images
+        epoch_images, epoch_time = state["epoch_images"] + images, state["epoch_time"] + seconds
         record = {"kind": "epoch", "epoch": epoch + 1, "step": state["step"],
-                  "train/loss": float(loss_acc) / max(1, micro_per_epoch - train_sampler.skip),
-                  "train/img_per_s": images / max(time.time() - t_epoch, 1e-9) if images else None}
+                  "train/loss": (state["epoch_loss"] + float(loss_acc)) / max(1, micro_per_epoch),
+                  "train/img_per_s": epoch_images / max(epoch_time, 1e-9) if epoch_images else None}
         if main and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
             with method.eval_rank(model):
                 val = evaluate(model, val_loader, task, device, autocast, desc="val")
             record.update({f"val/{k}": v for k, v in val.items()})
             if val[metric] < state["best"]:
                 state["best"], state["best_epoch"] = val[metric], epoch + 1
-                run.save_checkpoint("best", {"model": model.state_dict(), "arch": model.arch(),
+                run.save_checkpoint("best", {"model": model.state_dict(), "arch": model.arch(), "task_shape": shape,
                                              "epoch": epoch + 1, f"val_{metric}": val[metric]})
             log(f"[stage3] epoch {epoch + 1}: train loss {record['train/loss']:.4g}, "
                 f"val {metric} {val[metric]:.4g} (best {state['best']:.4g} @ {state['best_epoch']})")
         if main:
             run.log_metrics(record)
-        state["epoch"], state["batch"] = epoch + 1, 0
+        state.update(epoch=epoch + 1, batch=0, epoch_loss=0.0, epoch_time=0.0, epoch_images=0)
         checkpoint()
         dist_.barrier()  # the others wait out rank 0's evaluation and checkpoint
 

@@ -1,6 +1,6 @@
 """Per-layer gaps -> an exact-budget LoRA rank map, through the IBP rank posterior P(r | D).
 
-Pipeline (``shared/IBP_RANK.md``, "From posterior to rank map"):
+Pipeline, from posterior to rank map:
 
 1. :func:`expand` maps gaps measured per block onto the block's Linear modules.
 2. :func:`ibp.rank_posterior.sample_rank_posterior` calibrates beta so the posterior expected cost
@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ibp.rank_posterior import RankPosterior, sample_rank_posterior
+from orca.errors import READ_ERRORS, reading
 from rank_estimation.config import SUMMARIES, TARGET_PATTERNS, RankConfig
 
 __all__ = [
@@ -105,16 +106,20 @@ class RankAllocation:
                 (the extra records of stage 2's ``rank_map.json``) are ignored.
         """
         text = str(source)
+        where = "the JSON text"
         if not text.lstrip().startswith("{"):
-            text = Path(source).read_text()
-        payload = json.loads(text)
-        # stage 2's rank_map.json adds records (gap profile, provenance) around these fields
-        known = {f.name for f in fields(cls)}
-        payload = {k: v for k, v in payload.items() if k in known}
-        payload["intervals"] = {k: (int(v[0]), int(v[1])) for k, v in payload["intervals"].items()}
-        payload["rank_map"] = {k: int(v) for k, v in payload["rank_map"].items()}
-        payload["costs"] = {k: int(v) for k, v in payload["costs"].items()}
-        return cls(**payload)
+            where = str(source)
+            text = Path(source).read_text(encoding="utf-8")
+        with reading(where, "a rank allocation", "give the rank_map.json a stage-2 run wrote, unedited",
+                     READ_ERRORS + (KeyError, TypeError, AttributeError, IndexError)):
+            payload = json.loads(text)
+            # stage 2's rank_map.json adds records (gap profile, provenance) around these fields
+            known = {f.name for f in fields(cls)}
+            payload = {k: v for k, v in payload.items() if k in known}
+            payload["intervals"] = {k: (int(v[0]), int(v[1])) for k, v in payload["intervals"].items()}
+            payload["rank_map"] = {k: int(v) for k, v in payload["rank_map"].items()}
+            payload["costs"] = {k: int(v) for k, v in payload["costs"].items()}
+            return cls(**payload)
 
 
 def _json_default(obj: Any) -> Any:

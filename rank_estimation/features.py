@@ -23,8 +23,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from datasets.progress import Progress
 from rank_estimation.config import POOLS
 
 __all__ = ["EMBED", "POOLS", "block_names", "layer_names", "resolve_layers", "capture_block_features"]
@@ -148,7 +148,7 @@ def capture_block_features(model: nn.Module, inputs: Inputs, *, embedder: Option
             (0 = all tokens).
         seed: seed of that token subsample.
         out_device: where the returned features live.
-        desc: tqdm label (None = no progress bar).
+        desc: progress label (None = no progress report).
 
     Returns:
         layer name -> ``[N, C_layer]`` (mean) or ``[N * tokens, C_layer]`` (tokens) float32, in
@@ -201,11 +201,10 @@ def capture_block_features(model: nn.Module, inputs: Inputs, *, embedder: Option
     trained = {m: m.training for m in (body, embedder) if m is not None}
     handles = [modules[name].register_forward_hook(hook_for(name)) for name in wanted]
     count = 0
+    bar = Progress(total=total, desc=desc, unit="img", leave=False, enabled=bool(desc))
     try:
         for m in trained:
             m.eval()
-        bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False,
-                   disable=None if desc else True)
         for x in batches:
             x = x.to(device, non_blocking=True)
             with autocast():
@@ -217,8 +216,8 @@ def capture_block_features(model: nn.Module, inputs: Inputs, *, embedder: Option
             pooler.calls += 1
             count += x.shape[0]
             bar.update(x.shape[0])
-        bar.close()
     finally:
+        bar.close()
         for handle in handles:
             handle.remove()
         for m, mode in trained.items():

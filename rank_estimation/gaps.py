@@ -18,7 +18,7 @@ values only at equal sample and class sizes. otdd's numbers are in microsoft/otd
 convention: outer cost (|x - x'|^2 + W) / 2, W a debiased Sinkhorn divergence at eps 0.1 on the
 full squared distance, eps 0.1, debiased.
 
-Speed (the issue's budget: every metric on 5,000 x 5,000 features at all 24 Swin-B blocks in
+Speed (the target: every metric on 5,000 x 5,000 features at all 24 Swin-B blocks in
 ~30 s on one H100): everything runs on the features' device as dense batched tensor ops; pad
 trains its classifier with full-batch L-BFGS in torch when the features are on a GPU (sklearn on
 CPU), on at most ``max_samples`` points per side; otdd caps its label distances at 128 points per class.

@@ -2,10 +2,10 @@
 reader (``scripts/hypothesis.py``), without importing torch.
 
 Why gzip: the singular values of every body Linear are ~140 kB of decimal digits per full
-fine-tuning run, and run directories are committed and carried to the GPU machine, whose copy of
-the tree is capped at 64 MiB (session 11: the cap was reached). Compressed they take 40%; the
-content is the same JSON (``zcat delta_w.json.gz``). Runs written before session 11 hold a plain
-``delta_w.json``, which the reader still takes.
+fine-tuning run, and run directories are committed, so they weigh on every clone (and on every
+copy of the tree sent to a GPU machine). Compressed they take 40%; the content is the same JSON
+(``zcat delta_w.json.gz``). Older run directories hold a plain ``delta_w.json``, which the reader
+still takes.
 """
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from orca.errors import reading
+
 DELTA_W_FILE = "delta_w.json.gz"
-LEGACY_DELTA_W_FILE = "delta_w.json"  # uncompressed, written before session 11
+LEGACY_DELTA_W_FILE = "delta_w.json"  # uncompressed, written by older versions
 
 
 def encode_spectra(text: str) -> bytes:
@@ -36,12 +38,10 @@ def read_spectra(path: Path) -> Dict[str, Any]:
     """The JSON document of a ``delta_w.json.gz`` or a legacy ``delta_w.json``.
 
     Raises:
-        ValueError: the file is neither valid gzip-compressed JSON nor valid JSON, naming the file.
+        FileReadError: the file is neither valid gzip-compressed JSON nor valid JSON, naming the file.
     """
     path = Path(path)
     raw = path.read_bytes()
-    try:
+    with reading(path, "a Delta W spectra file", "rerun the stage-3 run that wrote it, or move the file aside"):
         text = gzip.decompress(raw).decode("utf-8") if path.suffix == ".gz" else raw.decode("utf-8")
         return json.loads(text)
-    except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable Delta W spectra file ({type(err).__name__}: {err})") from err

@@ -49,11 +49,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-from tqdm.auto import tqdm
 
+from datasets.progress import progress
 from datasets.registry import build_task
-from orca.config import ExperimentConfig, save_config
+from orca.config import ExperimentConfig, config_yaml
+from orca.errors import reading
 from orca.model import body_from_config, build_model, source_embedder
+from orca.provenance import check_embedder_from, next_command, same_origin, target_embedder
 from orca.runs import RunDir, git_info, machine_info, save_png, write_json
 from orca.train import resolve_device, seed_everything
 from rank_estimation.allocate import RankAllocation, allocate_from_config, check_budget, costs_from_model, expand
@@ -149,7 +151,7 @@ def measure_profile(src: Dict[str, torch.Tensor], tgt: Dict[str, torch.Tensor], 
                               "seconds": {m: 0.0 for m in metrics}}
     boot = [m for m in metrics if rank_cfg.boot_metrics is None or m in rank_cfg.boot_metrics]
     groups = [(ms, n) for ms, n in ((boot, rank_cfg.n_boot), ([m for m in metrics if m not in boot], 0)) if ms]
-    for layer in tqdm(list(src), desc="stage2 gaps", unit="layer", dynamic_ncols=True, disable=None):
+    for layer in progress(list(src), desc="stage2 gaps", unit="layer"):
         merged["layers"].append(layer)
         merged["values"][layer] = {}
         for names, n_boot in groups:
@@ -259,22 +261,6 @@ def plot_ranks(alloc: RankAllocation, blocks: List[str], block_d: Mapping[str, A
 GAPS_KEYS = ("layers", "metrics", "values", "seconds", "settings", "dims", "provenance")
 
 
-def _target_embedder(model_cfg) -> str:
-    """How the target stream is embedded, as recorded in provenance."""
-    return model_cfg.embedder_from or f"initial (model.embedder_init={model_cfg.embedder_init})"
-
-
-def _same_origin(there: Any, here: Any) -> bool:
-    """Equal provenance entries; a file path (``file:PATH`` weights, an embedder run directory) also matches
-    another spelling of the same existing path (relative in one run, absolute in the other)."""
-    if there == here:
-        return True
-    if not (isinstance(there, str) and isinstance(here, str)) or there.startswith("file:") != here.startswith("file:"):
-        return False
-    a, b = (v[len("file:"):] if v.startswith("file:") else v for v in (there, here))
-    return Path(b).exists() and Path(a).resolve() == Path(b).resolve()
-
-
 def body_only(model_cfg) -> torch.nn.Module:
     """The body :func:`orca.model.build_model` makes (same weights, patch embedding removed), without a task.
 
@@ -312,17 +298,15 @@ def read_gaps(cfg: ExperimentConfig, layers: List[str], weights: str) -> Dict[st
     path = Path(where) / "gaps.json"
     if not path.is_file():
         raise FileNotFoundError(f"{head}: no gaps.json there; point it at a finished stage-2 run directory")
-    try:
-        gaps = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{head}: {path} is not valid JSON ({err})") from None
+    with reading(path, "a stage-2 gap profile", "rerun that stage-2 run, or leave rank.gaps_from unset"):
+        gaps = json.loads(path.read_text(encoding="utf-8"))
     missing = [k for k in GAPS_KEYS if not isinstance(gaps, dict) or k not in gaps]
     if missing:
         raise ValueError(f"{head}: {path} is not a stage-2 gaps.json (missing {missing})")
     prov = gaps["provenance"]
     here = {"task": cfg.task.name, "body": cfg.model.body, "weights": weights,
-            "target_embedder": _target_embedder(cfg.model)}
-    differ = [f"{k} {prov.get(k)!r} there, {v!r} here" for k, v in here.items() if not _same_origin(prov.get(k), v)]
+            "target_embedder": target_embedder(cfg.model)}
+    differ = [f"{k} {prov.get(k)!r} there, {v!r} here" for k, v in here.items() if not same_origin(prov.get(k), v)]
     if differ:
         raise ValueError(f"{head}: that gap profile was measured on another setup ({'; '.join(differ)}); "
                          f"reuse needs the same task, body, weights and target embedder, so measure this one "
@@ -392,7 +376,7 @@ def measure_gaps(cfg: ExperimentConfig, task, model: torch.nn.Module, positions:
     profile["dims"] = {layer: int(src[layer].shape[1]) for layer in profile["layers"]}
     profile["provenance"] = {
         "task": cfg.task.name, "body": cfg.model.body, "weights": model.weights_source,
-        "target_embedder": _target_embedder(cfg.model),
+        "target_embedder": target_embedder(cfg.model),
         "source": {"name": source_name, "options": source_options, "n": int(src_labels.shape[0]),
                    "classes": int(torch.unique(src_labels).numel())},
         "n_target": len(positions), "target_labels": how, "pool": r.pool,
@@ -438,7 +422,7 @@ def allocate_and_write(cfg: ExperimentConfig, run: RunDir, gaps: Dict[str, Any],
         "gap_profile": {"layers": blocks, "D": [d_block[b] for b in blocks],
                         "value": [chosen[b]["value"] for b in blocks], "lo": [chosen[b]["lo"] for b in blocks],
                         "hi": [chosen[b]["hi"] for b in blocks], "clipped": clipped},
-        "stage3": {"override": f"adapter.rank_map={rank_map_path}",
+        "stage3": {"override": f"adapter.rank_map={rank_map_path}", "command": stage3_command(cfg, run),
                    "uncovered_by_adapter_targets": uncovered},
         "provenance": provenance,
     })
@@ -450,7 +434,7 @@ def allocate_and_write(cfg: ExperimentConfig, run: RunDir, gaps: Dict[str, Any],
     wall = time.time() - t0
     summary = {
         "stage": "stage2", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed, "body": cfg.model.body,
-        "weights": body.orca_weights, "target_embedder": _target_embedder(cfg.model),
+        "weights": body.orca_weights, "target_embedder": target_embedder(cfg.model),
         "gap_metric": r.gap_metric, "metrics": list(gaps["metrics"]), "gaps_from": r.gaps_from,
         "seconds_per_metric": gaps["seconds"], "timing_s": times,
         "budget": alloc.budget, "trainable": alloc.trainable, "tolerance": alloc.tolerance,
@@ -467,8 +451,16 @@ def allocate_and_write(cfg: ExperimentConfig, run: RunDir, gaps: Dict[str, Any],
           f"{alloc.trainable:,} parameters for budget {alloc.budget:,}, ranks "
           f"{summary['rank_range'][0]}..{summary['rank_range'][1]}; {wall:.1f}s", flush=True)
     print(f"[stage2] rank map: {rank_map_path}", flush=True)
-    print(f"[stage2] next: bash scripts/stage3.sh CONFIG adapter.method=lora adapter.rank_map={rank_map_path}",
-          flush=True)
+    print(f"[stage2] next: {stage3_command(cfg, run)}", flush=True)
+
+
+def stage3_command(cfg: ExperimentConfig, run: RunDir) -> str:
+    """Stage 3 with this run's settings, its rank map, and the aligned embedder its gaps were measured through."""
+    overrides = [] if cfg.adapter.method in ("lora", "dylora", "delta_lora", "qlora") else ["adapter.method=lora"]
+    overrides.append(f"adapter.rank_map={run.file(RANK_MAP_FILE)}")
+    if cfg.model.embedder_from:
+        overrides.append(f"model.embedder_from={cfg.model.embedder_from}")
+    return next_command("stage3", run.file("config.yaml"), overrides)
 
 
 def run_stage2(cfg: ExperimentConfig) -> RunDir:
@@ -498,6 +490,7 @@ def run_stage2(cfg: ExperimentConfig) -> RunDir:
     except ValueError as err:
         raise ValueError(f"rank.budget / rank.r_min / rank.r_max (rank.targets={r.targets!r} on "
                          f"{cfg.model.body}): {err}") from None
+    check_embedder_from(cfg, body.orca_weights)  # before the run directory exists
     if r.gaps_from:  # checked before the run directory exists
         t = time.time()
         gaps = read_gaps(cfg, layer_names(body), body.orca_weights)
@@ -505,13 +498,17 @@ def run_stage2(cfg: ExperimentConfig) -> RunDir:
                                              "read_gaps_s": time.time() - t}
 
     run = RunDir.create(cfg, "stage2")
-    save_config(cfg, run.file("config.yaml"))
+    facts = {"stage": "stage2", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed,
+             "body": cfg.model.body, "target_embedder": target_embedder(cfg.model), "run_dir": str(run.path)}
+    run.begin(config_yaml(cfg), facts)
     print(f"[stage2] run directory: {run.path}", flush=True)
-    print(f"[stage2] body {cfg.model.body} ({body.orca_weights}); target embedder: {_target_embedder(cfg.model)}",
+    print(f"[stage2] body {cfg.model.body} ({body.orca_weights}); target embedder: {target_embedder(cfg.model)}",
           flush=True)
-    if r.gaps_from:
-        print(f"[stage2] gap profile from {r.gaps_from}/gaps.json: no feature capture, no gap measurement", flush=True)
-    else:
-        gaps, times = measure_gaps(cfg, task, model, positions, metrics)
-    allocate_and_write(cfg, run, gaps, body, costs, times, t0)
+    with run.failure_recorded(facts):
+        if r.gaps_from:
+            print(f"[stage2] gap profile from {r.gaps_from}/gaps.json: no feature capture, no gap measurement",
+                  flush=True)
+        else:
+            gaps, times = measure_gaps(cfg, task, model, positions, metrics)
+        allocate_and_write(cfg, run, gaps, body, costs, times, t0)
     return run

@@ -13,12 +13,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import main  # noqa: E402
+from bench_train import main
+from orca.errors import exit_on_error
 
 if __name__ == "__main__":
     extra = sys.argv[1:]
     defaults = [] if "--methods" in extra else ["--methods", "full", "lora", "peft", "qlora"]
     tag = [] if "--tag" in extra else ["--tag", "_adapters" + ("_compile" if "--compile" in extra else "")]
-    main(defaults + tag + extra)
+    sys.exit(exit_on_error(main, defaults + tag + extra))

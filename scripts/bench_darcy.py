@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse.linalg as spla
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.darcy import generate_darcy  # noqa: E402
-from datasets.darcy_solver import (_ordering, assemble_operator, generate_sample, sample_grf, solve_darcy,  # noqa: E402
+from datasets.darcy import generate_darcy
+from datasets.darcy_solver import (_ordering, assemble_operator, generate_sample, sample_grf, solve_darcy,
                                    spline_matrices, threshold_coefficient)
-from orca.runs import git_info, machine_info, write_json  # noqa: E402
+from orca.errors import exit_on_error
+from orca.runs import git_info, machine_info, write_json
 
 
 def reference_solve(coeff: np.ndarray) -> np.ndarray:
@@ -97,4 +97,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_error(main))

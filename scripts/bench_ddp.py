@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from orca.errors import exit_on_error
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = "scripts/bench_train.py"  # run from the repository root
 
@@ -140,4 +142,4 @@ def main(argv: Optional[List[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))

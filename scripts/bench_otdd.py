@@ -49,10 +49,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from orca.align.otdd import OTDD  # noqa: E402
-from orca.runs import git_info, usable_cpus  # noqa: E402
+from orca.align.otdd import OTDD
+from orca.errors import exit_on_error
+from orca.runs import git_info, usable_cpus
 
 TOLERANCE = 0.005
 #: Packages microsoft/otdd imports at module level for plotting, clustering, text data or progress bars.
@@ -377,4 +376,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_error(main))

@@ -9,7 +9,7 @@
     python scripts/bench_train.py --compile --methods full lora --batch-sizes 64 --profile 3 --tag _compile_b64
                                                   # + train_compile_b64_profile.md: where each step's time goes
 
-Setup (SPEC.md "Reference numbers"): timm Swin-B at 224 with random weights, random images and
+Setup: timm Swin-B at 224 with random weights, random images and
 labels, mean-pooled features -> Linear(1024, 100) -> cross-entropy, bf16 autocast, fused AdamW.
 Configurations: ``full``; ``lora`` (ours, r = 8 on every block qkv/proj/fc1/fc2; its forward is one
 GEMM over [x, x A^T] when compiled and the base GEMM plus an in-place rank-r update in eager mode,
@@ -37,7 +37,7 @@ A configuration's peak memory is its own block's peak minus the other configurat
 memory; under CUDA graphs (``--compile-mode reduce-overhead`` or ``max-autotune``) it is not reported, since a graph's
 memory pool is taken at capture and looks resident. Compiling Swin-B takes about 2 min per
 configuration and batch size: with ``--compile`` pick a few methods per call and one batch size per
-process (a second shape recompiles), as ``gpu_runs.sh graphs`` does; ``--eager-methods peft`` times
+process (a second shape recompiles), as ``reproduce.sh bench_graphs`` does; ``--eager-methods peft`` times
 the reference eager beside compiled ours.
 
 Writes ``results/bench/train{tag}.json`` and ``.md`` (tag: ``_compile``, ``_gc``, ``_smoke`` or
@@ -74,17 +74,17 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from orca.bench import (GC_WHERE, PROFILE_CATEGORIES, build_config, count_step_flops, create_body,  # noqa: E402
+from orca.bench import (GC_WHERE, PROFILE_CATEGORIES, build_config, count_step_flops, create_body,
                         free_memory, git_state, machine, matmul_peak_tflops, median_rate, profile_steps,
                         short_kernel_name, summarize_profile, synchronize, train_step)
-from orca.bodies import ATTENTION_KINDS, set_attention  # noqa: E402
-from orca.checkpointing import (describe as describe_checkpointing, normalize as normalize_checkpointing,  # noqa: E402
+from orca.bodies import ATTENTION_KINDS, set_attention
+from orca.checkpointing import (describe as describe_checkpointing, normalize as normalize_checkpointing,
                                 plan as plan_checkpointing)
-from orca.config import ModelConfig  # noqa: E402
-from orca.distributed import setup_distributed, world_from_env  # noqa: E402
-from orca.schema import ConfigError  # noqa: E402
+from orca.config import ModelConfig
+from orca.distributed import setup_distributed, world_from_env
+from orca.errors import exit_on_error
+from orca.schema import ConfigError
 
 METHODS = ("full", "lora", "lora_composed", "lora_concat", "lora_inplace", "lora_joined", "lora_map", "dylora",
            "delta_lora", "qlora", "peft", "rank0")
@@ -532,4 +532,4 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))

@@ -5,8 +5,8 @@
     python scripts/block_change.py --n 8 --out /tmp/bc task.options.n_train=8   # overrides go last
 
 Why: under LoRA r = 8 a random body beats the fractal-pretrained one on Darcy-85, while the fractal
-body is the better start for full fine-tuning and the better frozen feature map (issue 4,
-``results/tables.md``, "body_evidence_darcy*"). One reading: a randomly initialised block (weights
+body is the better start for full fine-tuning and the better frozen feature map
+(``results/tables.md``, "body_evidence_darcy*"). One reading: a randomly initialised block (weights
 of std 0.02 on a residual stream) changes its input little, so a random body starts close to the
 identity and low-rank updates build the task's map almost freely, while a pretrained body's blocks
 transform their inputs strongly and LoRA has to bend them. This script measures the first half of
@@ -33,12 +33,12 @@ from typing import Dict, List
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from datasets.registry import build_task  # noqa: E402
-from orca.config import load_config  # noqa: E402
-from orca.model import build_model  # noqa: E402
-from orca.runs import git_info, machine_info  # noqa: E402
+from datasets.registry import build_task
+from orca.config import load_config
+from orca.errors import exit_on_error
+from orca.model import build_model
+from orca.runs import git_info, machine_info
 
 
 def block_changes(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, float]:
@@ -112,4 +112,4 @@ def main(argv: List[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))

@@ -44,13 +44,13 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from rank_estimation.hypothesis import (  # noqa: E402
+from orca.errors import exit_on_error
+from rank_estimation.hypothesis import (
     bootstrap_knee, budget_matched, combine_verdicts, delta_w_ranks, knee_order_verdict, mean_difference_ci,
     permutation_pvalue, spearman_with_ci, spectrum_ranks, verdict,
 )
-from rank_estimation.spectra_file import find_spectra, read_spectra  # noqa: E402
+from rank_estimation.spectra_file import find_spectra, read_spectra
 
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
 #: The committed experiments: one body (the offline fractal Swin) and one recipe per analysis.
@@ -87,6 +87,8 @@ def load_runs(root: Path, split: str, weights: str = "any") -> tuple:
     for summary_path in sorted(root.rglob("summary.json")) if root.is_dir() else []:
         d = summary_path.parent
         s = json.loads(summary_path.read_text())
+        if s.get("status", "finished") != "finished":  # a run still running, or one that failed: no result
+            continue
         if weights != "any" and s.get("stage") in ("stage2", "stage3") and s.get("weights") != weights:
             other_body[str(s.get("weights"))] += 1
             continue
@@ -575,4 +577,4 @@ def main(argv: Optional[List[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_error(main))

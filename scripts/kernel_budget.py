@@ -19,10 +19,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orca.kernel_budget import BudgetInputError, budget_markdown, kernel_budget  # noqa: E402
-from orca.runs import git_info, write_json  # noqa: E402
+from orca.errors import exit_on_error
+from orca.kernel_budget import BudgetInputError, budget_markdown, kernel_budget
+from orca.runs import git_info, write_json
 
 
 def _load(path: Path, what: str) -> dict:
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("profile", type=Path, help="a *_profile.json written by bench_train.py --profile")
     p.add_argument("--bench", type=Path, help="the same run's benchmark .json (default: the profile's name without _profile)")
     p.add_argument("--base", default="full", help="the configuration ratios are taken against")
-    p.add_argument("--targets", type=float, nargs="+", default=[1.3], help="img/s ratios to price (issue 7: 1.3)")
+    p.add_argument("--targets", type=float, nargs="+", default=[1.3], help="img/s ratios to price, e.g. 1.3 1.2")
     p.add_argument("--out", type=Path, default=Path("results/bench/kernel_budget"), help="output path stem")
     args = p.parse_args(argv)
     bench_path = args.bench or args.profile.with_name(args.profile.name.replace("_profile.json", ".json"))
@@ -73,4 +73,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_error(main))

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from orca.errors import exit_on_error
+
 REPO = Path(__file__).resolve().parents[1]
 #: Where the seed's numbers are looked for when --reference is not given (first existing wins):
 #: a copy inside the repository, then the project's shared reference folder next to the checkout.
@@ -123,7 +125,7 @@ def load_runs(root: Path) -> Tuple[List[Run], List[str]]:
         except json.JSONDecodeError as err:
             warnings.append(f"{summary_path}: unreadable JSON ({err}); skipped")
             continue
-        if s.get("stage") != "stage3":
+        if s.get("stage") != "stage3" or s.get("status", "finished") != "finished":  # running or failed: no result
             continue
         sweep_path = run_dir / "sweep.json"
         sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
@@ -372,4 +374,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_error(main))

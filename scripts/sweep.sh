@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A grid of stage-3 runs from one sweep YAML (resumable; one run per GPU in parallel). Usage:
-#   bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml [--dry-run] [--gpus N] [key=value ...]
+#   bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml [--dry-run] [--gpus N] [--per-gpu K | --pack K] [key=value ...]
 #   bash scripts/sweep.sh configs/experiments/table4_darcy_otdd.yaml model.embedder_from=results/runs/stage1__...
 # Exits non-zero when any run failed (listed at the end); rerunning skips the runs that completed.
 source "$(dirname "$0")/_env.sh"

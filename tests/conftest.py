@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -12,6 +13,9 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+# Subprocesses the tests start (python scripts/x.py, python -m orca) find this checkout's packages
+# the way scripts/_env.sh gives them to the stage scripts, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def load_script(filename: str, name: Optional[str] = None) -> ModuleType:
@@ -83,6 +87,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def tiny_overrides(tmp_path):
     """Overrides that make a whole stage-3 run take seconds on one CPU core."""
+    return tiny_overrides_under(tmp_path)
+
+
+def tiny_overrides_under(tmp_path):
+    """:func:`tiny_overrides` with outputs and data under ``tmp_path`` (for module-scoped fixtures)."""
     return [
         "name=test", f"output_dir={tmp_path / 'runs'}", f"task.data_root={tmp_path / 'data'}",
         "task.name=darcy", "task.options.resolution=41", "task.options.subsample=4",

@@ -56,7 +56,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
 
 
 def test_missing_config_file_and_bad_override_syntax(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config file not found"):
+    with pytest.raises(ConfigError, match="config file not found, .*nope.yaml"):
         load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["train.lr"])
@@ -86,7 +86,7 @@ def test_cli_reports_config_errors_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("error: unknown config key 'train.lrr'; did you mean 'lr'?") and "Traceback" not in err
     assert main(["stage3", "--resume", str(tmp_path / "missing_run")]) == 2
-    assert "config file not found" in capsys.readouterr().err
+    assert "--resume needs a run directory holding config.yaml" in capsys.readouterr().err
 
 
 def test_cli_data_builds_the_task_and_reports_its_sizes(capsys, tmp_path):

@@ -14,6 +14,7 @@ import torch
 
 import datasets
 from datasets import darcy, darcy_solver
+from datasets.errors import DataFileError
 from datasets.darcy import (
     DarcyOptions,
     RelativeL2,
@@ -203,7 +204,7 @@ def test_mat_round_trip_equals_cache_format(tmp_path, version):
 
 
 def test_mat_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"not found: .*smooth1\.mat.*'coeff' and 'sol'.*source='generate'"):
+    with pytest.raises(DataFileError, match=r"not found; .*'coeff' and 'sol'.*smooth1\.mat, .*source='generate'"):
         load_darcy_mat(tmp_path / "piececonst_r421_N1024_smooth1.mat")
     u = np.zeros((2, 21, 21))
     scipy.io.savemat(tmp_path / "v5.mat", {"a": u, "sol": u})
@@ -217,6 +218,26 @@ def test_mat_errors_are_clear(tmp_path):
         load_darcy_mat(tmp_path / "shape.mat")
     with pytest.raises(ValueError, match="holds 2 samples but 5 were requested"):
         load_darcy_mat(tmp_path / "shape.mat", n=5, resolution=21)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "truncated_v73"])
+def test_unreadable_mat_names_the_file_not_a_missing_field(tmp_path, damage):
+    u = np.zeros((2, 21, 21))
+    path = tmp_path / "x.mat"
+    if damage == "garbage":
+        path.write_bytes(b"not a MATLAB file " * 40)
+    else:
+        (scipy.io.savemat(path, {"coeff": u, "sol": u}) if damage == "truncated"
+         else _save_v73(path, coeff=u, sol=u))
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) * 3 // 4])  # 'sol' is cut short
+    before = path.read_bytes()
+    with pytest.raises(DataFileError) as err:
+        load_darcy_mat(path, resolution=21)
+    message = str(err.value)
+    assert message.startswith("cannot read the Darcy .mat file, it is truncated or not a MATLAB file (")
+    assert f", {path}, " in message and "no field" not in message
+    assert path.read_bytes() == before
 
 
 def test_array_checks_name_split_and_count():

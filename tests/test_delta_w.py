@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from orca.errors import FileReadError
 from orca.config import load_config
 from orca.runs import RunDir
 from orca.delta_w import body_linear_weights, effective_weights
@@ -163,8 +164,8 @@ def test_spectra_file_round_trip_legacy_and_bad_input(tmp_path):
     bad = tmp_path / "bad" / DELTA_W_FILE
     bad.parent.mkdir()
     bad.write_bytes(encode_spectra(text)[:-8])  # truncated: no gzip trailer
-    with pytest.raises(ValueError, match=r"bad/delta_w\.json\.gz: not a readable Delta W spectra file"):
+    with pytest.raises(FileReadError, match=r"cannot read a Delta W spectra file \(EOFError: .*\), .*bad/delta_w\.json\.gz, "):
         read_spectra(bad)
     bad.write_text(text)  # plain JSON under the .gz name
-    with pytest.raises(ValueError, match="not a readable Delta W spectra file"):
+    with pytest.raises(FileReadError, match=r"cannot read a Delta W spectra file \(BadGzipFile: .*\), .*bad/delta_w\.json\.gz, "):
         read_spectra(bad)

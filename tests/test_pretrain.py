@@ -20,6 +20,7 @@ from datasets.registry import build_task
 from orca.bodies import WeightsError, create_body, read_body_meta
 from orca.cli import main as cli_main
 from orca.config import TrainConfig, load_config, read_yaml
+from orca.errors import UsageError
 from orca.model import build_model
 from orca.schema import ConfigError
 from tests.conftest import TINY_BODY
@@ -116,8 +117,9 @@ def test_export_copies_verifies_and_records_the_checkpoint(tiny_run, tmp_path):
     dest = pretrain.export_checkpoint(str(tiny_run), str(tmp_path / "checkpoints" / "fractal_tiny.safetensors"))
     assert dest.read_bytes() == (tiny_run / "body.safetensors").read_bytes()
     assert _summary(tiny_run)["exported_checkpoint"]["sha256"] == _summary(tiny_run)["checkpoint"]["sha256"]
-    with pytest.raises(FileNotFoundError, match="not a finished stage-0 run directory"):
+    with pytest.raises(UsageError, match="no body.safetensors in the run directory, .*give a finished stage-0 run"):
         pretrain.export_checkpoint(str(tmp_path), str(tmp_path / "x.safetensors"))
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,6 +158,10 @@ def test_time_budget_ends_the_run_with_the_learning_rate_at_zero(tmp_path, monke
 def test_time_budget_spent_before_training_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="time_budget_s=0.001 is spent before training starts"):
         pretrain.run_stage0(_budgeted_cfg(tmp_path / "runs", budget=1e-3))
+    (run_dir,) = (tmp_path / "runs").iterdir()  # the run had begun: it says it failed, and why
+    s = _summary(run_dir)
+    assert s["status"] == "failed" and s["stage"] == "stage0"
+    assert s["reason"].startswith("RuntimeError: ") and "time_budget_s=0.001 is spent before training" in s["reason"]
 
 
 # ------------------------------------------------------------------------------------------------

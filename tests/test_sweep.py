@@ -251,13 +251,15 @@ def test_interrupted_run_fails_then_resumes(tmp_path, data_root, monkeypatch, ca
     run_dir = tmp_path / "runs" / "table2" / "lora_r1_s0"
     assert [(run.name, log) for run, log in failed] == [("lora_r1_s0", str(run_dir / "sweep_error.log"))]
     assert "simulated crash" in (run_dir / "sweep_error.log").read_text()
-    assert (run_dir / "ckpt" / "last.pt").is_file() and not (run_dir / "summary.json").exists()
+    assert (run_dir / "ckpt" / "last.pt").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"  # not done: resumed below
 
     monkeypatch.setattr("orca.train.run_stage3", real)
     capsys.readouterr()
     assert sweep_mod.run_sweep(path, ["train.epochs=2"], gpus=0) == []
     assert "[stage3] resumed at epoch 1" in capsys.readouterr().out
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    done = json.loads((run_dir / "summary.json").read_text())
+    assert done["steps"] == 4 and done["status"] == "finished"
     assert not (run_dir / "sweep_error.log").exists()
 
 

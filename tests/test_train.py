@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from orca.config import load_config
+from orca.errors import UsageError
 from orca.runs import CheckpointMismatch, RunDir
 from orca.train import EpochBatchSampler, run_stage3, warmup_linear_decay
 
@@ -58,9 +59,20 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tiny_overrides, tmp_
 
     with pytest.raises(Killed):
         run_stage3(cfg, on_step=kill)
-    assert not (tmp_path / "killed" / "summary.json").exists()
+    failed = summary(RunDir(tmp_path / "killed"))  # a run that stopped on an error says so, and why
+    assert failed["status"] == "failed" and failed["reason"] == "Killed" and failed["step"] == 8
     resumed = run_stage3(load_config(str(tmp_path / "killed" / "config.yaml")))
     a, b = summary(full), summary(resumed)
+    assert a["status"] == b["status"] == "finished"
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("full", "killed")}
+    epoch_rows = {name: [r for r in rows[name] if r["kind"] == "epoch"] for name in rows}
+    # the resumed epoch 2 averages all of its 6 steps (the sums before the kill are in the checkpoint)
+    assert [r["train/loss"] for r in epoch_rows["killed"]] == [r["train/loss"] for r in epoch_rows["full"]]
+    assert all(r["train/img_per_s"] > 0 for name in rows for r in epoch_rows[name])  # also with mid-epoch saves
+    assert [r for r in rows["killed"] if r["kind"] == "train"] == [r for r in rows["full"] if r["kind"] == "train"] \
+        or [(r["step"], r["train/loss"]) for r in rows["killed"] if r["kind"] == "train"] == \
+        [(r["step"], r["train/loss"]) for r in rows["full"] if r["kind"] == "train"]
     assert a["test"]["rel_l2"] == b["test"]["rel_l2"]
     assert a["val"] == pytest.approx(b["val"]) and a["steps"] == b["steps"] == 12
     last_full = RunDir(tmp_path / "full").load_checkpoint("last")["model"]
@@ -78,6 +90,12 @@ def test_checkpoint_from_other_model_is_refused_and_nothing_lost(tiny_overrides,
     before = files_of(run_dir)
     other = load_config(None, tiny_overrides + ["train.epochs=1", f"run_dir={run_dir}",
                                                 "model.body_kwargs.embed_dim=32"])
+    with pytest.raises(UsageError, match=r"^run_dir holds a finished run of another config \(model.body_kwargs.embed_dim: "
+                                         r"16 there, 32 here\), run_dir=.*, choose another run_dir"):
+        run_stage3(other)  # finished: refused before anything is built
+    assert files_of(run_dir) == before
+    (run_dir / "summary.json").unlink()  # unfinished: the checkpoint itself is refused
+    before = files_of(run_dir)
     with pytest.raises(CheckpointMismatch, match=r"different model: .*differ in shape, e.g. "):
         run_stage3(other)
     assert files_of(run_dir) == before

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from orca.errors import UsageError, reading
+
 #: Target presets (module names relative to the timm Swin body, matched with ``re.fullmatch``).
 #: ``attn`` is what seed 001 adapts (its Table 2 parameter counts are 72,192 x r on Swin-B, which is
 #: exactly qkv + proj of every block); LoRA (Hu et al. 2021, Sec. 7.1) found adapting more weight
@@ -43,7 +45,7 @@ def _help(text: str) -> Dict[str, str]:
 
 @dataclass
 class AdapterConfig:
-    """Stage-3 fine-tuning method and its hyperparameters (see SPEC.md, "Methods")."""
+    """Stage-3 fine-tuning method and its hyperparameters (the methods table in the README)."""
 
     method: str = field(default="lora", metadata=_help(
         "Fine-tuning method: full | head | lora | delta_lora | dylora | qlora | adalora (peft baseline)."))
@@ -204,12 +206,12 @@ class AdapterConfig:
             return dict(self.rank_map)
         path = Path(self.rank_map)
         if not path.is_file():
-            raise ValueError(f"rank_map={str(path)!r}: no such file")
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not isinstance(data.get("rank_map"), dict):
-            raise ValueError(f"rank_map file {str(path)!r}: expected a JSON object with a "
-                             "'rank_map' object {module_name_or_regex: rank}")
-        return check_rank_values(data["rank_map"], source=str(path))
+            raise UsageError("adapter.rank_map: no such file", str(path), "give the rank_map.json a stage-2 run wrote")
+        with reading(path, "the rank map", "give the rank_map.json a stage-2 run wrote, unedited"):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("rank_map"), dict):
+                raise ValueError("expected a JSON object with a 'rank_map' object {module_name_or_regex: rank}")
+            return check_rank_values(data["rank_map"], source="rank_map")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> Dict[str, Any]:

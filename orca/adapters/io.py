@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -28,6 +29,7 @@ from orca.adapters.base import AdapterMethod, build_method, is_adapter_param
 from orca.adapters.config import AdapterConfig
 from orca.adapters.dylora import DynamicRank
 from orca.adapters.lora import LoRALinear, lora_layers
+from orca.errors import READ_ERRORS, FileReadError, UsageError, reading
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_JSON = "adapter.json"
@@ -94,11 +96,14 @@ def read_adapter_config(directory: PathLike) -> AdapterConfig:
 def _read_meta(directory: PathLike) -> Dict[str, Any]:
     path = Path(directory) / ADAPTER_JSON
     if not path.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_JSON} in {str(directory)!r}: not a saved orca adapter")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {meta.get('format')!r} v{meta.get('version')!r}; "
-                         f"expected {FORMAT!r} v{FORMAT_VERSION}")
+        raise UsageError(f"no {ADAPTER_JSON} there, so it is not a saved orca adapter", str(directory),
+                         "give a directory that save_adapter wrote")
+    with reading(path, "an adapter's metadata", "save the adapter again"):
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
+        raise FileReadError(f"format {found!r}, expected {FORMAT!r} v{FORMAT_VERSION}", str(path),
+                            "save the adapter again with this version")
     return meta
 
 
@@ -145,7 +150,9 @@ def load_adapter(model: Any, directory: PathLike, method: Optional[AdapterMethod
     if extra:
         raise ValueError(f"model adapts module {extra[0]!r}, which the saved adapter lacks "
                          f"({len(extra)} such modules)")
-    tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    with reading(Path(directory) / ADAPTER_WEIGHTS, "an adapter's weights", "save the adapter again",
+                 READ_ERRORS + (SafetensorError,)):
+        tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
     params = dict(module.named_parameters())
     unknown = [n for n in tensors if n not in params]
     if unknown:

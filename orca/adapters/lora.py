@@ -77,7 +77,8 @@ class DenseWeight:
     rewrites the whole N x d_out output, a memory-bound pass that full fine-tuning does not make,
     while inductor writes [x, x A^T] in the kernel that produces x. In eager mode the concatenation
     is a separate copy (and one more launch per layer, where small batches are launch-bound), and
-    the in-place form is the one measured there (0.98-1.02x full at batch 256, sessions 3-4).
+    the in-place form is the one measured there (1.02x full at batch 256 on an H100,
+    results/bench/train_adapters.md).
     Subclasses pin the choice for benchmarks (:class:`ConcatDenseWeight`, :class:`InplaceDenseWeight`).
     """
 
@@ -135,7 +136,7 @@ class ConcatDenseWeight(DenseWeight):
 
 class InplaceDenseWeight(DenseWeight):
     """A dense base that always takes the base GEMM plus the in-place rank-r update, compiled
-    included: the form the default took before session 8, kept as the reference the one-GEMM form
+    included: the compiled default until the one-GEMM form measured faster, kept as the reference it
     is timed against (``scripts/bench_train.py --methods lora_inplace``)."""
 
     kind = "dense (in-place rank-r update)"
@@ -146,7 +147,7 @@ class JoinedDenseWeight(DenseWeight):
     """The default forward forms with the backward's two GEMMs over g joined into one:
     [dL/dx | dL/d(x A^T)] = g [W + s B A | s B] (N = d_in + r), instead of g (W + s B A) and then
     g (s B), a second pass over the N x d_out output gradient. Why a candidate, not the default:
-    session 9's profile (results/bench/train_compile_b256_profile.md) has LoRA spending more GEMM time
+    the profile in results/bench/train_compile_b256_profile.md has LoRA spending more GEMM time
     than full fine-tuning, much of it in rank-r GEMMs that each re-read an activation; this removes
     one of them per layer, at the price of an input gradient with row stride d_in + r, which eager
     consumers may copy. Measured, it does not pay: on an H200 at batch 256 it ran at 0.99x plain LoRA

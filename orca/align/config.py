@@ -10,7 +10,7 @@ from orca.schema import ConfigError, check_choice, check_positive
 
 @dataclass
 class AlignConfig:
-    """ORCA's embedder alignment (SPEC.md, stage 1). Defaults are ORCA's Darcy settings."""
+    """ORCA's embedder alignment (stage 1). Defaults are ORCA's Darcy settings."""
 
     mode: str = field(default="train", metadata={"help": "train (optimise the objective) | source_init (copy the pretrained patch embedding only; the ablation)"})
     objective: str = field(default="otdd", metadata={"help": "otdd | mmd | l2"})

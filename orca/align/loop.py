@@ -5,7 +5,7 @@
     bash scripts/stage1.sh configs/darcy_swinb.yaml align.mode=source_init      # the ablation: no training
     python -m orca stage3 --config configs/darcy_swinb.yaml model.embedder_from=runs/stage1__darcy__...
 
-ORCA's recipe (SPEC.md, stage 1): source = N labelled images through the body's pretrained patch
+ORCA's recipe (stage 1): source = N labelled images through the body's pretrained patch
 embedding, token-averaged (cached, see ``orca.align.source_features``); target = the new embedder's
 outputs on the target training inputs, token-averaged; target labels = the real classes, or k-means
 clusters of the flattened targets for regression; loss = class-frequency-weighted sum over target
@@ -37,12 +37,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from datasets.progress import Progress
 from datasets.registry import TaskData, build_task
 from orca.align.source_features import SourceFeatures, load_or_compute_source_features, token_mean
-from orca.config import ExperimentConfig, save_config
+from orca.config import ExperimentConfig, config_yaml
 from orca.model import EMBEDDER_FILE, build_model
+from orca.provenance import next_command
 from orca.runs import RunDir, atomic_write_bytes, git_info, machine_info, save_png, write_json
 from orca.train import resolve_device, seed_everything
 
@@ -275,25 +276,25 @@ def align_embedder(objective: Objective, target: TargetEmbedding, src_feats: tor
     times: List[float] = []
     lr = optimizer.param_groups[0]["lr"]
     target.embedder.train()
-    bar = tqdm(range(a.epochs), desc=f"stage1 {a.objective}", dynamic_ncols=True, disable=None)
-    for epoch in bar:
-        t_ep = time.time()
-        if a.steps_per_epoch == 1:  # ORCA: the step's own full-set value is the curve point
-            curve.append(objective_value(objective, target, everyone, epoch, src_feats, src_labels, with_grad=True))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            curve.append(objective_value(objective, target, everyone, epoch, src_feats, src_labels, with_grad=False))
-            perm = torch.randperm(n, generator=order).tolist()
-            size = math.ceil(n / a.steps_per_epoch)
-            for batch in (perm[i:i + size] for i in range(0, n, size)):
-                objective_value(objective, target, batch, epoch, src_feats, src_labels, with_grad=True)
+    with Progress(total=a.epochs, desc=f"stage1 {a.objective}", unit="epoch") as bar:
+        for epoch in range(a.epochs):
+            t_ep = time.time()
+            if a.steps_per_epoch == 1:  # ORCA: the step's own full-set value is the curve point
+                curve.append(objective_value(objective, target, everyone, epoch, src_feats, src_labels, with_grad=True))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        times.append(time.time() - t_ep)
-        run.log_metrics({"kind": "align", "epoch": epoch, f"align/{a.objective}": curve[-1], "align/lr": lr})
-        bar.set_postfix(objective=f"{curve[-1]:.4g}")
-    bar.close()
+            else:
+                curve.append(objective_value(objective, target, everyone, epoch, src_feats, src_labels, with_grad=False))
+                perm = torch.randperm(n, generator=order).tolist()
+                size = math.ceil(n / a.steps_per_epoch)
+                for batch in (perm[i:i + size] for i in range(0, n, size)):
+                    objective_value(objective, target, batch, epoch, src_feats, src_labels, with_grad=True)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            times.append(time.time() - t_ep)
+            run.log_metrics({"kind": "align", "epoch": epoch, f"align/{a.objective}": curve[-1], "align/lr": lr})
+            bar.set_postfix(objective=f"{curve[-1]:.4g}")
+            bar.update(1)
     target.embedder.eval()
     curve.append(objective_value(objective, target, everyone, a.epochs, src_feats, src_labels, with_grad=False))
     run.log_metrics({"kind": "align", "epoch": a.epochs, f"align/{a.objective}": curve[-1], "align/lr": lr})
@@ -351,9 +352,17 @@ def run_stage1(cfg: ExperimentConfig) -> RunDir:
     seed_everything(cfg.seed, cfg.train.deterministic)
     task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
     run = RunDir.create(cfg, "stage1")
-    save_config(cfg, run.file("config.yaml"))
+    facts = {"stage": "stage1", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed, "mode": a.mode,
+             "objective": a.objective, "body": cfg.model.body, "run_dir": str(run.path)}
+    run.begin(config_yaml(cfg), facts)
     print(f"[stage1] run directory: {run.path}", flush=True)
+    with run.failure_recorded(facts):
+        return _align_and_save(cfg, run, task, device, t0)
 
+
+def _align_and_save(cfg: ExperimentConfig, run: RunDir, task: TaskData, device: torch.device, t0: float) -> RunDir:
+    """Stage 1 once its run directory has begun: align, save the embedder, write the outputs."""
+    a = cfg.align
     record: Dict[str, Any] = {"mode": a.mode, "objective_name": a.objective, "epochs": 0, "objective": []}
     if a.mode == "train":  # cheap checks first: fail on a bad k before the source set is rendered
         objective = build_objective(a, cfg.seed)
@@ -406,4 +415,7 @@ def run_stage1(cfg: ExperimentConfig) -> RunDir:
               f"embedder: {embedder_path}", flush=True)
     else:
         print(f"[stage1] source_init: saved the source-initialised embedder in {wall:.1f}s: {embedder_path}", flush=True)
+    products = [f"model.embedder_from={run.path}"]
+    print(f"[stage1] next: {next_command('stage2', run.file('config.yaml'), products)}", flush=True)
+    print(f"[stage1]   or: {next_command('stage3', run.file('config.yaml'), products)}", flush=True)
     return run

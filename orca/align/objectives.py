@@ -1,6 +1,6 @@
 """Stage-1 alignment objectives behind one interface, in the ``alignment objective`` registry.
 
-Every objective is ORCA's loss shape (SPEC.md, stage 1): the target set is split by its labels
+Every objective is ORCA's loss shape (stage 1): the target set is split by its labels
 (k-means clusters for regression targets, classes otherwise), each cluster is compared with the
 whole source set, and the per-cluster values are summed with class-frequency weights
 w_k = n_k / n. Only what "compared" means differs:

@@ -1,0 +1,583 @@
+"""Packed stage 3: up to K sweep runs trained in lockstep through one shared frozen body.
+
+    bash scripts/sweep.sh configs/experiments/table3_darcy_all.yaml --pack 24
+
+Why: a sweep of short LoRA runs on a small body leaves a GPU mostly idle, bound by kernel
+launches at batch 16; K processes side by side each hold a body, a CUDA context and their own
+launches. Here one process holds the body once and every step is one forward/backward over all K
+runs' batches (:mod:`orca.packed_model`), so a launch carries K x 16 images.
+
+Each run stays itself: its own seed and initial weights (built exactly as ``run_stage3`` builds
+them), data order, AdamW state, learning-rate schedule, gradient clipping, best-by-validation
+checkpoint, ``metrics.jsonl``, ``summary.json`` and ``ckpt/{last,best}.pt`` in the format of a
+run trained alone (a packed run's checkpoint resumes alone and vice versa). Under
+``train.deterministic=true`` on the CPU a packed run reproduces the run alone to float rounding
+(``tests/test_packed.py``). A run whose loss turns non-finite fails alone, with the message it would
+have failed with; the others go on.
+
+What packs: methods ``lora`` and ``head`` (rank 0) with AdamW, no LoRA dropout, no trained norms,
+one micro-batch per step; runs whose task, body, batch size, epochs and the rest of the recipe agree
+(:func:`pack_key`) and that stand at the same point of training. Per run may differ: seed, rank or
+rank map, targets, alpha, rsLoRA, LoRA+ ratio, lr, weight decay, warm-up, clipping, which of
+embedder and head train, a stage-1 embedder. Everything else trains alone, as before
+(:func:`why_not_packable`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from orca.adapters import build_method
+from orca.config import ExperimentConfig, config_dict, config_yaml
+from orca.model import task_shape
+from orca.packed_model import PackError, PackedModel, Slot
+from orca.runs import RunDir, check_arch, git_info, machine_info
+from orca.train import (EpochBatchSampler, autocast_for, build_optimizer, check_finite, decode, initial_model,
+                        loss_reduction, resolve_device, warmup_linear_decay)
+
+#: Methods whose runs can share a packed model (``head`` is LoRA at rank 0 everywhere).
+PACKABLE_METHODS = ("lora", "head")
+#: Config keys that may differ between the runs of one pack (everything else must agree).
+PER_RUN_KEYS = {
+    "": ("name", "seed", "run_dir", "output_dir", "align", "rank"),
+    "adapter": ("method", "rank", "rank_map", "alpha", "rslora", "init_a", "targets", "clip_rank",
+                "loraplus_ratio", "train_embedder", "train_head"),
+    "train": ("lr", "weight_decay", "clip_grad", "warmup_epochs", "log_every", "save_every_steps", "num_workers",
+              "compile_mode", "channels_last"),
+    "model": ("embedder_from", "embedder_init"),
+}
+
+
+def why_not_packable(cfg: ExperimentConfig) -> Optional[str]:
+    """None if ``cfg`` can train in a pack, else the reason it trains alone (printed by the sweep)."""
+    a, t = cfg.adapter, cfg.train
+    if a.method not in PACKABLE_METHODS:
+        return f"adapter.method={a.method} (packs hold {' and '.join(PACKABLE_METHODS)})"
+    if a.dropout:
+        return "adapter.dropout > 0 (LoRA dropout masks are not packed)"
+    if a.train_norms:
+        return "adapter.train_norms (the body's norms are shared by the pack)"
+    if t.optimizer != "adamw" or a.paged_adamw:
+        return f"train.optimizer={t.optimizer} (packs run AdamW)"
+    if t.grad_accum != 1:
+        return f"train.grad_accum={t.grad_accum} (packs take one micro-batch per step)"
+    if t.grad_checkpointing:
+        return "train.grad_checkpointing (recomputation would redraw stochastic depth)"
+    return None
+
+
+def pack_key(cfg: ExperimentConfig, progress: Any = None) -> str:
+    """What runs of one pack must share: the config without :data:`PER_RUN_KEYS`, plus the point of
+    training (``progress``: the ``state`` of ``ckpt/last.pt``) and, for a random body, the seed."""
+    data = config_dict(cfg)
+    for section, keys in PER_RUN_KEYS.items():
+        node = data if not section else data[section]
+        for key in keys:
+            node.pop(key, None)
+    if cfg.model.weights == "none":  # a random body is drawn from the seed: runs of two seeds differ
+        data["seed"] = cfg.seed
+    data["progress"] = progress
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def max_rank(cfg: ExperimentConfig) -> int:
+    """The rank that decides a run's padding (packs group runs of similar rank)."""
+    if cfg.adapter.method == "head":
+        return 0
+    ranks = [cfg.adapter.rank]
+    if isinstance(cfg.adapter.rank_map, dict):
+        ranks += [int(r) for r in cfg.adapter.rank_map.values()]
+    return max(ranks)
+
+
+def plan_packs(cfgs: Sequence[ExperimentConfig], k: int) -> Tuple[List[List[int]], List[Tuple[int, str]]]:
+    """Split runs into packs of at most ``k``: ``(packs as lists of indices, [(index, why alone)])``.
+
+    Runs pack together when :func:`pack_key` agrees, including where a resumed run stands (read
+    from its ``ckpt/last.pt``); inside a group, runs of similar rank share a pack, so a pack pads
+    the factors of its low ranks to a nearby rank rather than to the sweep's largest.
+    """
+    if k < 1:
+        raise ValueError(f"pack size must be >= 1, got {k}")
+    groups: Dict[str, List[int]] = {}
+    alone = []
+    for i, cfg in enumerate(cfgs):
+        reason = why_not_packable(cfg)
+        if reason is not None:
+            alone.append((i, reason))
+            continue
+        progress = None
+        if cfg.run_dir and (Path(cfg.run_dir) / "ckpt" / "last.pt").is_file():
+            state = torch.load(Path(cfg.run_dir) / "ckpt" / "last.pt", map_location="cpu", weights_only=True,
+                               mmap=True)["state"]
+            progress = [state["epoch"], state["batch"], state["step"]]
+        groups.setdefault(pack_key(cfg, progress), []).append(i)
+    packs = []
+    for members in groups.values():
+        members = sorted(members, key=lambda i: (max_rank(cfgs[i]), i))
+        packs.extend(members[j:j + k] for j in range(0, len(members), k))
+    return packs, alone
+
+
+# ----------------------------------------------------------------------------- optimizer
+class PackedAdamW:
+    """AdamW (torch's decoupled form) over the stacked tensors, each run with its own lr and decay.
+
+    The learning rates come each step from the runs' own ``torch.optim.AdamW`` objects, which
+    never step: their LambdaLR schedulers move their lrs, and :meth:`export` writes this state into
+    them so that checkpoints hold ``optimizer.state_dict()`` exactly as a run alone saves it.
+    """
+
+    def __init__(self, slots: Sequence[Slot], optimizers: Sequence[torch.optim.Optimizer],
+                 models: Sequence[torch.nn.Module], clip: Sequence[Optional[float]]):
+        self.slots, self.optimizers = list(slots), list(optimizers)
+        self.params = [s.param for s in self.slots]
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.step_count = 0
+        defaults = optimizers[0].defaults
+        self.beta1, self.beta2 = defaults["betas"]
+        self.eps = defaults["eps"]
+        k = len(optimizers)
+        device = self.params[0].device
+        self.own = [dict(m.named_parameters()) for m in models]
+        groups, decay = torch.zeros(len(slots), k, dtype=torch.long), torch.zeros(len(slots), k, dtype=torch.float64)
+        for i, opt in enumerate(optimizers):
+            where = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
+            for s, slot in enumerate(self.slots):
+                if slot.trained[i]:
+                    g = where[id(self.own[i][slot.names[i]])]
+                    groups[s, i], decay[s, i] = g, opt.param_groups[g]["weight_decay"]
+        self.groups, self.decay = groups, decay
+        self.trained = torch.tensor([s.trained for s in self.slots], dtype=torch.float64)
+        self.trained_dev = self.trained.to(device=device, dtype=torch.float32)
+        self.clip = torch.tensor([c if c else math.inf for c in clip], dtype=torch.float32, device=device)
+        self.clipping = any(c for c in clip)
+        self.max_groups = max(len(o.param_groups) for o in optimizers)
+
+    def _views(self, rows: torch.Tensor) -> List[torch.Tensor]:
+        """Row s of ``rows`` [slots, K] shaped to broadcast over slot s's stacked tensor."""
+        return [rows[s].view(-1, *([1] * (p.ndim - 1))) for s, p in enumerate(self.params)]
+
+    @torch.no_grad()
+    def clip_grad_norm_(self) -> None:
+        """Per run, ``clip_grad_norm_`` over that run's trained tensors (runs without clipping: x 1)."""
+        if not self.clipping:
+            return
+        grads = [p.grad for p in self.params]
+        k = self.clip.shape[0]
+        norms = torch.stack([g.reshape(k, -1).float().norm(dim=1) for g in grads]) * self.trained_dev
+        total = torch.linalg.vector_norm(norms, dim=0)
+        coef = torch.where(torch.isinf(self.clip), torch.ones_like(total),
+                           torch.clamp(self.clip / (total + 1e-6), max=1.0))
+        torch._foreach_mul_(grads, [coef.view(-1, *([1] * (g.ndim - 1))) for g in grads])
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.step_count += 1
+        t = self.step_count
+        k = len(self.optimizers)
+        lrs = torch.zeros(k, self.max_groups, dtype=torch.float64)
+        for i, opt in enumerate(self.optimizers):
+            lrs[i, :len(opt.param_groups)] = torch.tensor([g["lr"] for g in opt.param_groups], dtype=torch.float64)
+        lr = lrs.gather(1, self.groups.t()).t() * self.trained  # [slots, K]
+        bc1, bc2 = 1 - self.beta1 ** t, 1 - self.beta2 ** t
+        rows = torch.stack([1 - lr * self.decay, -(lr / bc1)]).to(self.params[0].device, torch.float32,
+                                                                  non_blocking=True)
+        grads = [p.grad for p in self.params]
+        torch._foreach_mul_(self.params, self._views(rows[0]))
+        torch._foreach_lerp_(self.exp_avg, grads, 1 - self.beta1)
+        torch._foreach_mul_(self.exp_avg_sq, self.beta2)
+        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - self.beta2)
+        denom = torch._foreach_sqrt(self.exp_avg_sq)
+        torch._foreach_div_(denom, bc2 ** 0.5)
+        torch._foreach_add_(denom, self.eps)
+        update = torch._foreach_div(self.exp_avg, denom)
+        torch._foreach_mul_(update, self._views(rows[1]))
+        torch._foreach_add_(self.params, update)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def load(self) -> None:
+        """Take the runs' optimizer states (a resumed run's ``ckpt/last.pt``) into the stacks."""
+        steps = set()
+        for i, opt in enumerate(self.optimizers):
+            for s, slot in enumerate(self.slots):
+                state = opt.state.get(self.own[i][slot.names[i]]) if slot.trained[i] else None
+                if state:
+                    slot.view(self.exp_avg[s], i).copy_(state["exp_avg"])
+                    slot.view(self.exp_avg_sq[s], i).copy_(state["exp_avg_sq"])
+                    steps.add(int(state["step"]))
+        if len(steps) > 1:
+            raise PackError(f"the runs' optimizers stand at different steps {sorted(steps)}")
+        self.step_count = steps.pop() if steps else 0
+
+    @torch.no_grad()
+    def export(self, i: int) -> Dict[str, Any]:
+        """Run i's ``optimizer.state_dict()`` as its own AdamW would hold it after this many steps."""
+        opt = self.optimizers[i]
+        if self.step_count:
+            fused = bool(opt.defaults.get("fused"))
+            for s, slot in enumerate(self.slots):
+                if slot.trained[i]:
+                    p = self.own[i][slot.names[i]]
+                    step = torch.tensor(float(self.step_count), dtype=torch.float32,
+                                        device=p.device if fused else "cpu")
+                    opt.state[p] = {"step": step, "exp_avg": slot.view(self.exp_avg[s], i).clone(),
+                                    "exp_avg_sq": slot.view(self.exp_avg_sq[s], i).clone()}
+        return opt.state_dict()
+
+
+# ----------------------------------------------------------------------------- losses and evaluation
+def run_losses(task, out: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """``[K]``: each run's ``task.loss`` over its own rows of a packed batch."""
+    loss = task.loss
+    if hasattr(loss, "reduction"):
+        per_sample = copy.copy(loss)
+        per_sample.reduction = "none"
+        err = per_sample(out, y).view(k, -1)
+        return err.sum(1) if loss.reduction == "sum" else err.mean(1)
+    return torch.stack([loss(o, t) for o, t in zip(out.chunk(k), y.chunk(k))])
+
+
+@torch.no_grad()
+def evaluate_pack(model: PackedModel, loader: DataLoader, task, device: torch.device, autocast,
+                  desc: str) -> List[Any]:
+    """Each run's :func:`orca.train.evaluate` result (or the FloatingPointError it would raise),
+    from one pass that feeds every batch to all K runs at once."""
+    model.eval()
+    k = model.k
+    errors, loss_sum, n = [], torch.zeros(k, dtype=torch.float64, device=device), 0
+    summed = loss_reduction(task) == "sum"
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        xr, yr = x.repeat(k, *([1] * (x.ndim - 1))), y.repeat(k, *([1] * (y.ndim - 1)))
+        with autocast():
+            out = model(xr)
+        out = out.float()
+        errors.append(task.metric(decode(task, out), yr).float().view(k, -1))
+        loss_sum += run_losses(task, out, yr, k).double() * (1 if summed else len(x))
+        n += len(x)
+    err = torch.cat(errors, dim=1).cpu()
+    loss_sum = loss_sum.cpu()
+    results: List[Any] = []
+    for i in range(k):
+        bad = ~torch.isfinite(err[i])
+        if bad.any():
+            results.append(FloatingPointError(f"{desc}: non-finite {task.metric_name} on {int(bad.sum())} samples"))
+        else:
+            results.append({task.metric_name: float(err[i].mean()), "loss": float(loss_sum[i]) / max(n, 1)})
+    return results
+
+
+def train_tensors(dataset, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The training set as two device tensors, so a packed batch is one gather, not K loaders.
+
+    Raises:
+        PackError: a dataset that augments per sample (its items differ per draw).
+    """
+    if getattr(dataset, "augment", False):
+        raise PackError("the training set augments per sample: its items are not fixed tensors")
+    x, y = getattr(dataset, "x", None), getattr(dataset, "y", None)
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and len(x) == len(dataset)):
+        xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+        x, y = torch.stack(xs), torch.as_tensor(ys) if not isinstance(ys[0], torch.Tensor) else torch.stack(ys)
+    return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------- one pack
+class _Run:
+    """One run of a pack: its config, directory, own model (format object), schedule and counters."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.dir = RunDir.create(cfg, "stage3")
+        self.error: Optional[str] = None
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "best": math.inf, "best_epoch": -1,
+                      "train_time": 0.0, "train_images": 0,
+                      # stage 3 alone's mid-epoch sums (same checkpoint keys); a pack does not fill them yet
+                      "epoch_loss": 0.0, "epoch_time": 0.0, "epoch_images": 0}
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+
+def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int], None]] = None,
+               log: Callable[[str], None] = lambda msg: print(msg, flush=True)) -> Dict[str, Any]:
+    """Train ``cfgs`` as one pack; return ``{"errors": [None or message per run], "timing": {...}}``.
+
+    Raises:
+        PackError: the runs cannot share a packed model (nothing was written; train them alone).
+    """
+    t0 = time.time()
+    timing = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "test_s": 0.0, "steps": 0}
+    device = resolve_device(cfgs[0].train.device)
+    runs = [_Run(cfg) for cfg in cfgs]
+    k = len(runs)
+    models, methods, params, rng_cpu, rng_dev, resumes = [], [], [], [], [], []
+    task, reusable = None, []
+
+    def build_once(make_task):
+        """The pack's task, built for the first run and reused when building it drew no random
+        numbers (every run alone then builds the same data and leaves the RNG where it found it)."""
+        if reusable:
+            return reusable[0]
+        before = torch.get_rng_state()
+        built = make_task()
+        if torch.equal(before, torch.get_rng_state()):
+            reusable.append(built)
+        return built
+
+    for run in runs:
+        run_task, model = initial_model(run.cfg, build_once)
+        method = build_method(run.cfg.adapter)
+        params.append(method.prepare(model))
+        rng_cpu.append(torch.get_rng_state())
+        rng_dev.append(torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        resume = run.dir.load_checkpoint("last")
+        if resume is not None:
+            check_arch(resume["arch"], model, str(run.dir.ckpt_dir / "last.pt"))
+            model.load_state_dict(resume["model"])
+        task = task or run_task
+        models.append(model)
+        methods.append(method)
+        resumes.append(resume)
+    progress = {json.dumps({key: r["state"][key] for key in ("epoch", "batch", "step")}) if r else None
+                for r in resumes}
+    if len(progress) > 1:
+        raise PackError(f"the runs stand at different points of training ({sorted(map(str, progress))})")
+    packed = PackedModel(models).to(device)
+    packed.share_frozen(models)
+    for model in models:
+        model.to(device)
+    if task.decode is not None:
+        task.decode.to(device)
+    x_train, y_train = train_tensors(task.train, device)
+
+    t = cfgs[0].train
+    autocast = autocast_for(t.amp, device)
+    samplers = [EpochBatchSampler(len(task.train), t.batch_size, r.cfg.seed, drop_last=t.compile) for r in runs]
+    micro_per_epoch = len(samplers[0])
+    if t.max_steps_per_epoch:
+        micro_per_epoch = min(micro_per_epoch, t.max_steps_per_epoch)
+    total_steps = micro_per_epoch * t.epochs
+    optimizers, schedulers = [], []
+    for run, model, method in zip(runs, models, methods):
+        groups = method.param_groups(model, run.cfg.train.lr, run.cfg.train.weight_decay)
+        optimizers.append(build_optimizer(run.cfg, groups, device))
+        warmup = round(run.cfg.train.warmup_epochs * micro_per_epoch)
+        schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizers[-1], warmup_linear_decay(total_steps, warmup)))
+        optimizers[-1]._opt_called = True  # PackedAdamW steps for it: no "scheduler before optimizer" warning
+    generators = []
+    for i, (run, resume) in enumerate(zip(runs, resumes)):
+        if resume is not None:
+            optimizers[i].load_state_dict(resume["optimizer"])
+            schedulers[i].load_state_dict(resume["scheduler"])
+            methods[i].load_state(resume.get("method", {}))
+            run.state.update(resume["state"])
+            rng_cpu[i] = resume["rng_cpu"]
+            if device.type == "cuda" and "rng_cuda" in resume:
+                rng_dev[i] = resume["rng_cuda"]
+        gen = torch.Generator(device=device)
+        gen.set_state(rng_dev[i] if device.type == "cuda" else rng_cpu[i])
+        generators.append(gen)
+        methods[i].on_train_start(models[i], total_steps)
+        covered = dict(run.state)  # as in stage 3 alone: config and running summary once all was read
+        run.dir.begin(config_yaml(run.cfg), {
+            "stage": "stage3", "task": run.cfg.task.name, "experiment": run.cfg.name, "seed": run.cfg.seed,
+            "method": run.cfg.adapter.method, "epochs": run.cfg.train.epochs, "run_dir": str(run.dir.path)},
+            keep=None if resume is None else (
+                lambda r, c=covered: (r.get("kind") == "train" and r["step"] <= c["step"])
+                or (r.get("kind") == "epoch" and r["epoch"] <= c["epoch"])))
+        log(f"[pack] run directory: {run.dir.path} ({run.cfg.adapter.method}, "
+            f"{params[i]['trainable']:,} trainable parameters)")
+    packed.generators[:] = generators
+    adamw = PackedAdamW(packed.slots, optimizers, models, [r.cfg.train.clip_grad for r in runs])
+    adamw.load()
+    eval_loader = lambda ds: DataLoader(ds, batch_size=t.batch_size * 2, shuffle=False,  # noqa: E731
+                                        num_workers=t.num_workers, pin_memory=device.type == "cuda",
+                                        generator=torch.Generator().manual_seed(cfgs[0].seed))
+    val_loader, test_loader = eval_loader(task.val), eval_loader(task.test)
+    metric = task.metric_name
+    timing["setup_s"] = time.time() - t0
+    log(f"[pack] {k} runs share one {cfgs[0].model.body} on {device}; "
+        f"LoRA on {len(packed.lora_names)} Linears, ranks padded to "
+        f"{max([p.lora_A.shape[1] for p in packed.body.modules() if hasattr(p, 'ranks')] or [0])}")
+
+    def fail(i: int, err: BaseException) -> None:
+        runs[i].error = f"{type(err).__name__}: {err}"
+        log(f"[pack] FAILED {runs[i].dir.path.name}: {runs[i].error} (the other runs go on)")
+
+    def checkpoint(name: str = "last") -> None:
+        tc = time.time()
+        packed.store_to_runs(models)
+        for i, run in enumerate(runs):
+            if not run.alive:
+                continue
+            payload = {"model": models[i].state_dict(), "optimizer": adamw.export(i),
+                       "scheduler": schedulers[i].state_dict(), "state": dict(run.state), "arch": models[i].arch(),
+                       "task_shape": task_shape(task), "method": methods[i].state_for_checkpoint(),
+                       "rng_cpu": generators[i].get_state() if device.type == "cpu" else rng_cpu[i],
+                       "config": config_dict(run.cfg)}
+            if device.type == "cuda":
+                payload["rng_cuda"] = generators[i].get_state()
+            run.dir.save_checkpoint(name, payload)
+        timing["checkpoint_s"] += time.time() - tc
+
+    start = runs[0].state
+    for epoch in range(start["epoch"], t.epochs):
+        packed.train()
+        for sampler in samplers:
+            sampler.set_epoch(epoch, skip_batches=start["batch"])
+        batches = [iter(s) for s in samplers]
+        t_epoch, images, loss_acc = time.time(), 0, torch.zeros(k, device=device)
+        for micro in range(start["batch"], micro_per_epoch):
+            index = [next(b) for b in batches]
+            idx = torch.tensor([j for part in index for j in part]).to(device, non_blocking=True)
+            x, y = x_train[idx], y_train[idx]
+            with autocast():
+                out = packed(x)
+            losses = run_losses(task, out.float(), y, k)
+            losses.sum().backward()
+            images += len(index[0])
+            loss_acc += losses.detach()
+            adamw.clip_grad_norm_()
+            adamw.step()
+            adamw.zero_grad()
+            for sched in schedulers:
+                sched.step()
+            for run in runs:
+                run.state["step"] += 1
+                run.state["batch"] = micro + 1
+            step = start["step"]
+            timing["steps"] += 1
+            logging = [i for i, r in enumerate(runs) if r.alive and step % r.cfg.train.log_every == 0]
+            if logging:
+                host = losses.detach().cpu()
+                for i in logging:
+                    try:
+                        check_finite(host[i], epoch, step)
+                    except FloatingPointError as err:
+                        fail(i, err)
+                        continue
+                    runs[i].dir.log_metrics({"kind": "train", "epoch": epoch + 1, "step": step,
+                                             "train/loss": float(host[i]), "train/lr": schedulers[i].get_last_lr()[0]})
+            saving = [r for r in runs if r.alive and r.cfg.train.save_every_steps
+                      and step % r.cfg.train.save_every_steps == 0]
+            if saving:
+                now = time.time()
+                for run in runs:
+                    run.state["train_time"] += now - t_epoch
+                    run.state["train_images"] += images
+                t_epoch, images = now, 0
+                checkpoint()
+            if not any(r.alive for r in runs):
+                break
+            if on_step is not None:
+                on_step(step)
+        host = loss_acc.cpu()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timing["train_s"] += time.time() - t_epoch
+        for i, run in enumerate(runs):
+            if run.alive:
+                try:
+                    check_finite(host[i], epoch, run.state["step"])
+                except FloatingPointError as err:
+                    fail(i, err)
+            run.state["train_time"] += time.time() - t_epoch
+            run.state["train_images"] += images
+        records = [{"kind": "epoch", "epoch": epoch + 1, "step": run.state["step"],
+                    "train/loss": float(host[i]) / max(1, micro_per_epoch - samplers[i].skip),
+                    "train/img_per_s": images / max(time.time() - t_epoch, 1e-9) if images else None}
+                   for i, run in enumerate(runs)]
+        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+            te = time.time()
+            vals = evaluate_pack(packed, val_loader, task, device, autocast, desc="val")
+            timing["eval_s"] += time.time() - te
+            improved = []
+            for i, (run, val) in enumerate(zip(runs, vals)):
+                if not run.alive:
+                    continue
+                if isinstance(val, BaseException):
+                    fail(i, val)
+                    continue
+                records[i].update({f"val/{key}": v for key, v in val.items()})
+                if val[metric] < run.state["best"]:
+                    run.state["best"], run.state["best_epoch"] = val[metric], epoch + 1
+                    improved.append(i)
+            if improved:
+                tc = time.time()
+                packed.store_to_runs(models)
+                for i in improved:
+                    runs[i].dir.save_checkpoint("best", {"model": models[i].state_dict(), "arch": models[i].arch(),
+                                                         "task_shape": task_shape(task), "epoch": epoch + 1, f"val_{metric}": runs[i].state["best"]})
+                timing["checkpoint_s"] += time.time() - tc
+        for run, record in zip(runs, records):
+            if run.alive:
+                run.dir.log_metrics(record)
+            run.state["epoch"], run.state["batch"] = epoch + 1, 0
+        checkpoint()
+        alive = [r for r in runs if r.alive]
+        if alive and "val/" + metric in records[runs.index(alive[0])]:
+            log(f"[pack] epoch {epoch + 1}/{t.epochs}: val {metric} "
+                + ", ".join(f"{records[i]['val/' + metric]:.4g}" for i, r in enumerate(runs) if r.alive))
+        if not alive:
+            break
+
+    tt = time.time()
+    for i, run in enumerate(runs):
+        best = run.dir.load_checkpoint("best") if run.alive else None
+        if best is not None:
+            models[i].load_state_dict(best["model"])
+            packed.load_from_runs(models, only=i)
+    tests = evaluate_pack(packed, test_loader, task, device, autocast, desc="test") if any(r.alive for r in runs) else []
+    timing["test_s"] = time.time() - tt
+    timing["wall_s"] = time.time() - t0
+    if device.type == "cuda":
+        timing["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    for i, run in enumerate(runs):
+        if not run.alive:
+            continue
+        test = tests[i]
+        if isinstance(test, BaseException):
+            fail(i, test)
+            continue
+        state = run.state
+        run.dir.log_metrics({"kind": "test", "epoch": state["best_epoch"], "step": state["step"],
+                             **{f"test/{key}": v for key, v in test.items()}})
+        summary = {
+            "stage": "stage3", "task": run.cfg.task.name, "experiment": run.cfg.name, "seed": run.cfg.seed,
+            "method": run.cfg.adapter.method, "body": run.cfg.model.body, "weights": models[i].weights_source,
+            "metric": metric, "val": {metric: state["best"]}, "test": test, "best_epoch": state["best_epoch"],
+            "epochs": run.cfg.train.epochs, "steps": state["step"], "params": params[i],
+            "train_img_per_s": state["train_images"] / max(state["train_time"], 1e-9),
+            "world_size": 1, "packed_runs": k,
+            "wall_time_s": time.time() - t0, "git": git_info(), "machine": machine_info(),
+            "data": task.info, "command": " ".join(sys.argv), "run_dir": str(run.dir.path),
+        }
+        report = methods[i].report()
+        if report:
+            summary["adapter_report"] = report
+        run.dir.write_summary(summary)
+        run.dir.close()
+        log(f"[pack] {run.dir.path.name}: test {metric} = {test[metric]:.5g} (best val epoch {state['best_epoch']})")
+    for run in runs:
+        run.dir.close()
+    steps = max(timing["steps"], 1)
+    log(f"[pack] {k} runs in {timing['wall_s']:.1f} s: setup {timing['setup_s']:.1f} s, "
+        f"{timing['steps']} steps {timing['train_s']:.1f} s ({1000 * timing['train_s'] / steps:.1f} ms/step), "
+        f"eval {timing['eval_s']:.1f} s, checkpoints {timing['checkpoint_s']:.1f} s, test {timing['test_s']:.1f} s")
+    return {"errors": [r.error for r in runs], "timing": timing, "runs": [str(r.dir.path) for r in runs]}

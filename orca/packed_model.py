@@ -1,0 +1,322 @@
+"""One frozen body, K runs' trainable parts: the model of a packed sweep (``sweep.sh --pack K``).
+
+A sweep over LoRA ranks and seeds trains K models that differ only in small tensors (embedder,
+head, LoRA factors) around one frozen body. :class:`PackedModel` holds that body once and K
+stacked copies of everything else, and runs all K runs' batches through it as one batch, stacked
+run-major on the batch axis (run k owns rows ``k*B .. (k+1)*B - 1``). Every op of a Swin body
+except the adapted Linears acts on each sample alone, so a run's rows see exactly what its own
+model would compute; the per-run parts are applied segment-wise with batched matmuls:
+
+- an adapted Linear computes ``x W^T + b`` for all rows in one GEMM and adds each run's
+  ``s_k (x A_k^T) B_k^T`` with two ``bmm``s over stacked factors padded to the largest rank. The
+  padding is exact: a padded row of A and column of B start at zero, receive zero gradient (each
+  is multiplied by the other's zero) and AdamW leaves a zero with zero gradient at zero, so a
+  rank-2 run padded to 64 trains the same numbers as alone. Rank 0 (``head``, or a rank-map zero)
+  is a run whose factors are all padding;
+- the embedder's patchify conv is one grouped conv (one group per run), its LayerNorm and the
+  head's 1x1 conv / Linear take stacked per-run weights;
+- stochastic depth (DropPath) draws each run's per-sample mask from that run's own generator, in
+  the order its own model would, so a packed run's random numbers are its own.
+
+The K runs' models stay around as :class:`ORCAModel` objects that share the frozen tensors: they
+are what checkpoints are written from and loaded into (``store_to_runs`` / ``load_from_runs``),
+so a packed run's files are those of a run trained alone.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import DropPath
+
+from orca.adapters.lora import LoRALayer, lora_layers
+from orca.embedders import ConvEmbedder2d
+from orca.heads import ClassificationHead, DenseDecoderHead
+from orca.model import ORCAModel
+
+
+class PackError(ValueError):
+    """Runs that cannot share one packed model (the sweep trains them alone instead)."""
+
+
+@dataclass
+class Slot:
+    """One stacked parameter and, for each run, the tensor of its own model that it holds.
+
+    ``names[k]`` is the run's state-dict name (None: the run has no such tensor, its part is
+    padding), ``view(t, k)`` is run k's part of a stacked tensor ``t`` (or of its AdamW state) in
+    the shape of the run's own tensor, and ``trained[k]`` whether run k trains it.
+    """
+
+    name: str
+    param: nn.Parameter
+    names: List[Optional[str]]
+    view: Callable[[torch.Tensor, int], torch.Tensor]
+    trained: List[bool]
+
+
+class PackedLinear(nn.Module):
+    """A frozen Linear plus K runs' LoRA updates, segment-wise: rows of run k get ``s_k B_k A_k``."""
+
+    def __init__(self, base: nn.Linear, ranks: Sequence[int], scalings: Sequence[float]):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.in_features, self.out_features = base.in_features, base.out_features
+        k, r = len(ranks), max(ranks)
+        dtype = self.weight.dtype
+        self.ranks = list(ranks)
+        self.lora_A = nn.Parameter(torch.zeros(k, r, self.in_features, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(k, self.out_features, r, dtype=dtype))
+        self.register_buffer("scaling", torch.tensor(list(scalings), dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        k = self.lora_A.shape[0]
+        xk = x.reshape(k, -1, self.in_features)
+        xa = torch.bmm(xk, self.lora_A.transpose(1, 2))
+        b = (self.lora_B * self.scaling.view(k, 1, 1)).transpose(1, 2)
+        out = torch.baddbmm(out.reshape(k, -1, self.out_features), xa, b)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class PackedDropPath(nn.Module):
+    """Stochastic depth whose per-sample keep mask for run k comes from ``generators[k]``.
+
+    Why one draw per run rather than one for all rows: a run alone draws ``bernoulli_`` over its
+    own B samples from its own generator; K separate draws of B reproduce those numbers, one draw
+    of K*B would not (CPU and CUDA generators both split work by call).
+    """
+
+    def __init__(self, drop: DropPath, generators: List[torch.Generator]):
+        super().__init__()
+        self.drop_prob, self.scale_by_keep = drop.drop_prob, drop.scale_by_keep
+        self.generators = generators  # shared with the PackedModel, set per pack
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        k = len(self.generators)
+        shape = (x.shape[0] // k,) + (1,) * (x.ndim - 1)
+        mask = torch.cat([x.new_empty(shape).bernoulli_(keep, generator=g) for g in self.generators])
+        if keep > 0.0 and self.scale_by_keep:
+            mask.div_(keep)
+        return x * mask
+
+
+class PackedEmbedder(nn.Module):
+    """K :class:`ConvEmbedder2d` at once: resize once, patchify as a conv with one group per run."""
+
+    def __init__(self, template: ConvEmbedder2d, k: int):
+        super().__init__()
+        self.in_channels, self.img_size, self.patch_size = template.in_channels, template.img_size, template.patch_size
+        w = template.proj.weight
+        self.eps = template.norm.eps
+        self.proj_weight = nn.Parameter(torch.zeros(k, *w.shape, dtype=w.dtype))
+        self.proj_bias = nn.Parameter(torch.zeros(k, w.shape[0], dtype=w.dtype))
+        self.norm_weight = nn.Parameter(torch.zeros(k, w.shape[0], dtype=w.dtype))
+        self.norm_bias = nn.Parameter(torch.zeros(k, w.shape[0], dtype=w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        k, d = self.proj_bias.shape
+        b, c = x.shape[0] // k, x.shape[1]
+        grouped = x.view(k, b, c, *x.shape[2:]).transpose(0, 1).reshape(b, k * c, *x.shape[2:])
+        y = F.conv2d(grouped, self.proj_weight.reshape(k * d, *self.proj_weight.shape[2:]),
+                     self.proj_bias.reshape(k * d), stride=self.patch_size, groups=k)
+        y = y.view(b, k, d, *y.shape[2:]).permute(1, 0, 3, 4, 2)  # [K, B, h, w, D]
+        y = F.layer_norm(y, (d,), eps=self.eps)
+        y = y * self.norm_weight.view(k, 1, 1, 1, d) + self.norm_bias.view(k, 1, 1, 1, d)
+        return y.reshape(k * b, *y.shape[2:])
+
+
+class PackedDenseHead(nn.Module):
+    """K :class:`DenseDecoderHead`: each run's 1x1 conv as a batched matmul, the rest shared."""
+
+    def __init__(self, template: DenseDecoderHead, k: int):
+        super().__init__()
+        w = template.conv.weight  # [S, C, 1, 1]
+        self.weight = nn.Parameter(torch.zeros(k, w.shape[0], w.shape[1], dtype=w.dtype))
+        self.bias = nn.Parameter(torch.zeros(k, w.shape[0], dtype=w.dtype))
+        self.shuffle, self.pool = copy.deepcopy(template.shuffle), copy.deepcopy(template.pool)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        k = self.weight.shape[0]
+        n, h, w, c = feats.shape
+        y = torch.baddbmm(self.bias.unsqueeze(1), feats.reshape(k, -1, c), self.weight.transpose(1, 2))
+        y = y.view(n, h, w, -1).permute(0, 3, 1, 2)
+        return self.pool(self.shuffle(y).mean(dim=1, keepdim=True)).squeeze(1)
+
+
+class PackedClassificationHead(nn.Module):
+    """K :class:`ClassificationHead`: mean-pool once, each run's Linear as a batched matmul."""
+
+    def __init__(self, template: ClassificationHead, k: int):
+        super().__init__()
+        w = template.fc.weight
+        self.weight = nn.Parameter(torch.zeros(k, *w.shape, dtype=w.dtype))
+        self.bias = nn.Parameter(torch.zeros(k, w.shape[0], dtype=w.dtype))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        k = self.weight.shape[0]
+        pooled = feats.mean(dim=(1, 2))
+        out = torch.baddbmm(self.bias.unsqueeze(1), pooled.view(k, -1, pooled.shape[-1]), self.weight.transpose(1, 2))
+        return out.reshape(pooled.shape[0], -1)
+
+
+def _alone_name(packed_body_name: str, lora: bool) -> str:
+    """The body name in a run's own model: an adapted Linear keeps its weights in ``base_layer``."""
+    if not lora:
+        return packed_body_name
+    module, _, tensor = packed_body_name.rpartition(".")
+    return f"{module}.base_layer.{tensor}"
+
+
+class PackedModel(nn.Module):
+    """The shared body with K runs' embedders, heads and LoRA factors (see the module docstring).
+
+    Args:
+        models: the K runs' own models, built and prepared as each run alone would be (their
+            trainable tensors are the initial values; their frozen tensors are replaced by the
+            shared body's, so the body is held once).
+    """
+
+    def __init__(self, models: Sequence[ORCAModel]):
+        super().__init__()
+        k = len(models)
+        first = models[0]
+        if not isinstance(first.embedder, ConvEmbedder2d):
+            raise PackError(f"embedder {type(first.embedder).__name__} has no packed form")
+        self.k = k
+        self.generators: List[torch.Generator] = []
+        self.embedder = PackedEmbedder(first.embedder, k)
+        if isinstance(first.head, DenseDecoderHead):
+            self.head = PackedDenseHead(first.head, k)
+        elif isinstance(first.head, ClassificationHead):
+            self.head = PackedClassificationHead(first.head, k)
+        else:
+            raise PackError(f"head {type(first.head).__name__} has no packed form")
+        dropout = [n for n, m in first.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+        if dropout:
+            raise PackError(f"dropout at {dropout[0]} (its masks would come from the shared random stream)")
+        self.body = copy.deepcopy(first.body)
+        for name, module in list(self.body.named_modules()):
+            if isinstance(module, LoRALayer):
+                _replace(self.body, name, module.base_layer)
+        for p in self.body.parameters():
+            p.requires_grad_(False)
+        layers = [lora_layers(m.body) for m in models]
+        adapted = sorted({n for run in layers for n in run})
+        self.lora_names = adapted
+        for name in adapted:
+            ranks = [run[name].r if name in run else 0 for run in layers]
+            scalings = [run[name].scaling if name in run else 0.0 for run in layers]
+            _replace(self.body, name, PackedLinear(self.body.get_submodule(name), ranks, scalings))
+        for name, module in list(self.body.named_modules()):
+            if isinstance(module, DropPath):
+                _replace(self.body, name, PackedDropPath(module, self.generators))
+        self._check_same_body(models, layers)
+        self.slots = self._make_slots(models, layers)
+        self.load_from_runs(models)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body.forward_features(self.embedder(x)))
+
+    # ------------------------------------------------------------------ runs <-> stacks
+    def _make_slots(self, models: Sequence[ORCAModel], layers: List[Dict[str, LoRALayer]]) -> List[Slot]:
+        k = self.k
+        states = [dict(m.named_parameters()) for m in models]
+
+        def slot(name: str, param: nn.Parameter, own: str, view) -> Slot:
+            names = [own if own in s else None for s in states]
+            return Slot(name, param, names, view, [n is not None and states[i][n].requires_grad
+                                                    for i, n in enumerate(names)])
+
+        e, h = self.embedder, self.head
+        slots = [slot("embedder.proj_weight", e.proj_weight, "embedder.proj.weight", lambda t, i: t[i]),
+                 slot("embedder.proj_bias", e.proj_bias, "embedder.proj.bias", lambda t, i: t[i]),
+                 slot("embedder.norm_weight", e.norm_weight, "embedder.norm.weight", lambda t, i: t[i]),
+                 slot("embedder.norm_bias", e.norm_bias, "embedder.norm.bias", lambda t, i: t[i])]
+        if isinstance(h, PackedDenseHead):
+            slots.append(slot("head.weight", h.weight, "head.conv.weight", lambda t, i: t[i][:, :, None, None]))
+            slots.append(slot("head.bias", h.bias, "head.conv.bias", lambda t, i: t[i]))
+        else:
+            slots.append(slot("head.weight", h.weight, "head.fc.weight", lambda t, i: t[i]))
+            slots.append(slot("head.bias", h.bias, "head.fc.bias", lambda t, i: t[i]))
+        for name in self.lora_names:
+            packed = self.body.get_submodule(name)
+            ranks = packed.ranks
+            slots.append(slot(f"body.{name}.lora_A", packed.lora_A, f"body.{name}.lora_A",
+                              lambda t, i, r=ranks: t[i, :r[i]]))
+            slots.append(slot(f"body.{name}.lora_B", packed.lora_B, f"body.{name}.lora_B",
+                              lambda t, i, r=ranks: t[i, :, :r[i]]))
+        own = {n for s in slots for n in s.names if n}
+        for i, state in enumerate(states):
+            extra = [n for n, p in state.items() if p.requires_grad and n not in own]
+            if extra:
+                raise PackError(f"run {i} trains {extra[0]}, which a packed model does not hold "
+                                f"(e.g. adapter.train_norms)")
+        return slots
+
+    @torch.no_grad()
+    def load_from_runs(self, models: Sequence[ORCAModel], only: Optional[int] = None) -> None:
+        """Copy each run's own embedder, head and LoRA tensors (run ``only``'s alone, if given) into
+        the stacks; the padding stays zero."""
+        params = [dict(m.named_parameters()) if only is None or i == only else {} for i, m in enumerate(models)]
+        for s in self.slots:
+            if only is None:
+                s.param.zero_()
+            for i, name in enumerate(s.names):
+                if name is not None and (only is None or i == only):
+                    s.view(s.param, i).copy_(params[i][name])
+
+    @torch.no_grad()
+    def store_to_runs(self, models: Sequence[ORCAModel]) -> None:
+        """Copy the stacks back into the runs' own tensors (before a checkpoint or summary)."""
+        params = [dict(m.named_parameters()) for m in models]
+        for s in self.slots:
+            for i, name in enumerate(s.names):
+                if name is not None:
+                    params[i][name].copy_(s.view(s.param, i))
+
+    def _check_same_body(self, models: Sequence[ORCAModel], layers: List[Dict[str, LoRALayer]]) -> None:
+        shared = self.body.state_dict()
+        for i, m in enumerate(models):
+            own_state = m.body.state_dict()
+            for name, t in shared.items():
+                if ".lora_" in name:
+                    continue
+                module = name.rpartition(".")[0]
+                own = own_state.get(_alone_name(name, module in layers[i]))
+                if own is None or own.shape != t.shape or not torch.equal(own, t):
+                    raise PackError(f"run {i}'s frozen body differs from run 0's at {name} "
+                                    f"(a random body, model.weights=none, differs per seed)")
+
+    def share_frozen(self, models: Sequence[ORCAModel]) -> None:
+        """Point every run's frozen body tensors at the shared body's, so the body is held once
+        (call it after moving this model to its device; the runs' models follow with ``.to``)."""
+        shared_params = dict(self.body.named_parameters())
+        shared_buffers = dict(self.body.named_buffers())
+        for i, m in enumerate(models):
+            for module_name, module in m.body.named_modules():
+                packed_module = module_name.replace(".base_layer", "") if ".base_layer" in module_name else module_name
+                for pname, p in list(module._parameters.items()):
+                    key = f"{packed_module}.{pname}" if packed_module else pname
+                    if p is not None and not p.requires_grad and key in shared_params:
+                        module._parameters[pname] = shared_params[key]
+                for bname, b in list(module._buffers.items()):
+                    key = f"{packed_module}.{bname}" if packed_module else bname
+                    if b is not None and key in shared_buffers:
+                        module._buffers[bname] = shared_buffers[key]
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)

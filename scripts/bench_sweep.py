@@ -1,0 +1,292 @@
+"""Time the knee sweep three ways on one GPU: one run at a time, K runs side by side, and packed.
+
+    PYTHONUNBUFFERED=1 python scripts/bench_sweep.py --out results/bench            # GPU, <= 8 minutes
+    python scripts/bench_sweep.py --smoke --out /tmp/bench                           # CPU, toy size
+
+The workload is the knee sweep of ``configs/experiments/table3_darcy_all.yaml``'s recipe on the
+fractal body (``configs/body_fractal.yaml``): LoRA on qkv/proj/fc1/fc2 with embedder and head
+trained, generated Darcy-85 (1,000 / 100 / 100), batch 16, ranks {0 (head only), 1, 2, 4, 8, 16,
+32, 64} x 3 seeds = 24 runs, each ``--epochs`` epochs of ``--steps-per-epoch`` steps (a real
+epoch is 62). Every mode runs the same sweep file through ``scripts/sweep.sh``'s launcher
+(``python -m orca.sweep``) into its own directory:
+
+- ``alone``: ``--per-gpu 1`` on ``--alone-runs`` of the 24 (one process at a time; its
+  runs/GPU-hour is that of the whole sweep run this way), and the reference per-run results;
+- ``per_gpu_K``: all 24 runs with ``--per-gpu K`` for each ``--per-gpu`` value (K processes share
+  the GPU, each with its own body, CUDA context and launches);
+- ``packed``: all 24 runs with ``--pack P``: one process, one body, P runs per step.
+
+Runs per GPU-hour = runs finished / wall seconds x 3600 with the GPU held by that mode alone;
+``speedup_vs_best_separate`` = packed over the best of ``alone`` and ``per_gpu_K``. Per-run results
+are compared as the largest absolute difference of any run's best validation and test metric
+against the same run in ``alone`` (and, for all 24 runs, against the best separate mode): bf16
+autocast rounds the packed batched matmuls differently, so they agree to rounding, not bitwise.
+GPU memory is the peak of ``nvidia-smi``'s used memory during the mode minus the idle reading
+(all processes and CUDA contexts); utilisation its mean. Where the time goes: each pack's split
+(setup, steps, evaluation, checkpoints, test) and, for separate runs, the time inside stage 3
+against the launcher's wall time (the rest is process start, imports and CUDA initialisation).
+
+Writes ``{out}/sweep_engine.json`` and ``.md``; run directories and data go to ``--work`` (a
+temporary directory by default: 24 runs x 3 modes of checkpoints are several GB).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from orca.runs import git_info, machine_info, write_json  # noqa: E402
+
+RANKS = [0, 1, 2, 4, 8, 16, 32, 64]  # 0: method head (embedder and head only)
+
+
+def sweep_yaml(args, data_root: Path, body: Optional[Path], ranks: List[int], seeds: List[int]) -> str:
+    """The knee sweep's file (the smoke test's toy body and data when ``body`` is given)."""
+    lora = [r for r in ranks if r > 0]
+    include = [f"    - {{adapter.method: head, seed: {seeds}}}"] if 0 in ranks else []
+    if body is None:
+        head = (f"base: {REPO / 'configs' / 'body_fractal.yaml'}\n"
+                f"task:\n  name: darcy\n  data_root: {data_root}\n"
+                f"  options: {{n_train: {args.n_train}, n_val: 100, n_test: 100, workers: {os.cpu_count()}}}\n")
+        device = "auto"
+    else:
+        head = (f"task:\n  name: darcy\n  data_root: {data_root}\n"
+                "  options: {resolution: 41, subsample: 4, n_train: 16, n_val: 4, n_test: 4, workers: 1}\n"
+                f"model:\n  body: swin_tiny_patch4_window7_224\n  weights: file\n  weights_file: {body}\n"
+                "  img_size: 32\n  body_kwargs: {embed_dim: 16, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2], "
+                "window_size: 2}\n")
+        device = "cpu"
+    return (f"name: bench_knee\n{head}"
+            "adapter: {method: lora, targets: all, train_embedder: true, train_head: true}\n"
+            f"train: {{epochs: {args.epochs}, max_steps_per_epoch: {args.steps_per_epoch}, warmup_epochs: 0.5, "
+            f"batch_size: {args.batch_size}, log_every: 10, device: {device}}}\n"
+            "sweep:\n  table: knee\n"
+            + (f"  grid:\n    adapter.rank: {lora}\n    seed: {seeds}\n" if lora else "")
+            + ("  include:\n" + "\n".join(include) + "\n" if include else ""))
+
+
+class GpuMonitor:
+    """Peak used memory and mean utilisation of GPU 0 from ``nvidia-smi`` while a mode runs."""
+
+    def __init__(self, period_s: float = 0.5):
+        self.period_s, self.samples, self._stop = period_s, [], threading.Event()
+        self.available = shutil.which("nvidia-smi") is not None
+        self.idle_mib = self._read()[0] if self.available else None
+
+    def _read(self):
+        out = subprocess.run(["nvidia-smi", "--id=0", "--query-gpu=memory.used,utilization.gpu",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10).stdout
+        mem, util = (float(v) for v in out.strip().splitlines()[0].split(","))
+        return mem, util
+
+    def __enter__(self):
+        if self.available:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(self.period_s):
+            try:
+                self.samples.append(self._read())
+            except (OSError, ValueError, subprocess.SubprocessError):
+                pass
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.available:
+            self._thread.join()
+
+    def result(self) -> Dict[str, Optional[float]]:
+        if not self.samples:
+            return {"gpu_memory_gib": None, "gpu_util_mean_pct": None}
+        peak = max(m for m, _ in self.samples) - (self.idle_mib or 0.0)
+        return {"gpu_memory_gib": round(peak / 1024, 2),
+                "gpu_util_mean_pct": round(sum(u for _, u in self.samples) / len(self.samples), 1)}
+
+
+def run_mode(name: str, sweep: Path, out: Path, flags: List[str], timeout_s: float, log_dir: Path) -> Dict[str, Any]:
+    """One launcher invocation; its wall time, finished runs, GPU readings and per-run results."""
+    cmd = [sys.executable, "-m", "orca.sweep", str(sweep), *flags, f"sweep.output_dir={out}"]
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
+    print(f"[bench] {name}: {' '.join(cmd[1:])}", flush=True)
+    log = open(log_dir / f"{name}.log", "w")
+    t0 = time.time()
+    with GpuMonitor() as gpu:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            proc.wait(timeout=timeout_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+            timed_out = True
+    wall = time.time() - t0
+    log.close()
+    runs = {}
+    for summary in sorted((out / "knee").glob("*/summary.json")):
+        s = json.loads(summary.read_text())
+        runs[summary.parent.name] = {"val": s["val"][s["metric"]], "test": s["test"][s["metric"]],
+                                     "wall_time_s": s["wall_time_s"], "train_img_per_s": s["train_img_per_s"],
+                                     "steps": s["steps"]}
+    result = {"flags": flags, "wall_s": round(wall, 2), "runs_finished": len(runs), "timed_out": timed_out,
+              "exit_code": proc.returncode, "runs_per_gpu_hour": round(len(runs) / wall * 3600, 1) if runs else 0.0,
+              **gpu.result(), "runs": runs}
+    print(f"[bench] {name}: {len(runs)} runs in {wall:.1f} s = {result['runs_per_gpu_hour']} runs/GPU-hour"
+          f"{' (TIMED OUT)' if timed_out else ''}; GPU memory {result['gpu_memory_gib']} GiB", flush=True)
+    return result
+
+
+def metric_diff(mode: Dict[str, Any], reference: Dict[str, Any]) -> Optional[float]:
+    common = set(mode["runs"]) & set(reference["runs"])
+    if not common:
+        return None
+    return max(abs(mode["runs"][n][key] - reference["runs"][n][key]) for n in common for key in ("val", "test"))
+
+
+def render(report: Dict[str, Any]) -> str:
+    w = report["workload"]
+    lines = ["# Sweep engine: the knee sweep one at a time, side by side, and packed", "",
+             f"{w['runs']} runs (ranks {w['ranks']} x seeds {w['seeds']}; rank 0 = head only), "
+             f"{'/'.join(map(str, w['steps_per_run']))} steps each at batch {w['batch_size']} ({w['epochs']} epochs of at most "
+             f"{w['steps_per_epoch']}), body "
+             f"{w['body']}, task {w['task']}. Machine: {report['machine'].get('gpu') or 'CPU'}; "
+             f"commit {report['git']['commit'][:12]}.", "",
+             f"Command: `{report['command']}`", "",
+             "| mode | runs | wall s | runs / GPU-hour | vs best separate | GPU memory GiB | GPU util % | "
+             "max abs metric diff vs alone |", "|---|---|---|---|---|---|---|---|"]
+    best = report["best_separate_runs_per_gpu_hour"]
+    for name, m in report["modes"].items():
+        ratio = f"{m['runs_per_gpu_hour'] / best:.2f}x" if best else "-"
+        diff = report["max_abs_metric_diff_vs_alone"].get(name)
+        lines.append(f"| {name} | {m['runs_finished']} | {m['wall_s']} | {m['runs_per_gpu_hour']} | {ratio} | "
+                     f"{m['gpu_memory_gib']} | {m['gpu_util_mean_pct']} | {'-' if diff is None else f'{diff:.2e}'} |")
+    lines += ["", f"**speedup_vs_best_separate = {report['speedup_vs_best_separate']}** "
+              f"(packed over {report['best_separate']}); packed vs the best separate mode on all its runs: "
+              f"max abs metric diff {report['max_abs_metric_diff_packed_vs_best_separate']}.", "",
+              "## Where the time goes", ""]
+    for name, prof in report["profile"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="results/bench", help="where sweep_engine.json and .md go")
+    p.add_argument("--work", default=None, help="run directories and data (default: a temporary directory)")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU toy size: a tiny body, ranks {0, 2} x 2 seeds, one step at batch 4; packed and alone only")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--steps-per-epoch", type=int, default=62, help="62 = a whole epoch of Darcy's 1,000 at batch 16")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--per-gpu", type=int, nargs="+", default=[8, 4, 12], help="K values of the side-by-side mode")
+    p.add_argument("--pack", type=int, default=24, help="runs per pack")
+    p.add_argument("--alone-runs", type=int, default=3, help="runs of the one-at-a-time mode (spread over ranks)")
+    p.add_argument("--budget-s", type=float, default=480, help="stop starting modes when this much time has passed")
+    args = p.parse_args(argv)
+    t_start = time.time()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_sweep_"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ranks, seeds, body = RANKS, [0, 1, 2], None
+    if args.smoke:
+        import torch  # noqa: F401  (only the smoke mode builds a body here)
+        from orca.bodies import create_body, save_body
+
+        ranks, seeds, body = [0, 2], [0, 1], work / "tiny_body.safetensors"
+        args.epochs, args.steps_per_epoch, args.batch_size, args.alone_runs, args.per_gpu = 1, 1, 4, 1, []
+        kw = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 2}
+        save_body(create_body("swin_tiny_patch4_window7_224", img_size=32, **kw), "swin_tiny_patch4_window7_224",
+                  kw, str(body))
+    data_root = work / "data"
+    sweep = work / "knee.yaml"
+    sweep.write_text(sweep_yaml(args, data_root, body, ranks, seeds))
+    # the one-at-a-time subset: low, middle and top rank (seed 0), the same run names as the full sweep
+    picks = sorted({ranks[round(i * (len(ranks) - 1) / max(args.alone_runs - 1, 1))] for i in range(args.alone_runs)})
+    alone_sweep = work / "knee_alone.yaml"
+    alone_sweep.write_text(sweep_yaml(args, data_root, body, picks, [0]))
+
+    from orca.sweep import build_data_once, load_sweep
+
+    spec, runs = load_sweep(sweep)
+    t0 = time.time()
+    build_data_once(runs[:1])
+    data_s = time.time() - t0
+    print(f"[bench] data ready in {data_s:.1f} s; {len(runs)} runs of {args.epochs} x {args.steps_per_epoch} steps",
+          flush=True)
+    logs = out / "sweep_engine_logs"
+    logs.mkdir(exist_ok=True)
+    timing_file = work / "pack_timing.jsonl"
+    modes: Dict[str, Dict[str, Any]] = {}
+    remaining = lambda: args.budget_s - (time.time() - t_start)  # noqa: E731
+    modes["packed"] = run_mode("packed", sweep, work / "packed", ["--pack", str(args.pack), "--pack-timing",
+                                                                   str(timing_file)], remaining(), logs)
+    modes["alone"] = run_mode("alone", alone_sweep, work / "alone", ["--gpus", "1" if not args.smoke else "0"],
+                              remaining(), logs)
+    for k in args.per_gpu:
+        if remaining() < 30:
+            print(f"[bench] per_gpu_{k} skipped: the time budget is spent", flush=True)
+            continue
+        modes[f"per_gpu_{k}"] = run_mode(f"per_gpu_{k}", sweep, work / f"per_gpu_{k}",
+                                         ["--gpus", "1", "--per-gpu", str(k)], remaining(), logs)
+
+    separate = {n: m for n, m in modes.items() if n != "packed" and m["runs_finished"] and not m["timed_out"]}
+    best = max(separate, key=lambda n: separate[n]["runs_per_gpu_hour"]) if separate else None
+    best_rate = separate[best]["runs_per_gpu_hour"] if best else None
+    packed = modes["packed"]
+    packs = [json.loads(line) for line in timing_file.read_text().splitlines()] if timing_file.exists() else []
+    profile = {"data_generation_s": {"wall": round(data_s, 1)}}
+    for i, pack in enumerate(packs):
+        profile[f"packed, pack {i + 1} ({len(pack['runs'])} runs)"] = {
+            k: round(v, 2) if isinstance(v, float) else v for k, v in pack.items() if k != "runs"}
+        profile[f"packed, pack {i + 1} ({len(pack['runs'])} runs)"]["ms_per_step"] = round(
+            1000 * pack["train_s"] / max(pack["steps"], 1), 1)
+    for name, m in modes.items():
+        if name == "packed" or not m["runs"]:
+            continue
+        inside = sum(r["wall_time_s"] for r in m["runs"].values())
+        concurrency = 1 if name == "alone" else int(name.rsplit("_", 1)[-1])
+        profile[name] = {"mean_stage3_s_per_run": round(inside / len(m["runs"]), 2),
+                         "mean_launcher_s_per_run_slot": round(m["wall_s"] * concurrency / len(m["runs"]), 2),
+                         "mean_train_img_per_s_per_run": round(
+                             sum(r["train_img_per_s"] for r in m["runs"].values()) / len(m["runs"]), 1)}
+    report = {
+        "workload": {"runs": len(runs), "ranks": ranks, "seeds": seeds, "epochs": args.epochs,
+                     "steps_per_epoch": args.steps_per_epoch, "steps_per_run": sorted({r["steps"] for m in modes.values() for r in m["runs"].values()}),
+                     "batch_size": args.batch_size, "task": "darcy (toy)" if args.smoke else f"darcy-85, n_train {args.n_train}",
+                     "body": "toy Swin (smoke)" if args.smoke else "fractal Swin (configs/body_fractal.yaml)",
+                     "alone_runs": sorted(modes["alone"]["runs"])},
+        "runs_per_gpu_hour": {n: m["runs_per_gpu_hour"] for n, m in modes.items()},
+        "gpu_memory_gib": {n: m["gpu_memory_gib"] for n, m in modes.items()},
+        "best_separate": best, "best_separate_runs_per_gpu_hour": best_rate,
+        "speedup_vs_best_separate": round(packed["runs_per_gpu_hour"] / best_rate, 2) if best_rate else None,
+        "max_abs_metric_diff_vs_alone": {n: metric_diff(m, modes["alone"]) for n, m in modes.items() if n != "alone"},
+        "max_abs_metric_diff_packed_vs_best_separate": metric_diff(packed, modes[best]) if best else None,
+        "profile": profile, "modes": modes, "data_s": round(data_s, 1),
+        "command": "python " + " ".join([os.path.relpath(__file__, REPO), *(argv if argv is not None else sys.argv[1:])]),
+        "git": git_info(), "machine": machine_info(),
+    }
+    write_json(out / "sweep_engine.json", report)
+    (out / "sweep_engine.md").write_text(render(report))
+    print(render(report), flush=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""scripts/bench_sweep.py's smoke mode: the whole measurement (data, packed, one at a time, report)
+at toy size on the CPU, so the GPU call runs code that has run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import load_script
+
+
+def test_bench_sweep_smoke_writes_the_report(tmp_path):
+    bench = load_script("bench_sweep.py")
+    assert bench.main(["--smoke", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
+    report = json.loads((tmp_path / "out" / "sweep_engine.json").read_text())
+    assert report["workload"]["runs"] == 4 and report["workload"]["steps_per_run"] == [1]
+    assert report["modes"]["packed"]["runs_finished"] == 4 and report["modes"]["alone"]["runs_finished"] == 1
+    assert report["best_separate"] == "alone"
+    rate = report["runs_per_gpu_hour"]
+    assert report["speedup_vs_best_separate"] == round(rate["packed"] / rate["alone"], 2)
+    assert rate["packed"] == pytest.approx(4 / report["modes"]["packed"]["wall_s"] * 3600, rel=1e-3)
+    # the packed runs are the runs alone: the one run of both modes agrees to rounding
+    assert report["max_abs_metric_diff_vs_alone"]["packed"] < 1e-5
+    (pack,) = [v for k, v in report["profile"].items() if k.startswith("packed")]
+    assert pack["steps"] == 1 and pack["train_s"] > 0
+    md = (tmp_path / "out" / "sweep_engine.md").read_text()
+    assert "speedup_vs_best_separate" in md and report["command"] in md

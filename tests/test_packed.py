@@ -1,0 +1,218 @@
+"""Packed sweeps (``sweep.sh --pack K``): a packed run is the run alone, a diverging run fails alone,
+and an interrupted pack resumes and then skips what is done.
+
+Every run here is a tiny Swin from a weight file (a body shared by all seeds, as the fractal body
+is) with stochastic depth on, so the packed runs must also reproduce each run's own DropPath draws.
+The four runs alone are trained once for the module (``alone``) and are the reference of every test.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from orca import packed as packed_mod
+from orca import sweep as sweep_mod
+from orca.bodies import create_body, save_body
+from orca.packed_model import PackedLinear
+
+BODY = "swin_tiny_patch4_window7_224"
+BODY_KWARGS = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 2}
+# Four runs that differ in everything a pack lets differ: rank, seed, rank map (with zeros, so
+# padded and absent factors), rank 0 (head only), LoRA+, clipping, weight decay, a frozen embedder.
+INCLUDE = """\
+    - {adapter.rank: 1, seed: 0}
+    - {adapter.rank: 4, seed: 1, train.clip_grad: 0.05, adapter.loraplus_ratio: 4.0}
+    - {adapter.method: head, seed: 2, adapter.train_embedder: false}
+    - {adapter.rank: 2, seed: 3, train.weight_decay: 0.1, adapter.rank_map: [{layers.0: 0, layers.1.blocks.0.mlp.fc1: 5}]}
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("packed")
+    body = create_body(BODY, weights="none", img_size=32, **BODY_KWARGS)
+    save_body(body, BODY, BODY_KWARGS, str(root / "body.safetensors"))
+    return root
+
+
+def sweep_file(root: Path, include: str = INCLUDE, name: str = "sweep.yaml") -> Path:
+    path = root / name
+    path.write_text(textwrap.dedent(f"""\
+        name: test
+        task:
+          name: darcy
+          data_root: {root / 'data'}
+          options: {{resolution: 41, subsample: 4, n_train: 8, n_val: 4, n_test: 4, workers: 1}}
+        model:
+          body: {BODY}
+          weights: file
+          weights_file: {root / 'body.safetensors'}
+          img_size: 32
+          body_kwargs: {json.dumps(BODY_KWARGS)}
+        train: {{epochs: 2, warmup_epochs: 0.5, batch_size: 4, device: cpu, deterministic: true, log_every: 1}}
+        adapter: {{method: lora, targets: all}}
+        sweep:
+          table: packed
+          include:
+        """) + textwrap.indent(textwrap.dedent(include), "    "))
+    return path
+
+
+def run_names(path: Path):
+    return [run.name for run in sweep_mod.load_sweep(path)[1]]
+
+
+def read(run_dir: Path):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows, json.loads((run_dir / "summary.json").read_text())
+
+
+def assert_same_run(alone: Path, packed: Path, atol: float = 1e-5) -> None:
+    """Same metric rows (keys and values), summary keys, and final checkpoint as the run alone."""
+    rows_a, sum_a = read(alone)
+    rows_p, sum_p = read(packed)
+    assert [r.keys() for r in rows_a] == [r.keys() for r in rows_p]
+    for ra, rp in zip(rows_a, rows_p):
+        for key, value in ra.items():
+            if key == "train/img_per_s" or not isinstance(value, float):
+                assert key == "train/img_per_s" or rp[key] == value, (key, value, rp[key])
+            else:
+                assert rp[key] == pytest.approx(value, abs=atol, rel=1e-5), key
+    assert set(sum_p) - set(sum_a) == {"packed_runs"} and not set(sum_a) - set(sum_p)
+    assert sum_p["test"] == pytest.approx(sum_a["test"], abs=atol) and sum_p["params"] == sum_a["params"]
+    last_a = torch.load(alone / "ckpt" / "last.pt", weights_only=True)
+    last_p = torch.load(packed / "ckpt" / "last.pt", weights_only=True)
+    assert last_a.keys() == last_p.keys() and last_a["model"].keys() == last_p["model"].keys()
+    for key, value in last_a["model"].items():  # the adapters, embedder and head trained the same
+        torch.testing.assert_close(last_p["model"][key], value, atol=2e-4, rtol=1e-3, msg=key)
+    assert last_p["optimizer"]["param_groups"] == last_a["optimizer"]["param_groups"]
+    state_a, state_p = last_a["optimizer"]["state"], last_p["optimizer"]["state"]
+    assert state_a.keys() == state_p.keys()
+    for i in state_a:
+        assert state_p[i]["step"] == state_a[i]["step"]
+        torch.testing.assert_close(state_p[i]["exp_avg"], state_a[i]["exp_avg"], atol=1e-6, rtol=1e-3)
+    assert last_p["scheduler"] == last_a["scheduler"] and last_p["state"].keys() == last_a["state"].keys()
+    assert torch.equal(last_p["rng_cpu"], last_a["rng_cpu"])  # the same DropPath draws were consumed
+
+
+@pytest.fixture(scope="module")
+def alone(workdir):
+    path = sweep_file(workdir)
+    assert sweep_mod.run_sweep(path, [f"sweep.output_dir={workdir / 'alone'}"], gpus=0) == []
+    return workdir / "alone" / "packed"
+
+
+def test_packed_runs_equal_runs_alone(workdir, alone, capsys):
+    path = sweep_file(workdir)
+    out = workdir / "pack4" / "packed"
+    assert sweep_mod.run_sweep(path, [f"sweep.output_dir={workdir / 'pack4'}"], gpus=0, pack=4) == []
+    assert "[sweep] pack of 4" in capsys.readouterr().out
+    names = run_names(path)
+    assert sorted(p.name for p in out.iterdir()) == sorted(names) and len(names) == 4
+    for name in names:
+        assert_same_run(alone / name, out / name)
+    summary = json.loads((out / names[3] / "summary.json").read_text())
+    assert summary["packed_runs"] == 4 and summary["params"]["adapters"] > 0
+
+
+def test_padding_is_exact_zero_and_gets_no_gradient():
+    """Padded factors contribute nothing and get exactly zero gradient, so AdamW keeps them zero."""
+    base = torch.nn.Linear(6, 5)
+    layer = PackedLinear(base, ranks=[1, 3], scalings=[2.0, 0.5])
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+        layer.lora_A[0, 1:] = 0  # run 0 has rank 1: rows 1-2 of A and columns 1-2 of B are padding
+        layer.lora_B[0, :, 1:] = 0
+    x = torch.randn(2 * 4, 6)
+    out = layer(x)
+    expected0 = base(x[:4]) + 2.0 * x[:4] @ layer.lora_A[0, :1].t() @ layer.lora_B[0, :, :1].t()
+    expected1 = base(x[4:]) + 0.5 * x[4:] @ layer.lora_A[1].t() @ layer.lora_B[1].t()
+    torch.testing.assert_close(out, torch.cat([expected0, expected1]))
+    out.square().sum().backward()
+    assert layer.lora_A.grad[0, 1:].abs().max() == 0 and layer.lora_B.grad[0, :, 1:].abs().max() == 0
+    assert layer.lora_A.grad[1].abs().min() > 0 and layer.lora_A.grad[0, 0].abs().min() > 0
+
+
+def test_diverging_run_fails_alone(workdir, alone):
+    include = INCLUDE.splitlines()[0] + "\n    - {adapter.rank: 2, seed: 5, train.lr: 1.0e+30}\n"
+    path = sweep_file(workdir, include, "nan.yaml")
+    failed = sweep_mod.run_sweep(path, [f"sweep.output_dir={workdir / 'nan'}"], gpus=0, pack=2)
+    out = workdir / "nan" / "packed"
+    diverging = run_names(path)[1]
+    assert [run.name for run, _ in failed] == [diverging]
+    bad = out / diverging
+    assert "FloatingPointError: non-finite training loss" in (bad / "sweep_error.log").read_text()
+    bad_summary = json.loads((bad / "summary.json").read_text())  # not finished: a rerun tries it again
+    assert bad_summary["status"] == "failed" and "non-finite training loss" in bad_summary["reason"]
+    assert_same_run(alone / "lora_r1_s0", out / "lora_r1_s0")  # its pack-mate never noticed
+
+
+def test_interrupted_pack_resumes_then_skips(workdir, alone, monkeypatch):
+    path = sweep_file(workdir)
+    overrides = [f"sweep.output_dir={workdir / 'resume'}"]
+    out = workdir / "resume" / "packed"
+    train_pack = packed_mod.train_pack
+
+    def killed_after_step_3(cfgs, on_step=None, **kwargs):  # epoch 1 checkpointed, epoch 2 half done
+        def kill(step):
+            if step == 3:
+                raise RuntimeError("killed")
+        return train_pack(cfgs, on_step=kill, **kwargs)
+
+    monkeypatch.setattr(packed_mod, "train_pack", killed_after_step_3)
+    failed = sweep_mod.run_sweep(path, overrides, gpus=0, pack=4)
+    assert len(failed) == 4 and all("killed" in Path(log).read_text() for _, log in failed)
+    assert [json.loads(p.read_text())["status"] for p in out.glob("*/summary.json")] == ["failed"] * 4
+    assert len(list(out.glob("*/ckpt/last.pt"))) == 4
+
+    monkeypatch.setattr(packed_mod, "train_pack", train_pack)
+    assert sweep_mod.run_sweep(path, overrides, gpus=0, pack=4) == []
+    for name in run_names(path):  # resumed from epoch 1: the same run as uninterrupted, alone
+        assert_same_run(alone / name, out / name)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+
+    def must_not_run(cfgs, **kwargs):
+        raise AssertionError("a finished run was packed again")
+
+    monkeypatch.setattr(packed_mod, "train_pack", must_not_run)
+    assert sweep_mod.run_sweep(path, overrides, gpus=0, pack=4) == []
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == mtimes
+
+
+def test_plan_packs_groups_compatible_runs(workdir):
+    include = """\
+        - {adapter.rank: [64, 1, 8], seed: [0, 1]}
+        - {adapter.method: head, seed: 0}
+        - {adapter.method: full, seed: 0}
+        - {adapter.rank: 2, seed: 0, train.batch_size: 2}
+        - {adapter.rank: 2, seed: 0, adapter.dropout: 0.1}
+    """
+    _, runs = sweep_mod.load_sweep(sweep_file(workdir, include, "plan.yaml"))
+    cfgs = [run.cfg for run in runs]
+    packs, alone = packed_mod.plan_packs(cfgs, 4)
+    names = [[runs[i].name for i in pack] for pack in packs]
+    # one group of 7 by rank (0, 1, 1, 8 | 8, 64, 64); the batch-2 run on its own; full and dropout alone
+    assert names == [["head_s0", "lora_r1_s0", "lora_r1_s1", "lora_r8_s0"], ["lora_r8_s1", "lora_r64_s0", "lora_r64_s1"],
+                     ["lora_r2_batch_size-2_s0"]]
+    assert {runs[i].name: reason.split(" ")[0] for i, reason in alone} == {
+        "full_s0": "adapter.method=full", "lora_r2_dropout-0.1_s0": "adapter.dropout"}
+    # a random body differs per seed: such runs never share a pack
+    random_body = [run.cfg for run in runs[:2]]
+    for cfg in random_body:
+        cfg.model.weights = "none"
+    assert packed_mod.plan_packs(random_body, 4)[0] == [[0], [1]]
+    with pytest.raises(ValueError, match="pack size must be >= 1"):
+        packed_mod.plan_packs(cfgs, 0)
+
+
+def test_runs_that_cannot_share_a_body_train_alone(workdir):
+    """A PackError names why; the sweep then trains such runs as without --pack."""
+    _, runs = sweep_mod.load_sweep(sweep_file(workdir, INCLUDE.splitlines()[0] + "\n", "drop.yaml"),
+                                   ["model.body_kwargs.drop_rate=0.1"])
+    with pytest.raises(packed_mod.PackError, match="dropout at body.*drop"):
+        packed_mod.train_pack([run.cfg for run in runs])
