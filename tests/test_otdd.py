@@ -19,7 +19,7 @@ from orca.align.otdd import OTDD, otdd
 from orca.align.sinkhorn import SinkhornOptions
 from tests.otdd_reference import converged_otdd, paper_otdd
 
-TIGHT = SinkhornOptions(rtol=1e-12, max_iter=20000)
+TIGHT = SinkhornOptions(schedule="converged", rtol=1e-12, max_iter=20000)
 PAPER = {"cost": "full", "inner": "exact"}
 
 

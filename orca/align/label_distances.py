@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from orca.align.checks import encode_labels
-from orca.align.sinkhorn import SinkhornOptions, masked_dot, sinkhorn_potentials, sinkhorn_self_potential, softmin_rows
+from orca.align.sinkhorn import (SinkhornOptions, diameter, extrapolate, masked_dot, sinkhorn_potentials,
+                                 sinkhorn_self_potential, softmin_rows)
 from orca.runs import usable_cpus
 
 INNER_METHODS = ("sinkhorn", "exact", "gaussian")
@@ -312,25 +313,23 @@ class ClassClouds:
         self.centre = x.detach().mean(0)
         self.log_w = log_uniform(mask, x.dtype)                 # [C, n]
         self.n_classes = n_classes
-        self._self_terms: Optional[Tensor] = None
+        self._self_terms: Optional[Tuple[float, Tensor]] = None
 
-    def self_terms(self, reg: float, opts: SinkhornOptions, differentiable: bool) -> Tensor:
-        """OT_eps(P_c, P_c) for every class ``[C]`` (cached unless differentiable)."""
-        if self._self_terms is not None and not differentiable:
-            return self._self_terms
+    def self_terms(self, reg: float, opts: SinkhornOptions, differentiable: bool, diam: float) -> Tensor:
+        """OT_eps(P_c, P_c) for every class ``[C]`` (cached per diameter unless differentiable)."""
+        if self._self_terms is not None and self._self_terms[0] == diam and not differentiable:
+            return self._self_terms[1]
         pts = self.points - self.centre
         values = []
         for lo, hi in _chunks(self.n_classes, self.points.shape[1] ** 2):
             p, lw = pts[lo:hi], self.log_w[lo:hi]
-            f = sinkhorn_self_potential(sqdist(p.detach(), p.detach()), lw, reg, opts)
-            if differentiable:  # envelope theorem: one differentiable sweep from the detached optimum
-                f_grad = softmin_rows(reg, sqdist(p, p), lw + f / reg)
-                values.append(masked_dot(lw, f_grad) + masked_dot(lw, f))
-            else:
-                values.append(2 * masked_dot(lw, f))
+            f = sinkhorn_self_potential(sqdist(p.detach(), p.detach()), lw, reg, opts, diam)
+            # one last step from the detached potential, with autograd on when differentiable
+            f = softmin_rows(reg, sqdist(p, p) if differentiable else sqdist(p.detach(), p.detach()), lw + f / reg)
+            values.append(2 * masked_dot(lw, f))
         out = torch.cat(values)
         if not differentiable:
-            self._self_terms = out
+            self._self_terms = (diam, out)
         return out
 
 
@@ -365,8 +364,11 @@ def label_distances_sinkhorn(c1: ClassClouds, c2: Optional[ClassClouds] = None, 
     opts = opts or SinkhornOptions()
     same = c2 is None
     c2 = c1 if same else c2
-    s1 = c1.self_terms(reg, opts, differentiable)
-    s2 = s1 if same else c2.self_terms(reg, opts, differentiable)
+    # geomloss takes the diameter of each pair; one for all pairs of the call keeps them batched
+    # (a pair's schedule then starts at most one step earlier, which only brings it closer to convergence).
+    diam = diameter(c1.points.detach(), c2.points.detach())
+    s1 = c1.self_terms(reg, opts, differentiable, diam)
+    s2 = s1 if same else c2.self_terms(reg, opts, differentiable, diam)
     k1, k2 = c1.n_classes, c2.n_classes
     pairs = [(i, j) for i in range(k1) for j in range(i + 1 if same else 0, k2)]
     out = c1.points.new_zeros(k1, k2)
@@ -379,9 +381,8 @@ def label_distances_sinkhorn(c1: ClassClouds, c2: Optional[ClassClouds] = None, 
         i = torch.tensor([p[0] for p in pairs[lo:hi]], device=p1.device)
         j = torch.tensor([p[1] for p in pairs[lo:hi]], device=p1.device)
         a, b, la, lb = p1[i], p2[j], c1.log_w[i], c2.log_w[j]
-        f, g = sinkhorn_potentials(sqdist(a.detach(), b.detach()), la, lb, reg, opts)
-        if differentiable:
-            f = softmin_rows(reg, sqdist(a, b), lb + g / reg)
+        f, g = sinkhorn_potentials(sqdist(a.detach(), b.detach()), la, lb, reg, opts, diam)
+        f, g = extrapolate(reg, sqdist(a, b) if differentiable else sqdist(a.detach(), b.detach()), la, lb, f, g)
         values.append(masked_dot(la, f) + masked_dot(lb, g))
     ot = torch.cat(values)
     i = torch.tensor([p[0] for p in pairs], device=out.device)

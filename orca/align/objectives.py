@@ -127,7 +127,8 @@ class OTDDObjective(AlignmentObjective):
         inner_reg: eps of the sinkhorn label distances (microsoft/otdd: 0.1).
         inner_max_samples: per-class cap in the sinkhorn/exact label distances (None = all).
         seed: seed of that cap's subsample.
-        max_iter, rtol: Sinkhorn settings (see :class:`SinkhornOptions`).
+        schedule: ``"fixed"`` (geomloss' annealing, microsoft/otdd's numbers) or ``"converged"``.
+        max_iter, rtol: settings of the ``"converged"`` schedule (see :class:`SinkhornOptions`).
         inner_grad: also differentiate the cluster-to-class label distances (ORCA: False).
         weighting, min_cluster_size: see :class:`AlignmentObjective`.
         inner_threads: worker threads for the exact (LP) label pairs (None = one per usable CPU).
@@ -138,12 +139,12 @@ class OTDDObjective(AlignmentObjective):
 
     def __init__(self, inner: str = "sinkhorn", reg: float = 0.1, cost: str = "half", debiased: bool = True,
                  inner_reg: float = 0.1, inner_max_samples: Optional[int] = None, seed: int = 0,
-                 max_iter: int = 2000, rtol: float = 1e-4, inner_grad: bool = False, weighting: str = "frequency",
+                 schedule: str = "fixed", max_iter: int = 2000, rtol: float = 1e-4, inner_grad: bool = False, weighting: str = "frequency",
                  min_cluster_size: int = 2, inner_threads: Optional[int] = None):
         super().__init__(weighting, min_cluster_size)
         self.otdd = OTDD(inner=inner, reg=reg, cost=cost, debiased=debiased, inner_reg=inner_reg,
                          inner_max_samples=inner_max_samples, seed=seed,
-                         sinkhorn=SinkhornOptions(max_iter=max_iter, rtol=rtol), inner_grad=inner_grad,
+                         sinkhorn=SinkhornOptions(schedule=schedule, max_iter=max_iter, rtol=rtol), inner_grad=inner_grad,
                          inner_threads=inner_threads)
 
     def _cluster_values(self, target_feats, index, n_clusters, source_feats, source_labels):

@@ -57,8 +57,8 @@ from torch import Tensor
 from orca.align.checks import check_features, check_labels, encode_labels
 from orca.align.label_distances import (INNER_METHODS, ClassClouds, label_distances_exact, label_distances_gaussian,
                                         label_distances_sinkhorn, log_uniform, pad_groups, sqdist)
-from orca.align.sinkhorn import (SinkhornOptions, masked_dot, sinkhorn_potentials, sinkhorn_self_potential,
-                                 softmin_rows)
+from orca.align.sinkhorn import (SinkhornOptions, diameter, masked_dot, sinkhorn_potentials, sinkhorn_self_potential,
+                                 softmin_cols, softmin_rows)
 
 #: Ground-cost conventions: the factor on |x - x'|^2 + W. "half" is microsoft/otdd's (ORCA's).
 COSTS = {"half": 0.5, "full": 1.0}
@@ -150,7 +150,7 @@ class OTDD:
         return target_feats, target_labels, source_feats, source_labels
 
     def _source_state(self, source_feats: Tensor, source_labels: Tensor, dtype, device):
-        """Source label distances, class clouds and the debiasing self-term, cached per source tensor."""
+        """Source label distances and class clouds, cached per source tensor."""
         c = self._cache
         # Identity + in-place version for the features (comparing 5000 x d values per call would
         # cost as much as a Sinkhorn sweep); labels are small, so they are compared by value.
@@ -163,24 +163,35 @@ class OTDD:
             labelled = self._labelled(xs, ys, int(ys.max()) + 1)
             w_ss = self._inner(labelled).to(device=device, dtype=dtype)
             centre = xs.mean(0)
-            xs_c = (xs - centre).unsqueeze(0)
-            self_half = None
-            if self.debiased:
-                cost = self.scale * (sqdist(xs_c, xs_c) + w_ss[ys][:, ys])
-                log_b = torch.full((1, xs.shape[0]), -math.log(xs.shape[0]), dtype=dtype, device=device)
-                fb = sinkhorn_self_potential(cost, log_b, self.reg, self.opts)
-                self_half = masked_dot(log_b, fb)[0]
-                del cost
             c.clear()
             c.update(feats=source_feats, labels=source_labels.clone(), version=source_feats._version,
-                     dtype=dtype, device=device, labelled=labelled,
-                     xs=xs, xs_c=xs_c, centre=centre, ys=ys, w_ss=w_ss, self_half=self_half)
+                     dtype=dtype, device=device, labelled=labelled, n_classes=int(ys.max()) + 1,
+                     xs=xs, xs_c=(xs - centre).unsqueeze(0), centre=centre, ys=ys, w_ss=w_ss, self_half={})
         return c
 
-    def _solve(self, xt: Tensor, log_a: Tensor, yt: Tensor, w_ts: Tensor, w_tt: Tensor, src) -> Tensor:
+    def _source_self_half(self, src, diam: float) -> Tensor:
+        """OT_eps(b, b) / 2 of the source, cached per schedule (the fixed one depends on the diameter)."""
+        key = diam if self.opts.schedule == "fixed" else None
+        if key not in src["self_half"]:
+            xs_c, ys, m = src["xs_c"], src["ys"], src["xs_c"].shape[1]
+            cost = self.scale * (sqdist(xs_c, xs_c) + src["w_ss"][ys][:, ys])
+            log_b = torch.full((1, m), -math.log(m), dtype=xs_c.dtype, device=xs_c.device)
+            with torch.no_grad():
+                fb = sinkhorn_self_potential(cost, log_b, self.reg, self.opts, diam)
+                fb = softmin_rows(self.reg, cost, log_b + fb / self.reg)
+            src["self_half"].clear()  # one schedule at a time: stage 1 moves on, it does not come back
+            src["self_half"][key] = masked_dot(log_b, fb)[0]
+        return src["self_half"][key]
+
+    def _diameter(self, xt: Tensor, src, n_target_labels: int) -> float:
+        """geomloss' diameter of microsoft/otdd's points (x, label index), targets numbered after the source."""
+        label_extent = src["n_classes"] + n_target_labels - 1
+        return math.hypot(diameter(xt.detach(), src["xs"]), label_extent)
+
+    def _solve(self, xt: Tensor, log_a: Tensor, yt: Tensor, w_ts: Tensor, w_tt: Tensor, src, diam: float) -> Tensor:
         """Per-problem OTDD values ``[B]`` for padded target batches ``xt [B, n, d]`` vs the source.
 
-        ``yt [B, n]`` indexes rows of ``w_ts [Ct, Cs]`` / ``w_tt [Ct, Ct]``.
+        ``yt [B, n]`` indexes rows of ``w_ts [Ct, Cs]`` / ``w_tt [Ct, Ct]``; ``diam`` sets the fixed schedule.
         """
         eps, s = self.reg, self.scale
         xs_c, ys = src["xs_c"], src["ys"]
@@ -190,26 +201,24 @@ class OTDD:
         label_ts = w_ts[yt.unsqueeze(-1), ys.view(1, 1, -1)]  # [B, n, m]
         with torch.no_grad():
             cost = s * (sqdist(xt_c.detach(), xs_c) + label_ts.detach())
-            f, g = sinkhorn_potentials(cost, log_a, log_b, eps, self.opts)
+            f, g = sinkhorn_potentials(cost, log_a, log_b, eps, self.opts, diam)
             del cost
-        # Envelope theorem: one differentiable half-step from the detached optimum (see module doc).
-        cost = s * (sqdist(xt_c, xs_c) + label_ts)
-        f = softmin_rows(eps, cost, log_b + g / eps)
+        # One last step from the detached potentials with autograd on (see the module doc). As in
+        # geomloss, each potential differentiates only the points it lives on: the target's f.
+        f, g = (softmin_rows(eps, s * (sqdist(xt_c, xs_c) + label_ts), log_b + g / eps),
+                softmin_cols(eps, s * (sqdist(xt_c.detach(), xs_c) + label_ts.detach()), log_a + f / eps))
         value = masked_dot(log_a, f) + masked_dot(log_b, g)
-        del cost
         if not self.debiased:
             return value
         label_tt = w_tt[yt.unsqueeze(-1), yt.unsqueeze(-2)]
         with torch.no_grad():
             cost = s * (sqdist(xt_c.detach(), xt_c.detach()) + label_tt.detach())
-            fa = sinkhorn_self_potential(cost, log_a, eps, self.opts)
+            fa = sinkhorn_self_potential(cost, log_a, eps, self.opts, diam)
             del cost
-        # The half-step differentiates only the first argument of C(x, x'), i.e. half of the
-        # symmetric gradient -- exactly d[OT(a,a)/2]. The label term depends on x as a whole, so
-        # half of its gradient is taken explicitly (value unchanged).
+        # The first argument of C(x, x') only, as geomloss; half the label term's gradient likewise.
         cost = s * (sqdist(xt_c, xt_c.detach()) + 0.5 * (label_tt + label_tt.detach()))
         fa = softmin_rows(eps, cost, log_a + fa / eps)
-        return value - masked_dot(log_a, fa) - src["self_half"]
+        return value - masked_dot(log_a, fa) - self._source_self_half(src, diam)
 
     def _target_inner(self, xt: Tensor, index: Tensor, n_classes: int, src, within: bool) -> Tuple[Tensor, Tensor]:
         """Target-vs-source label distances ``[Ct, Cs]`` and, if ``within``, target-vs-target ones."""
@@ -240,7 +249,7 @@ class OTDD:
         k = int(yt.max()) + 1
         w_ts, w_tt = self._target_inner(xt, yt, k, src, within=k > 1)
         log_a = torch.full((1, xt.shape[0]), -math.log(xt.shape[0]), dtype=xt.dtype, device=xt.device)
-        return self._solve(xt.unsqueeze(0), log_a, yt.unsqueeze(0), w_ts, w_tt, src)[0]
+        return self._solve(xt.unsqueeze(0), log_a, yt.unsqueeze(0), w_ts, w_tt, src, self._diameter(xt, src, k))[0]
 
     def per_cluster(self, target_feats, clusters, source_feats, source_labels) -> Tuple[Tensor, Tensor]:
         """OTDD of every target cluster, each as a single-label set, against the source (ORCA stage 1).
@@ -266,7 +275,7 @@ class OTDD:
         w_ts, w_tt = self._target_inner(xt, index, k, src, within=False)
         rows, mask = pad_groups(index, k)
         yt = torch.arange(k, device=xt.device).unsqueeze(1).expand_as(rows)
-        values = self._solve(xt[rows], log_uniform(mask, xt.dtype), yt, w_ts, w_tt, src)
+        values = self._solve(xt[rows], log_uniform(mask, xt.dtype), yt, w_ts, w_tt, src, self._diameter(xt, src, 1))
         return values, ids
 
 
