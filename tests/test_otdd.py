@@ -156,10 +156,11 @@ def test_otdd_threads_do_not_change_values(source, target):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_paper_convention_matches_plain_reference(source, target, dtype):
-    """cost='full', inner='exact' is the paper's OTDD (POT emd per label pair, POT Sinkhorn)."""
+    """cost='full', inner='exact' is the paper's OTDD (POT emd per label pair, POT Sinkhorn, converged)."""
     xs, ys = source
     xt, yt = target
-    ours = float(otdd(xt.to(dtype), yt, xs.to(dtype), ys, **PAPER))
+    converged = SinkhornOptions(schedule="converged")
+    ours = float(otdd(xt.to(dtype), yt, xs.to(dtype), ys, sinkhorn=converged, **PAPER))
     ref = paper_otdd(xt, yt, xs, ys)
     assert ours == pytest.approx(ref, rel=1e-3 if dtype == torch.float32 else 1e-5)
     assert ref > 0.1  # a real gap, so the relative check is meaningful

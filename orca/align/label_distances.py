@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from orca.align.checks import encode_labels
-from orca.align.sinkhorn import (SinkhornOptions, diameter, extrapolate, masked_dot, sinkhorn_potentials,
-                                 sinkhorn_self_potential, softmin_rows)
+from orca.align.sinkhorn import (SinkhornOptions, diameter, masked_dot, sinkhorn_potentials, sinkhorn_self_potential,
+                                 softmin_cols, softmin_rows)
 from orca.runs import usable_cpus
 
 INNER_METHODS = ("sinkhorn", "exact", "gaussian")
@@ -324,8 +324,10 @@ class ClassClouds:
         for lo, hi in _chunks(self.n_classes, self.points.shape[1] ** 2):
             p, lw = pts[lo:hi], self.log_w[lo:hi]
             f = sinkhorn_self_potential(sqdist(p.detach(), p.detach()), lw, reg, opts, diam)
-            # one last step from the detached potential, with autograd on when differentiable
-            f = softmin_rows(reg, sqdist(p, p) if differentiable else sqdist(p.detach(), p.detach()), lw + f / reg)
+            # one last step from the detached potential; differentiating the cost's first argument
+            # only gives the gradient of OT(P, P) / 2 (the cost is symmetric)
+            f = softmin_rows(reg, sqdist(p, p.detach()) if differentiable else sqdist(p.detach(), p.detach()),
+                             lw + f / reg)
             values.append(2 * masked_dot(lw, f))
         out = torch.cat(values)
         if not differentiable:
@@ -382,7 +384,10 @@ def label_distances_sinkhorn(c1: ClassClouds, c2: Optional[ClassClouds] = None, 
         j = torch.tensor([p[1] for p in pairs[lo:hi]], device=p1.device)
         a, b, la, lb = p1[i], p2[j], c1.log_w[i], c2.log_w[j]
         f, g = sinkhorn_potentials(sqdist(a.detach(), b.detach()), la, lb, reg, opts, diam)
-        f, g = extrapolate(reg, sqdist(a, b) if differentiable else sqdist(a.detach(), b.detach()), la, lb, f, g)
+        # a last step of both potentials (geomloss' value); the gradient, if any, through f's alone (envelope theorem)
+        cost = sqdist(a.detach(), b.detach())
+        f, g = (softmin_rows(reg, sqdist(a, b) if differentiable else cost, lb + g / reg),
+                softmin_cols(reg, cost, la + f / reg))
         values.append(masked_dot(la, f) + masked_dot(lb, g))
     ot = torch.cat(values)
     i = torch.tensor([p[0] for p in pairs], device=out.device)
