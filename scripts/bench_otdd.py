@@ -8,8 +8,8 @@ PATH is a local checkout of microsoft/otdd (github.com/microsoft/otdd); it is im
 never installed or copied. Its call is ORCA's: a fresh ``DatasetDistance(src, tgt,
 inner_ot_method='exact', debiased_loss=True, inner_ot_debiased=True, p=2, inner_ot_p=2,
 entreg=1e-1, device=...)`` per call, then ``.distance(maxsamples=len(src))``. Ours is
-``orca.align.otdd.OTDD()`` with its defaults, which compute the same quantity (solved to
-convergence, so values agree to microsoft/otdd's own accuracy, not to the last digit).
+``orca.align.otdd.OTDD()`` with its defaults, which compute the same quantity with the same fixed
+geomloss schedule (values agree to float32 rounding; a batch of clusters shares one schedule).
 
 Workloads (float32, the timed median of ``--repeats`` after one untimed warm-up call):
 

@@ -13,9 +13,9 @@ clouds (the norm of their joint bounding box) and blur = sqrt(eps) (p = 2), the 
 D^2, then D^2, D^2 s^2, D^2 s^4, ... while above eps (s = ``scaling`` = 0.5), then eps: about
 log2(D / blur) + 2 of them, ~a dozen for stage-1 features. The first potentials are soft-min
 transforms at D^2; at each temperature both potentials (and the self-problems' potentials) take one
-*averaged* step x <- (x + T(x)) / 2; a last plain Sinkhorn step at eps ("extrapolation", taken with
-autograd on by the callers, :func:`extrapolate`) gives the potentials the value and gradient come
-from. The loop does not run to convergence: the value sits a few tenths of a percent below the
+*averaged* step x <- (x + T(x)) / 2; the callers take a last plain Sinkhorn step of both
+potentials at eps with autograd on (geomloss' "extrapolation"), and the value <a, f> + <b, g> and
+its gradient come from those. The loop does not run to convergence: the value sits a few tenths of a percent below the
 converged one (bounded in the tests at 1 %), in exchange for a fixed, small cost per call.
 
 Schedule ``"converged"``: eps-scaling (annealing; Schmitzer 2019): one sweep at each eps from the
@@ -139,15 +139,6 @@ def fixed_schedule(diam: float, eps: float, scaling: float = 0.5) -> List[float]
                                                                 2 * np.log(scaling))] + [eps])
 
 
-def extrapolate(eps: float, cost: Tensor, log_a: Tensor, log_b: Tensor, f: Tensor, g: Tensor) -> Tuple[Tensor, Tensor]:
-    """One plain Sinkhorn step of both potentials from detached ones, (T(g), T(f)), with autograd on ``cost``.
-
-    ``<a, T(g)> + <b, T(f)>`` is the OT_eps value (geomloss' formula), and its gradient w.r.t. the
-    cost is what geomloss and microsoft/otdd return.
-    """
-    return (softmin_rows(eps, cost, log_b + g.detach() / eps), softmin_cols(eps, cost, log_a + f.detach() / eps))
-
-
 @torch.no_grad()
 def _fixed_potentials(cost: Tensor, log_a: Tensor, log_b: Tensor, schedule: List[float]) -> Tuple[Tensor, Tensor]:
     e = schedule[0]
@@ -230,7 +221,7 @@ def sinkhorn_potentials(cost: Tensor, log_a: Tensor, log_b: Tensor, eps: float,
         diam: the points' diameter (:func:`diameter`), which sets the fixed schedule.
 
     Returns:
-        ``(f [B, n], g [B, m])``; take :func:`extrapolate` of them for the value.
+        ``(f [B, n], g [B, m])``; the value is <a, T(g)> + <b, T(f)> (one more step of each).
     """
     if opts.schedule == "fixed":
         return _fixed_potentials(cost, log_a, log_b, fixed_schedule(diam, eps, opts.scaling))
@@ -286,7 +277,7 @@ def sinkhorn_self_potential(cost: Tensor, log_a: Tensor, eps: float,
         diam: the points' diameter (:func:`diameter`), which sets the fixed schedule.
 
     Returns:
-        ``f [B, n]``; ``<a, T(f)>`` (one more step, :func:`extrapolate`) is OT_eps(a, a) / 2.
+        ``f [B, n]``; ``<a, T(f)>`` (one more step) is OT_eps(a, a) / 2.
     """
     if opts.schedule == "fixed":
         return _fixed_self_potential(cost, log_a, fixed_schedule(diam, eps, opts.scaling))
@@ -308,5 +299,5 @@ def sinkhorn_self_potential(cost: Tensor, log_a: Tensor, eps: float,
     return f
 
 
-__all__ = ["SCHEDULES", "SinkhornOptions", "diameter", "eps_schedule", "extrapolate", "fixed_schedule", "masked_dot", "sinkhorn_potentials", "sinkhorn_self_potential",
-           "softmin_cols", "softmin_rows"]
+__all__ = ["SCHEDULES", "SinkhornOptions", "diameter", "eps_schedule", "fixed_schedule", "masked_dot",
+           "sinkhorn_potentials", "sinkhorn_self_potential", "softmin_cols", "softmin_rows"]
