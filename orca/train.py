@@ -129,6 +129,23 @@ class EpochBatchSampler(Sampler[List[int]]):
         return self._global_batches() - self.skip
 
 
+def check_steps(cfg: ExperimentConfig, n_train: int, world: int = 1) -> None:
+    """Refuse a run that would take no optimizer step: it would "finish", untrained, with a test metric.
+
+    Raises:
+        ConfigError: fewer micro-batches per epoch than ``train.grad_accum``, naming the sizes.
+    """
+    micro = len(EpochBatchSampler(n_train, cfg.train.batch_size, cfg.seed, world=world, drop_last=cfg.train.compile))
+    if cfg.train.max_steps_per_epoch:
+        micro = min(micro, cfg.train.max_steps_per_epoch * cfg.train.grad_accum)
+    if micro < cfg.train.grad_accum:
+        dropped = " (train.compile drops the last partial batch)" if cfg.train.compile else ""
+        raise ConfigError(f"this run would take no optimizer step: {n_train} training samples make {micro} "
+                          f"batches of {cfg.train.batch_size}{dropped} per epoch, fewer than "
+                          f"train.grad_accum={cfg.train.grad_accum}", "train.batch_size",
+                          "lower train.batch_size or train.grad_accum, or train on more samples")
+
+
 def warmup_linear_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """ORCA's schedule: linear warm-up to the peak, then linear decay to 0 at ``total_steps``."""
 
@@ -279,6 +296,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
     autocast = autocast_for(cfg.train.amp, device)
     task, model = initial_model(cfg, dist_.main_first)
+    check_steps(cfg, len(task.train), dist_.world)
     # W_0 of the body's Linears, for delta_w.json.gz at the end (rank 0; methods that train W only).
     w0 = body_linear_weights(model) if main and cfg.adapter.method in DELTA_W_METHODS else None
     if set_checkpointing(model.body, cfg.train.grad_checkpointing) is not None:

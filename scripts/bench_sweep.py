@@ -43,10 +43,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from orca.errors import exit_on_error
+from orca.runs import git_info, machine_info, write_json
 
-from orca.runs import git_info, machine_info, write_json  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RANKS = [0, 1, 2, 4, 8, 16, 32, 64]  # 0: method head (embedder and head only)
 
@@ -289,4 +289,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_error(main))

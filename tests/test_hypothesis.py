@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from orca.sweep import load_sweep
+from tests.conftest import load_script
 from rank_estimation.hypothesis import (
     bootstrap_knee,
     budget_matched,
@@ -210,13 +211,8 @@ def _synthetic_results(root: Path) -> None:
 
 
 def _script_module():
-    """scripts/hypothesis.py as a module (scripts/ is not a package)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import hypothesis as script
-    finally:
-        sys.path.pop(0)
-    return script
+    """scripts/hypothesis.py as a module, under another name than the property-testing library's."""
+    return load_script("hypothesis.py", "hypothesis_script")
 
 
 def _run_script(runs: Path, out: Path):

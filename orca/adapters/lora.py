@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orca.adapters.base import AdapterMethod, set_trainable
+from orca.adapters.lora_grads import lora_factor_grads
 from orca.registry import Registry
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +86,7 @@ class DenseWeight:
     kind = "dense"
     concat: Optional[bool] = None
     join_backward = False  # see JoinedDenseWeight
+    fuse_grads = False  # see FusedGradDenseWeight
 
     @staticmethod
     def get(base: nn.Module) -> torch.Tensor:
@@ -107,7 +109,7 @@ class DenseWeight:
             return lora_forward_generic(layer, x, a, b, scale)
         concat = torch.compiler.is_compiling() if cls.concat is None else cls.concat
         return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale, concat=concat,
-                                 join_backward=cls.join_backward)
+                                 join_backward=cls.join_backward, fuse_grads=cls.fuse_grads)
 
 
 class ComposedDenseWeight(DenseWeight):
@@ -159,6 +161,19 @@ class JoinedDenseWeight(DenseWeight):
     join_backward = True
 
 
+class FusedGradDenseWeight(DenseWeight):
+    """The default forward forms with A's and B's gradients from one pass over the output gradient
+    (:func:`orca.adapters.lora_grads.lora_factor_grads`, a Triton kernel on CUDA) instead of two
+    GEMMs that each read it. Why a candidate, not the default: it removes one of the three
+    memory-bound rank-r passes per layer that separate a LoRA step from one whose adapters cost
+    nothing (``bench_train.py --methods rank0``), but the kernel's speed against cuBLAS's thin GEMMs
+    has not been measured yet; ``scripts/bench_train.py --methods lora_fused`` times it beside
+    ``lora``. On the CPU it computes exactly what :class:`DenseWeight` does."""
+
+    kind = "dense (fused factor gradients)"
+    fuse_grads = True
+
+
 # ---------------------------------------------------------------------------------------------
 # The LoRA forward: generic (any base layer) and fused (dense base)
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +207,7 @@ class FusedLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale, concat=False, join_backward=False):
+    def forward(ctx, x, weight, bias, a, b, scale, concat=False, join_backward=False, fuse_grads=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa = torch.mm(x2, a.t())
@@ -210,7 +225,7 @@ class FusedLoRALinear(torch.autograd.Function):
             out.addmm_(xa, b.t(), alpha=scale)
             ctx.save_for_backward(x2, xa, weight, a, b)
         ctx.scale, ctx.in_shape, ctx.has_bias, ctx.concat = scale, shape, bias is not None, concat
-        ctx.join_backward = join_backward
+        ctx.join_backward, ctx.fuse_grads = join_backward, fuse_grads
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -227,7 +242,12 @@ class FusedLoRALinear(torch.autograd.Function):
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         many_tokens = g.shape[0] >= weight.shape[0]
         joined = ctx.join_backward and need_x and need_a and many_tokens
-        if joined:
+        fused = ctx.fuse_grads and need_a and need_b and (many_tokens or not need_x)
+        if fused:  # dL/dA and dL/dB from one pass over g; dL/dx below does not need g s B then
+            grad_a, grad_b = lora_factor_grads(g, x2, xa, b, s)
+            need_a = need_b = False
+            gb = None
+        elif joined:
             # [g (W + s B A) | g s B]: both products of g in one GEMM, returned as column slices
             d_in = weight.shape[1]
             joint = torch.mm(g, torch.cat([torch.addmm(weight, b, a, alpha=s), b * s], dim=1))
@@ -251,28 +271,29 @@ class FusedLoRALinear(torch.autograd.Function):
             grad_a = torch.mm(gb.t(), x2)
         if need_b:
             grad_b = torch.mm(g.t(), xa).mul_(s)  # d_out x r
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       a: torch.Tensor, b: torch.Tensor, scale: float, concat: bool = False,
-                      join_backward: bool = False) -> torch.Tensor:
+                      join_backward: bool = False, fuse_grads: bool = False) -> torch.Tensor:
     """Autocast-aware entry to :class:`FusedLoRALinear`: under autocast every operand is cast to
     the autocast dtype once, as F.linear would (x once for both paths). The matmuls inside then
     see matching dtypes, so autocast leaves them alone; no context switch is needed, which
     matters at small batches where eager mode is bound by Python overhead per layer.
     ``concat``: the forward as one GEMM over [x, x A^T] (see :class:`FusedLoRALinear`);
-    ``join_backward``: the backward's two GEMMs over the output gradient as one (:class:`JoinedDenseWeight`)."""
+    ``join_backward``: the backward's two GEMMs over the output gradient as one (:class:`JoinedDenseWeight`);
+    ``fuse_grads``: A's and B's gradients from one pass over the output gradient (:class:`FusedGradDenseWeight`)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         return FusedLoRALinear.apply(x.to(dtype), weight.to(dtype),
                                      None if bias is None else bias.to(dtype), a.to(dtype),
-                                     b.to(dtype), scale, concat, join_backward)
+                                     b.to(dtype), scale, concat, join_backward, fuse_grads)
     dtype = weight.dtype
     if x.dtype != dtype:
         x = x.to(dtype)
-    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat, join_backward)
+    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat, join_backward, fuse_grads)
 
 
 def _is_nf4_linear(module: nn.Module) -> bool:
