@@ -16,13 +16,15 @@ All grow with a mean shift; all but the two ``*_source`` metrics are symmetric i
 (those measure the target in the source's units, so the first argument must be the source). For two samples of one
 distribution mmd and pad are ~0 up to noise (unbiased / balanced); the transport metrics keep a
 positive finite-sample bias: small for sinkhorn at its default blur, O(n^-1/2) for
-sliced_wasserstein, and for otdd the exact inner W_2^2 between finite class samples (it is not
-debiased, as in the paper) -- compare otdd values only at equal sample and class sizes.
+sliced_wasserstein, and for otdd the finite-sample bias of its label distances -- compare otdd
+values only at equal sample and class sizes. otdd's numbers are in microsoft/otdd's (ORCA's)
+convention: outer cost (|x - x'|^2 + W) / 2, W a debiased Sinkhorn divergence at eps 0.1 on the
+full squared distance, eps 0.1, debiased.
 
 Speed (the target: every metric on 5,000 x 5,000 features at all 24 Swin-B blocks in
 ~30 s on one H100): everything runs on the features' device as dense batched tensor ops; pad
 trains its classifier with full-batch L-BFGS in torch when the features are on a GPU (sklearn on
-CPU), on at most ``max_samples`` points per side; otdd caps exact inner OT at 128 points per class.
+CPU), on at most ``max_samples`` points per side; otdd caps its label distances at 128 points per class.
 
 Scale: the OT-type metrics scale with the features, and Swin activations grow with depth, so
 :func:`gap_profile` divides both sets of each layer by the source's root-mean-square deviation by
@@ -37,8 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from orca.align.checks import check_features, check_labels
 from orca.align.mmd import DEFAULT_MULTIPLIERS, gaussian_kernel, median_sq_distance, mmd2_unbiased
-from orca.align.otdd import check_features, check_labels, otdd
+from orca.align.otdd import otdd
 from orca.registry import Registry
 
 GAP_METRICS = Registry("gap metric")
@@ -241,20 +244,21 @@ def sinkhorn(source, target, *, blur: float = 0.5, scaling: float = 0.5, p: int 
 
 
 @GAP_METRICS.register("otdd")
-def otdd_gap(source, target, *, source_labels=None, target_labels=None, inner: str = "exact",
+def otdd_gap(source, target, *, source_labels=None, target_labels=None, inner: str = "sinkhorn",
              reg: float = 0.1, inner_max_samples: Optional[int] = 128, seed: int = 0) -> float:
     """OTDD between the labelled source and the labelled target (target labels may be k-means ids).
+
+    In microsoft/otdd's convention for ORCA's call (``orca.align.otdd``): cost (|x - x'|^2 + W) / 2.
 
     Args:
         source: ``[m, d]``.
         target: ``[n, d]``.
         source_labels: ``[m]`` integer labels, >= 2 distinct (required).
         target_labels: ``[n]`` integer labels (required).
-        inner: ``"exact"`` or ``"gaussian"`` label distances.
+        inner: ``"sinkhorn"`` (microsoft/otdd's "exact"), ``"exact"`` (LP) or ``"gaussian"`` label distances.
         reg: entropic regularisation.
-        inner_max_samples: per-class cap for exact inner OT (it dominates the cost: 190 class pairs
-            of 500 points take ~5 s per layer on one core, of 128 points ~0.3 s; the pairs run on
-            all CPUs this process may use).
+        inner_max_samples: per-class cap for the label distances (they dominate the cost: 190
+            class pairs per layer, solved as one batch on the features' device).
         seed: seed of that subsample.
     """
     if source_labels is None or target_labels is None:
