@@ -329,7 +329,7 @@ def test_bench_stage2_cpu_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rec = json.loads((tmp_path / "stage2.json").read_text())
     assert rec["settings"]["blocks"] == 4 and rec["settings"]["n_source"] == 24
-    assert set(rec["seconds_per_metric"]) == {"mmd", "otdd", "pad", "sinkhorn", "sliced_wasserstein"}
+    assert set(rec["seconds_per_metric"]) == {"mmd", "mmd_source", "otdd", "pad", "sinkhorn", "sliced_w2_source", "sliced_wasserstein"}
     assert rec["git"]["commit"] and "bench_stage2.py" in rec["command"] and rec["machine"]["cpus"]
     assert "| **all** |" in (tmp_path / "stage2.md").read_text()
 
