@@ -153,7 +153,11 @@ def load_microsoft_otdd(path: str):
 
         geomloss.utils = utils
         sys.modules["geomloss.utils"] = utils
-    sys.path.insert(0, str(Path(path).resolve()))
+    package = Path(path).resolve() / "otdd"  # the checkout's package, loaded by location
+    spec = importlib.util.spec_from_file_location("otdd", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    sys.modules["otdd"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["otdd"])
     import logging
 
     from otdd.pytorch.distance import DatasetDistance
