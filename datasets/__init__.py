@@ -4,4 +4,4 @@ Tasks register themselves in :mod:`datasets.registry` through the explicit impor
 """
 from datasets.registry import TASKS, TaskData, build_task, get_task, register_task  # noqa: F401
 from datasets import darcy  # noqa: F401
-from datasets import fractal, images, tones  # noqa: F401
+from datasets import fractal, fractal_dial, images, tones  # noqa: F401

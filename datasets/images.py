@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from datasets.errors import DataFileError
 from datasets.registry import TaskData, get_task, register_task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -462,13 +463,14 @@ class CifarOptions:
             raise ValueError(f"CifarOptions.val_size must be < 50000 (the train set), got {self.val_size}")
 
 
-def cifar_missing_message(name: str, root: str) -> str:
+def cifar_missing(name: str, root: str, reason: str = "") -> DataFileError:
     """The one error a user without the CIFAR files sees: where to put which folder."""
     meta = _CIFAR[name]
     where = Path(root).resolve()
-    return (f"{name}: files not found. Put the extracted folder '{meta['folder']}/' (from {meta['archive']}, "
-            f"{CIFAR_URL}{meta['archive']}) into the directory {where} (so that {where / meta['folder']} exists), "
-            f"or set the task option download=true on a machine with internet.")
+    return DataFileError(
+        f"{name}: files not found or unreadable{f' ({reason})' if reason else ''}", str(where / meta["folder"]),
+        f"put the extracted folder '{meta['folder']}/' (from {meta['archive']}, {CIFAR_URL}{meta['archive']}) "
+        f"into the directory {where}, or set the task option download=true on a machine with internet")
 
 
 def _load_cifar(name: str, root: str, download: bool):
@@ -478,7 +480,7 @@ def _load_cifar(name: str, root: str, download: bool):
     try:
         return cls(root, train=True, download=download), cls(root, train=False, download=download)
     except (RuntimeError, OSError) as err:  # torchvision: "Dataset not found or corrupted"; offline: URLError
-        raise FileNotFoundError(cifar_missing_message(name, root) + f" ({type(err).__name__}: {err})") from err
+        raise cifar_missing(name, root, f"{type(err).__name__}: {err}") from err
 
 
 def _build_cifar(name: str, opts: CifarOptions, data_root: str) -> TaskData:

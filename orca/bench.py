@@ -25,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from orca.adapters import AdapterConfig, build_method, count_parameters
 from orca.adapters.base import set_trainable
-from orca.adapters.base_weights import ComposedDenseWeight, ConcatDenseWeight, InplaceDenseWeight, JoinedDenseWeight
+from orca.adapters.base_weights import (ComposedDenseWeight, ConcatDenseWeight, FusedGradDenseWeight,
+                                        InplaceDenseWeight, JoinedDenseWeight)
 from orca.adapters.lora import LoRALinear
 from orca.bodies import set_attention
 from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
@@ -66,9 +67,9 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
 
     Args:
         method: ``peft`` (HF peft LoRA, the reference), ``lora_composed`` / ``lora_concat`` /
-            ``lora_inplace`` / ``lora_joined`` (our LoRA through
+            ``lora_inplace`` / ``lora_joined`` / ``lora_fused`` (our LoRA through
             :class:`orca.adapters.base_weights.ComposedDenseWeight` / ``ConcatDenseWeight`` /
-            ``InplaceDenseWeight`` / ``JoinedDenseWeight``) or a
+            ``InplaceDenseWeight`` / ``JoinedDenseWeight`` / ``FusedGradDenseWeight``) or a
             registered adapter method
             (full, lora, dylora, delta_lora, qlora); LoRA-type methods adapt every block
             qkv/proj/fc1/fc2 with rank ``rank`` unless ``rank_map`` (a stage-2 JSON) says otherwise.
@@ -103,10 +104,11 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
     else:
         # our LoRA through plain autograd ops (lora_composed), always the one-GEMM forward (lora_concat)
         # or always the in-place rank-r update (lora_inplace), or the default forms with the backward's
-        # two GEMMs over g joined (lora_joined); plain lora takes the one-GEMM form when compiled and
-        # the in-place one in eager mode
+        # two GEMMs over g joined (lora_joined), or A's and B's gradients from one pass over g
+        # (lora_fused); plain lora takes the one-GEMM form when compiled and the in-place one in eager mode
         access = {"lora_composed": ComposedDenseWeight, "lora_concat": ConcatDenseWeight,
-                  "lora_inplace": InplaceDenseWeight, "lora_joined": JoinedDenseWeight}.get(method)
+                  "lora_inplace": InplaceDenseWeight, "lora_joined": JoinedDenseWeight,
+                  "lora_fused": FusedGradDenseWeight}.get(method)
         extra = {"delta_lora_start": 0} if method == "delta_lora" else {}  # time the W update from step 0
         registered = "lora" if access else "head" if method == "rank0" else method
         cfg = AdapterConfig(method=registered, rank=rank, alpha=2.0 * rank, targets="all",

@@ -6,6 +6,7 @@
     python -m orca show-config --config configs/darcy_swinb.yaml adapter.method=lora
     python -m orca data --config configs/darcy_swinb.yaml task.options.workers=16   # build/cache the data only
     python -m orca sweep configs/experiments/table2_darcy_attn.yaml --dry-run   # a grid of stage-3 runs (orca.sweep)
+    python -m orca slurm configs/experiments/ranks_patches.yaml --submit   # the sweep as a Slurm job array (orca.slurm)
     python -m orca export runs/stage3__darcy__... --format peft|merged|adapter [--out DIR] [--checkpoint last]
 
 A mistake in the command, a config or an input file ends in one line ``error: <what>, <where>,
@@ -34,6 +35,7 @@ from orca.config import load_config, save_config
 from orca.errors import UsageError, exit_on_error
 from orca.export import CHECKPOINTS, FORMATS, describe, export_run
 from orca.pretrain import run_stage0
+from orca.slurm import main as slurm_main
 from orca.sweep import main as sweep_main
 from orca.train import run_stage3
 from rank_estimation.config import Stage2Config
@@ -65,6 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sweep"]:  # its own options (--gpus, --dry-run, ...): orca.sweep parses them
         return sweep_main(argv[1:], schema=CONFIG_SCHEMA, prog="python -m orca sweep")
+    if argv[:1] == ["slurm"]:  # as sweep: orca.slurm parses its own options
+        return slurm_main(argv[1:], schema=CONFIG_SCHEMA)
     return exit_on_error(run_command, argv)
 
 
@@ -73,7 +77,7 @@ def run_command(argv: List[str]) -> int:
         return export_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m orca", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*STAGES, "list", "show-config", "data", "sweep", "export"])
+    parser.add_argument("command", choices=[*STAGES, "list", "show-config", "data", "sweep", "slurm", "export"])
     parser.add_argument("what", nargs="*", help="for stages, data and show-config: dotted overrides (train.lr=3e-4); "
                                                  "for list: tasks | adapters | objectives | gaps")
     parser.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml)")

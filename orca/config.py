@@ -24,12 +24,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Un
 
 import yaml
 
+from datasets.registry import get_task
 from orca.adapters.config import AdapterConfig
 from orca.align.config import AlignConfig
 from orca.bodies import ATTENTION_KINDS
 from orca.checkpointing import normalize as normalize_checkpointing
-from datasets.registry import get_task
-from orca.schema import ConfigError, check_choice, check_positive, from_dict, to_dict
+from orca.schema import ConfigError, check_choice, from_dict, to_dict
 
 
 @dataclass
@@ -58,17 +58,17 @@ class ModelConfig:
     hub_tag: str = field(default="ms_in22k", metadata={"help": "timm pretrained tag used with weights=hub"})
     weights_file: Optional[str] = field(default=None, metadata={"help": "checkpoint path used with weights=file (.safetensors/.pth/.bin)"})
     body_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"help": "extra timm kwargs (embed_dim, depths, num_heads, window_size) for reduced Swins"})
-    img_size: int = field(default=224, metadata={"help": "input resolution the body runs at; target inputs are resized to it"})
+    img_size: int = field(default=224, metadata={"min": 1, "help": "input resolution the body runs at; target inputs are resized to it"})
     attention: str = field(default="auto", metadata={"help": "auto (sdpa where the body has timm's switch: Swin V1) | sdpa (F.scaled_dot_product_attention, bias and shift mask as its mask) | bmm (timm's default: explicit q k^T, softmax, . v): the same function, other kernels; sdpa is faster and smaller on GPU (results/bench/train_eager_sdpa.md)"})
     embedder_init: str = field(default="pretrained", metadata={"help": "pretrained (ORCA: tile the RGB patch embedding over C_in) | random"})
     embedder_from: Optional[str] = field(default=None, metadata={"help": "stage-1 run directory whose aligned embedder replaces the initial one"})
-    decoder_channels: int = field(default=3, metadata={"help": "channels of the SimMIM-style dense decoder before the channel mean"})
+    warmup_from: Optional[str] = field(default=None, metadata={"help": "stage 3: a head-only warm-up run (or a directory of them: the one with this task and seed) whose embedder and head are loaded; freeze them with adapter.train_embedder=false adapter.train_head=false (orca/warmup.py)"})
+    decoder_channels: int = field(default=3, metadata={"min": 1, "help": "channels of the SimMIM-style dense decoder before the channel mean"})
 
     def __post_init__(self):
         check_choice("model.weights", self.weights, ("hub", "file", "none"))
         check_choice("model.embedder_init", self.embedder_init, ("pretrained", "random"))
         check_choice("model.attention", self.attention, ATTENTION_KINDS)
-        check_positive("model.img_size", self.img_size)
         if self.weights == "file" and not self.weights_file:
             raise ConfigError("model.weights=file needs model.weights_file=PATH")
 
@@ -78,32 +78,32 @@ class TrainConfig:
     """Stage-3 optimisation (defaults: ORCA's Darcy recipe)."""
 
     optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd | paged_adamw (QLoRA)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    betas: Tuple[float, float] = field(default=(0.9, 0.98), metadata={"help": "AdamW betas"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=5e-3, metadata={"help": "decoupled weight decay (not on biases and norms)"})
-    epochs: int = field(default=100, metadata={"help": "training epochs"})
-    warmup_epochs: float = field(default=5, metadata={"help": "linear warm-up length; then linear decay to 0 (ORCA)"})
-    batch_size: int = field(default=4, metadata={"help": "global batch size per optimizer micro-step"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    clip_grad: Optional[float] = field(default=None, metadata={"help": "max global grad norm (None = no clipping)"})
+    lr: float = field(default=1e-3, metadata={"gt": 0, "help": "peak learning rate"})
+    betas: Tuple[float, float] = field(default=(0.9, 0.98), metadata={"min": 0, "lt": 1, "help": "AdamW betas"})
+    momentum: float = field(default=0.9, metadata={"min": 0, "help": "SGD momentum"})
+    weight_decay: float = field(default=5e-3, metadata={"min": 0, "help": "decoupled weight decay (not on biases and norms)"})
+    epochs: int = field(default=100, metadata={"min": 1, "help": "training epochs"})
+    warmup_epochs: float = field(default=5, metadata={"min": 0, "help": "linear warm-up length; then linear decay to 0 (ORCA)"})
+    batch_size: int = field(default=4, metadata={"min": 1, "help": "global batch size per optimizer micro-step"})
+    grad_accum: int = field(default=1, metadata={"min": 1, "help": "micro-batches per optimizer step"})
+    clip_grad: Optional[float] = field(default=None, metadata={"gt": 0, "help": "max global grad norm (None = no clipping)"})
     amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, off on CPU) | bf16 | off"})
-    eval_every: int = field(default=1, metadata={"help": "validate every N epochs (the last epoch always validates)"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    eval_every: int = field(default=1, metadata={"min": 1, "help": "validate every N epochs (the last epoch always validates)"})
+    num_workers: int = field(default=0, metadata={"min": 0, "help": "DataLoader workers"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bitwise-reproducible resume on CPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU); the train loader then drops its last partial batch so shapes stay static"})
     compile_mode: str = field(default="default", metadata={"help": "torch.compile mode: default | reduce-overhead (CUDA graphs: small batches, launch-bound) | max-autotune | max-autotune-no-cudagraphs"})
     grad_checkpointing: Optional[List[Union[int, str]]] = field(default=None, metadata={"help": "blocks that recompute activations in backward (memory for compute; None = off): each entry a 0-based body stage S (all its blocks) or a quoted string \"S:K\" (its first K >= 1 blocks), e.g. [0, 1, \"2:6\"]; unquoted 2:6 is base-60 126 in YAML"})
     channels_last: bool = field(default=False, metadata={"help": "channels-last memory format for the conv embedder (GPU)"})
-    max_steps_per_epoch: Optional[int] = field(default=None, metadata={"help": "truncate epochs (debugging, smoke tests)"})
-    log_every: int = field(default=50, metadata={"help": "write training scalars every N optimizer steps"})
-    save_every_steps: Optional[int] = field(default=None, metadata={"help": "also checkpoint every N optimizer steps mid-epoch (resume granularity)"})
-    time_budget_s: Optional[float] = field(default=None, metadata={"help": "stage 0: stop after this many seconds, rendering and compilation included (None = epochs only)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "stage 0: label smoothing of the cross entropy"})
-    mim_weight: float = field(default=0.0, metadata={"help": "stage 0: weight of SimMIM's masked-pixel L1 loss added to the cross entropy (0 = classification only; orca/masked_pretraining.py)"})
-    mim_mask_ratio: float = field(default=0.6, metadata={"help": "stage 0 with mim_weight > 0: fraction of mask blocks replaced by the mask token (SimMIM: 0.6)"})
-    mim_mask_patch: int = field(default=32, metadata={"help": "stage 0 with mim_weight > 0: side of a mask block in pixels, a multiple of the patch size (SimMIM on Swin: 32)"})
+    max_steps_per_epoch: Optional[int] = field(default=None, metadata={"min": 1, "help": "truncate epochs (debugging, smoke tests)"})
+    log_every: int = field(default=50, metadata={"min": 1, "help": "write training scalars every N optimizer steps"})
+    save_every_steps: Optional[int] = field(default=None, metadata={"min": 1, "help": "also checkpoint every N optimizer steps mid-epoch (resume granularity)"})
+    time_budget_s: Optional[float] = field(default=None, metadata={"gt": 0, "help": "stage 0: stop after this many seconds, rendering and compilation included (None = epochs only)"})
+    label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1, "help": "stage 0: label smoothing of the cross entropy"})
+    mim_weight: float = field(default=0.0, metadata={"min": 0, "help": "stage 0: weight of SimMIM's masked-pixel L1 loss added to the cross entropy (0 = classification only; orca/masked_pretraining.py)"})
+    mim_mask_ratio: float = field(default=0.6, metadata={"gt": 0, "lt": 1, "help": "stage 0 with mim_weight > 0: fraction of mask blocks replaced by the mask token (SimMIM: 0.6)"})
+    mim_mask_patch: int = field(default=32, metadata={"min": 1, "help": "stage 0 with mim_weight > 0: side of a mask block in pixels, a multiple of the patch size (SimMIM on Swin: 32)"})
 
     def __post_init__(self):
         check_choice("train.optimizer", self.optimizer, ("adamw", "sgd", "paged_adamw"))
@@ -112,18 +112,7 @@ class TrainConfig:
                      ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
         # syntax and distinct stages here; stage count and depths when the body exists (orca.checkpointing)
         self.grad_checkpointing = normalize_checkpointing(self.grad_checkpointing, "train.grad_checkpointing")
-        for name in ("lr", "epochs", "batch_size", "grad_accum", "eval_every", "log_every"):
-            check_positive(f"train.{name}", getattr(self, name))
-        check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
-        check_positive("train.warmup_epochs", self.warmup_epochs, allow_zero=True)
-        if self.time_budget_s is not None:
-            check_positive("train.time_budget_s", self.time_budget_s)
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        check_positive("train.mim_weight", self.mim_weight, allow_zero=True)
-        check_positive("train.mim_mask_patch", self.mim_mask_patch)
-        if not 0.0 < self.mim_mask_ratio < 1.0:
-            raise ConfigError(f"train.mim_mask_ratio must be in (0, 1), got {self.mim_mask_ratio}")
+        # ranges (lr > 0, counts >= 1, ...) are in each field's metadata, checked by orca.schema
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
             raise ConfigError(f"train.warmup_epochs={self.warmup_epochs} must be < train.epochs={self.epochs}")
 
@@ -132,8 +121,8 @@ class TrainConfig:
 class ExperimentConfig:
     """Everything one run of stage 0, 1 or 3 needs (stage 2 adds ``rank``: module docstring)."""
 
-    name: str = field(default="default", metadata={"help": "experiment name, part of the run directory"})
-    seed: int = field(default=0, metadata={"help": "global seed (data order, init, sampling)"})
+    name: str = field(default="default", metadata={"path_component": True, "help": "experiment name, part of the run directory"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "global seed (data order, init, sampling)"})
     output_dir: str = field(default="runs", metadata={"help": "root under which run directories are created"})
     run_dir: Optional[str] = field(default=None, metadata={"help": "explicit run directory (resume into it if it holds a checkpoint)"})
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -160,15 +149,26 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key", "the command line", "write section.key=value (e.g. train.lr=3e-4)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""  # "3e-4" stays a str; float fields coerce it
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:  # see _yaml_problem
         raise ConfigError(f"the value {raw!r} is not valid YAML ({_yaml_problem(err)})", key,
                           "quote the value or close its brackets (e.g. train.betas=[0.9,0.98])") from None
     return key.split("."), value
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """PyYAML's complaint without its multi-line excerpt: 'expected ..., line 3 column 5'."""
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+def _yaml_problem(err: Exception) -> str:
+    """PyYAML's complaint without its multi-line excerpt: 'expected ..., line 3 column 5'.
+
+    Besides ``YAMLError``, PyYAML's constructors raise ``ValueError`` / ``OverflowError`` for a
+    tag they cannot build (``!!float x``, ``!!timestamp 2026-99-99``), and its recursive composer
+    ``RecursionError`` for brackets nested thousands deep.
+    """
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    if isinstance(err, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if not isinstance(err, yaml.YAMLError):
+        return f"{type(err).__name__}: {str(err)[:80]}"
+    problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
     mark = getattr(err, "problem_mark", None)
     return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark else str(problem)
 
@@ -193,9 +193,8 @@ def read_yaml(path: str | os.PathLike, _seen: Optional[set] = None) -> Dict[str,
     seen.add(path.resolve())
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        problem = _yaml_problem(err) if isinstance(err, yaml.YAMLError) else "not UTF-8 text"
-        raise ConfigError(f"config is not valid YAML ({problem})", str(path), "fix the file (configs/*.yaml show the format)") from None
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise ConfigError(f"config is not valid YAML ({_yaml_problem(err)})", str(path), "fix the file (configs/*.yaml show the format)") from None
     if data is None:
         raise ConfigError("config file is empty", str(path), "write at least one key, or leave --config out for the defaults")
     if not isinstance(data, dict):

@@ -61,11 +61,17 @@ UserFailure = (OrcaError, DataFileError)
 
 
 def error_line(err: BaseException) -> str:
-    """The single line shown for ``err``: ``error: ...`` with no traceback."""
+    """The single line shown for ``err``: ``error: ...`` with no traceback.
+
+    Line breaks inside the message (a key or value the user typed with one) are shown escaped, so
+    the message stays one line.
+    """
     if isinstance(err, OSError) and not isinstance(err, UserFailure):
         fix = _ENVIRONMENT_ERRNOS.get(err.errno, "")
-        return f"error: {err.strerror or type(err).__name__}, {err.filename}, {fix}".rstrip(", ")
-    return f"error: {err}"
+        text = f"{err.strerror or type(err).__name__}, {err.filename}, {fix}".rstrip(", ")
+    else:
+        text = str(err)
+    return "error: " + text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def is_user_failure(err: BaseException) -> bool:

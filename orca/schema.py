@@ -2,14 +2,22 @@
 
 Why not OmegaConf or tyro: we need exactly three things -- reject an unknown key naming the nearest
 valid one, coerce YAML scalars into the annotated types, and let each owner (a task, an adapter
-method, a stage) keep its own schema dataclass next to its code. About 150 lines of standard
+method, a stage) keep its own schema dataclass next to its code. About 200 lines of standard
 library do that without another dependency, and the schema stays plain ``@dataclass``es that
 ``dataclasses.asdict`` serialises.
+
+Numbers that cannot be meant are refused in one place, not by ``if``s in every section: a ``float``
+field never takes nan or inf, and a field's metadata may bound it -- ``min`` / ``max`` (inclusive),
+``gt`` / ``lt`` (exclusive), applied to each element of a list or tuple; ``path_component`` requires
+a single file-name component (no ``/``, not ``..``). :func:`from_dict` checks them on every section
+it builds, so the owners of task options (``datasets``, which imports nothing of ours) bound their
+fields with a plain metadata dict too.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any, Dict, List, Mapping, Sequence, Tuple, Type, TypeVar, Union
 
@@ -56,11 +64,41 @@ def from_dict(cls: Type[T], data: Mapping[str, Any] | None, path: str = "") -> T
                               f"(valid keys under {path or 'the top level'}: {', '.join(sorted(fields))})")
         kwargs[key] = coerce(value, hints[key], dotted)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path or 'config'}: {err}") from None
+    check_bounds(obj, path)
+    return obj
+
+
+_BOUNDS = {"min": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "max": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def check_bounds(obj: Any, path: str = "") -> None:
+    """Raise ConfigError for a field of dataclass ``obj`` outside its metadata bounds (see module doc).
+
+    None (an unset Optional) is always allowed; bounds apply to each element of a list or tuple.
+    """
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        dotted = f"{path}.{f.name}" if path else f.name
+        if f.metadata.get("path_component") and value is not None:
+            text = str(value)
+            if not text or text in (".", "..") or any(c in text for c in "/\\\0"):
+                raise ConfigError(f"{value!r} is not a plain name", dotted,
+                                  "give one path component: letters, digits, - _ . (no / and not ..)")
+        bounds = [(key, f.metadata[key]) for key in _BOUNDS if key in f.metadata]
+        if not bounds or value is None:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not all(_BOUNDS[key][1](item, bound) for key, bound in bounds):
+                allowed = " and ".join(f"{_BOUNDS[key][0]} {bound}" for key, bound in bounds)
+                raise ConfigError(f"{value!r} is out of range", dotted, f"give a value {allowed}")
 
 
 def coerce(value: Any, tp: Any, path: str) -> Any:
@@ -74,6 +112,8 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is Union:
         if value is None and type(None) in args:
             return None
+        if len([a for a in args if a is not type(None)]) == 1:  # Optional[X]: X's own message
+            return coerce(value, next(a for a in args if a is not type(None)), path)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -113,9 +153,12 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         try:
-            return float(value)  # YAML reads "3e-4" as a string
-        except (TypeError, ValueError):
+            number = float(value)  # YAML reads "3e-4" as a string
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float range
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{value!r} is not a finite number", path, "give a finite number (no nan or inf)")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")

@@ -6,6 +6,7 @@
     bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml --gpus 0 train.epochs=2   # sequential, in-process
     bash scripts/sweep.sh configs/experiments/table3_darcy_all.yaml --pack 24      # 24 runs at a time, one body
     python -m orca sweep configs/experiments/table1_smallgap.yaml sweep.output_dir=/tmp/runs
+    bash scripts/sweep.sh configs/experiments/ranks_patches.yaml --slurm --submit   # a Slurm job array (orca/slurm.py)
 
 A sweep file is an ordinary experiment config (``base:`` chain, sections, keys) plus a ``sweep:``
 section that the experiment schema does not know, so it is taken out here and checked against
@@ -482,6 +483,7 @@ def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
 def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Optional[int] = None,
               dry_run: bool = False, command: Callable[[SweepRun], List[str]] = stage3_command,
               poll_s: float = 2.0, per_gpu: int = 1, pack: int = 0, pack_timing: Optional[str] = None,
+              only: Optional[Sequence[str]] = None,
               schema: Type[ExperimentConfig] = ExperimentConfig) -> List[Tuple[SweepRun, str]]:
     """Run every pending point of a sweep; return the failed runs with the path of their log.
 
@@ -498,9 +500,12 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         pack_timing: a file to append each pack's time split to (one JSON line per pack).
         poll_s: how often the worker pool checks its subprocesses.
         schema: as :func:`load_sweep`.
+        only: run names to restrict the sweep to (a Slurm array task's share); None: all of them.
     """
     spec, runs = load_sweep(path, overrides, schema)
     check_ownership(runs, str(path))
+    if only is not None:
+        runs = select_runs(runs, only, str(path))
     pending = [r for r in runs if not r.done]
     print(f"[sweep] {path}: {len(runs)} runs in {Path(spec.output_dir) / spec.table}, "
           f"{len(runs) - len(pending)} done, {len(pending)} pending", flush=True)
@@ -532,6 +537,21 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
     return failed
 
 
+def select_runs(runs: Sequence[SweepRun], names: Sequence[str], sweep_file: str) -> List[SweepRun]:
+    """The runs named in ``names``, in sweep order.
+
+    Raises:
+        ConfigError: a name the sweep does not have (the file changed since the array was written).
+    """
+    by_name = {run.name: run for run in runs}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise ConfigError(f"{sweep_file} has no run named {', '.join(missing)}; `bash scripts/sweep.sh {sweep_file} "
+                          f"--dry-run` lists its runs (regenerate the Slurm script after editing the sweep)")
+    wanted = set(names)
+    return [run for run in runs if run.name in wanted]
+
+
 def main(argv: Optional[Sequence[str]] = None, schema: Type[ExperimentConfig] = ExperimentConfig,
          prog: str = "python -m orca sweep") -> int:
     """The sweep command line (``python -m orca sweep`` passes the full schema): a config mistake ends
@@ -555,6 +575,8 @@ def _main(argv: List[str], schema: Type[ExperimentConfig], prog: str) -> int:
     parser.add_argument("--pack-timing", default=None, metavar="FILE",
                         help="with --pack: append each pack's time split (setup, steps, evaluation, checkpoints) "
                              "to FILE as one JSON line")
+    parser.add_argument("--only", default=None, metavar="NAME[,NAME...]",
+                        help="run only these runs of the sweep (a Slurm array task's share, orca/slurm.py)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (or ORCA_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)
     if args.gpus is not None and args.gpus < 0:
@@ -563,8 +585,9 @@ def _main(argv: List[str], schema: Type[ExperimentConfig], prog: str) -> int:
         parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
     if args.pack < 0:
         parser.error(f"--pack must be >= 1 (or 0: off), got {args.pack}")
+    only = [name for name in args.only.split(",") if name] if args.only is not None else None
     failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu,
-                       pack=args.pack, pack_timing=args.pack_timing, schema=schema)
+                       pack=args.pack, pack_timing=args.pack_timing, only=only, schema=schema)
     if failed:
         print(f"[sweep] {len(failed)} run(s) failed:", file=sys.stderr)
         for run, log in failed:

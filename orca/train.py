@@ -57,6 +57,7 @@ from orca.provenance import check_embedder_from, check_rank_map
 from orca.runs import RunDir, check_arch, git_info, machine_info
 from orca.runtime import autocast_for, resolve_device, seed_everything
 from orca.schema import ConfigError
+from orca.warmup import load_warmup
 
 
 class EpochBatchSampler(Sampler[List[int]]):
@@ -103,11 +104,29 @@ class EpochBatchSampler(Sampler[List[int]]):
         return self._global_batches() - self.skip
 
 
+def check_steps(cfg: ExperimentConfig, n_train: int, world: int = 1) -> None:
+    """Refuse a run that would take no optimizer step: it would "finish", untrained, with a test metric.
+
+    Raises:
+        ConfigError: fewer micro-batches per epoch than ``train.grad_accum``, naming the sizes.
+    """
+    micro = len(EpochBatchSampler(n_train, cfg.train.batch_size, cfg.seed, world=world, drop_last=cfg.train.compile))
+    if cfg.train.max_steps_per_epoch:
+        micro = min(micro, cfg.train.max_steps_per_epoch * cfg.train.grad_accum)
+    if micro < cfg.train.grad_accum:
+        dropped = " (train.compile drops the last partial batch)" if cfg.train.compile else ""
+        raise ConfigError(f"this run would take no optimizer step: {n_train} training samples make {micro} "
+                          f"batches of {cfg.train.batch_size}{dropped} per epoch, fewer than "
+                          f"train.grad_accum={cfg.train.grad_accum}", "train.batch_size",
+                          "lower train.batch_size or train.grad_accum, or train on more samples")
+
+
 # ----------------------------------------------------------------------------- the stage
 def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable[[], Any]], Any]] = None
                   ) -> Tuple[TaskData, ORCAModel]:
     """The task and the model stage 3 starts from: ``seed_everything(cfg.seed)`` -> ``build_task`` ->
-    ``build_model``, in that order (the one place it is written down).
+    ``build_model`` (-> the warm-up's embedder and head when ``model.warmup_from`` is set), in that
+    order (the one place it is written down; runs alone and packed runs both start here).
 
     Random initialisations (embedder, head, a body with ``model.weights=none``) draw from the RNG
     after the task is built, so this order and seed reproduce a run's initial weights W_0 exactly
@@ -122,7 +141,10 @@ def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable
     seed_everything(cfg.seed, cfg.train.deterministic)
     make_task = lambda: build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)  # noqa: E731
     task = main_first(make_task) if main_first is not None else make_task()
-    return task, build_model(cfg.model, task)
+    model = build_model(cfg.model, task)
+    if cfg.model.warmup_from:  # here, so that every way of training a run (alone or packed) starts from it
+        load_warmup(model, cfg.model.warmup_from, config_dict(cfg)["task"], cfg.seed)
+    return task, model
 
 
 def run_stage3(cfg: ExperimentConfig, run: Optional[RunDir] = None,
@@ -204,6 +226,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
     autocast = autocast_for(cfg.train.amp, device)
     task, model = initial_model(cfg, dist_.main_first)
+    check_steps(cfg, len(task.train), dist_.world)
     # W_0 of the body's Linears, for delta_w.json.gz at the end (rank 0; methods that train W only).
     w0 = body_linear_weights(model) if main and cfg.adapter.method in DELTA_W_METHODS else None
     if set_checkpointing(model.body, cfg.train.grad_checkpointing) is not None:

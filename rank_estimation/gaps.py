@@ -5,21 +5,26 @@ the source features. No single distance is canonical, so every metric is registe
 :data:`GAP_METRICS` under one signature, ``metric(source [m, d], target [n, d], **kw) -> float``:
 
     mmd                 unbiased multi-kernel Gaussian MMD^2, median-heuristic bandwidths
+    mmd_source          the same MMD^2 with bandwidths fixed on the source alone (0.25x-64x its median)
+    sliced_w2_source    sliced W_2 with every projection in units of the source's spread along it
     sliced_wasserstein  SW_2 over seeded random directions (exact 1-D transport per direction)
     sinkhorn            debiased entropic OT (geomloss Sinkhorn divergence, cost |x - y|^2 / 2)
     otdd                OTDD with the given labels (orca.align.otdd; needs source/target labels)
     pad                 proxy A-distance 2 (1 - 2 err) of a held-out linear domain classifier
 
-All are symmetric in their two arguments and grow with a mean shift. For two samples of one
+All grow with a mean shift; all but the two ``*_source`` metrics are symmetric in their arguments
+(those measure the target in the source's units, so the first argument must be the source). For two samples of one
 distribution mmd and pad are ~0 up to noise (unbiased / balanced); the transport metrics keep a
 positive finite-sample bias: small for sinkhorn at its default blur, O(n^-1/2) for
-sliced_wasserstein, and for otdd the exact inner W_2^2 between finite class samples (it is not
-debiased, as in the paper) -- compare otdd values only at equal sample and class sizes.
+sliced_wasserstein, and for otdd the finite-sample bias of its label distances -- compare otdd
+values only at equal sample and class sizes. otdd's numbers are in microsoft/otdd's (ORCA's)
+convention: outer cost (|x - x'|^2 + W) / 2, W a debiased Sinkhorn divergence at eps 0.1 on the
+full squared distance, eps 0.1, debiased.
 
 Speed (the target: every metric on 5,000 x 5,000 features at all 24 Swin-B blocks in
 ~30 s on one H100): everything runs on the features' device as dense batched tensor ops; pad
 trains its classifier with full-batch L-BFGS in torch when the features are on a GPU (sklearn on
-CPU), on at most ``max_samples`` points per side; otdd caps exact inner OT at 128 points per class.
+CPU), on at most ``max_samples`` points per side; otdd caps its label distances at 128 points per class.
 
 Scale: the OT-type metrics scale with the features, and Swin activations grow with depth, so
 :func:`gap_profile` divides both sets of each layer by the source's root-mean-square deviation by
@@ -34,9 +39,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from orca.align.mmd import DEFAULT_MULTIPLIERS, mmd2_unbiased
-from orca.align.otdd import check_features, check_labels, otdd
 from datasets.registry import Registry
+from orca.align.checks import check_features, check_labels
+from orca.align.mmd import DEFAULT_MULTIPLIERS, gaussian_kernel, median_sq_distance, mmd2_unbiased
+from orca.align.otdd import otdd
 
 GAP_METRICS = Registry("gap metric")
 LABELLED_METRICS = ("otdd",)
@@ -63,6 +69,66 @@ def mmd(source, target, *, multipliers: Sequence[float] = DEFAULT_MULTIPLIERS, m
     with torch.no_grad():
         return float(mmd2_unbiased(source, target, multipliers=multipliers,
                                    max_median_samples=max_median_samples, seed=seed))
+
+
+#: Bandwidth multipliers of ``mmd_source``: from a quarter of the source's median squared distance
+#: (local structure) to 64 times it, so a target far from the source still sits inside the range of
+#: the widest kernels, where MMD^2 grows like the squared mean distance instead of flattening.
+SOURCE_MULTIPLIERS = (0.25, 1.0, 4.0, 16.0, 64.0)
+
+
+@GAP_METRICS.register("mmd_source")
+def mmd_source(source, target, *, multipliers: Sequence[float] = SOURCE_MULTIPLIERS, max_median_samples: int = 1024,
+               seed: int = 0) -> float:
+    """Unbiased multi-kernel MMD^2 with the bandwidth fixed on the source features alone.
+
+    Why not the pooled median (``mmd``): the pooled median distance grows as the target moves away,
+    so the kernels widen with the gap and every far target scores the same ~1.25 (two
+    well-separated clouds under the pooled-median kernels): the metric saturates exactly where the
+    large-gap tasks sit. A bandwidth taken from the source alone measures every target in the same
+    units, and the wide multipliers keep its far end from flattening (:data:`SOURCE_MULTIPLIERS`).
+
+    Args:
+        source: ``[m, d]``, m >= 2 (defines the bandwidth; not symmetric in the arguments).
+        target: ``[n, d]``, n >= 2.
+        multipliers: bandwidth multipliers around the source's median squared distance.
+        max_median_samples, seed: subsample for that median.
+    """
+    source, target = _pair(source, target)
+    with torch.no_grad():
+        h = median_sq_distance(source, max_samples=max_median_samples, seed=seed)
+        return float(mmd2_unbiased(source, target, multipliers=multipliers, bandwidth=float(h)))
+
+
+def mmd_saturation(source, target, *, bandwidth: str = "source", multipliers: Optional[Sequence[float]] = None,
+                   max_median_samples: int = 1024, seed: int = 0) -> float:
+    """How close an MMD^2 is to its ceiling: MMD^2 / (K_ss + K_tt), in (-inf, 1].
+
+    With k <= 1, MMD^2 = K_ss + K_tt - 2 K_st reaches K_ss + K_tt when the two clouds no longer see
+    each other through any kernel (K_st -> 0); beyond that point a larger gap cannot score higher.
+    A ratio near 1 therefore means "saturated": the value no longer orders targets by distance.
+
+    Args:
+        source, target: ``[m, d]``, ``[n, d]``.
+        bandwidth: ``"source"`` (as ``mmd_source``) or ``"pooled"`` (as ``mmd``).
+        multipliers: default: :data:`SOURCE_MULTIPLIERS` for ``"source"``, ``DEFAULT_MULTIPLIERS`` for ``"pooled"``.
+        max_median_samples, seed: subsample for the median.
+    """
+    if bandwidth not in ("source", "pooled"):
+        raise ValueError(f"bandwidth={bandwidth!r} must be 'source' or 'pooled'")
+    source, target = _pair(source, target)
+    mult = tuple(multipliers or (SOURCE_MULTIPLIERS if bandwidth == "source" else DEFAULT_MULTIPLIERS))
+    with torch.no_grad():
+        h = median_sq_distance(source, None if bandwidth == "source" else target, max_samples=max_median_samples,
+                               seed=seed)
+
+        def within(x: Tensor) -> Tensor:
+            k = gaussian_kernel(x, x, h, mult)
+            return (k.sum() - k.diagonal().sum()) / (x.shape[0] * (x.shape[0] - 1))
+
+        kss, ktt = within(source), within(target)
+        kst = gaussian_kernel(source, target, h, mult).mean()
+        return float((kss + ktt - 2.0 * kst) / (kss + ktt))
 
 
 def random_directions(dim: int, n_projections: int, seed: int, device=None, dtype=torch.float32) -> Tensor:
@@ -119,6 +185,35 @@ def sliced_wasserstein(source, target, *, n_projections: int = 256, p: float = 2
         return float(wpp.mean().pow(1.0 / p))
 
 
+@GAP_METRICS.register("sliced_w2_source")
+def sliced_w2_source(source, target, *, n_projections: int = 256, seed: int = 0) -> float:
+    """Sliced W_2 with each projection standardised by the source: a gap in source standard deviations.
+
+    Why per projection: ``sliced_wasserstein`` on features standardised by their total spread
+    (:func:`gap_profile`) still depends on the dimension (a unit-variance cloud has ~d^-1/2 spread
+    along any one direction) and on how anisotropic the source is; dividing every 1-D projection by
+    the source's own standard deviation along it makes the value "how many source spreads the target
+    distribution is away", comparable across layers of any width and never bounded above.
+
+    Args:
+        source: ``[m, d]``, m >= 2 (defines the units; not symmetric in the arguments).
+        target: ``[n, d]``.
+        n_projections: random directions.
+        seed: seed of the directions.
+    """
+    source, target = _pair(source, target)
+    if n_projections < 1:
+        raise ValueError(f"n_projections={n_projections} must be >= 1")
+    if source.shape[0] < 2:
+        raise ValueError(f"sliced_w2_source needs >= 2 source samples for a spread, got {source.shape[0]}")
+    with torch.no_grad():
+        theta = random_directions(source.shape[1], n_projections, seed, source.device, source.dtype)
+        ps, pt = source @ theta, target @ theta
+        mu, sd = ps.mean(0), ps.std(0).clamp_min(1e-12)
+        w22 = _wasserstein_1d_pp(((ps - mu) / sd).T, ((pt - mu) / sd).T, 2.0)
+        return float(w22.mean().sqrt())
+
+
 @GAP_METRICS.register("sinkhorn")
 def sinkhorn(source, target, *, blur: float = 0.5, scaling: float = 0.5, p: int = 2) -> float:
     """Debiased entropic OT (Sinkhorn divergence) from geomloss, eps = blur^p.
@@ -149,20 +244,21 @@ def sinkhorn(source, target, *, blur: float = 0.5, scaling: float = 0.5, p: int 
 
 
 @GAP_METRICS.register("otdd")
-def otdd_gap(source, target, *, source_labels=None, target_labels=None, inner: str = "exact",
+def otdd_gap(source, target, *, source_labels=None, target_labels=None, inner: str = "sinkhorn",
              reg: float = 0.1, inner_max_samples: Optional[int] = 128, seed: int = 0) -> float:
     """OTDD between the labelled source and the labelled target (target labels may be k-means ids).
+
+    In microsoft/otdd's convention for ORCA's call (``orca.align.otdd``): cost (|x - x'|^2 + W) / 2.
 
     Args:
         source: ``[m, d]``.
         target: ``[n, d]``.
         source_labels: ``[m]`` integer labels, >= 2 distinct (required).
         target_labels: ``[n]`` integer labels (required).
-        inner: ``"exact"`` or ``"gaussian"`` label distances.
+        inner: ``"sinkhorn"`` (microsoft/otdd's "exact"), ``"exact"`` (LP) or ``"gaussian"`` label distances.
         reg: entropic regularisation.
-        inner_max_samples: per-class cap for exact inner OT (it dominates the cost: 190 class pairs
-            of 500 points take ~5 s per layer on one core, of 128 points ~0.3 s; the pairs run on
-            all CPUs this process may use).
+        inner_max_samples: per-class cap for the label distances (they dominate the cost: 190
+            class pairs per layer, solved as one batch on the features' device).
         seed: seed of that subsample.
     """
     if source_labels is None or target_labels is None:
@@ -397,5 +493,6 @@ def gap_profile(source_feats: Mapping[str, Tensor], target_feats: Mapping[str, T
     }
 
 
-__all__ = ["GAP_METRICS", "bootstrap_ci", "gap_profile", "get_gap_metric", "mmd", "otdd_gap", "proxy_a_distance",
-           "random_directions", "sinkhorn", "sliced_wasserstein"]
+__all__ = ["GAP_METRICS", "SOURCE_MULTIPLIERS", "bootstrap_ci", "gap_profile", "get_gap_metric", "mmd", "mmd_saturation",
+           "mmd_source", "otdd_gap", "proxy_a_distance", "random_directions", "sinkhorn", "sliced_w2_source",
+           "sliced_wasserstein"]

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = [
-    "knee_rank", "bootstrap_knee", "spearman", "spearman_with_ci", "permutation_pvalue",
+    "knee_rank", "bootstrap_knee", "spearman", "spearman_with_ci", "permutation_pvalue", "EXACT_MAX_N",
     "budget_matched", "mean_difference_ci",
     "verdict", "knee_order_verdict", "combine_verdicts",
 ]
@@ -156,20 +156,53 @@ def spearman_with_ci(x: Sequence[float], y: Sequence[float], n_boot: int = 2000,
     return {"rho": rho, "lo": lo, "hi": hi, "level": level, "n": n, "n_valid": len(reps)}
 
 
+#: Largest n whose permutation null :func:`_spearman_null_counts` counts exactly (2^n x ~4 n^3 / 3 floats).
+EXACT_MAX_N = 12
+
+
+def _spearman_null_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How many of the n! pairings give each value of S = sum_i a_i b_pi(i), for integer scores a, b >= 0.
+
+    Dynamic programming over the set of b's already used (2^n states): position k = |used| takes
+    a_k, and each unused b_j extends the partial sums by a_k b_j. Exact in float64 up to 2^53 counts.
+    """
+    n = len(a)
+    smax = int(np.sort(a) @ np.sort(b))  # the largest S (rearrangement inequality)
+    dp = np.zeros((1 << n, smax + 1))
+    dp[0, 0] = 1.0
+    for mask in range((1 << n) - 1):
+        row = dp[mask]
+        if not row.any():
+            continue
+        k = bin(mask).count("1")
+        for j in range(n):
+            if not mask >> j & 1:
+                shift = int(a[k] * b[j])
+                dp[mask | 1 << j, shift:] += row[:smax + 1 - shift]
+    return dp[-1]
+
+
 def permutation_pvalue(x: Sequence[float], y: Sequence[float], n_perm: int = 10000, seed: int = 0) -> float:
     """Two-sided permutation p-value of Spearman's rho (H0: y independent of x).
 
-    Exact over all n! orderings of y when n! <= ``n_perm`` (so 3 tasks can never give p < 1/3:
-    that is the information 3 points carry), else Monte Carlo with the +1 correction
-    p = (1 + #{|rho*| >= |rho|}) / (1 + n_perm).
+    Exact over all n! orderings of y: by enumeration when n! <= ``n_perm`` (so 3 tasks can never
+    give p < 1/3: that is the information 3 points carry), by counting (:func:`_spearman_null_counts`
+    on doubled average ranks, which are integers) up to n = :data:`EXACT_MAX_N`; beyond that Monte
+    Carlo with the +1 correction p = (1 + #{|rho*| >= |rho|}) / (1 + n_perm).
     """
     x, y = _pairs(x, y, "permutation_pvalue")
+    n = len(x)
+    eps = 1e-12
+    if math.factorial(n) > n_perm and n <= EXACT_MAX_N:
+        a, b = np.rint(2 * _ranks(x)).astype(np.int64), np.rint(2 * _ranks(y)).astype(np.int64)
+        counts = _spearman_null_counts(a, b)
+        centre = float(a.sum()) * float(b.sum()) / n
+        s = np.arange(counts.size, dtype=np.float64)
+        return float(counts[np.abs(s - centre) >= abs(float(a @ b) - centre) - 1e-9].sum() / counts.sum())
     rx, ry = _ranks(x), _ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
     observed = abs(float(rx @ ry) / denom)
-    n = len(x)
-    eps = 1e-12
     if math.factorial(n) <= n_perm:
         perms = np.array(list(itertools.permutations(range(n))))
         stats = np.abs(ry[perms] @ rx) / denom

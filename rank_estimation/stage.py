@@ -55,6 +55,7 @@ from datasets.progress import progress
 from datasets.registry import build_task
 from orca.config import config_yaml
 from orca.errors import reading
+from orca.schema import ConfigError
 from orca.model import body_from_config, build_model, source_embedder
 from orca.provenance import check_embedder_from, next_command, same_origin, target_embedder
 from orca.runs import RunDir, git_info, machine_info, save_png, write_json
@@ -76,10 +77,10 @@ def stage2_metrics(rank_cfg) -> List[str]:
     for name in metrics:
         if name not in GAP_METRICS:
             field = "rank.gap_metric" if name == rank_cfg.gap_metric else "rank.metrics"
-            raise ValueError(f"{field}: {GAP_METRICS.unknown_message(name)}")
+            raise ConfigError(f"{field}: {GAP_METRICS.unknown_message(name)}")
     extra = sorted(set(rank_cfg.metric_kwargs) - set(metrics))
     if extra:
-        raise ValueError(f"rank.metric_kwargs has options for metrics that are not measured: {extra} "
+        raise ConfigError(f"rank.metric_kwargs has options for metrics that are not measured: {extra} "
                          f"(measured: {metrics})")
     return metrics
 
@@ -87,9 +88,9 @@ def stage2_metrics(rank_cfg) -> List[str]:
 def target_positions(n_train: int, n_target: Optional[int]) -> List[int]:
     """The first ``n_target`` training items (all when None)."""
     if n_train < 2:
-        raise ValueError(f"the target task has {n_train} training samples; a gap needs at least 2")
+        raise ConfigError(f"the target task has {n_train} training samples; a gap needs at least 2")
     if n_target is not None and n_target > n_train:
-        raise ValueError(f"rank.n_target={n_target} exceeds the {n_train} training samples of the target task; "
+        raise ConfigError(f"rank.n_target={n_target} exceeds the {n_train} training samples of the target task; "
                          f"lower it or set it to null (all)")
     return list(range(n_train if n_target is None else n_target))
 
@@ -108,7 +109,7 @@ def block_gaps(profile: Mapping[str, Any], metric: str, blocks: List[str]) -> Tu
     clipped = [b for b, v in raw.items() if v < 0]
     gaps = {b: max(v, 0.0) for b, v in raw.items()}
     if not any(v > 0 for v in gaps.values()):
-        raise ValueError(f"gap metric {metric!r} is <= 0 at every block ({', '.join(f'{v:.3g}' for v in raw.values())}): "
+        raise ConfigError(f"gap metric {metric!r} is <= 0 at every block ({', '.join(f'{v:.3g}' for v in raw.values())}): "
                          f"the target stream is indistinguishable from the source at this sample size, so the gaps "
                          f"carry no rank information; raise rank.n_source / rank.n_target, try another "
                          f"rank.gap_metric, or use a uniform adapter.rank")
@@ -283,38 +284,37 @@ def read_gaps(cfg: Stage2Config, layers: List[str], weights: str) -> Dict[str, A
         ``gaps_from``.
 
     Raises:
-        FileNotFoundError: no such directory, or no gaps.json in it.
-        ValueError: not a stage-2 gaps.json, measured for another task / body / weights / target embedder
+        ConfigError: no such directory or no gaps.json in it; not a stage-2 gaps.json, measured for another task / body / weights / target embedder
             or other layers, or ``rank.gap_metric`` was not measured.
     """
     where = cfg.rank.gaps_from
     head = f"rank.gaps_from={where!r}"
     if not Path(where).is_dir():
-        raise FileNotFoundError(f"{head}: no such directory; point it at a finished stage-2 run directory")
+        raise ConfigError(f"{head}: no such directory; point it at a finished stage-2 run directory")
     if cfg.run_dir and Path(cfg.run_dir).resolve() == Path(where).resolve():
-        raise ValueError(f"{head}: run_dir is that same directory; its rank map would be overwritten, so give "
+        raise ConfigError(f"{head}: run_dir is that same directory; its rank map would be overwritten, so give "
                          f"this run its own run_dir")
     path = Path(where) / "gaps.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{head}: no gaps.json there; point it at a finished stage-2 run directory")
+        raise ConfigError(f"{head}: no gaps.json there; point it at a finished stage-2 run directory")
     with reading(path, "a stage-2 gap profile", "rerun that stage-2 run, or leave rank.gaps_from unset"):
         gaps = json.loads(path.read_text(encoding="utf-8"))
     missing = [k for k in GAPS_KEYS if not isinstance(gaps, dict) or k not in gaps]
     if missing:
-        raise ValueError(f"{head}: {path} is not a stage-2 gaps.json (missing {missing})")
+        raise ConfigError(f"{head}: {path} is not a stage-2 gaps.json (missing {missing})")
     prov = gaps["provenance"]
     here = {"task": cfg.task.name, "body": cfg.model.body, "weights": weights,
             "target_embedder": target_embedder(cfg.model)}
     differ = [f"{k} {prov.get(k)!r} there, {v!r} here" for k, v in here.items() if not same_origin(prov.get(k), v)]
     if differ:
-        raise ValueError(f"{head}: that gap profile was measured on another setup ({'; '.join(differ)}); "
+        raise ConfigError(f"{head}: that gap profile was measured on another setup ({'; '.join(differ)}); "
                          f"reuse needs the same task, body, weights and target embedder, so measure this one "
                          f"(leave rank.gaps_from unset)")
     if gaps["layers"] != layers:
-        raise ValueError(f"{head}: the profile's layers {gaps['layers']} are not this body's {layers} "
+        raise ConfigError(f"{head}: the profile's layers {gaps['layers']} are not this body's {layers} "
                          f"(model.body_kwargs differ?)")
     if cfg.rank.gap_metric not in gaps["metrics"]:
-        raise ValueError(f"{head}: rank.gap_metric={cfg.rank.gap_metric!r} was not measured there; that profile "
+        raise ConfigError(f"{head}: rank.gap_metric={cfg.rank.gap_metric!r} was not measured there; that profile "
                          f"has {list(gaps['metrics'])}")
     gaps.pop("chosen", None)
     gaps["provenance"] = {**prov, "gaps_from": where}
@@ -484,7 +484,7 @@ def run_stage2(cfg: Stage2Config) -> RunDir:
     try:  # before any image is embedded
         check_budget(costs, r.budget, r.r_min, r.r_max)
     except ValueError as err:
-        raise ValueError(f"rank.budget / rank.r_min / rank.r_max (rank.targets={r.targets!r} on "
+        raise ConfigError(f"rank.budget / rank.r_min / rank.r_max (rank.targets={r.targets!r} on "
                          f"{cfg.model.body}): {err}") from None
     check_embedder_from(cfg, body.orca_weights)  # before the run directory exists
     if r.gaps_from:  # checked before the run directory exists

@@ -8,7 +8,7 @@ fractal body (``configs/body_fractal.yaml``): LoRA on qkv/proj/fc1/fc2 with embe
 trained, generated Darcy-85 (1,000 / 100 / 100), batch 16, ranks {0 (head only), 1, 2, 4, 8, 16,
 32, 64} x 3 seeds = 24 runs, each ``--epochs`` epochs of ``--steps-per-epoch`` steps (a real
 epoch is 62). Every mode runs the same sweep file through ``scripts/sweep.sh``'s launcher
-(``python -m orca.sweep``) into its own directory:
+(``python -m orca sweep``) into its own directory:
 
 - ``alone``: ``--per-gpu 1`` on ``--alone-runs`` of the 24 (one process at a time; its
   runs/GPU-hour is that of the whole sweep run this way), and the reference per-run results;
@@ -43,13 +43,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from orca.bodies import create_body, save_body
+from orca.cli import CONFIG_SCHEMA
+from orca.errors import exit_on_error
+from orca.runs import git_info, machine_info, write_json
+from orca.sweep import build_data_once, load_sweep
 
-from orca.bodies import create_body, save_body  # noqa: E402
-from orca.cli import CONFIG_SCHEMA  # noqa: E402
-from orca.runs import git_info, machine_info, write_json  # noqa: E402
-from orca.sweep import build_data_once, load_sweep  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RANKS = [0, 1, 2, 4, 8, 16, 32, 64]  # 0: method head (embedder and head only)
 
@@ -121,7 +121,7 @@ class GpuMonitor:
 
 def run_mode(name: str, sweep: Path, out: Path, flags: List[str], timeout_s: float, log_dir: Path) -> Dict[str, Any]:
     """One launcher invocation; its wall time, finished runs, GPU readings and per-run results."""
-    cmd = [sys.executable, "-m", "orca.sweep", str(sweep), *flags, f"sweep.output_dir={out}"]
+    cmd = [sys.executable, "-m", "orca", "sweep", str(sweep), *flags, f"sweep.output_dir={out}"]
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
     print(f"[bench] {name}: {' '.join(cmd[1:])}", flush=True)
@@ -220,7 +220,6 @@ def main(argv=None) -> int:
     alone_sweep = work / "knee_alone.yaml"
     alone_sweep.write_text(sweep_yaml(args, data_root, body, picks, [0]))
 
-
     spec, runs = load_sweep(sweep, schema=CONFIG_SCHEMA)
     t0 = time.time()
     build_data_once(runs[:1])
@@ -288,4 +287,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_error(main))

@@ -17,7 +17,9 @@ GEMM over [x, x A^T] when compiled and the base GEMM plus an in-place rank-r upd
 instead of the fused Function: what the Function's Python forward and backward cost per step);
 ``lora_concat`` / ``lora_inplace`` (the same LoRA pinned to the one-GEMM / the in-place form, eager
 and compiled alike); ``lora_joined`` (the default forms, with the backward's two GEMMs over the
-output gradient joined into one, ``JoinedDenseWeight``: measured 0.99x lora, kept as a record); ``lora_map``
+output gradient joined into one, ``JoinedDenseWeight``: measured 0.99x lora, kept as a record); ``lora_fused``
+(the default forms with A's and B's gradients from one pass over the output gradient, a Triton kernel
+on CUDA, ``FusedGradDenseWeight``); ``lora_map``
 (ours, a stage-2 rank map); ``dylora``; ``delta_lora`` (W update active from step 0); ``qlora``
 (NF4 base + LoRA); ``peft`` (HF peft LoRA r = 8, the reference); ``rank0`` (no adapters, the body
 frozen, its patch embedding trained: the backward crosses every block with no rank-r product, so
@@ -37,8 +39,14 @@ A configuration's peak memory is its own block's peak minus the other configurat
 memory; under CUDA graphs (``--compile-mode reduce-overhead`` or ``max-autotune``) it is not reported, since a graph's
 memory pool is taken at capture and looks resident. Compiling Swin-B takes about 2 min per
 configuration and batch size: with ``--compile`` pick a few methods per call and one batch size per
-process (a second shape recompiles), as ``reproduce.sh bench_graphs`` does; ``--eager-methods peft`` times
-the reference eager beside compiled ours.
+process (a second shape recompiles), as ``reproduce.sh bench_graphs`` does. With ``--compile`` peft is
+compiled too, the reference in its best mode; ``--eager-methods peft`` times it eager instead. The
+markdown's ``vs peft`` column names which (``vs peft (compiled)`` / ``vs peft (eager)``), and every
+JSON row says whether its configuration was compiled. One call for the LoRA step against its
+ceiling and the reference::
+
+    python scripts/bench_train.py --compile --methods full lora lora_fused rank0 peft --attention sdpa \
+        --batch-sizes 256 --tag _compile_sdpa_fused_b256
 
 Writes ``results/bench/train{tag}.json`` and ``.md`` (tag: ``_compile``, ``_gc``, ``_smoke`` or
 ``--tag``) with machine, torch version, git commit (+ dirty flag) and the exact command.
@@ -68,6 +76,7 @@ import re
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -86,7 +95,8 @@ from orca.distributed import setup_distributed, world_from_env
 from orca.errors import exit_on_error
 from orca.schema import ConfigError
 
-METHODS = ("full", "lora", "lora_composed", "lora_concat", "lora_inplace", "lora_joined", "lora_map", "dylora",
+METHODS = ("full", "lora", "lora_composed", "lora_concat", "lora_inplace", "lora_joined", "lora_fused", "lora_map",
+           "dylora",
            "delta_lora", "qlora", "peft", "rank0")
 GC_METHODS = ("full", "lora")
 SMOKE_BODY = {"img_size": 32, "embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "window_size": 2}
@@ -223,6 +233,12 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
             for b in args.batch_sizes:
                 results[f"{name}@{b}"] = {"config": name, "batch": b, "status": "oom"}
             continue
+        except Exception as err:  # noqa: BLE001 - e.g. a reference that fails to compile: report it, time the rest
+            traceback.print_exc()
+            free_memory()
+            for b in args.batch_sizes:
+                results[f"{name}@{b}"] = {"config": name, "batch": b, "status": f"failed ({type(err).__name__})"}
+            continue
         free_memory()
         cfg["resident"] = (torch.cuda.memory_allocated(device) if cuda else 0) - before
         configs[name] = cfg
@@ -301,6 +317,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any],
                "trainable_params": configs[name]["counts"]["trainable"],
                "grad_checkpointing": list(spec_of[name]["gc"]) or None, "attention": spec_of[name]["attention"],
                "checkpointing": configs[name]["checkpointing"], "cuda_graphs": configs[name]["cuda_graphs"],
+               "compiled": args.compile and spec_of[name]["method"] not in args.eager_methods,
                "warmup_s": round(configs[name]["warmup_s"], 1)}
         full = "full" + sdpa_suffix(spec_of[name]["attention"], args)  # full fine-tuning, same attention kernels
         full_flops = configs[full]["flops"].get(b) if full in configs else None
@@ -332,7 +349,8 @@ def write(results: Dict[str, Any], args: argparse.Namespace, device: torch.devic
              f"median of {args.repeats} interleaved blocks of {args.steps} steps after "
              f"{args.warmup} warm-up steps; matmul peak {meta['matmul_peak_tflops']} TFLOP/s.", "",
              *gc_lines(rows, args),
-             "| batch | config | img/s | vs full | vs peft | GFLOP/img | MFU | MFU (full-step FLOPs) | peak GiB | trainable |",
+             f"| batch | config | img/s | vs full | vs peft ({peft_mode(args)}) | GFLOP/img | MFU | MFU (full-step FLOPs) "
+             "| peak GiB | trainable |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
@@ -364,6 +382,13 @@ def attention_lines(rows: List[Dict[str, Any]]) -> List[str]:
             "matmuls (rows without it; `vs full` and `vs peft` compare rows of the same kind):", "",
             "| batch | config | sdpa / bmm img/s |", "|---|---|---|",
             *[f"| {b} | {name} | {ratio:.2f}x |" for b, name, ratio in pairs]]
+
+
+def peft_mode(args: argparse.Namespace) -> str:
+    """How the peft reference ran in this call: ``eager`` or ``compiled`` (with the compile mode)."""
+    if not args.compile or "peft" in args.eager_methods:
+        return "eager"
+    return "compiled" + (f", {args.compile_mode}" if args.compile_mode else "")
 
 
 def compiled_label(args: argparse.Namespace) -> str:

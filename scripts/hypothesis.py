@@ -1,6 +1,7 @@
 """Does the LoRA rank a task needs grow with its modality gap? Test it on the runs that exist.
 
-    python scripts/hypothesis.py                                   # results/runs -> results/hypothesis.md
+    python scripts/hypothesis.py                                   # results/runs -> results/hypothesis.{md,json}
+    python scripts/hypothesis.py --check                           # exit 1 if they are not what the runs give
     python scripts/hypothesis.py --runs runs --out results --tol 0.05 --split test
     python scripts/hypothesis.py --base-state body_init.pt         # (c): initial weights from a file
 
@@ -25,6 +26,17 @@ ranks_heldout, ranks_digits, ranks_tones), (d) the equal-budget sweeps (``--budg
 (d) stage-2 (adaptive) rank maps vs uniform ranks vs AdaLoRA at equal adapter budgets
     (``--budget-tol``); AdaLoRA's budget is its live rank units at the end (``ckpt/last.pt``).
 
+The pre-registered test (results/preregistration.md) comes first: the runs of the sweep tables
+``warmup_*`` (head-only warm-ups: rank 0), ``knee_*`` and ``placebo_*``, the stage-2 runs named
+``prereg_gaps`` (each task's primary gap) and the primary metric chosen by
+``results/calibration/gap_calibration.json``; ``rank_estimation.preregistered`` turns them into
+``hypothesis.json`` and the report's first section, listing what is missing instead of estimating it.
+``--check`` regenerates the report and the JSON in a temporary directory and exits 1 when either
+differs from the committed files by one byte (the figures are redrawn, not compared). This file is
+longer than most because it holds the whole report, pre-registered and exploratory, so that one
+pass regenerates everything the report shows.
+
+(a)-(d) below analyse the earlier sweeps, which predate the pre-registration (exploratory).
 Every analysis ends in one line: held / failed / inconclusive (reason: ...), by the rule of
 ``rank_estimation.hypothesis.verdict``. Nothing is estimated for what is missing: the report says
 which runs it would need. The output is a pure function of the runs (sorted inputs, fixed seeds).
@@ -35,6 +47,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +71,16 @@ from rank_estimation.hypothesis import (
     bootstrap_knee, budget_matched, combine_verdicts, knee_order_verdict, mean_difference_ci,
     permutation_pvalue, spearman_with_ci, verdict,
 )
+from rank_estimation.preregistered import analyse, render, task_key
 
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
 #: The committed experiments: one body (the offline fractal Swin) and one recipe per analysis.
 DEFAULT_WEIGHTS = "file:results/checkpoints/fractal_swin.safetensors"
 KNEE_TABLES = ("table3", "ranks_patches", "ranks_heldout", "ranks_digits", "ranks_tones")  # (a)-(c): uniform ranks, head, full
 BUDGET_TABLES = ("adaptive_darcy", "adaptive_patches")           # (d): uniform vs adaptive vs AdaLoRA
+PREREG_TABLES = ("warmup_", "knee_", "placebo_")                  # the pre-registered sweeps (table prefixes)
+PREREG_GAPS = "prereg_gaps"                                       # experiment name of their stage-2 gap runs
+CALIBRATION = Path("results/calibration/gap_calibration.json")   # chooses the primary gap metric
 
 
 @dataclass
@@ -418,6 +435,99 @@ def plots(out: Path, knees: dict, tg: dict, dw: List[dict]) -> List[str]:
     return made
 
 
+# ----------------------------------------------------------------------------- the pre-registered test
+def prereg_inputs(root: Path, weights: str, primary: str) -> tuple:
+    """Run records of the pre-registered sweeps and each task's primary gap (rank_estimation.preregistered)."""
+    records: List[dict] = []
+    gaps: Dict[str, dict] = {}
+    for summary_path in sorted(root.rglob("summary.json")) if root.is_dir() else []:
+        d = summary_path.parent
+        s = json.loads(summary_path.read_text())
+        if weights != "any" and s.get("weights") != weights:
+            continue
+        cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
+        task = (cfg or {}).get("task") or {}
+        key = task_key(task.get("name", s.get("task")), (task.get("options") or {}).get("level"))
+        if s.get("stage") == "stage2" and s.get("experiment") == PREREG_GAPS and (d / "gaps.json").is_file():
+            prof = json.loads((d / "gaps.json").read_text())
+            blocks = [layer for layer in prof["layers"] if layer != "embed"]
+            if primary in prof["metrics"]:
+                gaps[key] = {f: float(np.mean([prof["values"][b][primary][f] for b in blocks]))
+                             for f in ("value", "lo", "hi")}
+            continue
+        table = json.loads((d / "sweep.json").read_text()).get("table") if (d / "sweep.json").is_file() else None
+        if s.get("stage") != "stage3" or not table or not table.startswith(PREREG_TABLES):
+            continue
+        error = (s.get("test") or {}).get(s.get("metric"))
+        if error is None:
+            continue
+        adapter = (cfg or {}).get("adapter") or {}
+        rec = {"key": key, "table": table, "seed": int(s.get("seed", 0)), "error": float(error), "rank": None}
+        if s.get("method") == "head":
+            rec["rank"] = 0
+        elif adapter.get("rank_map"):
+            arm, _, budget = Path(str(adapter["rank_map"])).stem.rpartition("_b")
+            rec.update(arm=arm, budget=int(budget) if budget.isdigit() else None)
+        elif s.get("method") == "lora":
+            rec["rank"] = int(adapter.get("rank", 0))
+        records.append(rec)
+    return records, gaps
+
+
+def prereg_plots(out: Path, result: dict) -> List[str]:
+    """Gap vs dial level, knee vs gap, error vs rank per task: each only from data that exist."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta, made = {"Software": None}, []
+    tol = f"{result['primary_tolerance']:g}"
+    dial = [t for t in result["tasks"] if t["level"] is not None and t["gap"]]
+    if dial:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.errorbar([t["level"] for t in dial], [t["gap"]["value"] for t in dial], capsize=3, marker="o",
+                    yerr=[[t["gap"]["value"] - t["gap"]["lo"] for t in dial], [t["gap"]["hi"] - t["gap"]["value"] for t in dial]])
+        ax.set(xlabel="dial level", ylabel=f"{result['primary_metric']} (mean over blocks)", title="gap vs dial level")
+        fig.tight_layout()
+        fig.savefig(out / "hypothesis_dial_gap.png", dpi=110, metadata=meta)
+        plt.close(fig)
+        made.append("hypothesis_dial_gap.png")
+    both = [t for t in result["tasks"] if t["gap"] and t["knees"] and t["complete"]]
+    if both:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        x = [t["gap"]["value"] for t in both]
+        y = [t["knees"][tol]["knee"] for t in both]
+        ax.errorbar(x, y, fmt="o", capsize=3, xerr=[[v - t["gap"]["lo"] for v, t in zip(x, both)],
+                                                     [t["gap"]["hi"] - v for v, t in zip(x, both)]],
+                    yerr=[[k - t["knees"][tol]["lo"] for k, t in zip(y, both)], [t["knees"][tol]["hi"] - k for k, t in zip(y, both)]])
+        for t, xi, yi in zip(both, x, y):
+            ax.annotate(t["key"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_yscale("symlog", base=2, linthresh=1)
+        ax.set(xlabel=f"gap ({result['primary_metric']})", ylabel=f"knee rank (tolerance {tol})", title="knee vs gap")
+        fig.tight_layout()
+        fig.savefig(out / "hypothesis_knee_vs_gap.png", dpi=110, metadata=meta)
+        plt.close(fig)
+        made.append("hypothesis_knee_vs_gap.png")
+    curves = [t for t in result["tasks"] if t["errors"]]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for t in curves:
+            ranks = [int(k) for k in t["errors"]]
+            errs = list(t["errors"].values())
+            ax.errorbar(ranks, [float(np.mean(e)) for e in errs], marker="o", capsize=3, label=t["key"],
+                        yerr=[float(np.std(e, ddof=1)) if len(e) > 1 else 0.0 for e in errs])
+        ax.set_xscale("symlog", base=2, linthresh=1)
+        ax.set(xlabel="LoRA rank (0 = the frozen warm-up)", ylabel="test error (mean +- sd over seeds)",
+               title="error vs rank per task")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / "hypothesis_error_vs_rank.png", dpi=110, metadata=meta)
+        plt.close(fig)
+        made.append("hypothesis_error_vs_rank.png")
+    return made
+
+
 # ----------------------------------------------------------------------------- the report
 def fmt_corr(c: dict) -> str:
     if "error" in c:
@@ -553,9 +663,29 @@ def main(argv: Optional[List[str]] = None) -> Path:
                    help="(a)-(c) read uniform, head and full runs of these sweep tables (one recipe per task); 'all' = every run")
     p.add_argument("--budget-tables", nargs="+", default=list(BUDGET_TABLES),
                    help="(d) reads the runs of these sweep tables; 'all' = every run")
+    p.add_argument("--calibration", type=Path, default=CALIBRATION,
+                   help="the gap calibration whose selected primary metric the pre-registered test uses")
+    p.add_argument("--check", action="store_true",
+                   help="regenerate into a temporary directory and exit 1 if hypothesis.md or .json differ from --out's")
     a = p.parse_args(argv)
     if not 0 <= a.tol < 1 or not 0 < a.energy <= 1 or a.budget_tol < 0 or a.n_boot < 1 or a.n_perm < 1:
         p.error("need 0 <= --tol < 1, 0 < --energy <= 1, --budget-tol >= 0, --n-boot >= 1, --n-perm >= 1")
+    if a.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = main(_without_check(argv) + ["--out", tmp])
+            differ = [name for name in ("hypothesis.md", "hypothesis.json")
+                      if not (a.out / name).is_file() or (a.out / name).read_bytes() != (fresh.parent / name).read_bytes()]
+        if differ:
+            print(f"[hypothesis] out of date: {', '.join(str(a.out / n) for n in differ)} differ from what the runs "
+                  f"give; rerun without --check and commit", file=sys.stderr)
+            sys.exit(1)
+        print(f"[hypothesis] {a.out}/hypothesis.md and hypothesis.json are up to date")
+        return a.out / "hypothesis.md"
+    if not a.calibration.is_file():
+        p.error(f"--calibration {a.calibration}: no such file; run scripts/calibrate_gaps.py first")
+    primary = json.loads(a.calibration.read_text())["selection"]["primary"]
+    records, prereg_gaps = prereg_inputs(a.runs, a.weights, primary)
+    prereg = analyse(records, prereg_gaps, primary, n_boot=a.n_boot, n_perm=a.n_perm, seed=a.seed)
     runs, gaps, notes = load_runs(a.runs, a.split, a.weights)
     tg, metrics = task_gaps(gaps)
     knee_runs = complete_sweeps(select(runs, a.knee_tables, notes, "(a)-(c)"), notes)
@@ -564,10 +694,35 @@ def main(argv: Optional[List[str]] = None) -> Path:
     buckets, d_verdict = analysis_budgets(select(runs, a.budget_tables, notes, "(d)"), a)
     a.out.mkdir(parents=True, exist_ok=True)
     pngs = plots(a.out, knees, tg, dw)
+    prereg_pngs = prereg_plots(a.out, prereg)
+    title = "# Rank-gap hypothesis\n\n"
+    section = render(prereg) + "".join(f"![{p}]({p})\n" for p in prereg_pngs)
+    earlier = report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs)
     path = a.out / "hypothesis.md"
-    path.write_text(report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs))
-    print(f"[hypothesis] wrote {path} ({', '.join(pngs) or 'no figures'})")
+    path.write_text(title + section + "\n## Earlier sweeps (exploratory: they predate the pre-registration)\n\n"
+                    + earlier[len(title):])
+    payload = {"calibration": str(a.calibration), "runs": str(a.runs), "weights": a.weights, "split": a.split,
+               "seed": a.seed, "n_boot": a.n_boot, "n_perm": a.n_perm, **prereg}
+    (a.out / "hypothesis.json").write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    print(f"[hypothesis] wrote {path} and hypothesis.json ({', '.join(pngs + prereg_pngs) or 'no figures'})")
     return path
+
+
+def _without_check(argv: Optional[List[str]]) -> List[str]:
+    """The command line minus ``--check`` and any ``--out`` (the check writes to a temporary directory)."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    out: List[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--check":
+            continue
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -r "$req" -c constraints.txt >&2
   touch "$stamp"
 fi
-# Our `datasets/` must be the one Python sees; refuse an environment where HF's is installed.
-if ! .venv/bin/python -I -c 'import importlib.util as u, sys; sys.exit(1 if u.find_spec("datasets") else 0)'; then
+# Our `datasets/` must be the one Python sees; refuse an environment where HF's is installed (an
+# editable install of this checkout, `pip install -e .`, finds ours, which is fine).
+if ! .venv/bin/python -I -c 'import importlib.util as u, os, sys; s = u.find_spec("datasets")
+sys.exit(0 if s is None or os.path.realpath(s.origin) == os.path.realpath("datasets/__init__.py") else 1)'; then
   echo "[setup] Hugging Face 'datasets' is installed in .venv and would shadow orca-rank's datasets/ package; run: .venv/bin/pip uninstall -y datasets" >&2; exit 1
 fi
 echo .venv/bin/python

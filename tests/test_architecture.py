@@ -31,8 +31,9 @@ ENTRY_POINTS = ("orca.cli", "orca.__main__")
 STAGES = ("orca.pretrain", "orca.align.loop", "rank_estimation.stage", "orca.train")
 #: Third-party modules a function may import (a name covers its submodules): optional (bitsandbytes
 #: needs CUDA, peft is a test reference) or slow to import and used by one code path (plots, a
-#: reference solver, a file format, TensorBoard logging, the compiler's mode table).
-OPTIONAL_IMPORTS = frozenset({"bitsandbytes", "peft", "matplotlib", "ot", "geomloss", "sklearn", "skimage",
+#: reference solver, microsoft/otdd's checkout loaded by location, a file format, TensorBoard
+#: logging, the compiler's mode table).
+OPTIONAL_IMPORTS = frozenset({"bitsandbytes", "peft", "matplotlib", "ot", "geomloss", "otdd", "sklearn", "skimage",
                               "scipy", "h5py", "torchvision", "threadpoolctl", "torch.utils.tensorboard",
                               "torch._inductor"})
 

@@ -13,15 +13,15 @@ def test_bench_train_smoke(tmp_path):
     rank_map.write_text(json.dumps({"rank_map": {"layers.0.blocks.0": 4, "layers.3.blocks.0.mlp.fc1": 0}}))
     md = load_script("bench_train.py").main(["--smoke", "--rank-map", str(rank_map), "--grad-checkpointing", "0", "1:1",
                              "--methods", "full", "lora", "lora_concat", "lora_inplace", "lora_joined",
-                             "lora_map", "dylora", "delta_lora", "peft", "rank0",
+                             "lora_fused", "lora_map", "dylora", "delta_lora", "peft", "rank0",
                              "--out", str(tmp_path / "bench")])
     assert md == tmp_path / "bench" / "train_smoke_gc.md"
     out = json.loads((tmp_path / "bench" / "train_smoke_gc.json").read_text())
     assert out["git"]["commit"] and "--smoke" in out["command"] and out["machine"]["torch"]
     assert out["matmul_peak_tflops"] > 0
     rows = {r["config"]: r for r in out["results"]}
-    assert list(rows) == ["full", "lora", "lora_concat", "lora_inplace", "lora_joined", "lora_map", "dylora",
-                          "delta_lora", "peft", "rank0",
+    assert list(rows) == ["full", "lora", "lora_concat", "lora_inplace", "lora_joined", "lora_fused", "lora_map",
+                          "dylora", "delta_lora", "peft", "rank0",
                           "full+gc", "lora+gc"]
     assert all(r["status"] == "ok" and r["batch"] == 4 and r["img_per_s"] > 0 for r in rows.values())
     # what +gc recomputed: the entries as given (stage 0 whole, first block of stage 1) and per stage
@@ -47,14 +47,15 @@ def test_bench_train_smoke(tmp_path):
     assert f["rank0"] < f["lora"] and f["rank0"] > 0.5 * f["lora"]
     # the one-GEMM forward does the multiply-adds of the base GEMM plus the rank-r update, which the
     # default path does in place (addmm_, which torch's FLOP counter alone would not count)
-    for pinned in ("lora_concat", "lora_inplace", "lora_joined"):
+    for pinned in ("lora_concat", "lora_inplace", "lora_joined", "lora_fused"):
         assert rows[pinned]["trainable_params"] == rows["lora"]["trainable_params"]
         assert f[pinned] == f["lora"], pinned
     for r in rows.values():
         assert r["mfu"] == pytest.approx(r["flop_per_step"] / 4 * r["img_per_s"] / (out["matmul_peak_tflops"] * 1e12),
                                          rel=0.01 + 0.05 / r["img_per_s"])  # img/s is rounded to 0.1
+    assert not any(r["compiled"] for r in rows.values())
     text = md.read_text()
-    assert "| 4 | lora_map |" in text and "vs peft" in text
+    assert "| 4 | lora_map |" in text and "| vs peft (eager) |" in text
     assert ("`full+gc`, `lora+gc`: activation checkpointing `--grad-checkpointing 0 1:1` = stage 0: 1/1 blocks, "
             "stage 1: 1/1 blocks (2 of 4 blocks).") in text
 
@@ -68,6 +69,12 @@ def test_bench_train_eager_methods_need_compile_and_are_named(tmp_path, capsys):
                               "--methods", "full", "lora", "peft"])
     assert script.compiled_label(args) == "torch.compile, mode reduce-overhead; eager: peft"
     assert script.compiled_label(script.parse_args(["--methods", "full"])) == "eager"
+    # the reference's mode, named in the markdown's "vs peft" column: compiled unless left eager
+    assert script.peft_mode(args) == "eager"
+    assert script.peft_mode(script.parse_args(["--compile", "--methods", "full", "peft"])) == "compiled"
+    assert script.peft_mode(script.parse_args(["--compile", "--compile-mode", "reduce-overhead", "--methods",
+                                               "peft"])) == "compiled, reduce-overhead"
+    assert script.peft_mode(script.parse_args(["--methods", "full", "peft"])) == "eager"
 
 
 def test_bench_train_refuses_checkpointing_past_a_stage_before_timing(capsys):
@@ -112,3 +119,22 @@ def test_rank0_backpropagates_through_every_frozen_block():
     assert not torch.equal(body.patch_embed.proj.weight, before)
     trained = {n for n, p in body.named_parameters() if p.grad is not None}
     assert trained == {n for n, _ in body.patch_embed.named_parameters(prefix="patch_embed")}
+
+
+def test_a_configuration_that_fails_is_reported_and_the_rest_timed(tmp_path, monkeypatch):
+    """A configuration that cannot be built or compiled (say peft under torch.compile) costs its own
+    row, not the call: the others are timed and both files are written."""
+    script = load_script("bench_train.py", "bench_train_failing")
+    real = script.build_config
+
+    def build(method, **kwargs):
+        if method == "peft":
+            raise RuntimeError("peft does not compile here")
+        return real(method, **kwargs)
+
+    monkeypatch.setattr(script, "build_config", build)
+    md = script.main(["--smoke", "--methods", "full", "peft", "--out", str(tmp_path)])
+    rows = {r["config"]: r for r in json.loads((tmp_path / "train_smoke.json").read_text())["results"]}
+    assert rows["full"]["status"] == "ok" and rows["full"]["img_per_s"] > 0
+    assert rows["peft"]["status"] == "failed (RuntimeError)"
+    assert "| 4 | peft | failed (RuntimeError) |" in md.read_text()

@@ -40,7 +40,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("task.options.n_trian=5", r"unknown config key 'task.options.n_trian'; did you mean 'n_train'\?"),
     ("train.optimizer=adam", r"train.optimizer='adam' is not allowed.*did you mean 'adamw'\?"),
     ("train.epochs=two", r"train.epochs: expected an integer, got 'two'"),
-    ("train.lr=-1", r"train.lr=-1.0 must be > 0"),
+    ("train.lr=-1", r"-1.0 is out of range, train.lr, give a value > 0"),
     ("task.name=darcyy", r"unknown task 'darcyy'; did you mean 'darcy'"),
 ])
 def test_bad_keys_and_values_name_the_key(override, expect):

@@ -43,7 +43,8 @@ def call(name, source, target, **kw):
 
 
 def test_registry_holds_every_metric():
-    assert GAP_METRICS.names() == ["mmd", "otdd", "pad", "sinkhorn", "sliced_wasserstein"]
+    assert GAP_METRICS.names() == ["mmd", "mmd_source", "otdd", "pad", "sinkhorn", "sliced_w2_source",
+                                   "sliced_wasserstein"]
 
 
 @pytest.mark.parametrize("name, null_check", CASES, ids=[c[0] for c in CASES])

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from orca.sweep import load_sweep
+from tests.conftest import load_script
 from rank_estimation.hypothesis import (
     bootstrap_knee,
     budget_matched,
@@ -68,7 +69,12 @@ def test_monotone_relation_gives_rho_one_and_small_p():
     assert out["rho"] == pytest.approx(1.0) and out["lo"] == pytest.approx(1.0)
     # Exact: only the identity and the reversal reach |rho| = 1 among 8! orderings.
     assert permutation_pvalue(x, y, n_perm=50000) == pytest.approx(2 / math.factorial(8))
-    assert permutation_pvalue(x, y, n_perm=2000, seed=0) == pytest.approx(1 / 2001)  # Monte Carlo
+    # Beyond n_perm orderings the null is counted exactly (up to EXACT_MAX_N), not sampled.
+    assert permutation_pvalue(x, y, n_perm=2000, seed=0) == pytest.approx(2 / math.factorial(8))
+    ties_x, ties_y = [1, 1, 2, 3, 3, 3, 4], [2, 1, 1, 5, 3, 4, 4]
+    assert permutation_pvalue(ties_x, ties_y, n_perm=100) == pytest.approx(permutation_pvalue(ties_x, ties_y, n_perm=10_000))
+    x13 = list(range(13))  # past EXACT_MAX_N: Monte Carlo with the +1 correction
+    assert permutation_pvalue(x13, x13, n_perm=2000, seed=0) == pytest.approx(1 / 2001)
     # Three tasks cannot be significant: exact p = 2/6.
     assert permutation_pvalue([1, 2, 3], [1, 5, 9]) == pytest.approx(1 / 3)
 
@@ -208,13 +214,8 @@ def _synthetic_results(root: Path) -> None:
 
 
 def _script_module():
-    """scripts/hypothesis.py as a module (scripts/ is not a package)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import hypothesis as script
-    finally:
-        sys.path.pop(0)
-    return script
+    """scripts/hypothesis.py as a module, under another name than the property-testing library's."""
+    return load_script("hypothesis.py", "hypothesis_script")
 
 
 def _run_script(runs: Path, out: Path):
@@ -402,11 +403,31 @@ def test_a_partial_sweep_is_left_out_of_the_knees_and_named(tmp_path):
         run(g.name, g.point["adapter.rank"], 0.2 / g.point["adapter.rank"] + 0.001 * g.point["seed"], g.point["seed"])
     args = ["--runs", str(runs), "--out", str(out), "--n-boot", "50", "--n-perm", "100", "--weights", "any",
             "--knee-tables", "tiny"]
+    def knee_table(report: str) -> str:  # the pre-registered design's table lists every task, run or not
+        return report.split("## (a) Knee rank per task")[1].split("## (b)")[0]
+
     report = script.main(args).read_text()
-    assert "| tones |" not in report
+    assert "| tones |" not in knee_table(report)
     assert f"tiny: 3 of 4 runs of {sweep_file} finished (missing: {grid[3].name}); left out until the sweep is " \
         "complete" in report
     last = grid[3].point
     run(grid[3].name, last["adapter.rank"], 0.2 / last["adapter.rank"] + 0.001 * last["seed"], last["seed"])
     report = script.main(args).read_text()
-    assert "| tones | 4 |" in report and "left out until" not in report
+    assert "| tones | 4 |" in knee_table(report) and "left out until" not in report
+
+
+def test_check_passes_on_a_fresh_report_and_fails_on_one_changed_byte(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    _synthetic_results(runs)
+    assert _run_script(runs, out).returncode == 0
+    payload = json.loads((out / "hypothesis.json").read_text())
+    assert payload["primary_metric"] == "mmd_source" and payload["stage1"] is None
+    assert "dial0: knee sweep not run" in payload["missing"]
+    check = [sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs), "--out", str(out),
+             "--n-boot", "200", "--n-perm", "2000", *POOL, "--check"]
+    ok = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    md = out / "hypothesis.md"
+    md.write_text(md.read_text().replace("Pre-registered test", "Pre-registered tesT", 1))
+    bad = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "hypothesis.md differ" in bad.stderr.replace(str(out) + "/", "")

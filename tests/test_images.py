@@ -9,6 +9,7 @@ import torch
 
 import datasets
 from datasets import build_task, images
+from datasets.errors import DataFileError
 from datasets.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -133,7 +134,7 @@ def test_digits_task_upsamples(tmp_path):
 ])
 def test_cifar_offline_error_names_the_directory(tmp_path, name, folder, archive):
     root = tmp_path / "data"
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DataFileError) as err:
         build_task(name, CifarOptions(image_size=32, download=False), str(root))
     msg = str(err.value)
     assert str(root.resolve()) in msg and f"'{folder}/'" in msg and archive in msg and "download=true" in msg

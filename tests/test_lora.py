@@ -289,11 +289,13 @@ def test_fused_forward_and_backward_match_autograd(case_id, shape, bias, w_grad,
 
 @pytest.mark.parametrize("accessor,compiling", [("ComposedDenseWeight", False), ("ConcatDenseWeight", False),
                                                 ("InplaceDenseWeight", True), ("DenseWeight", True),
-                                                ("JoinedDenseWeight", False), ("JoinedDenseWeight", True)])
+                                                ("JoinedDenseWeight", False), ("JoinedDenseWeight", True),
+                                                ("FusedGradDenseWeight", False), ("FusedGradDenseWeight", True)])
 def test_benchmarked_accessors_match_the_default(monkeypatch, accessor, compiling):
     """ComposedDenseWeight (plain autograd ops, the bench's lora_composed), ConcatDenseWeight (always one
     GEMM over [x, x A^T], lora_concat), InplaceDenseWeight (always the in-place rank-r update,
-    lora_inplace), JoinedDenseWeight (one backward GEMM over g, lora_joined) and the default as it runs
+    lora_inplace), JoinedDenseWeight (one backward GEMM over g, lora_joined), FusedGradDenseWeight (A's and
+    B's gradients from one pass over g, lora_fused) and the default as it runs
     under torch.compile (one GEMM) give the eager default's
     output and gradients on every adapted layer of a model, and each takes the form it says."""
     from orca.adapters import base_weights
@@ -312,7 +314,7 @@ def test_benchmarked_accessors_match_the_default(monkeypatch, accessor, compilin
     apply, calls = FusedLoRALinear.apply, []
 
     def checked(*args):
-        calls.append(args[6:])  # the concat and join_backward flags
+        calls.append(args[6:])  # the concat, join_backward and fuse_grads flags
         if accessor == "ComposedDenseWeight":
             raise AssertionError("the composed accessor ran the fused Function")
         return apply(*args)
@@ -321,9 +323,10 @@ def test_benchmarked_accessors_match_the_default(monkeypatch, accessor, compilin
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     out_c = composed(x)
     concat = {"ComposedDenseWeight": None, "ConcatDenseWeight": True, "InplaceDenseWeight": False,
-              "DenseWeight": True, "JoinedDenseWeight": compiling}[accessor]  # the default: one GEMM while compiling
-    join = accessor == "JoinedDenseWeight"
-    assert calls == ([] if concat is None else [(concat, join)] * len(layers))
+              "DenseWeight": True, "JoinedDenseWeight": compiling,
+              "FusedGradDenseWeight": compiling}[accessor]  # the default: one GEMM while compiling
+    join, fuse = accessor == "JoinedDenseWeight", accessor == "FusedGradDenseWeight"
+    assert calls == ([] if concat is None else [(concat, join, fuse)] * len(layers))
     torch.testing.assert_close(out_c, out_f, atol=1e-6, rtol=0)
     out_f.square().sum().backward()
     out_c.square().sum().backward()

@@ -164,7 +164,7 @@ def test_stage_objective_is_orcas_weighted_sum_of_per_cluster_otdd():
     clusters, src_labels = torch.tensor([2, 2, 2, 2, 5, 5, 5, 5, 9]), torch.arange(12) % 3
     cfg = load_config(None, ["align.objective=otdd"])
     value = loop.build_objective(cfg.align, seed=0)(feats, clusters, src, src_labels)
-    one = OTDD(inner="exact", reg=0.1, debiased=True)
+    one = OTDD()  # microsoft/otdd's quantity in ORCA's call
     expected = sum(4 / 9 * one.distance(feats[clusters == c], torch.zeros(4), src, src_labels) for c in (2, 5))
     # the singleton cluster 9 is skipped with its weight dropped, as ORCA's `if feats.shape[0] > 1`
     assert float(value) == pytest.approx(float(expected), rel=1e-4)

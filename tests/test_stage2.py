@@ -281,8 +281,8 @@ def test_stage2_gaps_from_allocates_a_measured_profile_at_another_budget(tiny_ov
 
 
 @pytest.mark.parametrize("where, provenance, extra, error, message", [
-    ("missing", None, [], FileNotFoundError, "no such directory"),
-    ("empty", None, [], FileNotFoundError, "no gaps.json there"),
+    ("missing", None, [], ConfigError, "no such directory"),
+    ("empty", None, [], ConfigError, "no gaps.json there"),
     ("edited", {"task": "cifar10"}, [], ValueError, "measured on another setup (task 'cifar10' there, 'darcy' here)"),
     ("measured", None, ["model.body=swin_small_patch4_window7_224"], ValueError,
      "(body 'swin_tiny_patch4_window7_224' there, 'swin_small_patch4_window7_224' here)"),
@@ -332,7 +332,7 @@ def test_bench_stage2_cpu_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rec = json.loads((tmp_path / "stage2.json").read_text())
     assert rec["settings"]["blocks"] == 4 and rec["settings"]["n_source"] == 24
-    assert set(rec["seconds_per_metric"]) == {"mmd", "otdd", "pad", "sinkhorn", "sliced_wasserstein"}
+    assert set(rec["seconds_per_metric"]) == {"mmd", "mmd_source", "otdd", "pad", "sinkhorn", "sliced_w2_source", "sliced_wasserstein"}
     assert rec["git"]["commit"] and "bench_stage2.py" in rec["command"] and rec["machine"]["cpus"]
     assert "| **all** |" in (tmp_path / "stage2.md").read_text()
 
@@ -374,3 +374,18 @@ def test_token_rows_and_stage3_coverage_warning(tiny_overrides):
     data = json.loads((run.path / "rank_map.json").read_text())
     assert all(k.endswith(("attn.qkv", "attn.proj")) for k in data["rank_map"])
     assert data["stage3"]["uncovered_by_adapter_targets"][0] == "layers.0.blocks.0.mlp.fc1"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["rank.gaps_from={nowhere}"], "error: rank.gaps_from="),
+    (["rank.metrics=[mmd,nonsense]"], "error: rank.metrics"),
+])
+def test_stage2_mistakes_end_in_one_error_line(tiny_overrides, tmp_path, capsys, extra, message):
+    """A stage-2 key pointing at nothing, or an unknown metric, is a config error: one line, exit 2."""
+    from orca.cli import main
+    from orca.errors import exit_on_error
+
+    overrides = _stage2_overrides(tiny_overrides, *(e.format(nowhere=tmp_path / "nowhere") for e in extra))
+    assert exit_on_error(main, ["stage2", *overrides]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines

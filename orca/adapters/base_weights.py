@@ -37,6 +37,7 @@ class DenseWeight:
     kind = "dense"
     concat: Optional[bool] = None
     join_backward = False  # see JoinedDenseWeight
+    fuse_grads = False  # see FusedGradDenseWeight
 
     @staticmethod
     def get(base: nn.Module) -> torch.Tensor:
@@ -59,7 +60,7 @@ class DenseWeight:
             return lora_forward_generic(layer, x, a, b, scale)
         concat = torch.compiler.is_compiling() if cls.concat is None else cls.concat
         return fused_lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, scale, concat=concat,
-                                 join_backward=cls.join_backward)
+                                 join_backward=cls.join_backward, fuse_grads=cls.fuse_grads)
 
 
 class ComposedDenseWeight(DenseWeight):
@@ -109,6 +110,19 @@ class JoinedDenseWeight(DenseWeight):
 
     kind = "dense (joined backward GEMM)"
     join_backward = True
+
+
+class FusedGradDenseWeight(DenseWeight):
+    """The default forward forms with A's and B's gradients from one pass over the output gradient
+    (:func:`orca.adapters.lora_grads.lora_factor_grads`, a Triton kernel on CUDA) instead of two
+    GEMMs that each read it. Why a candidate, not the default: it removes one of the three
+    memory-bound rank-r passes per layer that separate a LoRA step from one whose adapters cost
+    nothing (``bench_train.py --methods rank0``), but the kernel's speed against cuBLAS's thin GEMMs
+    has not been measured yet; ``scripts/bench_train.py --methods lora_fused`` times it beside
+    ``lora``. On the CPU it computes exactly what :class:`DenseWeight` does."""
+
+    kind = "dense (fused factor gradients)"
+    fuse_grads = True
 
 
 def _nf4_to_dense(weight: nn.Parameter) -> torch.Tensor:

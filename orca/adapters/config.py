@@ -81,8 +81,8 @@ class AdapterConfig:
         "LoRA+ (Hayou et al. 2024): lr_B = ratio * lr_A. None disables; true means 16."))
     delta_lora_start: int = field(default=500, metadata=_help(
         "Delta-LoRA K: W starts following the LoRA update once the (0-based) step t > K."))
-    delta_lora_lambda: float = field(default=2.0, metadata=_help(
-        "Delta-LoRA lambda: W <- W + lambda * s * (B'A' - BA) after each optimizer step."))
+    delta_lora_lambda: float = field(default=2.0, metadata={**_help(
+        "Delta-LoRA lambda: W <- W + lambda * s * (B'A' - BA) after each optimizer step."), "min": 0})
     dylora_r_min: int = field(default=1, metadata=_help("DyLoRA smallest sampled rank b."))
     dylora_r_max: Optional[int] = field(default=None, metadata=_help(
         "DyLoRA largest rank (the size of A and B); None = rank."))
@@ -227,7 +227,8 @@ def check_rank_values(rank_map: Dict[str, Any], source: str) -> Dict[str, int]:
     for key, value in rank_map.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"{source}: key {key!r} must be a non-empty module name or regex")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value)):
             raise ValueError(f"{source}: rank for {key!r} is {value!r}; must be an integer >= 0")
         if value < 0:
             raise ValueError(f"{source}: rank for {key!r} is {value}; must be >= 0 (0 = not adapted)")

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orca.adapters.lora_grads import lora_factor_grads
+
 
 def lora_forward_generic(layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                          scale: float) -> torch.Tensor:
@@ -45,7 +47,7 @@ class FusedLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale, concat=False, join_backward=False):
+    def forward(ctx, x, weight, bias, a, b, scale, concat=False, join_backward=False, fuse_grads=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa = torch.mm(x2, a.t())
@@ -63,7 +65,7 @@ class FusedLoRALinear(torch.autograd.Function):
             out.addmm_(xa, b.t(), alpha=scale)
             ctx.save_for_backward(x2, xa, weight, a, b)
         ctx.scale, ctx.in_shape, ctx.has_bias, ctx.concat = scale, shape, bias is not None, concat
-        ctx.join_backward = join_backward
+        ctx.join_backward, ctx.fuse_grads = join_backward, fuse_grads
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -80,7 +82,12 @@ class FusedLoRALinear(torch.autograd.Function):
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         many_tokens = g.shape[0] >= weight.shape[0]
         joined = ctx.join_backward and need_x and need_a and many_tokens
-        if joined:
+        fused = ctx.fuse_grads and need_a and need_b and (many_tokens or not need_x)
+        if fused:  # dL/dA and dL/dB from one pass over g; dL/dx below does not need g s B then
+            grad_a, grad_b = lora_factor_grads(g, x2, xa, b, s)
+            need_a = need_b = False
+            gb = None
+        elif joined:
             # [g (W + s B A) | g s B]: both products of g in one GEMM, returned as column slices
             d_in = weight.shape[1]
             joint = torch.mm(g, torch.cat([torch.addmm(weight, b, a, alpha=s), b * s], dim=1))
@@ -104,25 +111,26 @@ class FusedLoRALinear(torch.autograd.Function):
             grad_a = torch.mm(gb.t(), x2)
         if need_b:
             grad_b = torch.mm(g.t(), xa).mul_(s)  # d_out x r
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       a: torch.Tensor, b: torch.Tensor, scale: float, concat: bool = False,
-                      join_backward: bool = False) -> torch.Tensor:
+                      join_backward: bool = False, fuse_grads: bool = False) -> torch.Tensor:
     """Autocast-aware entry to :class:`FusedLoRALinear`: under autocast every operand is cast to
     the autocast dtype once, as F.linear would (x once for both paths). The matmuls inside then
     see matching dtypes, so autocast leaves them alone; no context switch is needed, which
     matters at small batches where eager mode is bound by Python overhead per layer.
     ``concat``: the forward as one GEMM over [x, x A^T] (see :class:`FusedLoRALinear`);
-    ``join_backward``: the backward's two GEMMs over the output gradient as one (:class:`JoinedDenseWeight`)."""
+    ``join_backward``: the backward's two GEMMs over the output gradient as one (:class:`JoinedDenseWeight`);
+    ``fuse_grads``: A's and B's gradients from one pass over the output gradient (:class:`FusedGradDenseWeight`)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         return FusedLoRALinear.apply(x.to(dtype), weight.to(dtype),
                                      None if bias is None else bias.to(dtype), a.to(dtype),
-                                     b.to(dtype), scale, concat, join_backward)
+                                     b.to(dtype), scale, concat, join_backward, fuse_grads)
     dtype = weight.dtype
     if x.dtype != dtype:
         x = x.to(dtype)
-    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat, join_backward)
+    return FusedLoRALinear.apply(x, weight, bias, a.to(dtype), b.to(dtype), scale, concat, join_backward, fuse_grads)

@@ -5,4 +5,4 @@ explicit import below; OTDD and MMD themselves are importable for stage 2's gap 
 """
 from orca.align.objectives import OBJECTIVES, AlignmentObjective, build_objective  # noqa: F401
 # `otdd` (the function) is not re-exported: it would shadow the submodule `orca.align.otdd`.
-from orca.align.otdd import OTDD, otdd_reference  # noqa: F401
+from orca.align.otdd import OTDD  # noqa: F401

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from orca.align.label_distances import INNER_METHODS
 from orca.schema import ConfigError, check_choice, check_positive
 
 
@@ -23,15 +24,15 @@ class AlignConfig:
     steps_per_epoch: int = field(default=1, metadata={"help": "optimizer steps per epoch (ORCA: 1)"})
     lr: Optional[float] = field(default=None, metadata={"help": "embedder learning rate (None = 10 x train.lr, ORCA)"})
     entreg: float = field(default=0.1, metadata={"help": "entropic regularisation of the outer OT"})
-    inner: str = field(default="exact", metadata={"help": "exact | gaussian: label-to-label distance in OTDD"})
-    objective_options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "extra constructor options of the objective (e.g. otdd inner_max_samples, otdd inner_threads, mmd multipliers, min_cluster_size)"})
+    inner: str = field(default="sinkhorn", metadata={"help": "sinkhorn (microsoft/otdd's 'exact', ORCA) | exact (LP) | gaussian: label-to-label distance in OTDD"})
+    objective_options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "extra constructor options of the objective (e.g. otdd cost=full for the paper's cost, inner_max_samples, mmd multipliers, min_cluster_size)"})
     batch_size: int = field(default=64, metadata={"help": "batch size for computing features"})
     cache_dir: str = field(default="features", metadata={"help": "source-feature cache, relative to task.data_root"})
 
     def __post_init__(self):
         check_choice("align.mode", self.mode, ("train", "source_init"))
         check_choice("align.objective", self.objective, ("otdd", "mmd", "l2"))
-        check_choice("align.inner", self.inner, ("exact", "gaussian"))
+        check_choice("align.inner", self.inner, INNER_METHODS)
         for name in ("n_source", "n_clusters", "kmeans_n_init", "epochs", "steps_per_epoch", "batch_size"):
             check_positive(f"align.{name}", getattr(self, name))
         check_positive("align.entreg", self.entreg)

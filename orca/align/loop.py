@@ -244,7 +244,8 @@ def objective_settings(objective) -> Dict[str, Any]:
     out = {k: v for k, v in vars(objective).items() if isinstance(v, keep)}
     inner = getattr(objective, "otdd", None)
     if inner is not None:
-        out.update(inner=inner.inner, reg=inner.reg, debiased=inner.debiased, inner_max_samples=inner.inner_max_samples)
+        out.update(inner=inner.inner, reg=inner.reg, cost=inner.cost, debiased=inner.debiased, inner_reg=inner.inner_reg,
+                   inner_max_samples=inner.inner_max_samples)
     return out
 
 

@@ -15,7 +15,7 @@ unbiased MMD and no meaningful class-conditional cloud.
 
 Usage::
 
-    objective = build_objective("otdd", reg=0.1, inner="exact")
+    objective = build_objective("otdd")   # microsoft/otdd's quantity in ORCA's call
     loss = objective(target_feats, clusters, source_feats, source_labels)   # scalar, has grad
 """
 from __future__ import annotations
@@ -26,9 +26,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from orca.align.mmd import DEFAULT_MULTIPLIERS, mean_l2_per_cluster, mmd2_per_cluster
-from orca.align.otdd import OTDD, SinkhornOptions, check_features, check_labels
 from datasets.registry import Registry
+from orca.align.mmd import DEFAULT_MULTIPLIERS, mean_l2_per_cluster, mmd2_per_cluster
+from orca.align.checks import check_features, check_labels
+from orca.align.otdd import OTDD
+from orca.align.sinkhorn import SinkhornOptions
 
 OBJECTIVES = Registry("alignment objective")
 WEIGHTINGS = ("frequency", "uniform")
@@ -115,28 +117,34 @@ class AlignmentObjective(ABC):
 class OTDDObjective(AlignmentObjective):
     """ORCA's objective: OTDD of each cluster (one label) vs the labelled source, batched and cached.
 
+    The defaults compute what microsoft/otdd computes in ORCA's call (see ``orca.align.otdd``).
+
     Args:
-        inner: ``"exact"`` or ``"gaussian"`` label-to-label distance.
+        inner: ``"sinkhorn"`` (microsoft/otdd's "exact"), ``"exact"`` (LP) or ``"gaussian"`` label distance.
         reg: outer entropic regularisation (0.1 in ORCA).
+        cost: ``"half"`` (microsoft/otdd's (|x - x'|^2 + W) / 2) or ``"full"`` (the paper's |x - x'|^2 + W).
         debiased: Sinkhorn divergence (ORCA: True).
-        inner_max_samples: per-class cap in exact inner OT (None = all).
+        inner_reg: eps of the sinkhorn label distances (microsoft/otdd: 0.1).
+        inner_max_samples: per-class cap in the sinkhorn/exact label distances (None = all).
         seed: seed of that cap's subsample.
-        max_iter, tol: outer Sinkhorn settings (see :class:`SinkhornOptions`).
+        schedule: ``"fixed"`` (geomloss' annealing, microsoft/otdd's numbers) or ``"converged"``.
+        max_iter, rtol: settings of the ``"converged"`` schedule (see :class:`SinkhornOptions`).
         inner_grad: also differentiate the cluster-to-class label distances (ORCA: False).
         weighting, min_cluster_size: see :class:`AlignmentObjective`.
-        inner_threads: worker threads for the exact label pairs (None = one per usable CPU).
+        inner_threads: worker threads for the exact (LP) label pairs (None = one per usable CPU).
     """
 
     name = "otdd"
     needs_source_labels = True
 
-    def __init__(self, inner: str = "exact", reg: float = 0.1, debiased: bool = True,
-                 inner_max_samples: Optional[int] = None, seed: int = 0, max_iter: int = 2000, tol: float = 1e-4,
-                 inner_grad: bool = False, weighting: str = "frequency", min_cluster_size: int = 2,
-                 inner_threads: Optional[int] = None):
+    def __init__(self, inner: str = "sinkhorn", reg: float = 0.1, cost: str = "half", debiased: bool = True,
+                 inner_reg: float = 0.1, inner_max_samples: Optional[int] = None, seed: int = 0,
+                 schedule: str = "fixed", max_iter: int = 2000, rtol: float = 1e-4, inner_grad: bool = False, weighting: str = "frequency",
+                 min_cluster_size: int = 2, inner_threads: Optional[int] = None):
         super().__init__(weighting, min_cluster_size)
-        self.otdd = OTDD(inner=inner, reg=reg, debiased=debiased, inner_max_samples=inner_max_samples, seed=seed,
-                         sinkhorn=SinkhornOptions(max_iter=max_iter, tol=tol), inner_grad=inner_grad,
+        self.otdd = OTDD(inner=inner, reg=reg, cost=cost, debiased=debiased, inner_reg=inner_reg,
+                         inner_max_samples=inner_max_samples, seed=seed,
+                         sinkhorn=SinkhornOptions(schedule=schedule, max_iter=max_iter, rtol=rtol), inner_grad=inner_grad,
                          inner_threads=inner_threads)
 
     def _cluster_values(self, target_feats, index, n_clusters, source_feats, source_labels):

@@ -1,0 +1,86 @@
+"""The pre-registered analysis on synthetic sweeps whose knees, correlation and gamma are known."""
+import json
+
+import numpy as np
+import pytest
+
+from rank_estimation.preregistered import (DIAL_KEYS, KNEE_RANKS, PLACEBO_ARMS, TASK_KEYS, analyse, knee_replicates,
+                                           render)
+
+
+def curve(knee, rng, noise=0.002):
+    """Error falls 20% per rank step until the knee, then stays flat (plus seed noise)."""
+    out = []
+    for r in KNEE_RANKS:
+        steps = sum(1 for k in KNEE_RANKS if k <= min(r, knee)) - 1
+        out.append((r, [0.3 * 0.8 ** (steps - (len([k for k in KNEE_RANKS if k <= knee]) - 1)) + noise * rng.standard_normal()
+                        for _ in range(3)]))
+    return out
+
+
+def sweep(knees, rng):
+    runs = []
+    for key, knee in knees.items():
+        for r, errs in curve(knee, rng):
+            runs += [{"key": key, "table": "knee_x", "rank": r, "seed": s, "error": e} for s, e in enumerate(errs)]
+    return runs
+
+
+def test_a_planted_law_is_recovered_and_everything_is_reported():
+    rng = np.random.default_rng(0)
+    knees = dict(zip(TASK_KEYS, [0, 1, 2, 4, 8, 16, 32, 64, 16, 4, 2, 1]))
+    gaps = {k: {"value": 0.02 * (1 + v) ** 0.5, "lo": 0.018 * (1 + v) ** 0.5, "hi": 0.022 * (1 + v) ** 0.5}
+            for k, v in knees.items()}
+    res = analyse(sweep(knees, rng), gaps, "mmd_source", n_boot=200, n_perm=2000, n_draws=50)
+    for t in res["tasks"]:
+        assert t["complete"] and t["knees"]["0.05"]["knee"] == knees[t["key"]], t["key"]
+        assert t["knees"]["0.05"]["lo"] <= knees[t["key"]] <= t["knees"]["0.05"]["hi"]
+    assert res["spearman"]["rho"] == pytest.approx(1.0) and res["spearman"]["p"] < 1e-6
+    assert res["gamma"]["lo"] < 0.5 < res["gamma"]["hi"] and res["gamma"]["p_positive"] > 0.999
+    assert res["missing"][-1].startswith("stage-1 comparison") and not any("knee sweep" in m for m in res["missing"])
+    json.dumps(res)  # JSON-ready
+    md = render(res)
+    assert "P(gamma > 0) = 1.000" in md and "rho = 1.000" in md
+
+
+def test_a_flat_curve_has_knee_zero_and_missing_data_is_listed_not_estimated():
+    rng = np.random.default_rng(1)
+    runs = [{"key": "dial0", "table": "knee_dial", "rank": r, "seed": s, "error": 0.1 + 1e-4 * rng.standard_normal()}
+            for r in KNEE_RANKS for s in range(3)]
+    runs.append({"key": "darcy", "table": "knee_darcy", "rank": 0, "seed": 0, "error": 0.2})
+    res = analyse(runs, {"dial0": {"value": 0.0, "lo": -0.01, "hi": 0.01}}, "mmd_source", n_boot=100)
+    dial0 = res["tasks"][0]
+    assert dial0["knees"]["0.01"]["knee"] == 0 and dial0["complete"]
+    darcy = next(t for t in res["tasks"] if t["key"] == "darcy")
+    assert darcy["knees"] is None and not darcy["complete"]
+    assert res["spearman"] is None and res["gamma"] is None
+    assert "darcy: knee sweep incomplete (rank 0: 1 of 3 seeds; rank 1: 0 of 3 seeds" in " ".join(res["missing"])
+    assert "not estimated" in render(res)
+
+
+def test_gap_intervals_containing_zero_stay_out_of_the_gamma_fit():
+    rng = np.random.default_rng(2)
+    knees = dict(zip(DIAL_KEYS, [0, 1, 2, 4, 8, 16, 32]))
+    gaps = {k: {"value": 0.05 * (1 + v) ** 0.7, "lo": 0.04 * (1 + v) ** 0.7, "hi": 0.06 * (1 + v) ** 0.7}
+            for k, v in knees.items()}
+    gaps["dial0"] = {"value": 0.001, "lo": -0.002, "hi": 0.004}
+    res = analyse(sweep(knees, rng), gaps, "mmd_source", n_boot=100, n_draws=30)
+    assert res["gamma"]["left_out_gap_ci_contains_0"] == ["dial0"] and "dial0" not in res["gamma"]["tasks"]
+    assert "dial0" in res["analysed_tasks"]
+
+
+def test_knee_replicates_cover_the_seed_noise():
+    reps = knee_replicates([0, 1, 2], [[0.30, 0.30, 0.30], [0.2, 0.2, 0.4], [0.2, 0.2, 0.2]], 0.05, 300, 0)
+    assert set(reps) <= {1, 2} and 0.1 < np.mean(reps == 1) < 0.9
+
+
+def test_placebo_table_and_differences():
+    runs = [{"key": "darcy", "table": "placebo_darcy", "arm": arm, "budget": b, "seed": s,
+             "error": {"stage2": 0.04, "uniform": 0.05, "shuffled": 0.045, "depth": 0.05}[arm] + 0.001 * s}
+            for arm in PLACEBO_ARMS for b in (99584, 398336, 1593344) for s in range(3)]
+    res = analyse(runs, {}, "mmd_source", n_boot=100)
+    assert len(res["placebo"]["rows"]) == 12 and len(res["placebo"]["differences"]) == 9
+    d = res["placebo"]["differences"][0]
+    assert d["placebo"] == "uniform" and d["placebo_minus_stage2"] == pytest.approx(0.01) and d["lo"] > 0
+    assert not any(m.startswith("placebo comparison on darcy") for m in res["missing"])
+    assert any(m.startswith("placebo comparison on dial3: 0 of 3") for m in res["missing"])
