@@ -28,6 +28,7 @@ from orca.adapters.base import set_trainable
 from orca.adapters.base_weights import (ComposedDenseWeight, ConcatDenseWeight, FusedGradDenseWeight,
                                         InplaceDenseWeight, JoinedDenseWeight)
 from orca.adapters.lora import LoRALinear
+from orca.adapters.targets import target_linears
 from orca.bodies import set_attention
 from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
 from orca.config import ModelConfig
@@ -35,7 +36,6 @@ from orca.runs import git_info as git_state, machine_info  # noqa: F401  (one so
 from orca.train import uses_cuda_graphs
 
 GC_WHERE = "--grad-checkpointing"  # how checkpointing errors name the setting (bench_train.py's flag)
-BLOCK_LINEARS = r"layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 
 
 class BenchModel(nn.Module):
@@ -96,7 +96,7 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
     if method == "peft":
         import peft
 
-        names = [n for n, m in body.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(BLOCK_LINEARS, n)]
+        names = target_linears(body, "blocks")  # the same 96 Linears (Swin-B) as ours below
         model.body = peft.get_peft_model(body, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=names))
         params = [p for p in model.parameters() if p.requires_grad]
         counts = {"trainable": sum(p.numel() for p in params)}
@@ -111,7 +111,7 @@ def build_config(method: str, *, model_name: str, device: torch.device, rank: in
                   "lora_fused": FusedGradDenseWeight}.get(method)
         extra = {"delta_lora_start": 0} if method == "delta_lora" else {}  # time the W update from step 0
         registered = "lora" if access else "head" if method == "rank0" else method
-        cfg = AdapterConfig(method=registered, rank=rank, alpha=2.0 * rank, targets="all",
+        cfg = AdapterConfig(method=registered, rank=rank, alpha=2.0 * rank, targets="blocks",
                             rank_map=rank_map, train_embedder=True, train_head=True, **extra)
         adapter = build_method(cfg)
         counts = adapter.prepare(model)  # adapters are created on the base layer's device

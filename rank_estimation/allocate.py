@@ -19,7 +19,6 @@ The repair moves few units because beta was calibrated first (``diagnostics["rep
 """
 from __future__ import annotations
 
-import fnmatch
 import heapq
 import json
 import math
@@ -33,8 +32,9 @@ import numpy as np
 import torch.nn as nn
 
 from ibp.rank_posterior import RankPosterior, sample_rank_posterior
+from orca.adapters.targets import select_targets
 from orca.errors import READ_ERRORS, reading
-from rank_estimation.config import SUMMARIES, TARGET_PATTERNS, RankConfig
+from rank_estimation.config import SUMMARIES, RankConfig
 
 __all__ = [
     "RankAllocation",
@@ -45,7 +45,6 @@ __all__ = [
     "expand",
     "fit_gamma",
     "PowerLawFit",
-    "select_targets",
     "costs_from_model",
     "swin_linear_costs",
 ]
@@ -431,25 +430,12 @@ def expand(gaps: Mapping[str, float], module_names: Iterable[str]) -> Dict[str, 
     return out
 
 
-def select_targets(module_names: Iterable[str], targets: str) -> List[str]:
-    """Keep the module names matched by the ``targets`` pattern set ("attn" or "all").
-
-    Args:
-        module_names: candidate names (e.g. all Linear modules of the body).
-        targets: key of :data:`rank_estimation.config.TARGET_PATTERNS`.
-    """
-    if targets not in TARGET_PATTERNS:
-        raise ValueError(f"targets={targets!r} is not allowed; choose one of {tuple(TARGET_PATTERNS)}")
-    patterns = TARGET_PATTERNS[targets]
-    return [n for n in module_names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-
-
 def costs_from_model(model: Any, targets: str = "all") -> Dict[str, int]:
     """Per-unit-rank LoRA cost d_in + d_out of each targeted ``nn.Linear`` of a torch model.
 
     Args:
         model: a torch module (e.g. the timm Swin body); only ``nn.Linear`` children count.
-        targets: "attn" or "all" (see :data:`rank_estimation.config.TARGET_PATTERNS`).
+        targets: a preset of :data:`orca.adapters.targets.TARGET_PRESETS` (the one table stage 3 reads too).
     """
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     return {n: int(linears[n].in_features + linears[n].out_features)
@@ -468,7 +454,7 @@ def swin_linear_costs(embed_dim: int = 128, depths: Sequence[int] = (2, 2, 18, 2
         embed_dim: channels of stage 0.
         depths: blocks per stage.
         mlp_ratio: MLP hidden width / channels.
-        targets: "attn" or "all".
+        targets: a preset of :data:`orca.adapters.targets.TARGET_PRESETS`.
     """
     costs: Dict[str, int] = {}
     for i, depth in enumerate(depths):

@@ -14,17 +14,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from orca.adapters.targets import TARGET_PRESETS, check_preset
 from orca.config import ExperimentConfig
 from orca.schema import from_dict
 
-__all__ = ["RankConfig", "Stage2Config", "TARGET_PATTERNS", "TARGETS", "SUMMARIES", "POOLS", "DEFAULT_METRICS"]
+__all__ = ["RankConfig", "Stage2Config", "SUMMARIES", "POOLS", "DEFAULT_METRICS"]
 
-#: Which Linear modules of the Swin body get a LoRA rank, as fnmatch patterns over module names.
-TARGET_PATTERNS: Dict[str, Tuple[str, ...]] = {
-    "attn": ("*.attn.qkv", "*.attn.proj"),
-    "all": ("*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2", "*.downsample.reduction"),
-}
-TARGETS = tuple(TARGET_PATTERNS)
 SUMMARIES = ("mean", "mode")
 #: How a block's token grid becomes feature rows (rank_estimation.features).
 POOLS = ("mean", "tokens")
@@ -64,7 +59,8 @@ class RankConfig:
         "help": "dish columns K of the finite IBP; 0 picks max(2 r_max, 4 x budget mean rank, 32)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler's numpy Generator"})
     targets: str = field(default="all", metadata={
-        "help": f"which Linear modules get a rank: one of {TARGETS}"})
+        "help": f"which Linear modules get a rank: a preset of orca.adapters.targets ({' | '.join(TARGET_PRESETS)}), "
+                "the same module set as adapter.targets of that name"})
     summary: str = field(default="mean", metadata={
         "help": f"posterior summary turned into the rank before the budget repair: one of {SUMMARIES}"})
     gap_metric: str = field(default="mmd", metadata={
@@ -140,8 +136,7 @@ class RankConfig:
             raise _bad("burn_in", self.burn_in, "an integer >= 0")
         if self.truncation != 0 and self.truncation < self.r_max:
             raise _bad("truncation", self.truncation, f"0 (auto) or an integer >= r_max={self.r_max}")
-        if self.targets not in TARGETS:
-            raise _bad("targets", self.targets, f"one of {TARGETS}")
+        check_preset("rank.targets", self.targets)
         if self.summary not in SUMMARIES:
             raise _bad("summary", self.summary, f"one of {SUMMARIES}")
         if not isinstance(self.gap_metric, str) or not self.gap_metric:

@@ -71,7 +71,7 @@ def sweep_yaml(args, data_root: Path, body: Optional[Path], ranks: List[int], se
                 "window_size: 2}\n")
         device = "cpu"
     return (f"name: bench_knee\n{head}"
-            "adapter: {method: lora, targets: all, train_embedder: true, train_head: true}\n"
+            "adapter: {method: lora, targets: blocks, train_embedder: true, train_head: true}\n"
             f"train: {{epochs: {args.epochs}, max_steps_per_epoch: {args.steps_per_epoch}, warmup_epochs: 0.5, "
             f"batch_size: {args.batch_size}, log_every: 10, device: {device}}}\n"
             "sweep:\n  table: knee\n"

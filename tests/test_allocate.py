@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from orca.adapters.targets import select_targets
 from rank_estimation.allocate import (
     RankAllocation,
     allocate_from_config,
@@ -14,7 +15,6 @@ from rank_estimation.allocate import (
     expand,
     fit_gamma,
     repair_budget,
-    select_targets,
     swin_linear_costs,
 )
 from rank_estimation.config import RankConfig
@@ -124,9 +124,11 @@ def test_expand_maps_block_gaps_onto_linear_modules():
 
 def test_select_targets():
     names = list(swin_linear_costs(depths=(1, 1), embed_dim=16))
+    assert len(names) == 9  # 2 blocks x (qkv, proj, fc1, fc2) + one patch merging
     assert select_targets(names, "attn") == [n for n in names if ".attn." in n]
+    assert select_targets(names, "blocks") == [n for n in names if "downsample" not in n]
     assert select_targets(names, "all") == names
-    with pytest.raises(ValueError, match="targets='mlp' is not allowed"):
+    with pytest.raises(ValueError, match="targets='mlp' is not a target preset"):
         select_targets(names, "mlp")
 
 
@@ -167,7 +169,7 @@ def test_rank_config_validation_names_field_value_and_allowed():
     cases = [
         ({"r_min": 5, "r_max": 3}, "RankConfig.r_max=3"),
         ({"summary": "median"}, "RankConfig.summary='median' is not allowed; expected one of"),
-        ({"targets": "mlp"}, "RankConfig.targets='mlp'"),
+        ({"targets": "mlp"}, "rank.targets='mlp' is not a target preset"),
         ({"sigma": -1.0}, "RankConfig.sigma=-1.0"),
         ({"alpha_prior": (1.0, 0.0)}, "RankConfig.alpha_prior"),
         ({"n_sweeps": 2}, "RankConfig.n_sweeps=2"),

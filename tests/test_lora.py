@@ -70,7 +70,7 @@ CASES = [
      1e-5),
     ("mlp-dropout", "mlp", dict(rank=2, dropout=0.2, targets=MLP_T), 1e-5),
     ("swin-attn", "swin", dict(rank=4, targets="attn"), 1e-5),
-    ("swin-rankmap", "swin", dict(rank=2, targets="all+downsample",
+    ("swin-rankmap", "swin", dict(rank=2, targets="all",
                                   rank_map={r"layers\.2\..*": 8, "layers.0.blocks.0.mlp.fc1": 0}),
      1e-5),
     ("swin-dylora", "swin", dict(method="dylora", rank=6, dylora_r_min=2, targets="all"), 1e-5),
@@ -383,10 +383,10 @@ def test_bias_untouched_and_prepare_once():
 # parameter accounting
 # ----------------------------------------------------------------------------------------------
 # trainable LoRA parameters per unit rank on Swin-B (dims 128/256/512/1024, depths 2/2/18/2):
-# attn: (4d + 2d) per block = 6 * 12,032 = 72,192 (seed Table 2); all: 16 d per block = 192,512;
-# + downsample reduction (4d -> 2d at d = 128, 256, 512): 768 + 1,536 + 3,072 = 5,376.
-SWIN_B_COUNTS = [("attn", 1, 72_192), ("attn", 8, 72_192 * 8), ("all", 8, 192_512 * 8),
-                 ("all+downsample", 4, (192_512 + 5_376) * 4)]
+# attn: (4d + 2d) per block = 6 * 12,032 = 72,192 (seed Table 2); blocks: 16 d per block = 192,512;
+# all adds the downsample reductions (4d -> 2d at d = 128, 256, 512): 768 + 1,536 + 3,072 = 5,376.
+SWIN_B_COUNTS = [("attn", 1, 72_192), ("attn", 8, 72_192 * 8), ("blocks", 8, 192_512 * 8),
+                 ("all", 4, (192_512 + 5_376) * 4)]
 
 
 @pytest.mark.parametrize("targets,rank,expected", SWIN_B_COUNTS)
@@ -449,7 +449,7 @@ def test_param_groups_exempt_timm_no_weight_decay():
 # ----------------------------------------------------------------------------------------------
 PEFT_CASES = [
     ("uniform", dict(rank=4, alpha=8.0, targets="all")),
-    ("rslora-rankmap", dict(rank=2, alpha=3.0, rslora=True, targets="all+downsample",
+    ("rslora-rankmap", dict(rank=2, alpha=3.0, rslora=True, targets="all",
                             rank_map={r"layers\.2\..*qkv": 6, "layers.0.blocks.0.attn.proj": 0})),
 ]
 
@@ -554,7 +554,7 @@ def test_load_into_other_shapes_names_module(tmp_path):
 def test_export_merged_loads_into_plain_timm(tmp_path):
     from safetensors.torch import load_file
 
-    model, x, _, method, _ = prepared("swin", dict(rank=4, targets="all+downsample"))
+    model, x, _, method, _ = prepared("swin", dict(rank=4, targets="all"))
     randomize_b(model)
     export_merged(model.body, tmp_path / "merged.safetensors")
     plain = tiny_swin()

@@ -23,7 +23,7 @@ class DenseWeight:
     Its LoRA forward is :class:`FusedLoRALinear` in one of two forms, chosen by ``concat``: the
     base GEMM plus an in-place rank-r update of its output, or one GEMM over [x, x A^T] against
     [W, s B]. ``None`` (the default) takes the one-GEMM form while torch.compile traces and the
-    in-place form in eager mode. Why: compiled with CUDA graphs on one H200 (Swin-B, r = 8 ``all``,
+    in-place form in eager mode. Why: compiled with CUDA graphs on one H200 (Swin-B, r = 8 ``blocks``,
     ``results/bench/train_graphs_b{64,256}.md``) the one-GEMM form ran at 1.07x full fine-tuning at
     batch 64 and 256 where the in-place form ran at 0.97x and 0.96x: the rank-r update re-reads and
     rewrites the whole N x d_out output, a memory-bound pass that full fine-tuning does not make,

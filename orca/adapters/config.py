@@ -18,22 +18,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from orca.adapters.registries import ADAPTERS, INIT_SCHEMES, RANK_DISTRIBUTIONS
+from orca.adapters.targets import RENAMED_PRESETS, TARGET_PRESETS, check_preset
 from orca.errors import UsageError, reading
 from orca.schema import from_dict
-
-#: Target presets (module names relative to the timm Swin body, matched with ``re.fullmatch``).
-#: ``attn`` is what seed 001 adapts (its Table 2 parameter counts are 72,192 x r on Swin-B, which is
-#: exactly qkv + proj of every block); LoRA (Hu et al. 2021, Sec. 7.1) found adapting more weight
-#: types beats a larger rank on fewer, hence ``all``. Patch merging (``downsample.reduction``) is
-#: optional because it changes the token grid between stages and is not part of any block.
-TARGET_PRESETS: Dict[str, List[str]] = {
-    "attn": [r"layers\.\d+\.blocks\.\d+\.attn\.(qkv|proj)"],
-    "all": [r"layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"],
-    "all+downsample": [
-        r"layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",
-        r"layers\.\d+\.downsample\.reduction",
-    ],
-}
 
 #: LoRA+ (Hayou et al. 2024, Sec. 4) recommends lr_B / lr_A around 2^4 for most tasks.
 LORAPLUS_DEFAULT_RATIO = 16.0
@@ -63,8 +50,9 @@ class AdapterConfig:
     dropout: float = field(default=0.0, metadata=_help(
         "Dropout on the LoRA path input; 0 adds no dropout op at all."))
     targets: Union[str, List[str]] = field(default="attn", metadata=_help(
-        "Which body Linears get LoRA: attn | all | all+downsample | a list of regexes "
-        "(re.fullmatch on module names relative to the body)."))
+        "Which body Linears get LoRA: a preset of orca.adapters.targets (attn | blocks | all, the "
+        "names stage 2's rank.targets takes) or a list of regexes (re.fullmatch on module names "
+        "relative to the body)."))
     rank_map: Optional[Union[str, Dict[str, int]]] = field(default=None, metadata=_help(
         "Per-module ranks: path to stage 2's JSON ({'rank_map': {name_or_regex: r}, ...}) or the "
         "mapping itself. Keys are exact module names (a Linear, or a block: applies to its "
@@ -169,8 +157,9 @@ class AdapterConfig:
 
     def _check_targets(self) -> None:
         if isinstance(self.targets, str):
-            _choice("targets", self.targets, list(TARGET_PRESETS),
-                    extra="or a list of regexes")
+            if self.targets not in TARGET_PRESETS and self.targets not in RENAMED_PRESETS:
+                _choice("targets", self.targets, list(TARGET_PRESETS), extra="or a list of regexes")
+            check_preset("adapter.targets", self.targets)
             return
         if not isinstance(self.targets, (list, tuple)) or not self.targets:
             raise ValueError(f"targets={self.targets!r}: must be one of {sorted(TARGET_PRESETS)} "
