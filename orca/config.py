@@ -20,7 +20,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -75,9 +75,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Stage-3 optimisation (defaults: ORCA's Darcy recipe)."""
+    """Optimisation of the training stages, 3 and 0 (defaults: ORCA's Darcy recipe for stage 3)."""
 
-    optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd | paged_adamw (QLoRA)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd | paged_adamw (bitsandbytes' paged AdamW, CUDA only: QLoRA's optimizer)"})
     lr: float = field(default=1e-3, metadata={"gt": 0, "help": "peak learning rate"})
     betas: Tuple[float, float] = field(default=(0.9, 0.98), metadata={"min": 0, "lt": 1, "help": "AdamW betas"})
     momentum: float = field(default=0.9, metadata={"min": 0, "help": "SGD momentum"})
@@ -99,11 +99,6 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = field(default=None, metadata={"min": 1, "help": "truncate epochs (debugging, smoke tests)"})
     log_every: int = field(default=50, metadata={"min": 1, "help": "write training scalars every N optimizer steps"})
     save_every_steps: Optional[int] = field(default=None, metadata={"min": 1, "help": "also checkpoint every N optimizer steps mid-epoch (resume granularity)"})
-    time_budget_s: Optional[float] = field(default=None, metadata={"gt": 0, "help": "stage 0: stop after this many seconds, rendering and compilation included (None = epochs only)"})
-    label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1, "help": "stage 0: label smoothing of the cross entropy"})
-    mim_weight: float = field(default=0.0, metadata={"min": 0, "help": "stage 0: weight of SimMIM's masked-pixel L1 loss added to the cross entropy (0 = classification only; orca/masked_pretraining.py)"})
-    mim_mask_ratio: float = field(default=0.6, metadata={"gt": 0, "lt": 1, "help": "stage 0 with mim_weight > 0: fraction of mask blocks replaced by the mask token (SimMIM: 0.6)"})
-    mim_mask_patch: int = field(default=32, metadata={"min": 1, "help": "stage 0 with mim_weight > 0: side of a mask block in pixels, a multiple of the patch size (SimMIM on Swin: 32)"})
 
     def __post_init__(self):
         check_choice("train.optimizer", self.optimizer, ("adamw", "sgd", "paged_adamw"))
@@ -115,6 +110,62 @@ class TrainConfig:
         # ranges (lr > 0, counts >= 1, ...) are in each field's metadata, checked by orca.schema
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
             raise ConfigError(f"train.warmup_epochs={self.warmup_epochs} must be < train.epochs={self.epochs}")
+
+
+@dataclass
+class PretrainConfig:
+    """What only stage 0 (pretraining a body, ``orca.pretrain``) reads; its optimisation is ``train``'s."""
+
+    time_budget_s: Optional[float] = field(default=None, metadata={"gt": 0, "help": "stop after this many seconds, rendering and compilation included (None = epochs only)"})
+    label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1, "help": "label smoothing of the cross entropy"})
+    mim_weight: float = field(default=0.0, metadata={"min": 0, "help": "weight of SimMIM's masked-pixel L1 loss added to the cross entropy (0 = classification only; orca/masked_pretraining.py)"})
+    mim_mask_ratio: float = field(default=0.6, metadata={"gt": 0, "lt": 1, "help": "with mim_weight > 0: fraction of mask blocks replaced by the mask token (SimMIM: 0.6)"})
+    mim_mask_patch: int = field(default=32, metadata={"min": 1, "help": "with mim_weight > 0: side of a mask block in pixels, a multiple of the patch size (SimMIM on Swin: 32)"})
+
+
+#: Keys that moved to another section: old dotted name -> new one. A run directory keeps the
+#: resolved config it started with (every key written out), so configs written before a move must
+#: still load: :meth:`ExperimentConfig.upgrade` moves each value to its new place.
+MOVED_KEYS: Dict[str, str] = {f"train.{key}": f"pretrain.{key}" for key in
+                              ("time_budget_s", "label_smoothing", "mim_weight", "mim_mask_ratio", "mim_mask_patch")}
+
+
+def _upgrade(data: Mapping[str, Any]) -> Dict[str, Any]:
+    """``data`` with the keys of :data:`MOVED_KEYS` moved, and ``adapter.paged_adamw`` (a second switch
+    for what ``train.optimizer=paged_adamw`` says) folded into ``train.optimizer``.
+
+    Raises:
+        ConfigError: an old key and its new one both given with different values, or
+            ``adapter.paged_adamw=true`` beside an optimizer other than AdamW.
+    """
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        if not isinstance(data.get(old_section), dict) or old_key not in data[old_section]:
+            continue
+        value = data[old_section].pop(old_key)
+        target = data.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # from_dict reports the malformed section
+        if new_key in target and target[new_key] != value:
+            raise ConfigError(f"{old} has moved to {new}, and this config gives both ({value!r} and "
+                              f"{target[new_key]!r}): keep {new} only")
+        target.setdefault(new_key, value)
+    adapter = data.get("adapter")
+    if isinstance(adapter, dict) and "paged_adamw" in adapter:
+        paged = adapter.pop("paged_adamw")
+        if paged not in (True, False, None):
+            raise ConfigError(f"adapter.paged_adamw={paged!r}: paged AdamW is now train.optimizer=paged_adamw; "
+                              f"remove adapter.paged_adamw")
+        if paged:
+            train = data.setdefault("train", {})
+            optimizer = train.get("optimizer", "adamw") if isinstance(train, dict) else "adamw"
+            if optimizer not in ("adamw", "paged_adamw"):
+                raise ConfigError(f"adapter.paged_adamw=true asks for paged AdamW but train.optimizer={optimizer!r}: "
+                                  f"paged AdamW is now train.optimizer=paged_adamw alone; remove adapter.paged_adamw")
+            if isinstance(train, dict):
+                train["optimizer"] = "paged_adamw"
+    return data
 
 
 @dataclass
@@ -130,6 +181,12 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    @classmethod
+    def upgrade(cls, data: Mapping[str, Any]) -> Dict[str, Any]:
+        """Raw config data in today's keys (:data:`MOVED_KEYS`); :func:`orca.schema.from_dict` calls it first."""
+        return _upgrade(data)
 
 
 #: The schema a loader builds: :class:`ExperimentConfig` or a subclass that adds sections.

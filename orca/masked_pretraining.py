@@ -29,7 +29,7 @@ from orca.schema import ConfigError
 def mask_grid(img_size: int, patch_size: int, mask_patch: int) -> int:
     """Side of the mask grid, after checking that ``mask_patch`` tiles both the image and the tokens."""
     if mask_patch < patch_size or mask_patch % patch_size or img_size % mask_patch:
-        raise ConfigError(f"train.mim_mask_patch={mask_patch} must be a multiple of the body's patch size "
+        raise ConfigError(f"pretrain.mim_mask_patch={mask_patch} must be a multiple of the body's patch size "
                           f"{patch_size} that divides model.img_size={img_size} (SimMIM on Swin: 32)")
     return img_size // mask_patch
 

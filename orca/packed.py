@@ -67,7 +67,7 @@ def why_not_packable(cfg: ExperimentConfig) -> Optional[str]:
         return "adapter.dropout > 0 (LoRA dropout masks are not packed)"
     if a.train_norms:
         return "adapter.train_norms (the body's norms are shared by the pack)"
-    if t.optimizer != "adamw" or a.paged_adamw:
+    if t.optimizer != "adamw":
         return f"train.optimizer={t.optimizer} (packs run AdamW)"
     if t.grad_accum != 1:
         return f"train.grad_accum={t.grad_accum} (packs take one micro-batch per step)"

@@ -1,7 +1,7 @@
 """Stage 0: supervised pretraining of a (reduced) Swin body on FractalDB-style classes, in a time budget.
 
     bash scripts/stage0_pretrain.sh configs/stage0_fractal.yaml                  # < 9 min on one H100
-    bash scripts/stage0_pretrain.sh configs/stage0_fractal.yaml train.time_budget_s=240
+    bash scripts/stage0_pretrain.sh configs/stage0_fractal.yaml pretrain.time_budget_s=240
     bash scripts/stage0_pretrain.sh --export results/checkpoints/fractal_swin.safetensors \\
         configs/stage0_fractal.yaml output_dir=results/runs                      # the committed body
     python -m orca stage0 --config configs/stage0_fractal.yaml train.device=cpu ...
@@ -154,12 +154,12 @@ def check_stage0_inputs(cfg: ExperimentConfig, task: TaskData) -> Tuple[int, Opt
     if classes < 2:
         raise ConfigError(f"stage 0 needs at least 2 classes, task {cfg.task.name!r} has {classes}; "
                           f"raise task.options.num_classes")
-    budget = getattr(cfg.train, "time_budget_s", None)
+    budget = cfg.pretrain.time_budget_s
     if budget is not None and not budget > 0:
-        raise ConfigError(f"train.time_budget_s must be > 0 seconds (or null for no budget), got {budget!r}")
-    smoothing = float(getattr(cfg.train, "label_smoothing", 0.0) or 0.0)
+        raise ConfigError(f"pretrain.time_budget_s must be > 0 seconds (or null for no budget), got {budget!r}")
+    smoothing = float(cfg.pretrain.label_smoothing or 0.0)
     if not 0.0 <= smoothing < 1.0:
-        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {smoothing!r}")
+        raise ConfigError(f"pretrain.label_smoothing must be in [0, 1), got {smoothing!r}")
     return classes, budget, smoothing
 
 
@@ -193,9 +193,9 @@ def _run_stage0(cfg: ExperimentConfig, began: Dict[str, Any]) -> RunDir:
     init_weights = body.orca_weights
     body.reset_classifier(classes)  # timm's pooled Linear head; save_body drops it ("head.*")
     set_checkpointing(body, cfg.train.grad_checkpointing)
-    mim_weight = float(cfg.train.mim_weight)
+    mim_weight = float(cfg.pretrain.mim_weight)
     # What trains: the body (+ its classifier), and with SimMIM also a mask token and a decoder.
-    trained = MaskedImageModel(body, cfg.model.img_size, cfg.train.mim_mask_patch) if mim_weight > 0 else body
+    trained = MaskedImageModel(body, cfg.model.img_size, cfg.pretrain.mim_mask_patch) if mim_weight > 0 else body
     trained.to(device)
 
     run = RunDir.create(cfg, "stage0")
@@ -210,8 +210,8 @@ def _run_stage0(cfg: ExperimentConfig, began: Dict[str, Any]) -> RunDir:
         f"(+ head {classes} classes); init: {init_weights}; device {device}"
         + (f"; time budget {budget:g} s" if budget else ""))
     if mim_weight > 0:
-        log(f"objective: cross entropy + {mim_weight:g} x SimMIM masked-pixel L1 ({cfg.train.mim_mask_ratio:.0%} of "
-            f"{cfg.train.mim_mask_patch} px blocks masked, one forward for both)")
+        log(f"objective: cross entropy + {mim_weight:g} x SimMIM masked-pixel L1 ({cfg.pretrain.mim_mask_ratio:.0%} of "
+            f"{cfg.pretrain.mim_mask_patch} px blocks masked, one forward for both)")
 
     # --- data: generated splits live on the device, file-backed ones go through a DataLoader
     t_data = time.time()
@@ -259,7 +259,7 @@ def _run_stage0(cfg: ExperimentConfig, began: Dict[str, Any]) -> RunDir:
             with autocast():
                 logits = train_model(x)
             return F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
-        mask = random_block_mask(len(x), trained.grid, cfg.train.mim_mask_ratio, x.device)
+        mask = random_block_mask(len(x), trained.grid, cfg.pretrain.mim_mask_ratio, x.device)
         with autocast():
             logits, reconstruction = train_model(x, mask)
         parts["ce"] = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
@@ -293,7 +293,7 @@ def _run_stage0(cfg: ExperimentConfig, began: Dict[str, Any]) -> RunDir:
         window = t0 + budget - reserve - t_train0
         if window <= 0:
             raise RuntimeError(
-                f"train.time_budget_s={budget:g} is spent before training starts: setup took {t_train0 - t0:.0f} s "
+                f"pretrain.time_budget_s={budget:g} is spent before training starts: setup took {t_train0 - t0:.0f} s "
                 f"(render {render_s:.0f} s, compile {compile_s:.0f} s, validation {eval_s:.0f} s) and "
                 f"{reserve:.0f} s are kept for the final validation; raise the budget, "
                 + ("set train.compile=false" if compile_s > render_s else
@@ -397,8 +397,8 @@ def _run_stage0(cfg: ExperimentConfig, began: Dict[str, Any]) -> RunDir:
         "last_loss_terms": {k: float(v.detach()) for k, v in parts.items()} or None,
         "optim": {"batch_size": bs, "grad_accum": accum, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
                   "warmup_fraction": cfg.train.warmup_epochs / cfg.train.epochs, "label_smoothing": smoothing,
-                  "mim": ({"weight": mim_weight, "mask_ratio": cfg.train.mim_mask_ratio,
-                           "mask_patch": cfg.train.mim_mask_patch} if mim_weight > 0 else None),
+                  "mim": ({"weight": mim_weight, "mask_ratio": cfg.pretrain.mim_mask_ratio,
+                           "mask_patch": cfg.pretrain.mim_mask_patch} if mim_weight > 0 else None),
                   "compile": compiled, "amp": cfg.train.amp},
         "checkpoint": file_facts(ckpt), "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                                                             if device.type == "cuda" else None),

@@ -54,6 +54,9 @@ def from_dict(cls: Type[T], data: Mapping[str, Any] | None, path: str = "") -> T
         return data
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+    upgrade = getattr(cls, "upgrade", None)
+    if upgrade is not None:  # a schema whose keys moved reads configs written before (orca.config.MOVED_KEYS)
+        data = upgrade(data)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs = {}

@@ -213,7 +213,8 @@ def config_differences(saved: Path, cfg: ExperimentConfig, ignore=()) -> List[st
             return {prefix[:-1]: node}
         return {k: v for key, child in node.items() for k, v in flat(child, f"{prefix}{key}.").items()}
 
-    there = flat(yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+    # in today's keys: a run begun before a key moved compares its setting, not a missing key
+    there = flat(cfg.upgrade(yaml.safe_load(saved.read_text()) or {})) if saved.is_file() else {}
     here = flat(yaml.safe_load(config_yaml(cfg)))
     return [f"{k}: {there[k]!r} there, {v!r} here" for k, v in here.items()
             if k not in ignore and k in there and there[k] != v]  # a key newer than the file: its default

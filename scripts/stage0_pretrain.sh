@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Stage 0: pretrain the offline fractal Swin body within train.time_budget_s.
+# Stage 0: pretrain the offline fractal Swin body within pretrain.time_budget_s.
 # Usage: bash scripts/stage0_pretrain.sh [--export PATH.safetensors] CONFIG.yaml [section.key=value ...]
-#   e.g. bash scripts/stage0_pretrain.sh configs/stage0_fractal.yaml train.time_budget_s=300
+#   e.g. bash scripts/stage0_pretrain.sh configs/stage0_fractal.yaml pretrain.time_budget_s=300
 #        bash scripts/stage0_pretrain.sh --export results/checkpoints/fractal_swin.safetensors \
 #            configs/stage0_fractal.yaml output_dir=results/runs
 # --export copies the run's body.safetensors to PATH once training ends, checks that it loads as a

@@ -354,7 +354,7 @@ def test_qlora_swin_b_base_memory_and_training_step():
     model = Stand(nn.Identity(), body.cuda(), nn.Linear(1024, 10).cuda())
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    method = build_method(AdapterConfig(method="qlora", rank=8, targets="all", paged_adamw=True))
+    method = build_method(AdapterConfig(method="qlora", rank=8, targets="all"))
     method.prepare(model)
     torch.cuda.synchronize()
     nf4_bytes = base_weight_bytes(model.body)

@@ -77,7 +77,7 @@ def test_masked_l1_averages_over_masked_pixels_only():
 
 def test_tiny_run_learns_to_reconstruct_and_saves_a_plain_body(tmp_path):
     out = tmp_path / "runs"
-    assert cli_main(["stage0", *stage0_overrides(out), "train.mim_weight=1.0", "train.mim_mask_patch=8"]) == 0
+    assert cli_main(["stage0", *stage0_overrides(out), "pretrain.mim_weight=1.0", "pretrain.mim_mask_patch=8"]) == 0
     (run,) = out.iterdir()
     s = json.loads((run / "summary.json").read_text())
     assert s["optim"]["mim"] == {"weight": 1.0, "mask_ratio": 0.6, "mask_patch": 8}
@@ -94,11 +94,11 @@ def test_tiny_run_learns_to_reconstruct_and_saves_a_plain_body(tmp_path):
 
 
 def test_bad_mask_settings_are_refused_with_the_field_named():
-    with pytest.raises(ConfigError, match=r"1.0 is out of range, train.mim_mask_ratio, give a value > 0 and < 1"):
-        load_config(None, ["train.mim_mask_ratio=1.0"])
-    with pytest.raises(ConfigError, match=r"-1.0 is out of range, train.mim_weight, give a value >= 0"):
-        load_config(None, ["train.mim_weight=-1.0"])
-    with pytest.raises(ConfigError, match="train.mim_mask_patch=6 must be a multiple of the body's patch size 4"):
+    with pytest.raises(ConfigError, match=r"1.0 is out of range, pretrain.mim_mask_ratio, give a value > 0 and < 1"):
+        load_config(None, ["pretrain.mim_mask_ratio=1.0"])
+    with pytest.raises(ConfigError, match=r"-1.0 is out of range, pretrain.mim_weight, give a value >= 0"):
+        load_config(None, ["pretrain.mim_weight=-1.0"])
+    with pytest.raises(ConfigError, match="pretrain.mim_mask_patch=6 must be a multiple of the body's patch size 4"):
         mask_grid(224, 4, 6)
     with pytest.raises(ConfigError, match="divides model.img_size=32"):
         _model(img=32, mask_patch=24)

@@ -84,8 +84,6 @@ class AdapterConfig:
         "QLoRA compute dtype of the NF4 matmul: bfloat16 | float16 | float32."))
     qlora_double_quant: bool = field(default=True, metadata=_help(
         "QLoRA double quantisation of the NF4 block scales (8-bit, block 256)."))
-    paged_adamw: bool = field(default=False, metadata=_help(
-        "Use bitsandbytes' paged AdamW (CUDA only; QLoRA's optimizer)."))
     adalora_init_rank: Optional[int] = field(default=None, metadata=_help(
         "AdaLoRA initial rank per module (it prunes down to `rank` on average); None = ceil(1.5 rank), "
         "peft's 12 -> 8 ratio."))
@@ -115,7 +113,7 @@ class AdapterConfig:
         elif self.rank_map is not None and not isinstance(self.rank_map, (str, Path)):
             raise ValueError(f"rank_map={self.rank_map!r}: must be None, a JSON path or a dict")
         for name in ("clip_rank", "train_embedder", "train_head", "train_norms", "dylora_frozen",
-                     "qlora_double_quant", "paged_adamw"):
+                     "qlora_double_quant"):
             _bool(name, getattr(self, name))
         if self.loraplus_ratio is True:  # bool is an int: without this, True would mean ratio 1
             self.loraplus_ratio = LORAPLUS_DEFAULT_RATIO

@@ -83,7 +83,7 @@ def build_optimizer(
         on_cuda = all(p.device.type == "cuda" for p in params)
         if not on_cuda:
             raise RuntimeError("paged AdamW (bitsandbytes) needs every parameter on a CUDA device; "
-                               "move the model to the GPU first or set paged_adamw: false")
+                               "move the model to the GPU first or set train.optimizer=adamw")
         try:
             import bitsandbytes as bnb
         except ImportError as err:
