@@ -26,9 +26,11 @@ import yaml
 
 from datasets.registry import get_task
 from orca.adapters.config import AdapterConfig
+from orca.adapters.optim import OPTIMIZERS
 from orca.align.config import AlignConfig
 from orca.bodies import ATTENTION_KINDS
 from orca.checkpointing import normalize as normalize_checkpointing
+from orca.runtime import AMP_MODES
 from orca.schema import ConfigError, check_choice, from_dict, to_dict
 
 
@@ -101,8 +103,8 @@ class TrainConfig:
     save_every_steps: Optional[int] = field(default=None, metadata={"min": 1, "help": "also checkpoint every N optimizer steps mid-epoch (resume granularity)"})
 
     def __post_init__(self):
-        check_choice("train.optimizer", self.optimizer, ("adamw", "sgd", "paged_adamw"))
-        check_choice("train.amp", self.amp, ("auto", "bf16", "off"))
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("train.amp", self.amp, AMP_MODES)
         check_choice("train.compile_mode", self.compile_mode,
                      ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
         # syntax and distinct stages here; stage count and depths when the body exists (orca.checkpointing)

@@ -28,8 +28,6 @@ def warmup_linear_decay(total_steps: int, warmup_steps: int) -> Callable[[int], 
 def build_optimizer(cfg: ExperimentConfig, groups: List[Dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
     """The configured optimizer over ``groups`` (AdamW fused on CUDA, SGD, or paged AdamW for QLoRA)."""
     t = cfg.train
-    paged = t.optimizer == "paged_adamw"
-    if paged and device.type != "cuda":
+    if t.optimizer == "paged_adamw" and device.type != "cuda":
         raise RuntimeError("paged AdamW (train.optimizer=paged_adamw) needs a CUDA device")
-    return make_optimizer(groups, "adamw" if paged else t.optimizer, lr=t.lr, betas=t.betas,
-                          momentum=t.momentum, paged=paged)
+    return make_optimizer(groups, t.optimizer, lr=t.lr, betas=t.betas, momentum=t.momentum)

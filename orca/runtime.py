@@ -40,6 +40,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+#: The values of ``train.amp`` (and of stage 2's feature capture's ``amp``) that :func:`autocast_for` reads.
+AMP_MODES = ("auto", "bf16", "off")
+
+
 def autocast_for(amp: str, device: torch.device):
     """The autocast context of ``train.amp``: bf16 on CUDA by default, full precision on CPU."""
     use = amp == "bf16" or (amp == "auto" and device.type == "cuda")

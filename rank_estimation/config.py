@@ -17,13 +17,15 @@ from typing import Any, Dict, Optional, Tuple
 from orca.adapters.targets import TARGET_PRESETS, check_preset
 from orca.config import ExperimentConfig
 from orca.schema import from_dict
+from rank_estimation.gaps import GAP_METRICS
 
 __all__ = ["RankConfig", "Stage2Config", "SUMMARIES", "POOLS", "DEFAULT_METRICS"]
 
 SUMMARIES = ("mean", "mode")
 #: How a block's token grid becomes feature rows (rank_estimation.features).
 POOLS = ("mean", "tokens")
-#: Every registered gap metric (rank_estimation.gaps); otdd uses k-means labels on regression targets.
+#: The gap metrics measured unless rank.metrics says otherwise (any of rank_estimation.gaps.GAP_METRICS
+#: may be named); otdd uses k-means labels on regression targets.
 DEFAULT_METRICS = ("mmd", "sliced_wasserstein", "sinkhorn", "otdd", "pad")
 
 
@@ -145,6 +147,10 @@ class RankConfig:
             raise _bad("metrics", self.metrics, "a list of gap-metric names")
         if len(set(self.metrics)) != len(self.metrics):
             raise _bad("metrics", self.metrics, "a list without repeated names")
+        for key, names in (("gap_metric", (self.gap_metric,)), ("metrics", self.metrics)):
+            for name in names:
+                if name not in GAP_METRICS:
+                    raise ValueError(f"rank.{key}: {GAP_METRICS.unknown_message(name)}")
         if self.boot_metrics is not None:
             measured = set(self.metrics) | {self.gap_metric}
             if not isinstance(self.boot_metrics, tuple) or any(m not in measured for m in self.boot_metrics):

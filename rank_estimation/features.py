@@ -24,7 +24,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor, nn
 
-from orca.runtime import autocast_for
+from orca.runtime import AMP_MODES, autocast_for
 from datasets.progress import Progress
 from rank_estimation.config import POOLS
 
@@ -161,8 +161,8 @@ def capture_block_features(model: nn.Module, inputs: Inputs, *, embedder: Option
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
     if isinstance(tokens_per_sample, bool) or not isinstance(tokens_per_sample, int) or tokens_per_sample < 0:
         raise ValueError(f"tokens_per_sample={tokens_per_sample!r} must be an integer >= 0 (0 = all)")
-    if amp not in ("auto", "bf16", "off"):
-        raise ValueError(f"amp={amp!r} is not allowed; choose one of ('auto', 'bf16', 'off')")
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp={amp!r} is not allowed; choose one of {AMP_MODES}")
     body = model.body if hasattr(model, "body") else model
     if embedder is None:
         embedder = getattr(model, "embedder", None) if hasattr(model, "body") else None

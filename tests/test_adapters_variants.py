@@ -219,7 +219,7 @@ def test_paged_adamw_refuses_cpu():
     model, _ = build()
     groups = build_param_groups(model.named_parameters(), lr=0.1, weight_decay=0.0)
     with pytest.raises(RuntimeError, match="paged AdamW .* CUDA"):
-        build_optimizer(groups, "adamw", paged=True)
+        build_optimizer(groups, "paged_adamw")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ def test_qlora_swin_b_base_memory_and_training_step():
     assert 0.25 < nf4_bytes / bf16_bytes < 0.28, nf4_bytes / bf16_bytes
     freed = before - torch.cuda.memory_allocated()
     assert freed > 0.6 * 4 * linear_numel  # the fp32 dense weights are gone
-    opt = build_optimizer(method.param_groups(model, 1e-4, 0.01), "adamw", paged=True)
+    opt = build_optimizer(method.param_groups(model, 1e-4, 0.01), "paged_adamw")
     x = torch.randn(4, 3, 224, 224, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(x).float().square().mean()

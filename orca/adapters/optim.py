@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "paged_adamw")
 
 
 def build_param_groups(
@@ -61,25 +61,22 @@ def build_optimizer(
     eps: float = 1e-8,
     momentum: float = 0.9,
     fused: Optional[bool] = None,
-    paged: bool = False,
 ) -> torch.optim.Optimizer:
     """Build the optimizer for ``groups`` (whose lr / weight_decay entries take precedence).
 
     Args:
         groups: from ``AdapterMethod.param_groups``.
-        name: ``adamw`` or ``sgd``.
+        name: ``adamw``, ``sgd`` or ``paged_adamw``: bitsandbytes' paged AdamW (QLoRA, Dettmers et
+            al. 2023, Sec. 3), optimizer state in unified memory that pages to CPU under memory
+            spikes; CUDA only, raises otherwise.
         lr: default lr for groups without one.
         fused: fused AdamW kernel (None: fused when every parameter is on CUDA).
-        paged: bitsandbytes' paged AdamW (QLoRA, Dettmers et al. 2023, Sec. 3): optimizer state in
-            unified memory that pages to CPU under memory spikes. CUDA only; raises otherwise.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r}: allowed values are {list(OPTIMIZERS)}")
     params = [p for g in groups for p in g["params"]]
     default_lr = lr if lr is not None else groups[0]["lr"]
-    if paged:
-        if name != "adamw":
-            raise ValueError(f"paged=True needs optimizer 'adamw', got {name!r}")
+    if name == "paged_adamw":
         on_cuda = all(p.device.type == "cuda" for p in params)
         if not on_cuda:
             raise RuntimeError("paged AdamW (bitsandbytes) needs every parameter on a CUDA device; "

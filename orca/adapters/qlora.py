@@ -3,7 +3,7 @@ frozen base whose Linear weights are stored as 4-bit NormalFloat (NF4), via bits
 
 Settings follow the paper (Sec. 3): NF4 with block size 64; double quantisation of the fp32 block
 scales (8-bit, block 256), which bitsandbytes calls ``compress_statistics``; bf16 compute; paged
-AdamW optionally (``orca.adapters.optim.build_optimizer(paged=True)``).
+AdamW optionally (``train.optimizer=paged_adamw``, ``orca.adapters.optim.build_optimizer``).
 
 Every Linear of the body is quantised (the paper quantises the whole base model), adapted or not;
 LayerNorms, biases, relative-position tables and the embedder / head stay in their dtype.

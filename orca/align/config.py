@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from orca.align.label_distances import INNER_METHODS
+from orca.align.objectives import OBJECTIVES
 from orca.schema import ConfigError, check_choice, check_positive
 
 
@@ -13,7 +14,7 @@ class AlignConfig:
     """ORCA's embedder alignment (stage 1). Defaults are ORCA's Darcy settings."""
 
     mode: str = field(default="train", metadata={"help": "train (optimise the objective) | source_init (copy the pretrained patch embedding only; the ablation)"})
-    objective: str = field(default="otdd", metadata={"help": "otdd | mmd | l2"})
+    objective: str = field(default="otdd", metadata={"help": "a registered alignment objective: otdd | mmd | l2 (python -m orca list objectives)"})
     source: str = field(default="cifar10", metadata={"help": "labelled source task for source features (cifar10, or fractal offline)"})
     source_options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "extra options of the source task (e.g. fractal num_points, cifar10 download=true)"})
     n_source: int = field(default=5000, metadata={"help": "source samples through the pretrained patch embedding"})
@@ -31,7 +32,7 @@ class AlignConfig:
 
     def __post_init__(self):
         check_choice("align.mode", self.mode, ("train", "source_init"))
-        check_choice("align.objective", self.objective, ("otdd", "mmd", "l2"))
+        check_choice("align.objective", self.objective, OBJECTIVES.names())
         check_choice("align.inner", self.inner, INNER_METHODS)
         for name in ("n_source", "n_clusters", "kmeans_n_init", "epochs", "steps_per_epoch", "batch_size"):
             check_positive(f"align.{name}", getattr(self, name))

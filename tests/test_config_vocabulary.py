@@ -1,18 +1,25 @@
 """One key per behaviour: stage 0's keys live in ``pretrain``, paged AdamW is ``train.optimizer=paged_adamw``
-alone, and configs written before either change (every run directory's config.yaml) still load."""
+alone, and configs written before either change (every run directory's config.yaml) still load; a
+``choices`` check reads the registry or table of what it names."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from orca.adapters import AdapterConfig
+from orca.adapters.optim import OPTIMIZERS, build_optimizer
+from orca.align.objectives import OBJECTIVES
 from orca.cli import CONFIG_SCHEMA
 from orca.config import MOVED_KEYS, PretrainConfig, TrainConfig, config_dict, load_config
+from orca.runtime import AMP_MODES, autocast_for
 from orca.schema import ConfigError
 from orca.sweep import load_sweep
 from orca.train import config_differences
+from rank_estimation.config import DEFAULT_METRICS
+from rank_estimation.gaps import GAP_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE0_MIM_RUN = REPO / "results/runs/stage0/stage0__fractal__fractal_swin_mim__s0__20261204-014916"
@@ -79,3 +86,42 @@ def test_a_run_begun_before_the_move_resumes_without_a_difference(tmp_path):
     assert config_differences(saved, cfg) == []
     cfg.pretrain.time_budget_s = 60.0
     assert config_differences(saved, cfg) == ["pretrain.time_budget_s: 30.0 there, 60.0 here"]
+
+
+# ----------------------------------------------------------------------------- choices read their registries
+def _registered(monkeypatch, registry, name):
+    monkeypatch.setitem(registry._entries, name, object())  # a plug-in registered at import time
+
+
+def test_alignment_objective_choices_are_the_registry(monkeypatch):
+    for name in OBJECTIVES.names():
+        assert load_config(None, [f"align.objective={name}"]).align.objective == name
+    with pytest.raises(ConfigError, match="align.objective"):
+        load_config(None, ["align.objective=wasserstein_plugin"])
+    _registered(monkeypatch, OBJECTIVES, "wasserstein_plugin")
+    assert load_config(None, ["align.objective=wasserstein_plugin"]).align.objective == "wasserstein_plugin"
+
+
+def test_gap_metric_choices_are_the_registry(monkeypatch):
+    assert set(DEFAULT_METRICS) <= set(GAP_METRICS.names())
+    assert {"mmd_source", "sliced_w2_source"} <= set(GAP_METRICS.names())  # beyond the default measured set
+    for name in GAP_METRICS.names():
+        assert load_config(None, [f"rank.gap_metric={name}", f"rank.metrics=[{name}]"], schema=CONFIG_SCHEMA).rank.gap_metric == name
+    with pytest.raises(ConfigError, match="rank.metrics: unknown gap metric 'energy_plugin'"):
+        load_config(None, ["rank.metrics=[mmd, energy_plugin]"], schema=CONFIG_SCHEMA)
+    _registered(monkeypatch, GAP_METRICS, "energy_plugin")
+    assert load_config(None, ["rank.metrics=[mmd, energy_plugin]"], schema=CONFIG_SCHEMA).rank.metrics == ("mmd", "energy_plugin")
+
+
+def test_optimizer_and_amp_choices_are_what_their_builders_take():
+    for name in OPTIMIZERS:
+        assert load_config(None, [f"train.optimizer={name}"]).train.optimizer == name
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        load_config(None, ["train.optimizer=lion"])
+    with pytest.raises(ValueError, match="optimizer 'lion'"):
+        build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], "lion", lr=1e-3)
+    for mode in AMP_MODES:
+        assert load_config(None, [f"train.amp='{mode}'"]).train.amp == mode  # quoted: YAML reads off as false
+        assert autocast_for(mode, torch.device("cpu")) is not None
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(None, ["train.amp=fp8"])
