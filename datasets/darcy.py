@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from datasets import darcy_solver
-from datasets.darcy_solver import STREAMS, darcy_stats  # noqa: F401  (re-exported)
+from datasets.darcy_solver import STREAMS, CoefficientPrior, darcy_stats  # noqa: F401  (re-exported)
 from datasets.errors import DataFileError
 from datasets.progress import Progress
 from datasets.registry import TaskData, register_task
@@ -84,10 +84,7 @@ def generator_params(
     seed: int = 0,
     resolution: int = 421,
     subsample: int = 5,
-    a_high: float = 12.0,
-    a_low: float = 3.0,
-    alpha: float = 2.0,
-    tau: float = 3.0,
+    prior: CoefficientPrior = CoefficientPrior(),
 ) -> dict:
     """Everything that determines the generated samples (and nothing else: not n, not workers)."""
     return {
@@ -95,10 +92,10 @@ def generator_params(
         "seed": int(seed),
         "resolution": int(resolution),
         "subsample": int(subsample),
-        "a_high": float(a_high),
-        "a_low": float(a_low),
-        "alpha": float(alpha),
-        "tau": float(tau),
+        "a_high": float(prior.a_high),
+        "a_low": float(prior.a_low),
+        "alpha": float(prior.alpha),
+        "tau": float(prior.tau),
     }
 
 
@@ -141,10 +138,7 @@ def generate_darcy(
     seed: int = 0,
     resolution: int = 421,
     subsample: int = 5,
-    a_high: float = 12.0,
-    a_low: float = 3.0,
-    alpha: float = 2.0,
-    tau: float = 3.0,
+    prior: CoefficientPrior = CoefficientPrior(),
     workers: Optional[int] = None,
     progress: bool = True,
     flush_every: int = 64,
@@ -159,7 +153,7 @@ def generate_darcy(
         n: number of samples wanted.
         cache_root: folder holding all Darcy caches.
         stream: ``"train"`` (train/val pool) or ``"test"``.
-        seed, resolution, subsample, a_high, a_low, alpha, tau: see :func:`darcy_solver.generate_sample`.
+        seed, resolution, subsample, prior: see :func:`darcy_solver.generate_sample`.
         workers: processes for generation (default ``os.cpu_count()``); 1 runs in this process.
         progress: report progress while generating (:class:`datasets.progress.Progress`).
         flush_every: samples between cache writes.
@@ -171,7 +165,7 @@ def generate_darcy(
         raise ValueError(f"stream must be one of {sorted(STREAMS)}, got {stream!r}")
     if not _is_int(n) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    params = generator_params(seed, resolution, subsample, a_high, a_low, alpha, tau)
+    params = generator_params(seed, resolution, subsample, prior)
     folder = cache_path(cache_root, params)
     s = grid_size(resolution, subsample)
     path = folder / f"{stream}.npz"
@@ -185,7 +179,7 @@ def generate_darcy(
     missing = range(coeff.shape[0], n)
     make = partial(
         darcy_solver.generate_sample, seed=seed, stream=stream, resolution=resolution, subsample=subsample,
-        a_high=a_high, a_low=a_low, alpha=alpha, tau=tau,
+        prior=prior,
     )
     workers = min(int(workers or os.cpu_count() or 1), len(missing))
     new_c, new_s = [coeff], [sol]
@@ -478,10 +472,10 @@ class DarcyOptions:
     n_train: int = field(default=1000, metadata={"help": "training samples (ORCA: 1000)"})
     n_val: int = field(default=100, metadata={"help": "validation samples after the training ones (mat: <= 1024 - n_train)"})
     n_test: int = field(default=100, metadata={"help": "test samples (ORCA: 100)"})
-    a_high: float = field(default=12.0, metadata={"help": "coefficient where the GRF >= 0"})
-    a_low: float = field(default=3.0, metadata={"help": "coefficient where the GRF < 0 (FNO data: 3; MATLAB demo: 4)"})
-    alpha: float = field(default=2.0, metadata={"help": "GRF covariance exponent"})
-    tau: float = field(default=3.0, metadata={"help": "GRF inverse length scale"})
+    a_high: float = field(default=CoefficientPrior.a_high, metadata={"help": "coefficient where the GRF >= 0"})
+    a_low: float = field(default=CoefficientPrior.a_low, metadata={"help": "coefficient where the GRF < 0 (FNO data: 3; MATLAB demo: 4)"})
+    alpha: float = field(default=CoefficientPrior.alpha, metadata={"help": "GRF covariance exponent"})
+    tau: float = field(default=CoefficientPrior.tau, metadata={"help": "GRF inverse length scale"})
     seed: int = field(default=0, metadata={"help": "generator seed; sample i depends on (seed, stream, i) only"})
     workers: Optional[int] = field(default=None, metadata={"help": "generation processes (default: os.cpu_count())"})
     cache_dir: str = field(default="darcy", metadata={"help": "generated-data cache, relative to the data root"})
@@ -519,6 +513,11 @@ class DarcyOptions:
     def grid(self) -> int:
         return grid_size(self.resolution, self.subsample)
 
+    @property
+    def prior(self) -> CoefficientPrior:
+        """The generator's coefficient law these options ask for."""
+        return CoefficientPrior(a_high=self.a_high, a_low=self.a_low, alpha=self.alpha, tau=self.tau)
+
 
 def _resolve(data_root: PathLike, p: str) -> Path:
     return Path(p) if os.path.isabs(p) else Path(data_root) / p
@@ -541,8 +540,7 @@ def load_darcy_splits(opts: DarcyOptions, data_root: PathLike, progress: bool = 
     else:
         kw = dict(
             cache_root=_resolve(data_root, opts.cache_dir), seed=opts.seed, resolution=opts.resolution,
-            subsample=opts.subsample, a_high=opts.a_high, a_low=opts.a_low, alpha=opts.alpha, tau=opts.tau,
-            workers=opts.workers, progress=progress,
+            subsample=opts.subsample, prior=opts.prior, workers=opts.workers, progress=progress,
         )
         coeff, sol = generate_darcy(n_pool, stream="train", **kw)
         test = generate_darcy(opts.n_test, stream="test", **kw)

@@ -43,7 +43,23 @@ STREAMS: Dict[str, int] = {"train": 0, "test": 1}
 # --------------------------------------------------------------------------------------------
 # Random coefficient (GRF.m)
 # --------------------------------------------------------------------------------------------
-def sample_grf(rng: np.random.Generator, s: int, alpha: float = 2.0, tau: float = 3.0) -> np.ndarray:
+@dataclass(frozen=True)
+class CoefficientPrior:
+    """The law of the permeability a(x): a GRF (``alpha``, ``tau``) thresholded at 0 to ``a_high`` /
+    ``a_low``. The defaults are FNO's data (Li et al. 2021), the one place they are written: the
+    generator's functions take a prior, and the ``darcy`` task's options default to these fields."""
+
+    a_high: float = 12.0  # where the GRF >= 0
+    a_low: float = 3.0  # where the GRF < 0 (FNO data: 3; the MATLAB demo: 4)
+    alpha: float = 2.0  # GRF covariance exponent
+    tau: float = 3.0  # GRF inverse length scale
+
+    def sample(self, rng: np.random.Generator, s: int) -> np.ndarray:
+        """One ``[s, s]`` coefficient field: :func:`threshold_coefficient` of :func:`sample_grf`."""
+        return threshold_coefficient(sample_grf(rng, s, self.alpha, self.tau), self.a_high, self.a_low)
+
+
+def sample_grf(rng: np.random.Generator, s: int, alpha: float, tau: float) -> np.ndarray:
     """Draw a Gaussian random field with covariance ~ (-Laplacian + tau^2 I)^-alpha (Neumann BCs).
 
     Follows GRF.m: KL coefficients in the cosine basis, the constant mode dropped, then an
@@ -66,12 +82,12 @@ def sample_grf(rng: np.random.Generator, s: int, alpha: float = 2.0, tau: float 
     return idctn(kl, type=2, norm="ortho")
 
 
-def threshold_coefficient(g: np.ndarray, a_high: float = 12.0, a_low: float = 3.0) -> np.ndarray:
+def threshold_coefficient(g: np.ndarray, a_high: float, a_low: float) -> np.ndarray:
     """Piecewise-constant permeability: ``a_high`` where ``g >= 0``, ``a_low`` elsewhere.
 
     Args:
         g: ``[s, s]`` Gaussian random field.
-        a_high, a_low: the two coefficient values (FNO data: 12 and 3; the MATLAB demo used 4).
+        a_high, a_low: the two coefficient values (:class:`CoefficientPrior`).
 
     Returns:
         a: ``[s, s]`` float64.
@@ -443,10 +459,7 @@ def generate_sample(
     stream: str = "train",
     resolution: int = 421,
     subsample: int = 5,
-    a_high: float = 12.0,
-    a_low: float = 3.0,
-    alpha: float = 2.0,
-    tau: float = 3.0,
+    prior: CoefficientPrior = CoefficientPrior(),
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Generate Darcy sample ``index`` of a stream; independent of any other sample or worker.
 
@@ -459,7 +472,7 @@ def generate_sample(
         stream: ``"train"`` (train + val pool) or ``"test"``.
         resolution: solver grid K (421 for FNO's data).
         subsample: stride of the returned grid, ``[::subsample, ::subsample]``.
-        a_high, a_low, alpha, tau: see :func:`threshold_coefficient` and :func:`sample_grf`.
+        prior: the law of the coefficient (default: FNO's).
 
     Returns:
         coeff, sol: ``[s, s]`` float32 each, ``s = (resolution - 1) // subsample + 1``.
@@ -467,7 +480,7 @@ def generate_sample(
     if stream not in STREAMS:
         raise ValueError(f"stream must be one of {sorted(STREAMS)}, got {stream!r}")
     rng = np.random.default_rng([int(seed), STREAMS[stream], int(index)])
-    a = threshold_coefficient(sample_grf(rng, resolution, alpha, tau), a_high, a_low)
+    a = prior.sample(rng, resolution)
     u = solve_darcy(a)
     sl = slice(None, None, subsample)
     return a[sl, sl].astype(np.float32), u[sl, sl].astype(np.float32)
@@ -479,7 +492,7 @@ def generate_sample(
 QUANTILES = (0.0, 0.05, 0.5, 0.95, 1.0)  # min, p05, median, p95, max as in darcy_stats.json
 
 
-def darcy_stats(coeff: np.ndarray, sol: np.ndarray, a_high: float = 12.0) -> dict:
+def darcy_stats(coeff: np.ndarray, sol: np.ndarray, a_high: float = CoefficientPrior.a_high) -> dict:
     """The quantities of reference/darcy_stats.json, to check a generator or a loaded file.
 
     Args:

@@ -28,8 +28,8 @@ import scipy.sparse.linalg as spla
 
 
 from datasets.darcy import generate_darcy
-from datasets.darcy_solver import (_ordering, assemble_operator, generate_sample, sample_grf, solve_darcy,
-                                   spline_matrices, threshold_coefficient)
+from datasets.darcy_solver import (CoefficientPrior, _ordering, assemble_operator, generate_sample, solve_darcy,
+                                   spline_matrices)
 from orca.errors import exit_on_error
 from orca.runs import git_info, machine_info, write_json
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     worst = 0.0
     for i in range(args.check):
         rng = np.random.default_rng([0, 0, i])  # the train stream's generator for sample i
-        coeff = threshold_coefficient(sample_grf(rng, args.resolution))
+        coeff = CoefficientPrior().sample(rng, args.resolution)
         ours, ref = solve_darcy(coeff), reference_solve(coeff)
         worst = max(worst, float(np.linalg.norm(ours - ref) / np.linalg.norm(ref)))
         c85, _ = generate_sample(i, resolution=args.resolution)

@@ -2,6 +2,8 @@
 
 Everything is seeded; the one slow test (8 samples solved at 421x421) takes a few seconds on 2 cores.
 """
+import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from datasets.darcy import (
     generator_params,
     load_darcy_mat,
 )
-from datasets.darcy_solver import darcy_stats, generate_sample, solve_darcy
+from datasets.darcy_solver import CoefficientPrior, darcy_stats, generate_sample, solve_darcy
 
 #: The project's reference statistics, committed as results/reference/darcy_stats.json (a copy of
 #: shared/reference/): the test must run on any clean clone, CI included, never skip for a path.
@@ -66,14 +68,14 @@ def test_multifrontal_solve_equals_sparse_direct_solve(K):
     # contrast whose splined coefficient is far from SPD, and a random forcing.
     rng = np.random.default_rng(K)
     for a_high, a_low, forcing in [(12.0, 3.0, None), (100.0, 0.01, rng.standard_normal((K, K)))]:
-        a = darcy_solver.threshold_coefficient(darcy_solver.sample_grf(rng, K), a_high, a_low)
+        a = darcy_solver.CoefficientPrior(a_high=a_high, a_low=a_low).sample(rng, K)
         ref = _spsolve_reference(a, forcing)
         u = solve_darcy(a, forcing)
         assert np.linalg.norm(u - ref) <= 1e-10 * np.linalg.norm(ref)
 
 
 def test_solver_falls_back_to_pivoting_lu(monkeypatch):
-    a = darcy_solver.threshold_coefficient(darcy_solver.sample_grf(np.random.default_rng(0), 23))
+    a = darcy_solver.CoefficientPrior().sample(np.random.default_rng(0), 23)
     ref = _spsolve_reference(a)
 
     def singular(*args):
@@ -161,7 +163,7 @@ def test_cache_reuses_grows_and_keys_on_parameters(tmp_path, monkeypatch):
     c2, _ = generate_darcy(2, tmp_path, **kw)  # served from the cache: no solve
     np.testing.assert_array_equal(c2, c3[:2])
     with pytest.raises(RuntimeError, match="solver called"):
-        generate_darcy(3, tmp_path, **{**kw, "a_low": 4.0})  # another parameter set: regenerates
+        generate_darcy(3, tmp_path, **kw, prior=CoefficientPrior(a_low=4.0))  # another parameter set: regenerates
 
     monkeypatch.setattr(darcy_solver, "solve_darcy", counting_solve)
     c5, s5 = generate_darcy(5, tmp_path, **kw)
@@ -347,3 +349,23 @@ def test_generated_task_contract_and_disjoint_splits(tmp_path):
 def test_options_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DarcyOptions(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# the generator's parameters, written once
+# ------------------------------------------------------------------------------------------------
+def test_the_coefficient_law_is_defined_once_and_keeps_the_cache_keys():
+    """FNO's values live in CoefficientPrior alone: the task's options default to it, the functions take
+    it whole, and the cache folders (a hash of the parameters) are the ones generated before."""
+    assert dataclasses.astuple(CoefficientPrior()) == (12.0, 3.0, 2.0, 3.0)
+    assert DarcyOptions().prior == CoefficientPrior()
+    assert DarcyOptions(a_low=4.0).prior == CoefficientPrior(a_low=4.0)
+    for fn in (darcy.generator_params, darcy.generate_darcy, generate_sample):
+        names = set(inspect.signature(fn).parameters)
+        assert "prior" in names and not names & {"a_high", "a_low", "alpha", "tau"}, fn.__name__
+    assert darcy.cache_path("/x", generator_params()).name == "r421to85_seed0_2645be217a0a55db"
+    assert darcy.cache_path("/x", generator_params(1, 41, 5, CoefficientPrior(a_low=4.0))).name == \
+        "r41to9_seed1_49c574640d351f7e"
+    c4, _ = generate_sample(0, resolution=41, subsample=1, prior=CoefficientPrior(a_low=4.0))
+    c3, _ = generate_sample(0, resolution=41, subsample=1)
+    assert set(np.unique(c4)) == {4.0, 12.0} and np.array_equal(c3 == 3.0, c4 == 4.0)  # same field, other value
