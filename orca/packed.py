@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.profiler import ProfilerActivity, profile, schedule
 from torch.utils.data import DataLoader
 
 from orca.adapters import build_method
@@ -297,6 +298,22 @@ def train_tensors(dataset, device: torch.device) -> Tuple[torch.Tensor, torch.Te
 
 
 # ----------------------------------------------------------------------------- one pack
+def step_profiler(path: Optional[str], device: torch.device):
+    """A started ``torch.profiler`` over steps 6-10 that writes its operator table to ``path`` (None: off)."""
+    if not path:
+        return None
+    cuda = device.type == "cuda"
+
+    def write(prof) -> None:
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        Path(path).write_text(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                   schedule=schedule(wait=3, warmup=2, active=5, repeat=1), on_trace_ready=write)
+    prof.start()
+    return prof
+
+
 class _Run:
     """One run of a pack: its config, directory, own model (format object), schedule and counters."""
 
@@ -315,8 +332,12 @@ class _Run:
 
 
 def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int], None]] = None,
-               log: Callable[[str], None] = lambda msg: print(msg, flush=True)) -> Dict[str, Any]:
+               log: Callable[[str], None] = lambda msg: print(msg, flush=True),
+               profile_to: Optional[str] = None) -> Dict[str, Any]:
     """Train ``cfgs`` as one pack; return ``{"errors": [None or message per run], "timing": {...}}``.
+
+    ``profile_to``: a file for a ``torch.profiler`` table of steps 6-10 (operators by device time),
+    where the benchmark's "where the time goes" comes from.
 
     Raises:
         PackError: the runs cannot share a packed model (nothing was written; train them alone).
@@ -436,6 +457,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
             run.dir.save_checkpoint(name, payload)
         timing["checkpoint_s"] += time.time() - tc
 
+    profiler = step_profiler(profile_to, device)
     start = runs[0].state
     for epoch in range(start["epoch"], t.epochs):
         packed.train()
@@ -487,6 +509,8 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
                 break
             if on_step is not None:
                 on_step(step)
+            if profiler is not None:
+                profiler.step()
         host = loss_acc.cpu()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -537,6 +561,8 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
         if not alive:
             break
 
+    if profiler is not None:
+        profiler.stop()
     tt = time.time()
     for i, run in enumerate(runs):
         best = run.dir.load_checkpoint("best") if run.alive else None
