@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from orca.adapters import build_method
 from orca.config import ExperimentConfig, config_dict, config_yaml
 from orca.model import task_shape
+from orca.model_state import body_rebuildable, frozen_body_names, load_model_state, model_checkpoint, share_digest
 from orca.packed_model import PackError, PackedModel, Slot
 from orca.runs import RunDir, check_arch, git_info, machine_info
 from orca.train import (EpochBatchSampler, autocast_for, build_optimizer, check_finite, decode, initial_model,
@@ -370,7 +371,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
         resume = run.dir.load_checkpoint("last")
         if resume is not None:
             check_arch(resume["arch"], model, str(run.dir.ckpt_dir / "last.pt"))
-            model.load_state_dict(resume["model"])
+            load_model_state(model, resume, str(run.dir.ckpt_dir / "last.pt"))
         task = task or run_task
         models.append(model)
         methods.append(method)
@@ -383,6 +384,8 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
     packed.share_frozen(models)
     for model in models:
         model.to(device)
+    rebuildable = [body_rebuildable(r.cfg.model.weights, m) for r, m in zip(runs, methods)]
+    share_digest(models, [frozen_body_names(m, ok) for m, ok in zip(models, rebuildable)])
     if task.decode is not None:
         task.decode.to(device)
     x_train, y_train = train_tensors(task.train, device)
@@ -447,7 +450,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
         for i, run in enumerate(runs):
             if not run.alive:
                 continue
-            payload = {"model": models[i].state_dict(), "optimizer": adamw.export(i),
+            payload = {**model_checkpoint(models[i], rebuildable[i]), "optimizer": adamw.export(i),
                        "scheduler": schedulers[i].state_dict(), "state": dict(run.state), "arch": models[i].arch(),
                        "task_shape": task_shape(task), "method": methods[i].state_for_checkpoint(),
                        "rng_cpu": generators[i].get_state() if device.type == "cpu" else rng_cpu[i],
@@ -546,7 +549,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
                 tc = time.time()
                 packed.store_to_runs(models)
                 for i in improved:
-                    runs[i].dir.save_checkpoint("best", {"model": models[i].state_dict(), "arch": models[i].arch(),
+                    runs[i].dir.save_checkpoint("best", {**model_checkpoint(models[i], rebuildable[i]), "arch": models[i].arch(),
                                                          "task_shape": task_shape(task), "epoch": epoch + 1, f"val_{metric}": runs[i].state["best"]})
                 timing["checkpoint_s"] += time.time() - tc
         for run, record in zip(runs, records):
@@ -567,7 +570,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
     for i, run in enumerate(runs):
         best = run.dir.load_checkpoint("best") if run.alive else None
         if best is not None:
-            models[i].load_state_dict(best["model"])
+            load_model_state(models[i], best, str(run.dir.ckpt_dir / "best.pt"))
             packed.load_from_runs(models, only=i)
     tests = evaluate_pack(packed, test_loader, task, device, autocast, desc="test") if any(r.alive for r in runs) else []
     timing["test_s"] = time.time() - tt
