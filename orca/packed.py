@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from orca.adapters import build_method
 from orca.config import ExperimentConfig, config_dict, config_yaml
-from orca.model import task_shape
+from orca.model import BodyCache, task_shape
 from orca.model_state import body_rebuildable, frozen_body_names, load_model_state, model_checkpoint, share_digest
 from orca.packed_model import PackError, PackedModel, Slot
 from orca.runs import RunDir, check_arch, git_info, machine_info
@@ -130,6 +130,15 @@ def plan_packs(cfgs: Sequence[ExperimentConfig], k: int) -> Tuple[List[List[int]
 
 
 # ----------------------------------------------------------------------------- optimizer
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the GPU: a copy from pageable memory
+    first waits for every kernel queued before it, which twice a step let the GPU run dry while
+    the host queued the next kernels; from pinned memory it is queued like a kernel."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class PackedAdamW:
     """AdamW (torch's decoupled form) over the stacked tensors, each run with its own lr and decay.
 
@@ -192,8 +201,7 @@ class PackedAdamW:
             lrs[i, :len(opt.param_groups)] = torch.tensor([g["lr"] for g in opt.param_groups], dtype=torch.float64)
         lr = lrs.gather(1, self.groups.t()).t() * self.trained  # [slots, K]
         bc1, bc2 = 1 - self.beta1 ** t, 1 - self.beta2 ** t
-        rows = torch.stack([1 - lr * self.decay, -(lr / bc1)]).to(self.params[0].device, torch.float32,
-                                                                  non_blocking=True)
+        rows = to_device(torch.stack([1 - lr * self.decay, -(lr / bc1)]).float(), self.params[0].device)
         grads = [p.grad for p in self.params]
         torch._foreach_mul_(self.params, self._views(rows[0]))
         torch._foreach_lerp_(self.exp_avg, grads, 1 - self.beta1)
@@ -362,8 +370,9 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
             reusable.append(built)
         return built
 
+    bodies = BodyCache()
     for run in runs:
-        run_task, model = initial_model(run.cfg, build_once)
+        run_task, model = initial_model(run.cfg, build_once, bodies)
         method = build_method(run.cfg.adapter)
         params.append(method.prepare(model))
         rng_cpu.append(torch.get_rng_state())
@@ -470,7 +479,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
         t_epoch, images, loss_acc = time.time(), 0, torch.zeros(k, device=device)
         for micro in range(start["batch"], micro_per_epoch):
             index = [next(b) for b in batches]
-            idx = torch.tensor([j for part in index for j in part]).to(device, non_blocking=True)
+            idx = to_device(torch.tensor([j for part in index for j in part]), device)
             x, y = x_train[idx], y_train[idx]
             with autocast():
                 out = packed(x)

@@ -74,6 +74,9 @@ class PackedLinear(nn.Module):
         self.register_buffer("scaling", torch.tensor(list(scalings), dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # cast x once for the three products (autocast casts per op)
+            x = x.to(torch.get_autocast_dtype(device))
         out = F.linear(x, self.weight, self.bias)
         k = self.lora_A.shape[0]
         xk = x.reshape(k, -1, self.in_features)

@@ -525,12 +525,12 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         devices = [dev for dev in devices for _ in range(per_gpu)]
     for run in pending:
         prepare(run, str(path), overrides)
-    if devices and pending:
-        build_data_once(pending)
     with Progress(total=len(pending), desc="sweep", unit="run") as bar:
         failed = []
-        if pack:
+        if pack:  # packs build their data in this process, one after the other
             failed, pending = _run_packed(pending, pack, bar, pack_timing, pack_profile)
+        if devices and pending:
+            build_data_once(pending)
         if pending and not devices:
             failed += _run_in_process(pending, bar)
         elif pending:

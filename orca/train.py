@@ -48,7 +48,7 @@ from orca.adapters import build_method
 from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
 from orca.config import ExperimentConfig, config_dict, config_yaml
 from orca.distributed import Dist, setup_distributed
-from orca.model import ORCAModel, build_model, task_shape
+from orca.model import BodyCache, ORCAModel, build_model, task_shape
 from orca.model_state import body_rebuildable, load_model_state, model_checkpoint
 from orca.provenance import check_embedder_from, check_rank_map
 from orca.delta_w import DELTA_W_FILE, DELTA_W_METHODS, body_linear_weights, write_delta_w
@@ -198,8 +198,8 @@ def decode(task: TaskData, out: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the stage
-def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable[[], Any]], Any]] = None
-                  ) -> Tuple[TaskData, ORCAModel]:
+def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable[[], Any]], Any]] = None,
+                  bodies: Optional[BodyCache] = None) -> Tuple[TaskData, ORCAModel]:
     """The task and the model stage 3 starts from: ``seed_everything(cfg.seed)`` -> ``build_task`` ->
     ``build_model`` (-> the warm-up's embedder and head when ``model.warmup_from`` is set), in that
     order (the one place it is written down; runs alone and packed runs both start here).
@@ -213,11 +213,12 @@ def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable
         cfg: the experiment config.
         main_first: how ``build_task`` is run (stage 3 passes ``Dist.main_first``, so rank 0 writes
             data caches before the others read them); None = just call it.
+        bodies: bodies built before in this process (packed runs; :class:`orca.model.BodyCache`).
     """
     seed_everything(cfg.seed, cfg.train.deterministic)
     make_task = lambda: build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)  # noqa: E731
     task = main_first(make_task) if main_first is not None else make_task()
-    model = build_model(cfg.model, task)
+    model = build_model(cfg.model, task, bodies)
     if cfg.model.warmup_from:  # here, so that every way of training a run (alone or packed) starts from it
         load_warmup(model, cfg.model.warmup_from, config_dict(cfg)["task"], cfg.seed)
     return task, model

@@ -18,6 +18,7 @@ from orca import packed as packed_mod
 from orca import sweep as sweep_mod
 from orca.bodies import create_body, save_body
 from orca.config import load_config
+from orca.model import BodyCache, body_from_config
 from orca.packed_model import PackedLinear
 from orca.train import run_stage3
 
@@ -221,3 +222,25 @@ def test_runs_that_cannot_share_a_body_train_alone(workdir):
                                    ["model.body_kwargs.drop_rate=0.1"])
     with pytest.raises(packed_mod.PackError, match="dropout at body.*drop"):
         packed_mod.train_pack([run.cfg for run in runs])
+
+
+def test_body_cache_gives_the_body_and_rng_state_of_a_fresh_build(workdir):
+    """A pack builds each seed's body once: a later run of that seed gets a copy and the RNG state
+    that building it again would have left (so its embedder, head and LoRA init are its own)."""
+    cfg = sweep_mod.load_sweep(sweep_file(workdir))[1][0].cfg
+    bodies = BodyCache()
+    handed_out = []
+    for seed in (0, 1, 0, 1):
+        torch.manual_seed(seed)
+        fresh = body_from_config(cfg.model)
+        fresh_after = torch.rand(4)
+        torch.manual_seed(seed)
+        body = bodies(cfg.model)
+        assert torch.equal(torch.rand(4), fresh_after)
+        assert body.state_dict().keys() == fresh.state_dict().keys()
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in body.state_dict().items())
+        assert all(body is not other for other in handed_out)
+        with torch.no_grad():  # what a run does to its body does not reach the next run's
+            next(body.parameters()).add_(1.0)
+        handed_out.append(body)
+    assert len(bodies._built) == 2
