@@ -104,8 +104,10 @@ class PackedDropPath(nn.Module):
             return x
         keep = 1 - self.drop_prob
         k = len(self.generators)
-        shape = (x.shape[0] // k,) + (1,) * (x.ndim - 1)
-        mask = torch.cat([x.new_empty(shape).bernoulli_(keep, generator=g) for g in self.generators])
+        b = x.shape[0] // k
+        mask = x.new_empty((k * b,) + (1,) * (x.ndim - 1))
+        for i, g in enumerate(self.generators):  # each run's B draws into its own rows, in place
+            mask[i * b:(i + 1) * b].bernoulli_(keep, generator=g)
         if keep > 0.0 and self.scale_by_keep:
             mask.div_(keep)
         return x * mask
