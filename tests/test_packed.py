@@ -122,21 +122,32 @@ def test_packed_runs_equal_runs_alone(workdir, alone, capsys):
     assert summary["packed_runs"] == 4 and summary["params"]["adapters"] > 0
 
 
-def test_padding_is_exact_zero_and_gets_no_gradient():
-    """Padded factors contribute nothing and get exactly zero gradient, so AdamW keeps them zero."""
-    base = torch.nn.Linear(6, 5)
+@pytest.mark.parametrize("n", [4, 8], ids=["few_tokens", "many_tokens"])  # the two input-gradient forms
+def test_padding_is_exact_zero_and_gets_no_gradient(n):
+    """Padded factors contribute nothing and get exactly zero gradient, so AdamW keeps them zero; the
+    hand-written backward gives the gradients of the composed ops."""
+    base = torch.nn.Linear(6, 5).requires_grad_(False)  # the shared body is frozen
     layer = PackedLinear(base, ranks=[1, 3], scalings=[2.0, 0.5])
     with torch.no_grad():
         layer.lora_A.normal_()
         layer.lora_B.normal_()
         layer.lora_A[0, 1:] = 0  # run 0 has rank 1: rows 1-2 of A and columns 1-2 of B are padding
         layer.lora_B[0, :, 1:] = 0
-    x = torch.randn(2 * 4, 6)
+    x = torch.randn(2 * n, 6, requires_grad=True)
     out = layer(x)
-    expected0 = base(x[:4]) + 2.0 * x[:4] @ layer.lora_A[0, :1].t() @ layer.lora_B[0, :, :1].t()
-    expected1 = base(x[4:]) + 0.5 * x[4:] @ layer.lora_A[1].t() @ layer.lora_B[1].t()
-    torch.testing.assert_close(out, torch.cat([expected0, expected1]))
+    a = layer.lora_A.detach().clone().requires_grad_()
+    b = layer.lora_B.detach().clone().requires_grad_()
+    expected0 = base(x[:n]) + 2.0 * x[:n] @ a[0, :1].t() @ b[0, :, :1].t()
+    expected1 = base(x[n:]) + 0.5 * x[n:] @ a[1].t() @ b[1].t()
+    expected = torch.cat([expected0, expected1])
+    torch.testing.assert_close(out, expected)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x)
+    out = layer(x)
     out.square().sum().backward()
+    ref_x, ref_a, ref_b = torch.autograd.grad(expected.square().sum(), [x, a, b])
+    torch.testing.assert_close(grad_x, ref_x)
+    torch.testing.assert_close(layer.lora_A.grad, ref_a)
+    torch.testing.assert_close(layer.lora_B.grad, ref_b)
     assert layer.lora_A.grad[0, 1:].abs().max() == 0 and layer.lora_B.grad[0, :, 1:].abs().max() == 0
     assert layer.lora_A.grad[1].abs().min() > 0 and layer.lora_A.grad[0, 0].abs().min() > 0
 
