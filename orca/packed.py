@@ -29,6 +29,7 @@ import json
 import math
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -342,6 +343,48 @@ class _Run:
         return self.error is None
 
 
+class CheckpointWriter:
+    """Checkpoints written by one background thread while the pack trains on.
+
+    Why: a pack writes K runs' checkpoints at once (``last`` every epoch, ``best`` when validation
+    improves), and serialising them to disk held the GPU idle. :meth:`save` copies the payload to
+    host memory (so training may change the tensors), the thread writes it atomically as a run
+    alone does, in the order saved; :meth:`wait` returns once everything is on disk (before a
+    checkpoint is read, and when the pack ends, whether it finishes or fails).
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-checkpoints")
+        self._pending: List[Future] = []
+
+    def save(self, run_dir: RunDir, name: str, payload: Dict[str, Any]) -> None:
+        host = _to_host(payload)
+        self._pending.append(self._pool.submit(run_dir.save_checkpoint, name, host))
+
+    def wait(self) -> None:
+        """Block until every checkpoint saved so far is written; re-raise the first write error."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _to_host(obj: Any) -> Any:
+    """``obj`` with every tensor copied to host memory (a copy even where it already is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
 def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int], None]] = None,
                log: Callable[[str], None] = lambda msg: print(msg, flush=True),
                profile_to: Optional[str] = None) -> Dict[str, Any]:
@@ -353,6 +396,15 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
     Raises:
         PackError: the runs cannot share a packed model (nothing was written; train them alone).
     """
+    writer = CheckpointWriter()
+    try:
+        return _train_pack(cfgs, on_step, log, profile_to, writer)
+    finally:
+        writer.close()  # a failed pack leaves its runs' checkpoints complete, ready to resume
+
+
+def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int], None]],
+                log: Callable[[str], None], profile_to: Optional[str], writer: CheckpointWriter) -> Dict[str, Any]:
     t0 = time.time()
     timing = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "test_s": 0.0, "steps": 0}
     device = resolve_device(cfgs[0].train.device)
@@ -468,7 +520,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
                        "config": config_dict(run.cfg)}
             if device.type == "cuda":
                 payload["rng_cuda"] = generators[i].get_state()
-            run.dir.save_checkpoint(name, payload)
+            writer.save(run.dir, name, payload)
         timing["checkpoint_s"] += time.time() - tc
 
     profiler = step_profiler(profile_to, device)
@@ -560,7 +612,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
                 tc = time.time()
                 packed.store_to_runs(models)
                 for i in improved:
-                    runs[i].dir.save_checkpoint("best", {**model_checkpoint(models[i], rebuildable[i]), "arch": models[i].arch(),
+                    writer.save(runs[i].dir, "best", {**model_checkpoint(models[i], rebuildable[i]), "arch": models[i].arch(),
                                                          "task_shape": task_shape(task), "epoch": epoch + 1, f"val_{metric}": runs[i].state["best"]})
                 timing["checkpoint_s"] += time.time() - tc
         for run, record in zip(runs, records):
@@ -577,6 +629,9 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
 
     if profiler is not None:
         profiler.stop()
+    tc = time.time()
+    writer.wait()  # the best checkpoints are read back below
+    timing["checkpoint_s"] += time.time() - tc
     tt = time.time()
     for i, run in enumerate(runs):
         best = run.dir.load_checkpoint("best") if run.alive else None

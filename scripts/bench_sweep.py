@@ -265,6 +265,8 @@ def main(argv=None) -> int:
             k: round(v, 2) if isinstance(v, float) else v for k, v in pack.items() if k != "runs"}
         profile[f"packed, pack {i + 1} ({len(pack['runs'])} runs)"]["ms_per_step"] = round(
             1000 * pack["train_s"] / max(pack["steps"], 1), 1)
+        profile[f"packed, pack {i + 1} ({len(pack['runs'])} runs)"]["train_img_per_s"] = round(
+            len(pack["runs"]) * args.batch_size * pack["steps"] / max(pack["train_s"], 1e-9), 1)
     for name, m in modes.items():
         if name == "packed" or not m["runs"]:
             continue
@@ -274,6 +276,9 @@ def main(argv=None) -> int:
                          "mean_launcher_s_per_run_slot": round(m["wall_s"] * concurrency / len(m["runs"]), 2),
                          "mean_train_img_per_s_per_run": round(
                              sum(r["train_img_per_s"] for r in m["runs"].values()) / len(m["runs"]), 1)}
+        # K runs training side by side: what the GPU does for them together while all K train
+        profile[name]["train_img_per_s_all_concurrent_runs"] = round(
+            profile[name]["mean_train_img_per_s_per_run"] * concurrency, 1)
     report = {
         "workload": {"runs": len(runs), "ranks": ranks, "seeds": seeds, "epochs": args.epochs,
                      "steps_per_epoch": args.steps_per_epoch, "steps_per_run": sorted({r["steps"] for m in modes.values() for r in m["runs"].values()}),
