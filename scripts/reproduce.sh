@@ -303,8 +303,8 @@ prereg_stage1)
   done
   for name in darcy dial; do
     step "aligned warm-ups and knees: $name, ${PACK:-24} runs to a process"
-    within 600 "$PY" -m orca.sweep configs/experiments/prereg/${name}_aligned_warmup.yaml --pack "${PACK:-24}"
-    within 600 "$PY" -m orca.sweep configs/experiments/prereg/${name}_aligned_knee.yaml --pack "${PACK:-24}"
+    within 600 "$PY" -m orca sweep configs/experiments/prereg/${name}_aligned_warmup.yaml --pack "${PACK:-24}"
+    within 600 "$PY" -m orca sweep configs/experiments/prereg/${name}_aligned_knee.yaml --pack "${PACK:-24}"
   done
   ;;
 ddp)
