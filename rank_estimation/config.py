@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from orca.adapters.targets import TARGET_PRESETS, check_preset
 from orca.config import ExperimentConfig
-from orca.schema import from_dict
+from orca.schema import ConfigError, from_dict
 from rank_estimation.gaps import GAP_METRICS
 
 __all__ = ["RankConfig", "Stage2Config", "SUMMARIES", "POOLS", "DEFAULT_METRICS"]
@@ -150,7 +150,7 @@ class RankConfig:
         for key, names in (("gap_metric", (self.gap_metric,)), ("metrics", self.metrics)):
             for name in names:
                 if name not in GAP_METRICS:
-                    raise ValueError(f"rank.{key}: {GAP_METRICS.unknown_message(name)}")
+                    raise ConfigError(f"rank.{key}: {GAP_METRICS.unknown_message(name)}")
         if self.boot_metrics is not None:
             measured = set(self.metrics) | {self.gap_metric}
             if not isinstance(self.boot_metrics, tuple) or any(m not in measured for m in self.boot_metrics):

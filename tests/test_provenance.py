@@ -3,6 +3,7 @@ and 3 refuse an embedder or rank map made for another task, body, weights or emb
 before they write anything."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -10,12 +11,15 @@ import shutil
 
 import pytest
 
-from orca.cli import main
-from orca.config import load_config
+from orca.cli import CONFIG_SCHEMA, main
+from orca.config import load_config as load_core_config
 from orca.errors import UsageError
 from orca.train import run_stage3
 from rank_estimation.stage import run_stage2
 from tests.conftest import tiny_overrides_under
+
+#: A run of a stage-2 config keeps its ``rank`` section: read it with every stage's sections, as the CLI does.
+load_config = functools.partial(load_core_config, schema=CONFIG_SCHEMA)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

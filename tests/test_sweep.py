@@ -221,7 +221,7 @@ def test_experiment_sweeps_expand(name, n_runs):
     assert not any(r.cfg.train.compile for r in runs)
     if name in ("table3_darcy_all", "ranks_patches", "ranks_heldout", "ranks_digits", "ranks_tones"):  # one recipe
         assert seeds["head"] == {0, 1, 2}
-        assert all(r.cfg.adapter.targets == "all" and r.cfg.adapter.train_embedder for r in runs)
+        assert all(r.cfg.adapter.targets == "blocks" and r.cfg.adapter.train_embedder for r in runs)  # the 96 block Linears they ran on
     # The seed's ranks above the body's narrowest stage (64) run with full rank there, 1 seed each.
     big = {128: {"table2_darcy_attn", "table3_darcy_all"}, 256: {"table2_darcy_attn"}}
     for rank, tables in big.items():
@@ -279,7 +279,7 @@ def test_adaptive_sweeps_match_budgets(name):
     assert set(rows) == expected and all(seeds == {0, 1, 2} for seeds in rows.values())
     maps = {run.cfg.adapter.rank_map for run in runs if run.cfg.adapter.rank_map}
     assert maps == {f"results/runs/{name}/stage2_b{b}/rank_map.json" for b in budgets}
-    assert all(run.cfg.adapter.targets == "all" for run in runs)
+    assert all(run.cfg.adapter.targets == "blocks" for run in runs)  # the uniform runs' budgets: the 96 block Linears
     assert not any(run.cfg.train.compile for run in runs)
 
 
@@ -349,7 +349,7 @@ def test_stage1_arm_sweeps_differ_from_the_source_arm_only_in_the_embedder(task,
     prereg = REPO / "configs/experiments/prereg"
 
     def by_point(name):
-        _, runs = sweep_mod.load_sweep(prereg / f"{name}.yaml")
+        _, runs = sweep_mod.load_sweep(prereg / f"{name}.yaml", schema=Stage2Config)
         return {(getattr(r.cfg.task.options, "level", None), r.cfg.adapter.rank, r.cfg.adapter.method, r.cfg.seed): r.cfg
                 for r in runs}
 

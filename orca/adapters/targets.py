@@ -18,6 +18,8 @@ from typing import Dict, Iterable, List, Tuple
 
 from torch import nn
 
+from orca.schema import ConfigError
+
 #: The four Linears of every Swin block.
 BLOCK_LINEARS = r"layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 #: The patch-merging reduction at the start of every stage after the first.
@@ -34,12 +36,12 @@ RENAMED_PRESETS: Dict[str, str] = {"all+downsample": "all"}
 
 
 def check_preset(key: str, name: str) -> None:
-    """Raise ``ValueError`` naming ``key`` unless ``name`` is a preset (a renamed one names its successor)."""
+    """Raise a :class:`ConfigError` naming ``key`` unless ``name`` is a preset (a renamed one names its successor)."""
     if name in RENAMED_PRESETS:
-        raise ValueError(f"{key}={name!r} is now called {RENAMED_PRESETS[name]!r} (every body Linear, the "
-                         f"patch-merging reductions included): set {key}={RENAMED_PRESETS[name]}")
+        raise ConfigError(f"{key}={name!r} is now called {RENAMED_PRESETS[name]!r} (every body Linear, the "
+                          f"patch-merging reductions included)", None, f"set {key}={RENAMED_PRESETS[name]}")
     if name not in TARGET_PRESETS:
-        raise ValueError(f"{key}={name!r} is not a target preset; choose one of {', '.join(TARGET_PRESETS)}")
+        raise ConfigError(f"{key}={name!r} is not a target preset", None, f"choose one of {', '.join(TARGET_PRESETS)}")
 
 
 def select_targets(module_names: Iterable[str], preset: str) -> List[str]:
