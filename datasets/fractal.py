@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -51,10 +51,11 @@ from datasets.fractal_render import (
     pack_instances,
     render_instances,
 )
-from datasets.images import (
+from datasets.classification import (
     ClassificationSplits,
     classification_task_data,
     normalize_uint8,
+    options_info,
     random_resized_crop_flip,
 )
 from datasets.registry import TaskData, register_task
@@ -451,7 +452,7 @@ def _fractal_splits(opts: _FractalCommonOptions) -> ClassificationSplits:
 
 
 def _fractal_info(opts: _FractalCommonOptions, kind: str) -> dict:
-    info = {f.name: getattr(opts, f.name) for f in fields(opts)}
+    info = options_info(opts)
     first = opts.first_class()
     info.update(source=f"FractalDB-style IFS ({kind})", classes=[first, first + opts.num_classes],
                 normalization="imagenet")

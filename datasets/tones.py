@@ -22,9 +22,14 @@ from typing import Callable, Dict, Tuple
 import numpy as np
 import torch
 
-from datasets.images import (
-    INTERPOLATIONS, ClassificationSplits, ImageTensorDataset, _check_common, _options_info, _stratified_split,
+from datasets.classification import (
+    INTERPOLATIONS,
+    ClassificationSplits,
+    ImageTensorDataset,
+    check_split_options,
     classification_task_data,
+    options_info,
+    stratified_split,
 )
 from datasets.registry import TaskData, register_task
 
@@ -127,7 +132,7 @@ class TonesOptions:
         "help": "resize all spectrograms once at build time (uint8) instead of per item"})
 
     def __post_init__(self):
-        _check_common(self, ("n_per_class", "image_size"), ("val_fraction", "test_fraction"))
+        check_split_options(self, ("n_per_class", "image_size"), ("val_fraction", "test_fraction"))
         if isinstance(self.n_fft, bool) or not isinstance(self.n_fft, int) or self.n_fft < 16 or self.n_fft % 4:
             raise ValueError(f"TonesOptions.n_fft must be an integer >= 16 divisible by 4, got {self.n_fft!r}")
         if not self.snr_db_min <= self.snr_db_max:
@@ -171,7 +176,7 @@ def tones_split_indices(opts: TonesOptions) -> Dict[str, np.ndarray]:
     """The fixed stratified train/val/test item indices."""
     labels = np.arange(opts.n_per_class * len(FAMILIES)) % len(FAMILIES)
     fr = (1.0 - opts.val_fraction - opts.test_fraction, opts.val_fraction, opts.test_fraction)
-    return dict(zip(("train", "val", "test"), _stratified_split(labels, fr, opts.split_seed)))
+    return dict(zip(("train", "val", "test"), stratified_split(labels, fr, opts.split_seed)))
 
 
 @register_task("tones", TonesOptions)
@@ -185,6 +190,6 @@ def build_tones(opts: TonesOptions, data_root: str) -> TaskData:
                                   presize=opts.presize)
 
     splits = ClassificationSplits(make("train"), make("val"), make("test"), num_classes=len(FAMILIES))
-    info = dict(_options_info(opts), source="generated (datasets/tones.py)", normalization="imagenet",
+    info = dict(options_info(opts), source="generated (datasets/tones.py)", normalization="imagenet",
                 families=[name for name, _ in FAMILIES], sample_rate=SAMPLE_RATE)
     return classification_task_data(splits, info)
