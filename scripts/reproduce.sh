@@ -28,6 +28,12 @@
 #                  and the adaptive vs uniform vs AdaLoRA sweeps per task, then the other tasks' knee
 #                  sweeps and gap profiles
 #   sweeps         tables, then hypothesis, with what is left of SECONDS
+#   pilot          the plateau pilots of PREREG_TASKS (default: darcy; a name X means
+#                  configs/experiments/prereg/X_warmup.yaml and X_knee.yaml): warm-up seed 0, then
+#                  uniform r = 8 seed 0, under results/pilots/, judged by scripts/plateau_pilot.py
+#                  into results/pilots/<knee table>.json
+#   prereg         the knee sweeps of PREREG_TASKS whose pilot plateaued: every warm-up, then every
+#                  rank x seed, PACK (default 24) runs to a process
 #   ddp            (2+ GPUs) bench_ddp, then Darcy-85 full fine-tuning on 1 GPU and under DDP on 2
 #   pack           tar every finished run directory under results/runs/ (one holding summary.json)
 #                  into OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt
@@ -40,7 +46,7 @@
 # PER_GPU runs at a time (default 6): the fractal body's eager runs are bound by Python, so they share
 # one GPU well.
 source "$(dirname "$0")/_env.sh"
-parts="gpu_tests stage0 stage0_mim swinb_darcy bench profile bench_graphs bench_sdpa body_evidence body_evidence_mim body_evidence_droppath tables hypothesis sweeps ddp pack"
+parts="gpu_tests stage0 stage0_mim swinb_darcy bench profile bench_graphs bench_sdpa body_evidence body_evidence_mim body_evidence_droppath tables hypothesis sweeps pilot prereg ddp pack"
 if [ $# -lt 2 ]; then
   echo "usage: bash scripts/reproduce.sh PART OUT_DIR [SECONDS]; PART: ${parts// / | }" >&2
   exit 2
@@ -254,6 +260,33 @@ hypothesis)
   sweeps "knee rank per task" 600 ranks_heldout
   GAP_CAP=400 gap_profile heldout fractal_heldout 'task.options={cache: true, device: cuda}' \
       'rank.metrics=[mmd,sliced_wasserstein,sinkhorn,pad]' rank.n_target=2000
+  ;;
+pilot)
+  # The pilot trains apart from the sweep (results/pilots/), so a knee sweep's runs all come from
+  # one invocation. A pilot that does not plateau stops its task: the epoch count is doubled in the
+  # committed task files before anything else of that task runs (results/preregistration.md, 4).
+  for task in ${PREREG_TASKS:-darcy}; do
+    warmup=configs/experiments/prereg/${task}_warmup.yaml knee=configs/experiments/prereg/${task}_knee.yaml
+    wtable=$(sed -n 's/^  table: *//p' "$warmup") ktable=$(sed -n 's/^  table: *//p' "$knee")
+    step "plateau pilot of $task: warm-up seed 0, then r = 8 seed 0"
+    within 400 "$PY" -m orca.sweep "$warmup" --only head_s0 sweep.output_dir=results/pilots
+    within 400 "$PY" -m orca.sweep "$knee" --only lora_r8_s0 sweep.output_dir=results/pilots \
+        model.warmup_from=results/pilots/$wtable
+    "$PY" scripts/plateau_pilot.py "results/pilots/$ktable/lora_r8_s0" --out "results/pilots/$ktable.json" || \
+      echo "($task: no plateau, or the pilot did not finish)"
+  done
+  ;;
+prereg)
+  for task in ${PREREG_TASKS:-darcy}; do
+    warmup=configs/experiments/prereg/${task}_warmup.yaml knee=configs/experiments/prereg/${task}_knee.yaml
+    ktable=$(sed -n 's/^  table: *//p' "$knee")
+    if ! grep -q '"passed": true' "results/pilots/$ktable.json" 2>/dev/null; then
+      echo "($task: no passing pilot in results/pilots/$ktable.json; run the pilot part first)"; continue
+    fi
+    step "knee sweep of $task: warm-ups, then ranks x seeds, ${PACK:-24} runs to a process"
+    within 600 "$PY" -m orca.sweep "$warmup" --pack "${PACK:-24}"
+    within 600 "$PY" -m orca.sweep "$knee" --pack "${PACK:-24}"
+  done
   ;;
 ddp)
   # Needs 2+ GPUs. The benchmark first, on an otherwise idle machine (eager steps at batch 64 are
