@@ -13,7 +13,7 @@ Conventions (every image task, the fractal tasks and ``tones``):
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -220,6 +220,27 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
         for p, (lo, hi) in enumerate(zip(np.r_[0, bounds[:-1]], bounds)):
             parts[p].extend(idx[lo:hi].tolist())
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+@dataclass
+class SplitOptions:
+    """The options every fixed-split image classification task shares: the size its items are resized
+    to, and the fixed class-stratified division of its labelled items into train / validation / test.
+
+    Task options subclass it and call :func:`check_split_options` in ``__post_init__``.
+    """
+
+    image_size: int = field(default=224, metadata={"help": "items are resized to image_size x image_size"})
+    val_fraction: float = field(default=0.15, metadata={"help": "fraction of each class for validation"})
+    test_fraction: float = field(default=0.15, metadata={"help": "fraction of each class for test"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the fixed split (never the run seed)"})
+    interpolation: str = field(default="bilinear", metadata={"help": f"resize mode: {' | '.join(INTERPOLATIONS)}"})
+    presize: bool = field(default=True, metadata={
+        "help": "resize every item once at build time (uint8, 3 * image_size^2 bytes each) instead of per item"})
+
+    def split_fractions(self) -> Tuple[float, float, float]:
+        """(train, val, test) fractions: training data is what validation and test leave."""
+        return (1.0 - self.val_fraction - self.test_fraction, self.val_fraction, self.test_fraction)
 
 
 def check_split_options(obj: Any, positive_ints: Sequence[str], fractions: Sequence[str] = ()) -> None:

@@ -25,6 +25,7 @@ from datasets.classification import (
     INTERPOLATIONS,
     ClassificationSplits,
     ImageTensorDataset,
+    SplitOptions,
     check_split_options,
     classification_error,
     classification_task_data,
@@ -68,8 +69,9 @@ DEFAULT_PHOTOS = SKIMAGE_PHOTOS[:10]
 
 
 @dataclass
-class NaturalPatchesOptions:
-    """Options of ``natural_patches``: label = which photograph a patch was cut from."""
+class NaturalPatchesOptions(SplitOptions):
+    """Options of ``natural_patches``: label = which photograph a patch was cut from; a class's blocks
+    of patches (not single patches) are what the split fractions divide."""
 
     photos: Tuple[str, ...] = field(default=DEFAULT_PHOTOS, metadata={
         "help": f"skimage.data photographs, one class each; allowed: {', '.join(SKIMAGE_PHOTOS)}"})
@@ -77,13 +79,6 @@ class NaturalPatchesOptions:
     patch_size: int = field(default=32, metadata={"help": "patch side in pixels of the resized photo"})
     block_tiles: int = field(default=2, metadata={
         "help": "patches are split in blocks of block_tiles x block_tiles neighbours (less leakage between splits)"})
-    val_fraction: float = field(default=0.15, metadata={"help": "fraction of each photo's blocks for validation"})
-    test_fraction: float = field(default=0.15, metadata={"help": "fraction of each photo's blocks for test"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the fixed block-to-split assignment"})
-    image_size: int = field(default=224, metadata={"help": "patches are resized to image_size x image_size"})
-    interpolation: str = field(default="bilinear", metadata={"help": f"resize mode: {' | '.join(INTERPOLATIONS)}"})
-    presize: bool = field(default=True, metadata={
-        "help": "resize all patches once at build time (uint8, 3 * image_size^2 bytes each) instead of per item"})
 
     def __post_init__(self):
         if isinstance(self.photos, str):
@@ -132,7 +127,7 @@ def natural_patch_table(opts: NaturalPatchesOptions) -> PatchTable:
     p, bt = opts.patch_size, opts.block_tiles
     patches, labels, boxes = [], [], []
     split_of: List[int] = []
-    fractions = (1.0 - opts.val_fraction - opts.test_fraction, opts.val_fraction, opts.test_fraction)
+    fractions = opts.split_fractions()
     for label, name in enumerate(opts.photos):
         img = torch.from_numpy(np.ascontiguousarray(_skimage_photo(name))).float()
         img = img[..., None].expand(-1, -1, 3) if img.ndim == 2 else img[..., :3]
@@ -185,16 +180,10 @@ def build_natural_patches(opts: NaturalPatchesOptions, data_root: str) -> TaskDa
 # digits: scikit-learn's 8x8 handwritten digits, upsampled
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class DigitsOptions:
+class DigitsOptions(SplitOptions):
     """Options of ``digits`` (scikit-learn's 1797 8x8 digits, 10 classes)."""
 
-    image_size: int = field(default=224, metadata={"help": "digits are upsampled to image_size x image_size"})
-    val_fraction: float = field(default=0.15, metadata={"help": "stratified fraction for validation"})
-    test_fraction: float = field(default=0.2, metadata={"help": "stratified fraction for test"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the fixed stratified split"})
-    interpolation: str = field(default="bilinear", metadata={"help": f"upsampling: {' | '.join(INTERPOLATIONS)}"})
-    presize: bool = field(default=True, metadata={
-        "help": "upsample all digits once at build time (uint8, 3 * image_size^2 bytes each) instead of per item"})
+    test_fraction: float = field(default=0.2, metadata={"help": "fraction of each class for test"})
 
     def __post_init__(self):
         check_split_options(self, ("image_size",), ("val_fraction", "test_fraction"))
@@ -205,8 +194,7 @@ def digits_split_indices(opts: DigitsOptions) -> Dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
 
     y = load_digits().target
-    fr = (1.0 - opts.val_fraction - opts.test_fraction, opts.val_fraction, opts.test_fraction)
-    return dict(zip(("train", "val", "test"), stratified_split(y, fr, opts.split_seed)))
+    return dict(zip(("train", "val", "test"), stratified_split(y, opts.split_fractions(), opts.split_seed)))
 
 
 @register_task("digits", DigitsOptions)

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from datasets.classification import (
-    INTERPOLATIONS,
     ClassificationSplits,
     ImageTensorDataset,
+    SplitOptions,
     check_split_options,
     classification_task_data,
     options_info,
@@ -114,7 +114,7 @@ FAMILIES: Tuple[Tuple[str, Signal], ...] = (
 
 
 @dataclass
-class TonesOptions:
+class TonesOptions(SplitOptions):
     """Options of ``tones`` (synthetic audio as spectrogram images, 10 classes)."""
 
     n_per_class: int = field(default=300, metadata={"help": "items per signal family (10 families)"})
@@ -123,13 +123,6 @@ class TonesOptions:
     n_fft: int = field(default=256, metadata={"help": "STFT window (Hann) length; hop = n_fft / 4"})
     db_range: float = field(default=80.0, metadata={"help": "decibels below each item's peak kept in the image"})
     seed: int = field(default=0, metadata={"help": "item i depends only on (seed, i)"})
-    image_size: int = field(default=224, metadata={"help": "spectrograms are resized to image_size x image_size"})
-    val_fraction: float = field(default=0.15, metadata={"help": "stratified fraction for validation"})
-    test_fraction: float = field(default=0.15, metadata={"help": "stratified fraction for test"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the fixed stratified split"})
-    interpolation: str = field(default="bilinear", metadata={"help": f"resizing: {' | '.join(INTERPOLATIONS)}"})
-    presize: bool = field(default=True, metadata={
-        "help": "resize all spectrograms once at build time (uint8) instead of per item"})
 
     def __post_init__(self):
         check_split_options(self, ("n_per_class", "image_size"), ("val_fraction", "test_fraction"))
@@ -175,8 +168,7 @@ def render(opts: TonesOptions) -> Tuple[torch.Tensor, torch.Tensor]:
 def tones_split_indices(opts: TonesOptions) -> Dict[str, np.ndarray]:
     """The fixed stratified train/val/test item indices."""
     labels = np.arange(opts.n_per_class * len(FAMILIES)) % len(FAMILIES)
-    fr = (1.0 - opts.val_fraction - opts.test_fraction, opts.val_fraction, opts.test_fraction)
-    return dict(zip(("train", "val", "test"), stratified_split(labels, fr, opts.split_seed)))
+    return dict(zip(("train", "val", "test"), stratified_split(labels, opts.split_fractions(), opts.split_seed)))
 
 
 @register_task("tones", TonesOptions)
