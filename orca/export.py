@@ -17,9 +17,11 @@ Formats (``orca.adapters.io`` writes them; this module only rebuilds the run's m
 
 Every export also writes ``export.json``: the run, checkpoint, body and weights it came from.
 
-Why the model is rebuilt without the body's pretrained weights and without ``model.embedder_from``:
-the checkpoint holds every tensor of the model, so the export needs neither the hub nor a stage-1
-directory that may have moved since training.
+Why the model is rebuilt without ``model.embedder_from``: the checkpoint holds the embedder, so the
+export needs no stage-1 directory that may have moved since training. The body's weights are loaded
+only where the checkpoint left its frozen body out (:mod:`orca.model_state`: the file or hub weights
+the config names, checked against the checkpoint's digest); a checkpoint with the whole model needs
+neither the hub nor the weights file.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from orca.adapters.io import export_merged, export_peft, save_adapter
 from orca.config import load_config
 from orca.errors import OrcaError, UsageError, reading
 from orca.model import build_model
+from orca.model_state import FROZEN_KEY, load_model_state
 from orca.runs import check_arch, CheckpointMismatch, write_json
 
 FORMATS = ("peft", "merged", "adapter")
@@ -96,7 +99,10 @@ def export_run(run_dir: str | Path, fmt: str, out: Optional[str | Path] = None, 
         raise UsageError(f"AdaLoRA's SVD adapters have no {fmt!r} export", str(config), "export it with --format adapter")
 
     saved = _read_checkpoint(ckpt)
-    rebuild = dataclasses.replace(cfg.model, weights="none", embedder_from=None)
+    # A checkpoint without its frozen body (orca.model_state) needs the body the config names; a
+    # whole one overwrites every tensor, so a random body spares loading the weights.
+    weights = cfg.model.weights if FROZEN_KEY in saved else "none"
+    rebuild = dataclasses.replace(cfg.model, weights=weights, embedder_from=None)
     torch.manual_seed(cfg.seed)
     model = build_model(rebuild, _task_facts(cfg, saved))
     method = build_method(cfg.adapter)
@@ -106,7 +112,10 @@ def export_run(run_dir: str | Path, fmt: str, out: Optional[str | Path] = None, 
     except CheckpointMismatch as err:
         raise OrcaError(str(err), str(config), "was config.yaml edited after training? export with the config "
                                                "the run trained with") from None
-    model.load_state_dict(saved["model"])
+    try:
+        load_model_state(model, saved, str(ckpt))
+    except CheckpointMismatch as err:
+        raise OrcaError(str(err), str(config), "export with the body file the run trained with") from None
     model.eval()
 
     out = Path(out) if out is not None else run / "export" / f"{fmt}-{checkpoint}"

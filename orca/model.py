@@ -8,8 +8,11 @@ stage 2 name the same modules that stage 3 adapts.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -58,9 +61,35 @@ def body_from_config(model_cfg) -> nn.Module:
     return body
 
 
-def build_model(model_cfg, task) -> ORCAModel:
-    """Build the model for ``task`` (a :class:`datasets.TaskData`) from ``model_cfg`` (a ModelConfig)."""
-    body = body_from_config(model_cfg)
+class BodyCache:
+    """Bodies built earlier in this process, by config and by the state of the RNG that built them.
+
+    Why: a pack of K runs builds K models exactly as each run alone would, and building the body
+    (timm's random init, then the weights file over it) is most of that. Runs of one seed reach the
+    body with the same RNG state, so building it again would give the same body and leave the RNG
+    in the same state: the cache hands out a copy and moves the RNG to that state instead.
+    """
+
+    FIELDS = ("body", "weights", "hub_tag", "weights_file", "body_kwargs", "img_size", "attention")
+
+    def __init__(self):
+        self._built: Dict[Tuple[str, str], Tuple[nn.Module, torch.Tensor]] = {}
+
+    def __call__(self, model_cfg) -> nn.Module:
+        spec = json.dumps({k: getattr(model_cfg, k) for k in self.FIELDS}, sort_keys=True, default=str)
+        key = (spec, hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+        hit = self._built.get(key)
+        if hit is None:
+            body = body_from_config(model_cfg)
+            hit = self._built[key] = (body, torch.get_rng_state())
+        torch.set_rng_state(hit[1])
+        return copy.deepcopy(hit[0])  # a copy: build_model and the adapter method change the body they get
+
+
+def build_model(model_cfg, task, bodies: Optional[BodyCache] = None) -> ORCAModel:
+    """Build the model for ``task`` (a :class:`datasets.TaskData`) from ``model_cfg`` (a ModelConfig);
+    ``bodies``: where to take the body from when it was built before (packed runs)."""
+    body = bodies(model_cfg) if bodies is not None else body_from_config(model_cfg)
     patch = body.patch_embed
     embed_dim = patch.proj.out_channels
     embedder = ConvEmbedder2d(task.in_channels, embed_dim, img_size=model_cfg.img_size,

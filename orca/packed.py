@@ -29,15 +29,18 @@ import json
 import math
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.profiler import ProfilerActivity, profile, schedule
 from torch.utils.data import DataLoader
 
 from orca.adapters import build_method
 from orca.config import ExperimentConfig, config_dict, config_yaml
-from orca.model import task_shape
+from orca.model import BodyCache, task_shape
+from orca.model_state import body_rebuildable, frozen_body_names, load_model_state, model_checkpoint, share_digest
 from orca.packed_model import PackError, PackedModel, Slot
 from orca.runs import RunDir, check_arch, git_info, machine_info
 from orca.train import (EpochBatchSampler, autocast_for, build_optimizer, check_finite, decode, initial_model,
@@ -128,6 +131,15 @@ def plan_packs(cfgs: Sequence[ExperimentConfig], k: int) -> Tuple[List[List[int]
 
 
 # ----------------------------------------------------------------------------- optimizer
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the GPU: a copy from pageable memory
+    first waits for every kernel queued before it, which twice a step let the GPU run dry while
+    the host queued the next kernels; from pinned memory it is queued like a kernel."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class PackedAdamW:
     """AdamW (torch's decoupled form) over the stacked tensors, each run with its own lr and decay.
 
@@ -190,8 +202,7 @@ class PackedAdamW:
             lrs[i, :len(opt.param_groups)] = torch.tensor([g["lr"] for g in opt.param_groups], dtype=torch.float64)
         lr = lrs.gather(1, self.groups.t()).t() * self.trained  # [slots, K]
         bc1, bc2 = 1 - self.beta1 ** t, 1 - self.beta2 ** t
-        rows = torch.stack([1 - lr * self.decay, -(lr / bc1)]).to(self.params[0].device, torch.float32,
-                                                                  non_blocking=True)
+        rows = to_device(torch.stack([1 - lr * self.decay, -(lr / bc1)]).float(), self.params[0].device)
         grads = [p.grad for p in self.params]
         torch._foreach_mul_(self.params, self._views(rows[0]))
         torch._foreach_lerp_(self.exp_avg, grads, 1 - self.beta1)
@@ -297,6 +308,22 @@ def train_tensors(dataset, device: torch.device) -> Tuple[torch.Tensor, torch.Te
 
 
 # ----------------------------------------------------------------------------- one pack
+def step_profiler(path: Optional[str], device: torch.device):
+    """A started ``torch.profiler`` over steps 6-10 that writes its operator table to ``path`` (None: off)."""
+    if not path:
+        return None
+    cuda = device.type == "cuda"
+
+    def write(prof) -> None:
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        Path(path).write_text(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                   schedule=schedule(wait=3, warmup=2, active=5, repeat=1), on_trace_ready=write)
+    prof.start()
+    return prof
+
+
 class _Run:
     """One run of a pack: its config, directory, own model (format object), schedule and counters."""
 
@@ -314,13 +341,68 @@ class _Run:
         return self.error is None
 
 
+class CheckpointWriter:
+    """Checkpoints written by one background thread while the pack trains on.
+
+    Why: a pack writes K runs' checkpoints at once (``last`` every epoch, ``best`` when validation
+    improves), and serialising them to disk held the GPU idle. :meth:`save` copies the payload to
+    host memory (so training may change the tensors), the thread writes it atomically as a run
+    alone does, in the order saved; :meth:`wait` returns once everything is on disk (before a
+    checkpoint is read, and when the pack ends, whether it finishes or fails).
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-checkpoints")
+        self._pending: List[Future] = []
+
+    def save(self, run_dir: RunDir, name: str, payload: Dict[str, Any]) -> None:
+        host = _to_host(payload)
+        self._pending.append(self._pool.submit(run_dir.save_checkpoint, name, host))
+
+    def wait(self) -> None:
+        """Block until every checkpoint saved so far is written; re-raise the first write error."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _to_host(obj: Any) -> Any:
+    """``obj`` with every tensor copied to host memory (a copy even where it already is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
 def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int], None]] = None,
-               log: Callable[[str], None] = lambda msg: print(msg, flush=True)) -> Dict[str, Any]:
+               log: Callable[[str], None] = lambda msg: print(msg, flush=True),
+               profile_to: Optional[str] = None) -> Dict[str, Any]:
     """Train ``cfgs`` as one pack; return ``{"errors": [None or message per run], "timing": {...}}``.
+
+    ``profile_to``: a file for a ``torch.profiler`` table of steps 6-10 (operators by device time),
+    where the benchmark's "where the time goes" comes from.
 
     Raises:
         PackError: the runs cannot share a packed model (nothing was written; train them alone).
     """
+    writer = CheckpointWriter()
+    try:
+        return _train_pack(cfgs, on_step, log, profile_to, writer)
+    finally:
+        writer.close()  # a failed pack leaves its runs' checkpoints complete, ready to resume
+
+
+def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int], None]],
+                log: Callable[[str], None], profile_to: Optional[str], writer: CheckpointWriter) -> Dict[str, Any]:
     t0 = time.time()
     timing = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "test_s": 0.0, "steps": 0}
     device = resolve_device(cfgs[0].train.device)
@@ -340,8 +422,9 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
             reusable.append(built)
         return built
 
+    bodies = BodyCache()
     for run in runs:
-        run_task, model = initial_model(run.cfg, build_once)
+        run_task, model = initial_model(run.cfg, build_once, bodies)
         method = build_method(run.cfg.adapter)
         params.append(method.prepare(model))
         rng_cpu.append(torch.get_rng_state())
@@ -349,7 +432,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
         resume = run.dir.load_checkpoint("last")
         if resume is not None:
             check_arch(resume["arch"], model, str(run.dir.ckpt_dir / "last.pt"))
-            model.load_state_dict(resume["model"])
+            load_model_state(model, resume, str(run.dir.ckpt_dir / "last.pt"))
         task = task or run_task
         models.append(model)
         methods.append(method)
@@ -362,6 +445,8 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
     packed.share_frozen(models)
     for model in models:
         model.to(device)
+    rebuildable = [body_rebuildable(r.cfg.model.weights, m) for r, m in zip(runs, methods)]
+    share_digest(models, [frozen_body_names(m, ok) for m, ok in zip(models, rebuildable)])
     if task.decode is not None:
         task.decode.to(device)
     x_train, y_train = train_tensors(task.train, device)
@@ -426,16 +511,17 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
         for i, run in enumerate(runs):
             if not run.alive:
                 continue
-            payload = {"model": models[i].state_dict(), "optimizer": adamw.export(i),
+            payload = {**model_checkpoint(models[i], rebuildable[i]), "optimizer": adamw.export(i),
                        "scheduler": schedulers[i].state_dict(), "state": dict(run.state), "arch": models[i].arch(),
                        "task_shape": task_shape(task), "method": methods[i].state_for_checkpoint(),
                        "rng_cpu": generators[i].get_state() if device.type == "cpu" else rng_cpu[i],
                        "config": config_dict(run.cfg)}
             if device.type == "cuda":
                 payload["rng_cuda"] = generators[i].get_state()
-            run.dir.save_checkpoint(name, payload)
+            writer.save(run.dir, name, payload)
         timing["checkpoint_s"] += time.time() - tc
 
+    profiler = step_profiler(profile_to, device)
     start = runs[0].state
     for epoch in range(start["epoch"], t.epochs):
         packed.train()
@@ -445,7 +531,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
         t_epoch, images, loss_acc = time.time(), 0, torch.zeros(k, device=device)
         for micro in range(start["batch"], micro_per_epoch):
             index = [next(b) for b in batches]
-            idx = torch.tensor([j for part in index for j in part]).to(device, non_blocking=True)
+            idx = to_device(torch.tensor([j for part in index for j in part]), device)
             x, y = x_train[idx], y_train[idx]
             with autocast():
                 out = packed(x)
@@ -487,6 +573,8 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
                 break
             if on_step is not None:
                 on_step(step)
+            if profiler is not None:
+                profiler.step()
         host = loss_acc.cpu()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -522,7 +610,7 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
                 tc = time.time()
                 packed.store_to_runs(models)
                 for i in improved:
-                    runs[i].dir.save_checkpoint("best", {"model": models[i].state_dict(), "arch": models[i].arch(),
+                    writer.save(runs[i].dir, "best", {**model_checkpoint(models[i], rebuildable[i]), "arch": models[i].arch(),
                                                          "task_shape": task_shape(task), "epoch": epoch + 1, f"val_{metric}": runs[i].state["best"]})
                 timing["checkpoint_s"] += time.time() - tc
         for run, record in zip(runs, records):
@@ -537,11 +625,16 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
         if not alive:
             break
 
+    if profiler is not None:
+        profiler.stop()
+    tc = time.time()
+    writer.wait()  # the best checkpoints are read back below
+    timing["checkpoint_s"] += time.time() - tc
     tt = time.time()
     for i, run in enumerate(runs):
         best = run.dir.load_checkpoint("best") if run.alive else None
         if best is not None:
-            models[i].load_state_dict(best["model"])
+            load_model_state(models[i], best, str(run.dir.ckpt_dir / "best.pt"))
             packed.load_from_runs(models, only=i)
     tests = evaluate_pack(packed, test_loader, task, device, autocast, desc="test") if any(r.alive for r in runs) else []
     timing["test_s"] = time.time() - tt

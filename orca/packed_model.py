@@ -59,6 +59,47 @@ class Slot:
     trained: List[bool]
 
 
+class PackedLoRALinear(torch.autograd.Function):
+    """K runs' ``x_k W^T + bias + (x_k A_k^T) B_k^T`` (B already scaled) with a hand-written backward:
+    :class:`orca.adapters.lora.FusedLoRALinear`'s, batched over the runs, so a packed run computes
+    what the same run alone computes, by the same formulas.
+
+    Why not autograd of the composed ops: it writes the rank-r update as a new N x d_out tensor
+    (here it is added in place into the base GEMM's output), and builds the input gradient from
+    two full-size products and a sum, where ``g_k (W + B_k A_k)`` is one GEMM against a small
+    per-run d_out x d_in weight. The frozen W and bias get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b):  # x [K, n, d_in], a [K, r, d_in], b [K, d_out, r]
+        xa = torch.bmm(x, a.transpose(1, 2))
+        out = F.linear(x, weight, bias)
+        out.baddbmm_(xa, b.transpose(1, 2))
+        ctx.save_for_backward(x, xa, weight, a, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, xa, weight, a, b = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad
+        if need_w or need_bias:
+            raise RuntimeError("a packed Linear's base weight is frozen (shared by the pack's runs)")
+        k, n = x.shape[:2]
+        many_tokens = n >= weight.shape[0]
+        gb = torch.bmm(g, b) if need_a or (need_x and not many_tokens) else None  # dL/d(x A^T): [K, n, r]
+        grad_x = grad_a = grad_b = None
+        if need_x:
+            if many_tokens:  # g (W + B A): the effective weight is small next to the N x d_in pass it saves
+                grad_x = torch.bmm(g, torch.baddbmm(weight.expand(k, -1, -1), b, a))
+            else:
+                grad_x = torch.matmul(g, weight).baddbmm_(gb, a)
+        if need_a:
+            grad_a = torch.bmm(gb.transpose(1, 2), x)
+        if need_b:
+            grad_b = torch.bmm(g.transpose(1, 2), xa)
+        return grad_x, None, None, grad_a, grad_b
+
+
 class PackedLinear(nn.Module):
     """A frozen Linear plus K runs' LoRA updates, segment-wise: rows of run k get ``s_k B_k A_k``."""
 
@@ -74,12 +115,17 @@ class PackedLinear(nn.Module):
         self.register_buffer("scaling", torch.tensor(list(scalings), dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
         k = self.lora_A.shape[0]
-        xk = x.reshape(k, -1, self.in_features)
-        xa = torch.bmm(xk, self.lora_A.transpose(1, 2))
-        b = (self.lora_B * self.scaling.view(k, 1, 1)).transpose(1, 2)
-        out = torch.baddbmm(out.reshape(k, -1, self.out_features), xa, b)
+        weight, bias, a = self.weight, self.bias, self.lora_A
+        b = self.lora_B * self.scaling.view(k, 1, 1).to(self.lora_B.dtype)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # every operand cast once, as F.linear would: autocast then stays out
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, a, b = x.to(dtype), weight.to(dtype), a.to(dtype), b.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        else:
+            x = x.to(weight.dtype)
+        out = PackedLoRALinear.apply(x.reshape(k, -1, self.in_features), weight, bias, a, b)
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -101,8 +147,10 @@ class PackedDropPath(nn.Module):
             return x
         keep = 1 - self.drop_prob
         k = len(self.generators)
-        shape = (x.shape[0] // k,) + (1,) * (x.ndim - 1)
-        mask = torch.cat([x.new_empty(shape).bernoulli_(keep, generator=g) for g in self.generators])
+        b = x.shape[0] // k
+        mask = x.new_empty((k * b,) + (1,) * (x.ndim - 1))
+        for i, g in enumerate(self.generators):  # each run's B draws into its own rows, in place
+            mask[i * b:(i + 1) * b].bernoulli_(keep, generator=g)
         if keep > 0.0 and self.scale_by_keep:
             mask.div_(keep)
         return x * mask

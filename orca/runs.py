@@ -10,8 +10,9 @@ Layout of one run (``runs/{stage}__{task}__{name}__s{seed}__{time}/``)::
     ckpt/last.pt     resume point (atomic write, loads with weights_only=True)
     ckpt/best.pt     best-by-validation weights
 
-Checkpoints are written to a temporary file and renamed, so a run killed while saving keeps its
-previous checkpoint; they are read with ``torch.load(weights_only=True)``, so loading a file never
+A stage-3 checkpoint leaves out a frozen body that the run's config rebuilds (a weights file or the
+hub) and keeps a digest of it instead (:mod:`orca.model_state`). Checkpoints are written to a
+temporary file and renamed, so a run killed while saving keeps its previous checkpoint; they are read with ``torch.load(weights_only=True)``, so loading a file never
 executes pickled code.
 
 Nothing earlier is lost when a run cannot start: a stage first reads and checks everything it resumes

@@ -371,8 +371,8 @@ def _run_in_process(pending: List[SweepRun], bar) -> List[Tuple[SweepRun, str]]:
     return failed
 
 
-def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str] = None
-                ) -> Tuple[List[Tuple[SweepRun, str]], List[SweepRun]]:
+def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str] = None,
+                profile_file: Optional[str] = None) -> Tuple[List[Tuple[SweepRun, str]], List[SweepRun]]:
     """Train the packable runs in packs of up to ``k`` in this process (:mod:`orca.packed`); return
     the failed runs and the runs left to train alone (each alone run's reason is printed)."""
     from orca.packed import PackError, plan_packs, train_pack
@@ -382,14 +382,14 @@ def _run_packed(pending: List[SweepRun], k: int, bar, timing_file: Optional[str]
         print(f"[sweep] {pending[i].name} trains alone: {reason}", flush=True)
     alone = [pending[i] for i, _ in alone_idx]
     failed = []
-    for members in packs:
+    for n, members in enumerate(packs):
         pack = [pending[i] for i in members]
         bar.set_postfix(pack=f"{len(pack)} runs: {pack[0].name} ...")
         print(f"[sweep] pack of {len(pack)}: {', '.join(run.name for run in pack)}", flush=True)
         for run in pack:
             (run.run_dir / "sweep_error.log").unlink(missing_ok=True)  # from an earlier failed attempt
         try:
-            result = train_pack([run.cfg for run in pack])
+            result = train_pack([run.cfg for run in pack], profile_to=profile_file if n == 0 else None)
         except PackError as err:
             print(f"[sweep] these runs train alone: they cannot share a packed model ({err})", flush=True)
             alone.extend(pack)
@@ -484,7 +484,8 @@ def check_ownership(runs: Sequence[SweepRun], sweep_file: str) -> None:
 def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Optional[int] = None,
               dry_run: bool = False, command: Callable[[SweepRun], List[str]] = stage3_command,
               poll_s: float = 2.0, per_gpu: int = 1, pack: int = 0,
-              pack_timing: Optional[str] = None, only: Optional[Sequence[str]] = None) -> List[Tuple[SweepRun, str]]:
+              pack_timing: Optional[str] = None, only: Optional[Sequence[str]] = None,
+              pack_profile: Optional[str] = None) -> List[Tuple[SweepRun, str]]:
     """Run every pending point of a sweep; return the failed runs with the path of their log.
 
     Args:
@@ -498,6 +499,7 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         pack: above 0, train up to ``pack`` runs at a time in this process through one shared body
             (:mod:`orca.packed`); runs that cannot pack then run as without it.
         pack_timing: a file to append each pack's time split to (one JSON line per pack).
+        pack_profile: a file for the first pack's ``torch.profiler`` table of a few steps.
         poll_s: how often the worker pool checks its subprocesses.
         only: run names to restrict the sweep to (a Slurm array task's share); None: all of them.
     """
@@ -523,12 +525,12 @@ def run_sweep(path: str | os.PathLike, overrides: Sequence[str] = (), gpus: Opti
         devices = [dev for dev in devices for _ in range(per_gpu)]
     for run in pending:
         prepare(run, str(path), overrides)
-    if devices and pending:
-        build_data_once(pending)
     with Progress(total=len(pending), desc="sweep", unit="run") as bar:
         failed = []
-        if pack:
-            failed, pending = _run_packed(pending, pack, bar, pack_timing)
+        if pack:  # packs build their data in this process, one after the other
+            failed, pending = _run_packed(pending, pack, bar, pack_timing, pack_profile)
+        if devices and pending:
+            build_data_once(pending)
         if pending and not devices:
             failed += _run_in_process(pending, bar)
         elif pending:
@@ -572,6 +574,8 @@ def _main(argv: List[str]) -> int:
     parser.add_argument("--pack-timing", default=None, metavar="FILE",
                         help="with --pack: append each pack's time split (setup, steps, evaluation, checkpoints) "
                              "to FILE as one JSON line")
+    parser.add_argument("--pack-profile", default=None, metavar="FILE",
+                        help="with --pack: write a torch.profiler table of a few steps of the first pack to FILE")
     parser.add_argument("--only", default=None, metavar="NAME[,NAME...]",
                         help="run only these runs of the sweep (a Slurm array task's share, orca/slurm.py)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (or ORCA_DEBUG=1)")
@@ -584,7 +588,8 @@ def _main(argv: List[str]) -> int:
         parser.error(f"--pack must be >= 1 (or 0: off), got {args.pack}")
     only = [name for name in args.only.split(",") if name] if args.only is not None else None
     failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu,
-                       pack=args.pack, pack_timing=args.pack_timing, only=only)
+                       pack=args.pack, pack_timing=args.pack_timing, only=only,
+                       pack_profile=args.pack_profile)
     if failed:
         print(f"[sweep] {len(failed)} run(s) failed:", file=sys.stderr)
         for run, log in failed:

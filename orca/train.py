@@ -48,7 +48,8 @@ from orca.adapters import build_method
 from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
 from orca.config import ExperimentConfig, config_dict, config_yaml
 from orca.distributed import Dist, setup_distributed
-from orca.model import ORCAModel, build_model, task_shape
+from orca.model import BodyCache, ORCAModel, build_model, task_shape
+from orca.model_state import body_rebuildable, load_model_state, model_checkpoint
 from orca.provenance import check_embedder_from, check_rank_map
 from orca.delta_w import DELTA_W_FILE, DELTA_W_METHODS, body_linear_weights, write_delta_w
 from orca.errors import UsageError
@@ -197,8 +198,8 @@ def decode(task: TaskData, out: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the stage
-def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable[[], Any]], Any]] = None
-                  ) -> Tuple[TaskData, ORCAModel]:
+def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable[[], Any]], Any]] = None,
+                  bodies: Optional[BodyCache] = None) -> Tuple[TaskData, ORCAModel]:
     """The task and the model stage 3 starts from: ``seed_everything(cfg.seed)`` -> ``build_task`` ->
     ``build_model`` (-> the warm-up's embedder and head when ``model.warmup_from`` is set), in that
     order (the one place it is written down; runs alone and packed runs both start here).
@@ -212,11 +213,12 @@ def initial_model(cfg: ExperimentConfig, main_first: Optional[Callable[[Callable
         cfg: the experiment config.
         main_first: how ``build_task`` is run (stage 3 passes ``Dist.main_first``, so rank 0 writes
             data caches before the others read them); None = just call it.
+        bodies: bodies built before in this process (packed runs; :class:`orca.model.BodyCache`).
     """
     seed_everything(cfg.seed, cfg.train.deterministic)
     make_task = lambda: build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)  # noqa: E731
     task = main_first(make_task) if main_first is not None else make_task()
-    model = build_model(cfg.model, task)
+    model = build_model(cfg.model, task, bodies)
     if cfg.model.warmup_from:  # here, so that every way of training a run (alone or packed) starts from it
         load_warmup(model, cfg.model.warmup_from, config_dict(cfg)["task"], cfg.seed)
     return task, model
@@ -308,6 +310,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
         log(f"[stage3] activation checkpointing: {checkpointing_summary(model.body)}")
     method = build_method(cfg.adapter)
     params = method.prepare(model)
+    rebuildable = body_rebuildable(cfg.model.weights, method)  # checkpoints then leave the frozen body out
     model.to(device)
     if task.decode is not None:
         task.decode.to(device)
@@ -359,7 +362,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     state = {"epoch": 0, "batch": 0, "step": 0, "best": math.inf, "best_epoch": -1,
              "train_time": 0.0, "train_images": 0, "epoch_loss": 0.0, "epoch_time": 0.0, "epoch_images": 0}
     if resume is not None:  # every rank loads the same checkpoint, so ranks stay identical
-        model.load_state_dict(resume["model"])
+        load_model_state(model, resume, str(run.ckpt_dir / "last.pt"))
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         method.load_state(resume.get("method", {}))
@@ -398,7 +401,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     def checkpoint(name: str = "last") -> None:
         if not main:
             return
-        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        payload = {**model_checkpoint(model, rebuildable), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "state": dict(state), "arch": model.arch(), "task_shape": shape,
                    "method": method.state_for_checkpoint(), "rng_cpu": torch.get_rng_state(),
                    "config": config_dict(cfg)}
@@ -489,7 +492,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
             record.update({f"val/{k}": v for k, v in val.items()})
             if val[metric] < state["best"]:
                 state["best"], state["best_epoch"] = val[metric], epoch + 1
-                run.save_checkpoint("best", {"model": model.state_dict(), "arch": model.arch(), "task_shape": shape,
+                run.save_checkpoint("best", {**model_checkpoint(model, rebuildable), "arch": model.arch(), "task_shape": shape,
                                              "epoch": epoch + 1, f"val_{metric}": val[metric]})
             log(f"[stage3] epoch {epoch + 1}: train loss {record['train/loss']:.4g}, "
                 f"val {metric} {val[metric]:.4g} (best {state['best']:.4g} @ {state['best_epoch']})")
@@ -503,7 +506,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
         return run
     best = run.load_checkpoint("best")
     if best is not None:
-        model.load_state_dict(best["model"])
+        load_model_state(model, best, str(run.ckpt_dir / "best.pt"))
     with method.eval_rank(model):
         test = evaluate(model, test_loader, task, device, autocast, desc="test")
     run.log_metrics({"kind": "test", "epoch": state["best_epoch"], "step": state["step"],

@@ -16,7 +16,11 @@ What is estimated, each only from complete data (every rank of :data:`KNEE_RANKS
 - gamma's posterior in log D = log beta + gamma log(1 + knee) (:mod:`rank_estimation.gamma_posterior`),
   averaged over bootstrap draws of knees and gaps; tasks whose gap interval contains 0 stay out of
   this fit (log D is undefined there) and in the correlation;
-- the equal-budget table: the stage-2 map against its uniform, shuffled-gap and depth-only placebos.
+- the equal-budget table: the stage-2 map against its uniform, shuffled-gap and depth-only placebos;
+- the stage-1 arm (tables ``aligned_*``, gaps of ``prereg_gaps_aligned``): on :data:`STAGE1_KEYS`, the
+  gap and the knee with the stage-1 aligned embedder beside the source-initialised one, and the knee
+  difference with a 90% interval from independent seed bootstraps of the two curves. Reported beside
+  the verdict, never part of it.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ DIAL_KEYS = tuple(f"dial{level}" for level in range(7))
 TASK_KEYS = DIAL_KEYS + ("darcy", "tones", "digits", "natural_patches", "fractal_heldout")
 PLACEBO_ARMS = ("stage2", "uniform", "shuffled", "depth")
 PLACEBO_KEYS = ("darcy", "dial3")
+STAGE1_KEYS = ("darcy", "dial2", "dial5")
+STAGE1_TABLE_PREFIX = "aligned_"
 KNEE_LEVEL = 0.9
 
 
@@ -54,9 +60,10 @@ def knee_replicates(ranks: Sequence[int], errors_by_seed: Sequence[Sequence[floa
                                       float(tol), True) for _ in range(n_boot)])
 
 
-def _knee_curves(runs: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[int, List[float]]]:
+def _knee_curves(runs: Sequence[Mapping[str, Any]], prefixes: tuple = ("knee_", "warmup_")
+                 ) -> Dict[str, Dict[int, List[float]]]:
     curves: Dict[str, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
-    knee_runs = [r for r in runs if str(r.get("table", "")).startswith(("knee_", "warmup_")) and r.get("rank") is not None]
+    knee_runs = [r for r in runs if str(r.get("table", "")).startswith(prefixes) and r.get("rank") is not None]
     for r in sorted(knee_runs, key=lambda r: (r["key"], r["rank"], r["seed"])):
         curves[r["key"]][int(r["rank"])].append(float(r["error"]))
     return curves
@@ -66,6 +73,40 @@ def _complete(curve: Mapping[int, List[float]]) -> List[str]:
     gaps = [f"rank {k}: {len(curve.get(k, []))} of {MIN_SEEDS} seeds" for k in KNEE_RANKS
             if len(curve.get(k, [])) < MIN_SEEDS]
     return gaps
+
+
+def _stage1(runs: Sequence[Mapping[str, Any]], source_curves: Mapping[str, Mapping[int, List[float]]],
+            gaps: Mapping[str, Mapping[str, float]], gaps_aligned: Mapping[str, Mapping[str, float]], n_boot: int,
+            seed: int) -> Dict[str, Any]:
+    aligned = _knee_curves([r for r in runs if str(r.get("table", "")).startswith(STAGE1_TABLE_PREFIX)],
+                           prefixes=(STAGE1_TABLE_PREFIX,))
+    rows, missing = [], []
+    for key in STAGE1_KEYS:
+        row: Dict[str, Any] = {"key": key, "gap_source": dict(gaps[key]) if key in gaps else None,
+                               "gap_aligned": dict(gaps_aligned[key]) if key in gaps_aligned else None}
+        reps = {}
+        for arm, curve in (("source", source_curves.get(key, {})), ("aligned", aligned.get(key, {}))):
+            row[f"seeds_per_rank_{arm}"] = {str(k): len(curve.get(k, [])) for k in KNEE_RANKS}
+            row[f"knee_{arm}"] = None
+            if _complete(curve):
+                missing.append(f"stage-1 comparison on {key}: the {arm} knee sweep is incomplete")
+                continue
+            ranks = sorted(curve)
+            errs = [curve[k] for k in ranks]
+            row[f"knee_{arm}"] = {k: v for k, v in bootstrap_knee(ranks, errs, PRIMARY_TOLERANCE, True, n_boot, seed,
+                                                                   KNEE_LEVEL).items() if k in ("knee", "lo", "hi")}
+            reps[arm] = knee_replicates(ranks, errs, PRIMARY_TOLERANCE, n_boot, seed + (arm == "aligned"))
+        if row["gap_aligned"] is None:
+            missing.append(f"stage-1 comparison on {key}: no gap profile with the aligned embedder")
+        row["knee_aligned_minus_source"] = None
+        if len(reps) == 2:
+            d = reps["aligned"] - reps["source"]
+            half = (1 - KNEE_LEVEL) / 2
+            row["knee_aligned_minus_source"] = {
+                "diff": row["knee_aligned"]["knee"] - row["knee_source"]["knee"],
+                "lo": float(np.quantile(d, half)), "hi": float(np.quantile(d, 1 - half))}
+        rows.append(row)
+    return {"tolerance": PRIMARY_TOLERANCE, "rows": rows, "missing": missing}
 
 
 def _placebo(runs: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> Dict[str, Any]:
@@ -91,12 +132,14 @@ def _placebo(runs: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> Dict[
 
 
 def analyse(runs: Sequence[Mapping[str, Any]], gaps: Mapping[str, Mapping[str, float]], primary_metric: str,
-            n_boot: int = 2000, n_perm: int = 10000, n_draws: int = 200, seed: int = 0) -> Dict[str, Any]:
+            n_boot: int = 2000, n_perm: int = 10000, n_draws: int = 200, seed: int = 0,
+            gaps_aligned: Optional[Mapping[str, Mapping[str, float]]] = None) -> Dict[str, Any]:
     """The pre-registered analysis (module docstring) as a JSON-ready dict.
 
     Args:
         runs: run records (module docstring).
         gaps: key -> ``{"value", "lo", "hi"}`` primary gap of that task.
+        gaps_aligned: the same with the stage-1 aligned embedder (the stage-1 arm's tasks).
         primary_metric: the primary gap metric's name (recorded).
         n_boot, n_perm, n_draws: bootstrap replicates, permutations, posterior draws.
         seed: seed of every resampling.
@@ -165,8 +208,8 @@ def analyse(runs: Sequence[Mapping[str, Any]], gaps: Mapping[str, Mapping[str, f
         budgets = sorted(b for k, b in have if k == key)
         if len(budgets) < 3:
             missing.append(f"placebo comparison on {key}: {len(budgets)} of 3 budgets with >= {MIN_SEEDS} seeds per arm")
-    out["stage1"] = None
-    missing.append("stage-1 comparison: no knee or gap measured with a stage-1 aligned embedder yet")
+    out["stage1"] = _stage1(runs, curves, gaps, gaps_aligned or {}, n_boot, seed)
+    missing += out["stage1"]["missing"]
     out["missing"] = missing
     return out
 
@@ -221,6 +264,24 @@ def render(result: Mapping[str, Any]) -> str:
         L.append("")
     else:
         L += ["Equal-budget placebo comparison: no runs yet (see Missing).", ""]
+    st = result.get("stage1")
+    if st and any(r["knee_source"] or r["knee_aligned"] or r["gap_aligned"] for r in st["rows"]):
+        def knee(k: Optional[Mapping[str, Any]]) -> str:
+            return f"{k['knee']} [{k['lo']}, {k['hi']}]" if k else "-"
+
+        def gap(g: Optional[Mapping[str, float]]) -> str:
+            return f"{_f(g['value'])} [{_f(g['lo'])}, {_f(g['hi'])}]" if g else "-"
+
+        L += [f"Stage 1 in the loop (beside the verdict): knees at {st['tolerance']:g} with the source-initialised "
+              "and the stage-1 aligned embedder.", "",
+              "| task | gap, source-init | gap, aligned | knee, source-init | knee, aligned | aligned - source |",
+              "|---|---|---|---|---|---|"]
+        for r in st["rows"]:
+            d = r["knee_aligned_minus_source"]
+            diff = f"{d['diff']} [{d['lo']:g}, {d['hi']:g}]" if d else "-"
+            L.append(f"| {r['key']} | {gap(r['gap_source'])} | {gap(r['gap_aligned'])} | {knee(r['knee_source'])} | "
+                     f"{knee(r['knee_aligned'])} | {diff} |")
+        L.append("")
     if result["missing"]:
         L += ["Missing (nothing above is estimated from it):", ""] + [f"- {m}" for m in result["missing"]] + [""]
     return "\n".join(L)

@@ -179,6 +179,8 @@ def render(report: Dict[str, Any]) -> str:
               "## Where the time goes", ""]
     for name, prof in report["profile"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items()))
+    if report.get("packed_step_profile"):
+        lines.append(f"- operators of packed steps 6-10 (torch.profiler): `{report['packed_step_profile']}`")
     return "\n".join(lines) + "\n"
 
 
@@ -192,10 +194,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-epoch", type=int, default=62, help="62 = a whole epoch of Darcy's 1,000 at batch 16")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--per-gpu", type=int, nargs="+", default=[8, 4, 12], help="K values of the side-by-side mode")
+    p.add_argument("--per-gpu", type=int, nargs="+", default=[8, 12, 4],
+                   help="K values of the side-by-side mode, in the order they are timed (the budget may cut the last)")
     p.add_argument("--pack", type=int, default=24, help="runs per pack")
     p.add_argument("--alone-runs", type=int, default=3, help="runs of the one-at-a-time mode (spread over ranks)")
     p.add_argument("--budget-s", type=float, default=480, help="stop starting modes when this much time has passed")
+    p.add_argument("--modes", nargs="+", default=["packed", "alone", "per_gpu"], choices=["packed", "alone", "per_gpu"],
+                   help="which modes to time (speedup_vs_best_separate needs packed and a separate one)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write a torch.profiler table of a few packed steps to sweep_engine_profile.txt "
+                        "(profiling slows those steps: the packed wall time then includes it)")
     args = p.parse_args(argv)
     t_start = time.time()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_sweep_"))
@@ -233,11 +241,15 @@ def main(argv=None) -> int:
     timing_file = work / "pack_timing.jsonl"
     modes: Dict[str, Dict[str, Any]] = {}
     remaining = lambda: args.budget_s - (time.time() - t_start)  # noqa: E731
-    modes["packed"] = run_mode("packed", sweep, work / "packed", ["--pack", str(args.pack), "--pack-timing",
-                                                                   str(timing_file)], remaining(), logs)
-    modes["alone"] = run_mode("alone", alone_sweep, work / "alone", ["--gpus", "1" if not args.smoke else "0"],
-                              remaining(), logs)
-    for k in args.per_gpu:
+    profile_file = out / "sweep_engine_profile.txt"
+    if "packed" in args.modes:
+        flags = ["--pack", str(args.pack), "--pack-timing", str(timing_file)]
+        modes["packed"] = run_mode("packed", sweep, work / "packed",
+                                   flags + (["--pack-profile", str(profile_file)] if args.profile else []), remaining(), logs)
+    if "alone" in args.modes:
+        modes["alone"] = run_mode("alone", alone_sweep, work / "alone", ["--gpus", "1" if not args.smoke else "0"],
+                                  remaining(), logs)
+    for k in args.per_gpu if "per_gpu" in args.modes else []:
         if remaining() < 30:
             print(f"[bench] per_gpu_{k} skipped: the time budget is spent", flush=True)
             continue
@@ -247,7 +259,7 @@ def main(argv=None) -> int:
     separate = {n: m for n, m in modes.items() if n != "packed" and m["runs_finished"] and not m["timed_out"]}
     best = max(separate, key=lambda n: separate[n]["runs_per_gpu_hour"]) if separate else None
     best_rate = separate[best]["runs_per_gpu_hour"] if best else None
-    packed = modes["packed"]
+    packed = modes.get("packed")
     packs = [json.loads(line) for line in timing_file.read_text().splitlines()] if timing_file.exists() else []
     profile = {"data_generation_s": {"wall": round(data_s, 1)}}
     for i, pack in enumerate(packs):
@@ -255,6 +267,8 @@ def main(argv=None) -> int:
             k: round(v, 2) if isinstance(v, float) else v for k, v in pack.items() if k != "runs"}
         profile[f"packed, pack {i + 1} ({len(pack['runs'])} runs)"]["ms_per_step"] = round(
             1000 * pack["train_s"] / max(pack["steps"], 1), 1)
+        profile[f"packed, pack {i + 1} ({len(pack['runs'])} runs)"]["train_img_per_s"] = round(
+            len(pack["runs"]) * args.batch_size * pack["steps"] / max(pack["train_s"], 1e-9), 1)
     for name, m in modes.items():
         if name == "packed" or not m["runs"]:
             continue
@@ -264,19 +278,24 @@ def main(argv=None) -> int:
                          "mean_launcher_s_per_run_slot": round(m["wall_s"] * concurrency / len(m["runs"]), 2),
                          "mean_train_img_per_s_per_run": round(
                              sum(r["train_img_per_s"] for r in m["runs"].values()) / len(m["runs"]), 1)}
+        # K runs training side by side: what the GPU does for them together while all K train
+        profile[name]["train_img_per_s_all_concurrent_runs"] = round(
+            profile[name]["mean_train_img_per_s_per_run"] * concurrency, 1)
     report = {
         "workload": {"runs": len(runs), "ranks": ranks, "seeds": seeds, "epochs": args.epochs,
                      "steps_per_epoch": args.steps_per_epoch, "steps_per_run": sorted({r["steps"] for m in modes.values() for r in m["runs"].values()}),
                      "batch_size": args.batch_size, "task": "darcy (toy)" if args.smoke else f"darcy-85, n_train {args.n_train}",
                      "body": "toy Swin (smoke)" if args.smoke else "fractal Swin (configs/body_fractal.yaml)",
-                     "alone_runs": sorted(modes["alone"]["runs"])},
+                     "alone_runs": sorted(modes["alone"]["runs"]) if "alone" in modes else []},
         "runs_per_gpu_hour": {n: m["runs_per_gpu_hour"] for n, m in modes.items()},
         "gpu_memory_gib": {n: m["gpu_memory_gib"] for n, m in modes.items()},
         "best_separate": best, "best_separate_runs_per_gpu_hour": best_rate,
-        "speedup_vs_best_separate": round(packed["runs_per_gpu_hour"] / best_rate, 2) if best_rate else None,
-        "max_abs_metric_diff_vs_alone": {n: metric_diff(m, modes["alone"]) for n, m in modes.items() if n != "alone"},
-        "max_abs_metric_diff_packed_vs_best_separate": metric_diff(packed, modes[best]) if best else None,
-        "profile": profile, "modes": modes, "data_s": round(data_s, 1),
+        "speedup_vs_best_separate": round(packed["runs_per_gpu_hour"] / best_rate, 2) if best_rate and packed else None,
+        "max_abs_metric_diff_vs_alone": {n: metric_diff(m, modes["alone"]) for n, m in modes.items()
+                                         if n != "alone" and "alone" in modes},
+        "max_abs_metric_diff_packed_vs_best_separate": metric_diff(packed, modes[best]) if best and packed else None,
+        "profile": profile, "modes": modes,
+        "packed_step_profile": profile_file.name if args.profile and profile_file.exists() else None, "data_s": round(data_s, 1),
         "command": "python " + " ".join([os.path.relpath(__file__, REPO), *(argv if argv is not None else sys.argv[1:])]),
         "git": git_info(), "machine": machine_info(),
     }

@@ -70,8 +70,9 @@ GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last"
 DEFAULT_WEIGHTS = "file:results/checkpoints/fractal_swin.safetensors"
 KNEE_TABLES = ("table3", "ranks_patches", "ranks_heldout", "ranks_digits", "ranks_tones")  # (a)-(c): uniform ranks, head, full
 BUDGET_TABLES = ("adaptive_darcy", "adaptive_patches")           # (d): uniform vs adaptive vs AdaLoRA
-PREREG_TABLES = ("warmup_", "knee_", "placebo_")                  # the pre-registered sweeps (table prefixes)
+PREREG_TABLES = ("warmup_", "knee_", "placebo_", "aligned_")      # the pre-registered sweeps (table prefixes)
 PREREG_GAPS = "prereg_gaps"                                       # experiment name of their stage-2 gap runs
+PREREG_GAPS_ALIGNED = "prereg_gaps_aligned"                       # ... and of those with a stage-1 embedder
 CALIBRATION = Path("results/calibration/gap_calibration.json")   # chooses the primary gap metric
 
 
@@ -440,9 +441,11 @@ def plots(out: Path, knees: dict, tg: dict, dw: List[dict]) -> List[str]:
 
 # ----------------------------------------------------------------------------- the pre-registered test
 def prereg_inputs(root: Path, weights: str, primary: str) -> tuple:
-    """Run records of the pre-registered sweeps and each task's primary gap (rank_estimation.preregistered)."""
+    """Run records of the pre-registered sweeps and each task's primary gap, source-initialised and
+    stage-1 aligned (rank_estimation.preregistered)."""
     records: List[dict] = []
     gaps: Dict[str, dict] = {}
+    gaps_aligned: Dict[str, dict] = {}
     for summary_path in sorted(root.rglob("summary.json")) if root.is_dir() else []:
         d = summary_path.parent
         s = json.loads(summary_path.read_text())
@@ -451,11 +454,12 @@ def prereg_inputs(root: Path, weights: str, primary: str) -> tuple:
         cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
         task = (cfg or {}).get("task") or {}
         key = task_key(task.get("name", s.get("task")), (task.get("options") or {}).get("level"))
-        if s.get("stage") == "stage2" and s.get("experiment") == PREREG_GAPS and (d / "gaps.json").is_file():
+        experiment = s.get("experiment")
+        if s.get("stage") == "stage2" and experiment in (PREREG_GAPS, PREREG_GAPS_ALIGNED) and (d / "gaps.json").is_file():
             prof = json.loads((d / "gaps.json").read_text())
             blocks = [layer for layer in prof["layers"] if layer != "embed"]
             if primary in prof["metrics"]:
-                gaps[key] = {f: float(np.mean([prof["values"][b][primary][f] for b in blocks]))
+                (gaps if experiment == PREREG_GAPS else gaps_aligned)[key] = {f: float(np.mean([prof["values"][b][primary][f] for b in blocks]))
                              for f in ("value", "lo", "hi")}
             continue
         table = json.loads((d / "sweep.json").read_text()).get("table") if (d / "sweep.json").is_file() else None
@@ -474,7 +478,7 @@ def prereg_inputs(root: Path, weights: str, primary: str) -> tuple:
         elif s.get("method") == "lora":
             rec["rank"] = int(adapter.get("rank", 0))
         records.append(rec)
-    return records, gaps
+    return records, gaps, gaps_aligned
 
 
 def prereg_plots(out: Path, result: dict) -> List[str]:
@@ -691,8 +695,9 @@ def main(argv: Optional[List[str]] = None) -> Path:
     if not a.calibration.is_file():
         p.error(f"--calibration {a.calibration}: no such file; run scripts/calibrate_gaps.py first")
     primary = json.loads(a.calibration.read_text())["selection"]["primary"]
-    records, prereg_gaps = prereg_inputs(a.runs, a.weights, primary)
-    prereg = analyse(records, prereg_gaps, primary, n_boot=a.n_boot, n_perm=a.n_perm, seed=a.seed)
+    records, prereg_gaps, prereg_gaps_aligned = prereg_inputs(a.runs, a.weights, primary)
+    prereg = analyse(records, prereg_gaps, primary, n_boot=a.n_boot, n_perm=a.n_perm, seed=a.seed,
+                     gaps_aligned=prereg_gaps_aligned)
     runs, gaps, notes = load_runs(a.runs, a.split, a.weights)
     tg, metrics = task_gaps(gaps)
     knee_runs = complete_sweeps(select(runs, a.knee_tables, notes, "(a)-(c)"), notes)

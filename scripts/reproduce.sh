@@ -34,6 +34,8 @@
 #                  into results/pilots/<knee table>.json
 #   prereg         the knee sweeps of PREREG_TASKS whose pilot plateaued: every warm-up, then every
 #                  rank x seed, PACK (default 24) runs to a process
+#   prereg_stage1  the pre-registered stage-1 arm: stage 1 (OTDD) on Darcy and dial levels 2 and 5,
+#                  their gap profiles with the aligned embedder, then the aligned warm-ups and knees
 #   ddp            (2+ GPUs) bench_ddp, then Darcy-85 full fine-tuning on 1 GPU and under DDP on 2
 #   pack           tar every finished run directory under results/runs/ (one holding summary.json)
 #                  into OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt
@@ -46,7 +48,7 @@
 # PER_GPU runs at a time (default 6): the fractal body's eager runs are bound by Python, so they share
 # one GPU well.
 source "$(dirname "$0")/_env.sh"
-parts="gpu_tests stage0 stage0_mim swinb_darcy bench profile bench_graphs bench_sdpa body_evidence body_evidence_mim body_evidence_droppath tables hypothesis sweeps pilot prereg ddp pack"
+parts="gpu_tests stage0 stage0_mim swinb_darcy bench profile bench_graphs bench_sdpa body_evidence body_evidence_mim body_evidence_droppath tables hypothesis sweeps pilot prereg prereg_stage1 ddp pack"
 if [ $# -lt 2 ]; then
   echo "usage: bash scripts/reproduce.sh PART OUT_DIR [SECONDS]; PART: ${parts// / | }" >&2
   exit 2
@@ -286,6 +288,23 @@ prereg)
     step "knee sweep of $task: warm-ups, then ranks x seeds, ${PACK:-24} runs to a process"
     within 600 "$PY" -m orca.sweep "$warmup" --pack "${PACK:-24}"
     within 600 "$PY" -m orca.sweep "$knee" --pack "${PACK:-24}"
+  done
+  ;;
+prereg_stage1)
+  for key in darcy dial2 dial5; do
+    if [ $key = darcy ]; then task=(task.name=darcy); else
+      task=(task.name=fractal_dial "task.options={level: ${key#dial}, cache: true, device: cuda}"); fi
+    s1=results/runs/prereg_stage1/$key
+    step "stage 1 (OTDD) on $key"
+    [ -f $s1/summary.json ] || within 600 bash scripts/stage1.sh configs/experiments/prereg/stage1.yaml "${task[@]}" run_dir=$s1
+    step "gap profile of $key with the aligned embedder"
+    [ -f results/runs/prereg_gaps_aligned/$key/summary.json ] || within 400 bash scripts/stage2.sh \
+        configs/experiments/prereg/gaps_aligned.yaml "${task[@]}" model.embedder_from=$s1 run_dir=results/runs/prereg_gaps_aligned/$key
+  done
+  for name in darcy dial; do
+    step "aligned warm-ups and knees: $name, ${PACK:-24} runs to a process"
+    within 600 "$PY" -m orca.sweep configs/experiments/prereg/${name}_aligned_warmup.yaml --pack "${PACK:-24}"
+    within 600 "$PY" -m orca.sweep configs/experiments/prereg/${name}_aligned_knee.yaml --pack "${PACK:-24}"
   done
   ;;
 ddp)

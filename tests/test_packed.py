@@ -18,6 +18,7 @@ from orca import packed as packed_mod
 from orca import sweep as sweep_mod
 from orca.bodies import create_body, save_body
 from orca.config import load_config
+from orca.model import BodyCache, body_from_config
 from orca.packed_model import PackedLinear
 from orca.train import run_stage3
 
@@ -121,21 +122,32 @@ def test_packed_runs_equal_runs_alone(workdir, alone, capsys):
     assert summary["packed_runs"] == 4 and summary["params"]["adapters"] > 0
 
 
-def test_padding_is_exact_zero_and_gets_no_gradient():
-    """Padded factors contribute nothing and get exactly zero gradient, so AdamW keeps them zero."""
-    base = torch.nn.Linear(6, 5)
+@pytest.mark.parametrize("n", [4, 8], ids=["few_tokens", "many_tokens"])  # the two input-gradient forms
+def test_padding_is_exact_zero_and_gets_no_gradient(n):
+    """Padded factors contribute nothing and get exactly zero gradient, so AdamW keeps them zero; the
+    hand-written backward gives the gradients of the composed ops."""
+    base = torch.nn.Linear(6, 5).requires_grad_(False)  # the shared body is frozen
     layer = PackedLinear(base, ranks=[1, 3], scalings=[2.0, 0.5])
     with torch.no_grad():
         layer.lora_A.normal_()
         layer.lora_B.normal_()
         layer.lora_A[0, 1:] = 0  # run 0 has rank 1: rows 1-2 of A and columns 1-2 of B are padding
         layer.lora_B[0, :, 1:] = 0
-    x = torch.randn(2 * 4, 6)
+    x = torch.randn(2 * n, 6, requires_grad=True)
     out = layer(x)
-    expected0 = base(x[:4]) + 2.0 * x[:4] @ layer.lora_A[0, :1].t() @ layer.lora_B[0, :, :1].t()
-    expected1 = base(x[4:]) + 0.5 * x[4:] @ layer.lora_A[1].t() @ layer.lora_B[1].t()
-    torch.testing.assert_close(out, torch.cat([expected0, expected1]))
+    a = layer.lora_A.detach().clone().requires_grad_()
+    b = layer.lora_B.detach().clone().requires_grad_()
+    expected0 = base(x[:n]) + 2.0 * x[:n] @ a[0, :1].t() @ b[0, :, :1].t()
+    expected1 = base(x[n:]) + 0.5 * x[n:] @ a[1].t() @ b[1].t()
+    expected = torch.cat([expected0, expected1])
+    torch.testing.assert_close(out, expected)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x)
+    out = layer(x)
     out.square().sum().backward()
+    ref_x, ref_a, ref_b = torch.autograd.grad(expected.square().sum(), [x, a, b])
+    torch.testing.assert_close(grad_x, ref_x)
+    torch.testing.assert_close(layer.lora_A.grad, ref_a)
+    torch.testing.assert_close(layer.lora_B.grad, ref_b)
     assert layer.lora_A.grad[0, 1:].abs().max() == 0 and layer.lora_B.grad[0, :, 1:].abs().max() == 0
     assert layer.lora_A.grad[1].abs().min() > 0 and layer.lora_A.grad[0, 0].abs().min() > 0
 
@@ -221,3 +233,25 @@ def test_runs_that_cannot_share_a_body_train_alone(workdir):
                                    ["model.body_kwargs.drop_rate=0.1"])
     with pytest.raises(packed_mod.PackError, match="dropout at body.*drop"):
         packed_mod.train_pack([run.cfg for run in runs])
+
+
+def test_body_cache_gives_the_body_and_rng_state_of_a_fresh_build(workdir):
+    """A pack builds each seed's body once: a later run of that seed gets a copy and the RNG state
+    that building it again would have left (so its embedder, head and LoRA init are its own)."""
+    cfg = sweep_mod.load_sweep(sweep_file(workdir))[1][0].cfg
+    bodies = BodyCache()
+    handed_out = []
+    for seed in (0, 1, 0, 1):
+        torch.manual_seed(seed)
+        fresh = body_from_config(cfg.model)
+        fresh_after = torch.rand(4)
+        torch.manual_seed(seed)
+        body = bodies(cfg.model)
+        assert torch.equal(torch.rand(4), fresh_after)
+        assert body.state_dict().keys() == fresh.state_dict().keys()
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in body.state_dict().items())
+        assert all(body is not other for other in handed_out)
+        with torch.no_grad():  # what a run does to its body does not reach the next run's
+            next(body.parameters()).add_(1.0)
+        handed_out.append(body)
+    assert len(bodies._built) == 2

@@ -37,7 +37,9 @@ def test_a_planted_law_is_recovered_and_everything_is_reported():
         assert t["knees"]["0.05"]["lo"] <= knees[t["key"]] <= t["knees"]["0.05"]["hi"]
     assert res["spearman"]["rho"] == pytest.approx(1.0) and res["spearman"]["p"] < 1e-6
     assert res["gamma"]["lo"] < 0.5 < res["gamma"]["hi"] and res["gamma"]["p_positive"] > 0.999
-    assert res["missing"][-1].startswith("stage-1 comparison") and not any("knee sweep" in m for m in res["missing"])
+    # only the placebos and the stage-1 arm, not run here, are missing
+    assert res["missing"] and all(m.startswith(("stage-1 comparison on", "placebo comparison on")) for m in res["missing"])
+    assert not any("knee sweep" in m for m in res["missing"] if "aligned" not in m)
     json.dumps(res)  # JSON-ready
     md = render(res)
     assert "P(gamma > 0) = 1.000" in md and "rho = 1.000" in md
@@ -84,3 +86,27 @@ def test_placebo_table_and_differences():
     assert d["placebo"] == "uniform" and d["placebo_minus_stage2"] == pytest.approx(0.01) and d["lo"] > 0
     assert not any(m.startswith("placebo comparison on darcy") for m in res["missing"])
     assert any(m.startswith("placebo comparison on dial3: 0 of 3") for m in res["missing"])
+
+
+def test_stage1_arm_knees_side_by_side_and_their_difference():
+    rng = np.random.default_rng(3)
+    runs = sweep({"darcy": 8, "dial2": 4}, rng)
+    for r, errs in curve(2, rng):   # the aligned embedder needs rank 2 on darcy
+        runs += [{"key": "darcy", "table": "aligned_knee_darcy", "rank": r, "seed": s, "error": e}
+                 for s, e in enumerate(errs)]
+    gaps = {"darcy": {"value": 0.9, "lo": 0.85, "hi": 0.95}}
+    aligned = {"darcy": {"value": 0.4, "lo": 0.35, "hi": 0.45}}
+    res = analyse(runs, gaps, "mmd_source", n_boot=200, gaps_aligned=aligned)
+    rows = {r["key"]: r for r in res["stage1"]["rows"]}
+    darcy = rows["darcy"]
+    assert (darcy["knee_source"]["knee"], darcy["knee_aligned"]["knee"]) == (8, 2)
+    d = darcy["knee_aligned_minus_source"]
+    assert d["diff"] == -6 and d["lo"] <= -6 <= d["hi"] and d["hi"] < 0
+    assert darcy["gap_aligned"]["value"] == 0.4 and darcy["gap_source"]["value"] == 0.9
+    # aligned runs stay out of the source curve: darcy's primary knee is the source arm's
+    assert next(t for t in res["tasks"] if t["key"] == "darcy")["knees"]["0.05"]["knee"] == 8
+    assert rows["dial2"]["knee_aligned"] is None and rows["dial2"]["knee_aligned_minus_source"] is None
+    assert "stage-1 comparison on dial2: the aligned knee sweep is incomplete" in res["missing"]
+    assert "stage-1 comparison on dial5: no gap profile with the aligned embedder" in res["missing"]
+    md = render(res)
+    assert "| darcy | 0.9 [0.85, 0.95] | 0.4 [0.35, 0.45] | 8 [" in md and "| -6 [" in md

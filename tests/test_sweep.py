@@ -339,3 +339,30 @@ def test_ddp_darcy_sweeps_differ_only_in_gpus():
     strip = lambda cfg: {**config_dict(cfg), "run_dir": None}  # noqa: E731
     assert [strip(r.cfg) for r in one] == [strip(r.cfg) for r in two]
     assert one[0].cfg.task.name == "darcy" and one[0].cfg.train.batch_size % 2 == 0
+
+
+@pytest.mark.parametrize("task, levels", [("darcy", [None]), ("dial", [2, 5])])
+def test_stage1_arm_sweeps_differ_from_the_source_arm_only_in_the_embedder(task, levels):
+    """The pre-registered stage-1 arm: the same grid points and recipe as the source-initialised
+    sweeps, the warm-ups starting from each task's (level's) aligned embedder, the knees from those."""
+    prereg = REPO / "configs/experiments/prereg"
+
+    def by_point(name):
+        _, runs = sweep_mod.load_sweep(prereg / f"{name}.yaml")
+        return {(getattr(r.cfg.task.options, "level", None), r.cfg.adapter.rank, r.cfg.adapter.method, r.cfg.seed): r.cfg
+                for r in runs}
+
+    for kind in ("warmup", "knee"):
+        source, aligned = by_point(f"{task}_{kind}"), by_point(f"{task}_aligned_{kind}")
+        assert aligned and set(aligned) == {p for p in source if p[0] in levels}
+        for point, cfg in aligned.items():
+            a, s = config_dict(cfg), config_dict(source[point])
+            for d in (a, s):
+                d.pop("name"), d.pop("run_dir", None)
+                d["model"].pop("warmup_from"), d["model"].pop("embedder_from")
+            assert a == s, point
+            level = point[0]
+            if kind == "warmup":
+                assert cfg.model.embedder_from == f"results/runs/prereg_stage1/{task}{level if level else ''}"
+            else:
+                assert cfg.model.warmup_from == f"results/runs/aligned_warmup_{task}" and not cfg.model.embedder_from

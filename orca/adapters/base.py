@@ -138,6 +138,9 @@ class AdapterMethod:
     """
 
     name = "base"
+    #: Whether training writes the body's frozen weights in place (Delta-LoRA): checkpoints then
+    #: hold the whole body, as :mod:`orca.model_state` cannot rebuild it from the config.
+    changes_frozen_body = False
 
     def __init__(self, cfg: AdapterConfig):
         if not isinstance(cfg, AdapterConfig):

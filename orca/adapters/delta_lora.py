@@ -30,6 +30,7 @@ class DeltaLoRAMethod(LoRAMethod):
     """LoRA whose frozen W follows the change of s B A, scaled by lambda, once step t > K."""
 
     name = "delta_lora"
+    changes_frozen_body = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
