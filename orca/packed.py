@@ -1,5 +1,9 @@
 """Packed stage 3: up to K sweep runs trained in lockstep through one shared frozen body.
 
+Why this file is long: the pack's run loop keeps every run's own state (data, schedule, clipping,
+best checkpoint, failure) beside the shared step, which splitting would scatter; the packed model
+is orca/packed_model.py and its optimizer orca/packed_optim.py.
+
     bash scripts/sweep.sh configs/experiments/table3_darcy_all.yaml --pack 24
 
 Why: a sweep of short LoRA runs on a small body leaves a GPU mostly idle, bound by kernel
