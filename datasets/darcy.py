@@ -13,7 +13,8 @@ Splits (validation is never carved from the test set):
   stream; test = the "test" stream[:n_test], a different random stream, so no overlap is possible.
 
 The model sees x = [unit-Gaussian-normalised a, x grid, y grid] and is trained on normalised u;
-loss and metric are computed on decoded (physical) u, as ORCA and FNO do.
+loss and metric are computed on decoded (physical) u, as ORCA and FNO do. The reader of FNO's files
+is :mod:`datasets.darcy_mat`; the normaliser and the relative L2 are :mod:`datasets.field_regression`.
 """
 from __future__ import annotations
 
@@ -33,19 +34,18 @@ from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
 from datasets import darcy_solver
 from datasets.darcy_solver import STREAMS, CoefficientPrior, darcy_stats  # noqa: F401  (re-exported)
+from datasets.darcy_mat import FNO_TEST_FILE, FNO_TRAIN_FILE, load_darcy_mat
 from datasets.errors import DataFileError
+from datasets.field_regression import RelativeL2, UnitGaussianNormalizer
 from datasets.progress import Progress
 from datasets.registry import TaskData, register_task
 
 # Bump when a change to darcy_solver changes the samples: it is part of the cache key.
 GENERATOR_VERSION = "fno-grf-solve_gwf-v1"
-FNO_TRAIN_FILE = "piececonst_r421_N1024_smooth1.mat"
-FNO_TEST_FILE = "piececonst_r421_N1024_smooth2.mat"
 
 PathLike = Union[str, os.PathLike]
 
@@ -208,200 +208,6 @@ def generate_darcy(
     coeff, sol = np.concatenate(new_c), np.concatenate(new_s)
     _save_arrays(path, coeff, sol)
     return coeff, sol
-
-
-# --------------------------------------------------------------------------------------------
-# FNO .mat files
-# --------------------------------------------------------------------------------------------
-MAT_FIX = ("get FNO's files (Li et al., 2021) under the data root or set task.options.train_file/test_file, "
-           "or use task.options.source='generate' to build the same distribution locally")
-
-
-def _mat_missing(path: Path) -> DataFileError:
-    return DataFileError(
-        f"Darcy .mat file not found; expected one of FNO's files ({FNO_TRAIN_FILE} for train/val, "
-        f"{FNO_TEST_FILE} for test) holding fields 'coeff' and 'sol' of shape [N, 421, 421]", str(path), MAT_FIX)
-
-
-def load_darcy_mat(
-    path: PathLike, n: Optional[int] = None, resolution: int = 421, subsample: int = 5
-) -> Tuple[np.ndarray, np.ndarray]:
-    """Read ``coeff`` and ``sol`` from an FNO Darcy .mat (v5 or v7.3) into the cache format.
-
-    MATLAB v7.3 files are HDF5 with every axis reversed (MATLAB is column-major), so they are read
-    with h5py, strided on disk (only the needed 85x85 of each 421x421 is read) and transposed back.
-    A v5 file is read whole before its fields are checked, so a truncated file is reported as
-    truncated, not as one that lacks ``sol``.
-
-    Args:
-        path: the .mat file.
-        n: number of leading samples to return (all when None).
-        resolution: expected spatial size of the stored fields (421 for FNO's files).
-        subsample: stride ``[::subsample, ::subsample]``.
-
-    Returns:
-        coeff, sol: float32 ``[n, s, s]``.
-
-    Raises:
-        DataFileError: the file is missing, not a MATLAB file, truncated, or holds other fields,
-            shapes or fewer samples than asked for (naming the path).
-    """
-    import h5py
-    import scipy.io
-
-    path = Path(path)
-    if not path.is_file():
-        raise _mat_missing(path)
-    sl = slice(None, None, subsample)
-    fields = {}
-    try:
-        if h5py.is_hdf5(path):
-            with h5py.File(path, "r") as f:
-                names = [k for k in f.keys() if not k.startswith("#")]
-                _check_fields(path, names)
-                for key in ("coeff", "sol"):
-                    shape = tuple(reversed(f[key].shape))
-                    _check_shape(path, key, shape, resolution)
-                    count = shape[0] if n is None else n
-                    _check_count(path, shape[0], count)
-                    fields[key] = np.asarray(f[key][sl, sl, :count]).transpose(2, 1, 0)
-        else:
-            data = scipy.io.loadmat(str(path), variable_names=["coeff", "sol"])
-            _check_fields(path, [name for name, _, _ in scipy.io.whosmat(str(path))])
-            for key in ("coeff", "sol"):
-                _check_shape(path, key, data[key].shape, resolution)
-                count = data[key].shape[0] if n is None else n
-                _check_count(path, data[key].shape[0], count)
-                fields[key] = data[key][:count, sl, sl]
-    except DataFileError:
-        raise
-    except (OSError, ValueError, IndexError, EOFError, KeyError, TypeError) as err:  # what scipy/h5py raise on bad bytes
-        raise DataFileError(f"cannot read the Darcy .mat file, it is truncated or not a MATLAB file "
-                            f"({type(err).__name__}: {str(err)[:120]})", str(path), MAT_FIX) from err
-    if fields["coeff"].shape != fields["sol"].shape:
-        raise DataFileError(f"'coeff' {fields['coeff'].shape} and 'sol' {fields['sol'].shape} differ in shape",
-                            str(path), MAT_FIX)
-    return tuple(np.ascontiguousarray(fields[k], dtype=np.float32) for k in ("coeff", "sol"))
-
-
-def _check_fields(path: Path, names) -> None:
-    absent = [k for k in ("coeff", "sol") if k not in names]
-    if absent:
-        raise DataFileError(
-            f"no field {' or '.join(map(repr, absent))}; its fields are {sorted(names)}", str(path),
-            "an FNO Darcy file holds 'coeff' and 'sol' [N, 421, 421]",
-        )
-
-
-def _check_shape(path: Path, key: str, shape, resolution: int) -> None:
-    if len(shape) != 3 or tuple(shape[1:]) != (resolution, resolution):
-        raise DataFileError(
-            f"field {key!r} has shape {tuple(shape)}, expected [N, {resolution}, {resolution}]", str(path),
-            "set task.options.resolution to the file's grid size",
-        )
-
-
-def _check_count(path: Path, available: int, wanted: int) -> None:
-    if wanted > available:
-        raise DataFileError(f"the file holds {available} samples but {wanted} were requested", str(path),
-                            "ask for fewer samples (task.options.n_train, n_val, n_test)")
-
-
-# --------------------------------------------------------------------------------------------
-# Normalizer, loss, dataset
-# --------------------------------------------------------------------------------------------
-class UnitGaussianNormalizer(nn.Module):
-    """FNO's per-pixel unit-Gaussian normalizer, with mean/std as buffers so checkpoints carry them.
-
-    Args:
-        shape: shape of one sample (``(s, s)``); buffers start as mean 0, std 1.
-        eps: added to std, so constant pixels (std 0) do not divide by zero (FNO: 1e-5).
-    """
-
-    def __init__(self, shape: Tuple[int, ...] = (), eps: float = 1e-5):
-        super().__init__()
-        self.eps = float(eps)
-        self.register_buffer("mean", torch.zeros(shape))
-        self.register_buffer("std", torch.ones(shape))
-
-    @torch.no_grad()
-    def fit(self, x: Union[torch.Tensor, np.ndarray]) -> "UnitGaussianNormalizer":
-        """Per-pixel mean and unbiased std over the sample axis (dim 0), as FNO computes them.
-
-        Args:
-            x: ``[N, ...]`` with N >= 2.
-        """
-        x = torch.as_tensor(x, dtype=torch.float32)
-        if x.ndim < 1 or x.shape[0] < 2:
-            raise ValueError(f"UnitGaussianNormalizer.fit needs >= 2 samples along dim 0, got shape {tuple(x.shape)}")
-        self.mean = x.mean(0)
-        self.std = x.std(0)
-        return self
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x - mean) / (std + eps)``; x ``[..., *shape]``."""
-        return (x - self.mean.to(x)) / (self.std.to(x) + self.eps)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`encode`; x ``[..., *shape]``."""
-        return x * (self.std.to(x) + self.eps) + self.mean.to(x)
-
-    transform, inverse_transform = encode, decode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode(x)
-
-    def inverse(self) -> "NormalizerDecode":
-        """A Module whose forward decodes, sharing this normalizer's buffers (for ``TaskData.decode``)."""
-        return NormalizerDecode(self)
-
-
-class NormalizerDecode(nn.Module):
-    """``forward = normalizer.decode``: model output (normalised) -> physical units."""
-
-    def __init__(self, normalizer: UnitGaussianNormalizer):
-        super().__init__()
-        self.normalizer = normalizer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.normalizer.decode(x)
-
-
-class RelativeL2:
-    """Relative L2 error ``||pred - y|| / ||y||`` per sample (FNO's LpLoss.rel with p = 2).
-
-    Args:
-        reduction: ``"mean"``, ``"sum"`` (ORCA/FNO training loss) or ``"none"`` (per-sample ``[B]``).
-        decode: applied to ``pred`` first, so a model trained on normalised u is scored in physical units.
-    """
-
-    REDUCTIONS = ("sum", "mean", "none")
-
-    def __init__(self, reduction: str = "mean", decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
-        if reduction not in self.REDUCTIONS:
-            raise ValueError(f"RelativeL2 reduction must be one of {self.REDUCTIONS}, got {reduction!r}")
-        self.reduction = reduction
-        self.decode = decode
-
-    @property
-    def name(self) -> str:
-        return "rel_l2"
-
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Args: pred ``[B, ...]``, target ``[B, ...]`` with equal numbers of elements per sample."""
-        if self.decode is not None:
-            pred = self.decode(pred)
-        b = target.shape[0]
-        if pred.shape[0] != b or pred.numel() != target.numel():
-            raise ValueError(f"RelativeL2: pred {tuple(pred.shape)} and target {tuple(target.shape)} do not match")
-        pred, target = pred.float().reshape(b, -1), target.float().reshape(b, -1)
-        err = torch.linalg.vector_norm(pred - target, dim=1) / torch.linalg.vector_norm(target, dim=1)
-        if self.reduction == "sum":
-            return err.sum()
-        return err.mean() if self.reduction == "mean" else err
-
-    def __repr__(self) -> str:
-        return f"RelativeL2(reduction={self.reduction!r}, decode={self.decode is not None})"
 
 
 def check_darcy_arrays(coeff: np.ndarray, sol: np.ndarray, split: str) -> None:

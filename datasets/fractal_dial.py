@@ -35,7 +35,7 @@ pixels) and after any augmentation, to every split alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.fractal import HELDOUT_CLASS_OFFSET, FractalDataset, _FractalCommonOptions
-from datasets.images import ClassificationSplits, classification_task_data
+from datasets.classification import ClassificationSplits, classification_task_data, options_info
 from datasets.registry import TaskData, register_task
 
 #: Number of dial levels: 0 (the source) .. DIAL_LEVELS - 1 (every square scrambled).
@@ -195,7 +195,7 @@ def dial_splits(opts: FractalDialOptions) -> ClassificationSplits:
 @register_task("fractal_dial", FractalDialOptions)
 def build_fractal_dial(opts: FractalDialOptions, data_root: str) -> TaskData:
     """The gap dial: pretraining fractal classes, fresh instances, pixels scrambled in a growing share of squares."""
-    info = {f.name: getattr(opts, f.name) for f in fields(opts)}
+    info = options_info(opts)
     scramble = opts.scramble()
     info.update(source="FractalDB-style IFS (pretraining classes) under the dial's pixel scramble",
                 classes=[0, opts.num_classes], levels=DIAL_LEVELS, pixels_moved=scramble.moved,

@@ -22,9 +22,14 @@ from typing import Callable, Dict, Tuple
 import numpy as np
 import torch
 
-from datasets.images import (
-    INTERPOLATIONS, ClassificationSplits, ImageTensorDataset, _check_common, _options_info, _stratified_split,
+from datasets.classification import (
+    ClassificationSplits,
+    ImageTensorDataset,
+    SplitOptions,
+    check_split_options,
     classification_task_data,
+    options_info,
+    stratified_split,
 )
 from datasets.registry import TaskData, register_task
 
@@ -109,7 +114,7 @@ FAMILIES: Tuple[Tuple[str, Signal], ...] = (
 
 
 @dataclass
-class TonesOptions:
+class TonesOptions(SplitOptions):
     """Options of ``tones`` (synthetic audio as spectrogram images, 10 classes)."""
 
     n_per_class: int = field(default=300, metadata={"help": "items per signal family (10 families)"})
@@ -118,16 +123,9 @@ class TonesOptions:
     n_fft: int = field(default=256, metadata={"help": "STFT window (Hann) length; hop = n_fft / 4"})
     db_range: float = field(default=80.0, metadata={"help": "decibels below each item's peak kept in the image"})
     seed: int = field(default=0, metadata={"help": "item i depends only on (seed, i)"})
-    image_size: int = field(default=224, metadata={"help": "spectrograms are resized to image_size x image_size"})
-    val_fraction: float = field(default=0.15, metadata={"help": "stratified fraction for validation"})
-    test_fraction: float = field(default=0.15, metadata={"help": "stratified fraction for test"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the fixed stratified split"})
-    interpolation: str = field(default="bilinear", metadata={"help": f"resizing: {' | '.join(INTERPOLATIONS)}"})
-    presize: bool = field(default=True, metadata={
-        "help": "resize all spectrograms once at build time (uint8) instead of per item"})
 
     def __post_init__(self):
-        _check_common(self, ("n_per_class", "image_size"), ("val_fraction", "test_fraction"))
+        check_split_options(self, ("n_per_class", "image_size"), ("val_fraction", "test_fraction"))
         if isinstance(self.n_fft, bool) or not isinstance(self.n_fft, int) or self.n_fft < 16 or self.n_fft % 4:
             raise ValueError(f"TonesOptions.n_fft must be an integer >= 16 divisible by 4, got {self.n_fft!r}")
         if not self.snr_db_min <= self.snr_db_max:
@@ -170,8 +168,7 @@ def render(opts: TonesOptions) -> Tuple[torch.Tensor, torch.Tensor]:
 def tones_split_indices(opts: TonesOptions) -> Dict[str, np.ndarray]:
     """The fixed stratified train/val/test item indices."""
     labels = np.arange(opts.n_per_class * len(FAMILIES)) % len(FAMILIES)
-    fr = (1.0 - opts.val_fraction - opts.test_fraction, opts.val_fraction, opts.test_fraction)
-    return dict(zip(("train", "val", "test"), _stratified_split(labels, fr, opts.split_seed)))
+    return dict(zip(("train", "val", "test"), stratified_split(labels, opts.split_fractions(), opts.split_seed)))
 
 
 @register_task("tones", TonesOptions)
@@ -185,6 +182,6 @@ def build_tones(opts: TonesOptions, data_root: str) -> TaskData:
                                   presize=opts.presize)
 
     splits = ClassificationSplits(make("train"), make("val"), make("test"), num_classes=len(FAMILIES))
-    info = dict(_options_info(opts), source="generated (datasets/tones.py)", normalization="imagenet",
+    info = dict(options_info(opts), source="generated (datasets/tones.py)", normalization="imagenet",
                 families=[name for name, _ in FAMILIES], sample_rate=SAMPLE_RATE)
     return classification_task_data(splits, info)

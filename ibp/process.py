@@ -133,7 +133,11 @@ def left_ordered_form(Z: np.ndarray) -> np.ndarray:
 
 
 def _shared_terms(Z: np.ndarray, alpha: float) -> Tuple[float, np.ndarray]:
-    n = Z.shape[0]
+    """The terms log P([Z]) and the sequential probability share, after checking the inputs:
+    (K+ log alpha - alpha H_N + sum_k log((N - m_k)! (m_k - 1)! / N!), Z without empty columns)."""
+    alpha = _check_alpha(alpha)
+    Z = _as_binary(Z)
+    n = _check_n(Z.shape[0])
     Z = Z[:, Z.any(axis=0)] if Z.shape[1] else Z
     m = Z.sum(axis=0).astype(np.float64)
     k_plus = Z.shape[1]
@@ -152,9 +156,6 @@ def log_prob_lof(Z: np.ndarray, alpha: float) -> float:
         Z: binary matrix [N, K].
         alpha: concentration (> 0).
     """
-    alpha = _check_alpha(alpha)
-    Z = _as_binary(Z)
-    _check_n(Z.shape[0])
     log_p, Z = _shared_terms(Z, alpha)
     if Z.shape[1]:
         log_p -= float(np.sum(gammaln(_history_multiplicities(Z) + 1.0)))
@@ -180,9 +181,6 @@ def log_prob_sequential(Z: np.ndarray, alpha: float) -> float:
             :func:`sample_ibp` returns them); all-zero columns are ignored.
         alpha: concentration (> 0).
     """
-    alpha = _check_alpha(alpha)
-    Z = _as_binary(Z)
-    _check_n(Z.shape[0])
     log_p, Z = _shared_terms(Z, alpha)
     if Z.shape[1]:
         first = Z.argmax(axis=0)

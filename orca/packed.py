@@ -1,5 +1,9 @@
 """Packed stage 3: up to K sweep runs trained in lockstep through one shared frozen body.
 
+Why this file is long: the pack's run loop keeps every run's own state (data, schedule, clipping,
+best checkpoint, failure) beside the shared step, which splitting would scatter; the packed model
+is orca/packed_model.py and its optimizer orca/packed_optim.py.
+
     bash scripts/sweep.sh configs/experiments/table3_darcy_all.yaml --pack 24
 
 Why: a sweep of short LoRA runs on a small body leaves a GPU mostly idle, bound by kernel
@@ -20,7 +24,8 @@ one micro-batch per step; runs whose task, body, batch size, epochs and the rest
 (:func:`pack_key`) and that stand at the same point of training. Per run may differ: seed, rank or
 rank map, targets, alpha, rsLoRA, LoRA+ ratio, lr, weight decay, warm-up, clipping, which of
 embedder and head train, a stage-1 embedder. Everything else trains alone, as before
-(:func:`why_not_packable`).
+(:func:`why_not_packable`). The pack's model is :mod:`orca.packed_model`, its optimizer
+:mod:`orca.packed_optim`.
 """
 from __future__ import annotations
 
@@ -29,7 +34,6 @@ import json
 import math
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -41,10 +45,11 @@ from orca.adapters import build_method
 from orca.config import ExperimentConfig, config_dict, config_yaml
 from orca.model import BodyCache, task_shape
 from orca.model_state import body_rebuildable, frozen_body_names, load_model_state, model_checkpoint, share_digest
-from orca.packed_model import PackError, PackedModel, Slot
-from orca.runs import RunDir, check_arch, git_info, machine_info
 from orca.evaluation import decode, loss_reduction
 from orca.optimization import build_optimizer, warmup_linear_decay
+from orca.packed_model import PackError, PackedModel
+from orca.packed_optim import PackedAdamW, to_device
+from orca.runs import CheckpointWriter, RunDir, check_arch, git_info, machine_info
 from orca.runtime import autocast_for, resolve_device
 from orca.train import EpochBatchSampler, check_finite, initial_model
 
@@ -130,126 +135,6 @@ def plan_packs(cfgs: Sequence[ExperimentConfig], k: int) -> Tuple[List[List[int]
         members = sorted(members, key=lambda i: (max_rank(cfgs[i]), i))
         packs.extend(members[j:j + k] for j in range(0, len(members), k))
     return packs, alone
-
-
-# ----------------------------------------------------------------------------- optimizer
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device`` without waiting for the GPU: a copy from pageable memory
-    first waits for every kernel queued before it, which twice a step let the GPU run dry while
-    the host queued the next kernels; from pinned memory it is queued like a kernel."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-class PackedAdamW:
-    """AdamW (torch's decoupled form) over the stacked tensors, each run with its own lr and decay.
-
-    The learning rates come each step from the runs' own ``torch.optim.AdamW`` objects, which
-    never step: their LambdaLR schedulers move their lrs, and :meth:`export` writes this state into
-    them so that checkpoints hold ``optimizer.state_dict()`` exactly as a run alone saves it.
-    """
-
-    def __init__(self, slots: Sequence[Slot], optimizers: Sequence[torch.optim.Optimizer],
-                 models: Sequence[torch.nn.Module], clip: Sequence[Optional[float]]):
-        self.slots, self.optimizers = list(slots), list(optimizers)
-        self.params = [s.param for s in self.slots]
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.step_count = 0
-        defaults = optimizers[0].defaults
-        self.beta1, self.beta2 = defaults["betas"]
-        self.eps = defaults["eps"]
-        k = len(optimizers)
-        device = self.params[0].device
-        self.own = [dict(m.named_parameters()) for m in models]
-        groups, decay = torch.zeros(len(slots), k, dtype=torch.long), torch.zeros(len(slots), k, dtype=torch.float64)
-        for i, opt in enumerate(optimizers):
-            where = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
-            for s, slot in enumerate(self.slots):
-                if slot.trained[i]:
-                    g = where[id(self.own[i][slot.names[i]])]
-                    groups[s, i], decay[s, i] = g, opt.param_groups[g]["weight_decay"]
-        self.groups, self.decay = groups, decay
-        self.trained = torch.tensor([s.trained for s in self.slots], dtype=torch.float64)
-        self.trained_dev = self.trained.to(device=device, dtype=torch.float32)
-        self.clip = torch.tensor([c if c else math.inf for c in clip], dtype=torch.float32, device=device)
-        self.clipping = any(c for c in clip)
-        self.max_groups = max(len(o.param_groups) for o in optimizers)
-
-    def _views(self, rows: torch.Tensor) -> List[torch.Tensor]:
-        """Row s of ``rows`` [slots, K] shaped to broadcast over slot s's stacked tensor."""
-        return [rows[s].view(-1, *([1] * (p.ndim - 1))) for s, p in enumerate(self.params)]
-
-    @torch.no_grad()
-    def clip_grad_norm_(self) -> None:
-        """Per run, ``clip_grad_norm_`` over that run's trained tensors (runs without clipping: x 1)."""
-        if not self.clipping:
-            return
-        grads = [p.grad for p in self.params]
-        k = self.clip.shape[0]
-        norms = torch.stack([g.reshape(k, -1).float().norm(dim=1) for g in grads]) * self.trained_dev
-        total = torch.linalg.vector_norm(norms, dim=0)
-        coef = torch.where(torch.isinf(self.clip), torch.ones_like(total),
-                           torch.clamp(self.clip / (total + 1e-6), max=1.0))
-        torch._foreach_mul_(grads, [coef.view(-1, *([1] * (g.ndim - 1))) for g in grads])
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.step_count += 1
-        t = self.step_count
-        k = len(self.optimizers)
-        lrs = torch.zeros(k, self.max_groups, dtype=torch.float64)
-        for i, opt in enumerate(self.optimizers):
-            lrs[i, :len(opt.param_groups)] = torch.tensor([g["lr"] for g in opt.param_groups], dtype=torch.float64)
-        lr = lrs.gather(1, self.groups.t()).t() * self.trained  # [slots, K]
-        bc1, bc2 = 1 - self.beta1 ** t, 1 - self.beta2 ** t
-        rows = to_device(torch.stack([1 - lr * self.decay, -(lr / bc1)]).float(), self.params[0].device)
-        grads = [p.grad for p in self.params]
-        torch._foreach_mul_(self.params, self._views(rows[0]))
-        torch._foreach_lerp_(self.exp_avg, grads, 1 - self.beta1)
-        torch._foreach_mul_(self.exp_avg_sq, self.beta2)
-        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - self.beta2)
-        denom = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_div_(denom, bc2 ** 0.5)
-        torch._foreach_add_(denom, self.eps)
-        update = torch._foreach_div(self.exp_avg, denom)
-        torch._foreach_mul_(update, self._views(rows[1]))
-        torch._foreach_add_(self.params, update)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def load(self) -> None:
-        """Take the runs' optimizer states (a resumed run's ``ckpt/last.pt``) into the stacks."""
-        steps = set()
-        for i, opt in enumerate(self.optimizers):
-            for s, slot in enumerate(self.slots):
-                state = opt.state.get(self.own[i][slot.names[i]]) if slot.trained[i] else None
-                if state:
-                    slot.view(self.exp_avg[s], i).copy_(state["exp_avg"])
-                    slot.view(self.exp_avg_sq[s], i).copy_(state["exp_avg_sq"])
-                    steps.add(int(state["step"]))
-        if len(steps) > 1:
-            raise PackError(f"the runs' optimizers stand at different steps {sorted(steps)}")
-        self.step_count = steps.pop() if steps else 0
-
-    @torch.no_grad()
-    def export(self, i: int) -> Dict[str, Any]:
-        """Run i's ``optimizer.state_dict()`` as its own AdamW would hold it after this many steps."""
-        opt = self.optimizers[i]
-        if self.step_count:
-            fused = bool(opt.defaults.get("fused"))
-            for s, slot in enumerate(self.slots):
-                if slot.trained[i]:
-                    p = self.own[i][slot.names[i]]
-                    step = torch.tensor(float(self.step_count), dtype=torch.float32,
-                                        device=p.device if fused else "cpu")
-                    opt.state[p] = {"step": step, "exp_avg": slot.view(self.exp_avg[s], i).clone(),
-                                    "exp_avg_sq": slot.view(self.exp_avg_sq[s], i).clone()}
-        return opt.state_dict()
 
 
 # ----------------------------------------------------------------------------- losses and evaluation
@@ -341,48 +226,6 @@ class _Run:
     @property
     def alive(self) -> bool:
         return self.error is None
-
-
-class CheckpointWriter:
-    """Checkpoints written by one background thread while the pack trains on.
-
-    Why: a pack writes K runs' checkpoints at once (``last`` every epoch, ``best`` when validation
-    improves), and serialising them to disk held the GPU idle. :meth:`save` copies the payload to
-    host memory (so training may change the tensors), the thread writes it atomically as a run
-    alone does, in the order saved; :meth:`wait` returns once everything is on disk (before a
-    checkpoint is read, and when the pack ends, whether it finishes or fails).
-    """
-
-    def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-checkpoints")
-        self._pending: List[Future] = []
-
-    def save(self, run_dir: RunDir, name: str, payload: Dict[str, Any]) -> None:
-        host = _to_host(payload)
-        self._pending.append(self._pool.submit(run_dir.save_checkpoint, name, host))
-
-    def wait(self) -> None:
-        """Block until every checkpoint saved so far is written; re-raise the first write error."""
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
-
-
-def _to_host(obj: Any) -> Any:
-    """``obj`` with every tensor copied to host memory (a copy even where it already is)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
-    return obj
 
 
 def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int], None]] = None,

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -325,6 +326,49 @@ class RunDir:
         with reading(path, "a checkpoint (truncated, or not a torch file)",
                      "delete it and run again, or start a new run"):
             return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class CheckpointWriter:
+    """Checkpoints written by one background thread while training goes on.
+
+    Why: a packed sweep (:mod:`orca.packed`) writes K runs' checkpoints at once (``last`` every
+    epoch, ``best`` when validation improves), and serialising them to disk held the GPU idle.
+    :meth:`save` copies the payload to host memory (so training may change the tensors), the thread
+    writes it with :meth:`RunDir.save_checkpoint` (atomically, as a run alone does), in the order
+    saved; :meth:`wait` returns once everything is on disk (before a checkpoint is read, and when
+    training ends, whether it finishes or fails: :meth:`close`).
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoints")
+        self._pending: List[Future] = []
+
+    def save(self, run_dir: RunDir, name: str, payload: Dict[str, Any]) -> None:
+        host = _to_host(payload)
+        self._pending.append(self._pool.submit(run_dir.save_checkpoint, name, host))
+
+    def wait(self) -> None:
+        """Block until every checkpoint saved so far is written; re-raise the first write error."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _to_host(obj: Any) -> Any:
+    """``obj`` with every tensor copied to host memory (a copy even where it already is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
 
 
 def check_arch(saved: Dict[str, Any], model: torch.nn.Module, source: str) -> None:

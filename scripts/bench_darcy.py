@@ -28,8 +28,8 @@ import scipy.sparse.linalg as spla
 
 
 from datasets.darcy import generate_darcy
-from datasets.darcy_solver import (CoefficientPrior, _ordering, assemble_operator, generate_sample, solve_darcy,
-                                   spline_matrices)
+from datasets.darcy_solver import CoefficientPrior, generate_sample, solve_darcy, spline_matrices
+from datasets.multifrontal import assemble_operator, elimination_order
 from orca.errors import exit_on_error
 from orca.runs import git_info, machine_info, write_json
 
@@ -41,7 +41,7 @@ def reference_solve(coeff: np.ndarray) -> np.ndarray:
     to_nodes, to_centres = spline_matrices(K)
     coef_nodes = to_nodes @ coeff @ to_nodes.T
     f_nodes = to_nodes @ np.ones((K, K)) @ to_nodes.T
-    order, rank = _ordering(K - 2)  # assemble_operator numbers the unknowns in this order
+    order, rank = elimination_order(K - 2)  # assemble_operator numbers the unknowns in this order
     x = spla.spsolve(assemble_operator(coef_nodes), f_nodes[1:-1, 1:-1].ravel()[order])
     u_nodes = np.zeros((K, K))
     u_nodes[1:-1, 1:-1] = x[rank].reshape(K - 2, K - 2)

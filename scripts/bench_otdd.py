@@ -167,8 +167,12 @@ def load_microsoft_otdd(path: str):
 
 
 def microsoft_call(dataset_distance, xs, ys, xt, yt, device: torch.device) -> torch.Tensor:
-    """ORCA's call: a fresh DatasetDistance on the two labelled sets, ``distance(maxsamples=len(src))``."""
-    dist = dataset_distance(TensorDataset(xs, ys), TensorDataset(xt, yt), inner_ot_method="exact",
+    """ORCA's call: a fresh DatasetDistance on the two labelled sets, ``distance(maxsamples=len(src))``.
+
+    Features stay on ``device``, labels go to the host: microsoft/otdd filters labels with numpy
+    (``np.isin``), which cannot read a CUDA tensor, and ORCA's k-means labels are host arrays.
+    """
+    dist = dataset_distance(TensorDataset(xs, ys.cpu()), TensorDataset(xt, yt.cpu()), inner_ot_method="exact",
                             debiased_loss=True, inner_ot_debiased=True, p=2, inner_ot_p=2, entreg=1e-1,
                             device=str(device), verbose=0)
     return dist.distance(maxsamples=len(xs))

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Pack the pinned packages an offline GPU machine lacks (POT, geomloss, bitsandbytes) into one small
-# archive that can travel with the working tree: .carry/site.tgz. For a machine whose Python image
-# already has torch and timm but cannot reach PyPI.
+# Pack the pinned packages a GPU machine without PyPI access may lack (POT, geomloss, bitsandbytes)
+# into one small archive, .carry/site.tgz, to copy along with the checkout. For a machine whose
+# Python already has torch and timm.
 #
 #   bash scripts/offline_packages.sh           # here, once (needs PyPI)
 #   # on the GPU machine, before anything else:
 #   mkdir -p /tmp/site && tar xzf .carry/site.tgz -C /tmp/site && export PYTHONPATH=/tmp/site
 #
-# The archive is kept small, because it travels beside a tree that already holds the 49 MB fractal
-# checkpoint: POT's wheel is 33 MB (174 MB unpacked, nearly all of it the BSP-OT extension, which
-# nothing here calls) and bitsandbytes' 43 MB (a library per CUDA version). The archive keeps POT
-# without BSP-OT (a stub that raises if it is ever called) and with its extension modules stripped
-# of debug symbols, and bitsandbytes with its CPU library and the one for the target's CUDA
+# The archive is kept small, since it is copied beside a checkout that already holds the 49 MB
+# fractal checkpoint: POT's wheel is 33 MB (174 MB unpacked, nearly all of it the BSP-OT extension,
+# which nothing here calls) and bitsandbytes' 43 MB (a library per CUDA version). The archive keeps
+# POT without BSP-OT (a stub that raises if it is ever called) and with its extension modules
+# stripped of debug symbols, and bitsandbytes with its CPU library and the one for the target's CUDA
 # (CUDA_TAG, default 130: torch 2.11+cu130). Targets: Python 3.12, x86_64 manylinux.
-# MAX_MIB=N warns when the tracked tree plus the archive exceed N MiB.
+# MAX_MIB=N warns when the tracked files plus the archive exceed N MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cuda=${CUDA_TAG:-130}
@@ -47,8 +47,8 @@ find "$work/site/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name libbitsandby
 mkdir -p .carry
 tar czf .carry/site.tgz -C "$work/site" .
 echo "$(du -h .carry/site.tgz | cut -f1) .carry/site.tgz: $(echo $pins | tr '\n' ' ')(CUDA $cuda)"
-# The tracked tree plus this archive: what travels to the GPU machine. A tracked file deleted in the
-# working tree travels as nothing, so stat's complaint about it is not an error.
+# The tracked files plus this archive: what is copied. A tracked file deleted in the working tree
+# is copied as nothing, so stat's complaint about it is not an error.
 tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}' || true)
 total=$(( tree + $(stat -c %s .carry/site.tgz) ))
 echo "tree and archive: about $(( total / 1048576 )) MiB (tracked tree $(( tree / 1048576 )) MiB + archive)"

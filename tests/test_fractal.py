@@ -8,20 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import build_task, fractal
+from datasets import build_task, fractal_ifs
 from datasets.fractal import (
     HELDOUT_CLASS_OFFSET,
-    IFS,
     FractalDataset,
     FractalGenerator,
     FractalHeldoutOptions,
     FractalOptions,
-    InstanceParams,
-    RenderConfig,
-    filling_ratio,
-    instance_points,
     sample_class_ifs,
 )
+from datasets.fractal_ifs import IFS
+from datasets.fractal_render import InstanceParams, RenderConfig, filling_ratio, instance_points
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8, source_feature_set
 
 SMALL = dict(image_size=32, num_points=3000)
@@ -163,7 +160,7 @@ def test_classes_sample_2_to_8_maps_and_stay_contractive():
     for c in range(5):
         p = gen.instance_params(c, 3)
         lin = p.ifs.maps[:, :4].reshape(-1, 2, 2)
-        assert np.linalg.svd(lin, compute_uv=False).max() <= fractal.MAX_SIGMA + 1e-9
+        assert np.linalg.svd(lin, compute_uv=False).max() <= fractal_ifs.MAX_SIGMA + 1e-9
         assert np.isclose(p.ifs.probs.sum(), 1.0)
         # An instance is a perturbation of its class, not a new system.
         assert p.ifs.num_maps == gen.class_ifs(c).num_maps

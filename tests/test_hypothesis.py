@@ -421,7 +421,9 @@ def test_check_passes_on_a_fresh_report_and_fails_on_one_changed_byte(tmp_path):
     _synthetic_results(runs)
     assert _run_script(runs, out).returncode == 0
     payload = json.loads((out / "hypothesis.json").read_text())
-    assert payload["primary_metric"] == "mmd_source" and payload["stage1"] is None
+    assert payload["primary_metric"] == "mmd_source"
+    assert all(row["knee_aligned"] is None and row["gap_aligned"] is None for row in payload["stage1"]["rows"])
+    assert "stage-1 comparison on darcy: no gap profile with the aligned embedder" in payload["missing"]
     assert "dial0: knee sweep not run" in payload["missing"]
     check = [sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs), "--out", str(out),
              "--n-boot", "200", "--n-perm", "2000", *POOL, "--check"]

@@ -14,22 +14,11 @@ import pytest
 from scipy import integrate, stats
 
 from ibp.gibbs import LinearGaussianIBP, collapsed_log_likelihood
-from ibp.process import (
-    harmonic,
-    left_ordered_form,
-    log_prob_lof,
-    log_prob_sequential,
-    sample_ibp,
-    sample_stick_breaking,
-    stick_breaking_missing_mass,
-)
-from ibp.rank_posterior import (
-    IBPRankSampler,
-    calibrate_beta,
-    effective_sample_size,
-    finite_prior_moments,
-    split_rhat,
-)
+from ibp.process import (harmonic, left_ordered_form, log_prob_lof, log_prob_sequential, sample_ibp,
+                         sample_stick_breaking, stick_breaking_missing_mass)
+from ibp.mcmc_diagnostics import effective_sample_size, split_rhat
+from ibp.rank_posterior import calibrate_beta, finite_prior_moments
+from ibp.rank_sampler import IBPRankSampler
 
 Z_SCORE = 4.0
 

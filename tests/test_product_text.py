@@ -139,3 +139,18 @@ def test_documented_paths_expands_braces_and_skips_prose():
     text = "see `orca/model.py`, `bench/train_{a,b}.md`, `python -m orca` and `orca`"
     assert documented_paths(text, r"(orca|bench)/") == ["orca/model.py", "bench/train_a.md",
                                                         "bench/train_b.md"]
+
+
+def test_readme_is_short_and_its_two_commands_are_the_ones_ci_and_users_run():
+    """A newcomer reads the README in ten minutes; the commands it gives are the ones that work."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 250, f"README.md has {len(readme.splitlines())} lines (at most 250)"
+    block = re.search(r"## Two commands\n.*?```bash\n(.*?)```", readme, re.S)
+    assert block, "README.md has no '## Two commands' section with a bash block"
+    commands = [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+    assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+    for command in commands:
+        assert (ROOT / command.split()[1]).is_file()
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert ci[-1] == commands[1], "the CI entry point must end with exactly the README's test command"

@@ -170,6 +170,14 @@ class _Monitor:
         self.moving = math.inf
         self.shape = tuple(cost.shape)
 
+    def check(self, log_a: Tensor, f: Tensor, log_b: Tensor, g: Tensor, g_new: Tensor) -> bool:
+        """Record a check of the dual pair (f, g_new), ``g_new`` the c-transform of f computed from
+        ``g`` (symmetric problem: b = a, g = f); True once every problem has converged. The pair's
+        value is <a, f> + <b, g_new>, and ``g``'s marginal error is the one reported."""
+        value = masked_dot(log_a, f) + masked_dot(log_b, g_new)
+        scale = masked_dot(log_a, f.abs()) + masked_dot(log_b, g_new.abs())
+        return self.update(value, scale, _marginal_error(log_b, g, g_new, self.eps))
+
     def update(self, value: Tensor, scale: Tensor, err: float) -> bool:
         """Record a check; True once every problem has converged."""
         self.err = err
@@ -240,12 +248,10 @@ def sinkhorn_potentials(cost: Tensor, log_a: Tensor, log_b: Tensor, eps: float,
         g_hat = softmin_cols(eps, cost, log_a + f / eps)
         if it % opts.check_every == 0:
             # (f, g_hat) has exact column sums and total mass 1: its dual value is OT_eps's lower bound.
-            err = _marginal_error(log_b, g, g_hat, eps)
-            value = masked_dot(log_a, f) + masked_dot(log_b, g_hat)
-            scale = masked_dot(log_a, f.abs()) + masked_dot(log_b, g_hat.abs())
-            if monitor.update(value, scale, err):
+            if monitor.check(log_a, f, log_b, g, g_hat):
                 g = g_hat
                 break
+            err = monitor.err
             if prev_err is not None:
                 if not math.isfinite(err) or err >= prev_err:
                     omega, locked = 1.0, True
@@ -289,10 +295,7 @@ def sinkhorn_self_potential(cost: Tensor, log_a: Tensor, eps: float,
     for it in range(1, opts.max_iter + 1):
         f_new = softmin_rows(eps, cost, log_a + f / eps)
         if it % opts.check_every == 0:
-            err = _marginal_error(log_a, f, f_new, eps)
-            value = masked_dot(log_a, f) + masked_dot(log_a, f_new)
-            scale = masked_dot(log_a, f.abs()) + masked_dot(log_a, f_new.abs())
-            if monitor.update(value, scale, err):
+            if monitor.check(log_a, f, log_a, f, f_new):
                 return 0.5 * (f + f_new)
         f = 0.5 * (f + f_new)
     monitor.warn("symmetric", opts.max_iter)
