@@ -16,6 +16,7 @@ by its residual.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
