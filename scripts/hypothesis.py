@@ -32,9 +32,8 @@ The pre-registered test (results/preregistration.md) comes first: the runs of th
 ``results/calibration/gap_calibration.json``; ``rank_estimation.preregistered`` turns them into
 ``hypothesis.json`` and the report's first section, listing what is missing instead of estimating it.
 ``--check`` regenerates the report and the JSON in a temporary directory and exits 1 when either
-differs from the committed files by one byte (the figures are redrawn, not compared). This file is
-longer than most because it holds the whole report, pre-registered and exploratory, so that one
-pass regenerates everything the report shows.
+differs from the committed files by one byte (the figures are redrawn, not compared). The runs are read by
+``rank_estimation.evidence`` and the figures drawn by ``rank_estimation.hypothesis_figures``.
 
 (a)-(d) below analyse the earlier sweeps, which predate the pre-registration (exploratory).
 Every analysis ends in one line: held / failed / inconclusive (reason: ...), by the rule of
@@ -49,201 +48,32 @@ import math
 import sys
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
 
 from orca.cli import CONFIG_SCHEMA
 from orca.config import load_config
 from orca.errors import exit_on_error
-from orca.schema import ConfigError
 from orca.spectra import delta_w_ranks, find_spectra, read_spectra, spectrum_ranks
-from orca.sweep import load_sweep
 from orca.train import initial_model
 from rank_estimation.allocate import fit_gamma
 from rank_estimation.hypothesis import (
     bootstrap_knee, budget_matched, combine_verdicts, knee_order_verdict, mean_difference_ci,
     permutation_pvalue, spearman_with_ci, verdict,
 )
-from rank_estimation.preregistered import analyse, render, task_key
+from rank_estimation.evidence import Run, complete_sweeps, load_runs, prereg_inputs, select, task_gaps
+from rank_estimation.hypothesis_figures import plots, prereg_plots
+from rank_estimation.preregistered import analyse, render
 
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
 #: The committed experiments: one body (the offline fractal Swin) and one recipe per analysis.
 DEFAULT_WEIGHTS = "file:results/checkpoints/fractal_swin.safetensors"
 KNEE_TABLES = ("table3", "ranks_patches", "ranks_heldout", "ranks_digits", "ranks_tones")  # (a)-(c): uniform ranks, head, full
 BUDGET_TABLES = ("adaptive_darcy", "adaptive_patches")           # (d): uniform vs adaptive vs AdaLoRA
-PREREG_TABLES = ("warmup_", "knee_", "placebo_", "aligned_")      # the pre-registered sweeps (table prefixes)
-PREREG_GAPS = "prereg_gaps"                                       # experiment name of their stage-2 gap runs
-PREREG_GAPS_ALIGNED = "prereg_gaps_aligned"                       # ... and of those with a stage-1 embedder
 CALIBRATION = Path("results/calibration/gap_calibration.json")   # chooses the primary gap metric
-
-
-@dataclass
-class Run:
-    path: Path
-    task: str
-    variant: str          # "uniform", "adaptive", "adalora", "full"
-    rank: Optional[int]   # uniform rank (0 = head only)
-    seed: int
-    error: float
-    budget: float         # adapter parameters (AdaLoRA: live at the end)
-    table: Optional[str] = None   # the sweep table (sweep.json) the run belongs to, if any
-    sweep_file: Optional[str] = None  # the sweep YAML that made it (sweep.json), if any
-    sweep_overrides: tuple = ()       # the command-line overrides that sweep ran with
-
-
-# ----------------------------------------------------------------------------- loading
-def load_runs(root: Path, split: str, weights: str = "any") -> tuple:
-    """Stage-3 runs, stage-2 gap profiles per task, and notes on what was skipped.
-
-    ``weights``: keep only runs whose body weights (the summaries' ``weights``) are these; ``any``
-    keeps all. Why: gaps and knees of one analysis must come from one body.
-    """
-    runs: List[Run] = []
-    gaps: Dict[str, List[dict]] = defaultdict(list)
-    notes: List[str] = []
-    other_body: Dict[str, int] = defaultdict(int)
-    for summary_path in sorted(root.rglob("summary.json")) if root.is_dir() else []:
-        d = summary_path.parent
-        s = json.loads(summary_path.read_text())
-        if s.get("status", "finished") != "finished":  # a run still running, or one that failed: no result
-            continue
-        if weights != "any" and s.get("stage") in ("stage2", "stage3") and s.get("weights") != weights:
-            other_body[str(s.get("weights"))] += 1
-            continue
-        if s.get("stage") == "stage2" and (d / "rank_map.json").is_file():
-            rm = json.loads((d / "rank_map.json").read_text())
-            prof = rm.get("gap_profile") or {}
-            if prof.get("layers") and prof.get("D"):
-                gaps[s["task"]].append({"metric": rm.get("gap_metric"), "layers": prof["layers"],
-                                        "D": [float(v) for v in prof["D"]], "path": d})
-            continue
-        if s.get("stage") != "stage3":
-            continue
-        cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
-        adapter = (cfg or {}).get("adapter", {}) or {}
-        method = s.get("method")
-        metric = s.get("metric")
-        error = (s.get(split) or {}).get(metric)
-        if error is None:
-            notes.append(f"{d.relative_to(root)}: no {split} {metric}; skipped")
-            continue
-        budget = float((s.get("params") or {}).get("adapters", 0))
-        rank = None
-        if method == "head":
-            variant, rank = "uniform", 0
-        elif method == "lora" and not adapter.get("rank_map"):
-            variant, rank = "uniform", int(adapter.get("rank", 0))
-        elif method == "lora":
-            variant = "adaptive"
-        elif method == "adalora":
-            variant, budget = "adalora", adalora_budget(d, s, adapter, notes, root)
-        elif method == "full":
-            variant = "full"
-        else:
-            notes.append(f"{d.relative_to(root)}: method {method!r} is not part of these analyses")
-            continue
-        sweep = json.loads((d / "sweep.json").read_text()) if (d / "sweep.json").is_file() else {}
-        runs.append(Run(d, s["task"], variant, rank, int(s.get("seed", 0)), float(error), budget, sweep.get("table"),
-                        sweep.get("sweep_file"), tuple(sweep.get("cli_overrides") or ())))
-    for w, n in sorted(other_body.items()):
-        notes.append(f"{n} run(s) with body weights {w!r} skipped (--weights {weights!r})")
-    return runs, dict(gaps), notes
-
-
-def select(runs: List[Run], tables: List[str], notes: List[str], what: str) -> List[Run]:
-    """The runs of these sweep tables (``all``: every run), noting how many others were left out."""
-    if tables == ["all"]:
-        return runs
-    kept = [r for r in runs if r.table in tables]
-    if len(kept) < len(runs):
-        notes.append(f"{what}: {len(runs) - len(kept)} stage-3 run(s) outside tables {', '.join(tables)} not used")
-    return kept
-
-
-def complete_sweeps(runs: List[Run], notes: List[str]) -> List[Run]:
-    """The runs of sweeps whose every grid point has finished; a partial sweep's runs are left out.
-
-    Why: a knee read from part of a grid is the best of the ranks that happened to run first (a sweep
-    cut at a GPU deadline runs its low ranks first), not the task's knee. The grid comes from the sweep
-    file named in the runs' ``sweep.json`` (relative to the repository, as ``orca.sweep`` records it);
-    runs whose sweep file is not here are kept, with a note that their completeness was not checked.
-    """
-    kept: List[Run] = []
-    by_table: Dict[Optional[str], List[Run]] = defaultdict(list)
-    for r in runs:
-        by_table[r.table].append(r)
-    for table, members in by_table.items():
-        files = {r.sweep_file for r in members if r.sweep_file}
-        if table is None or not files:
-            kept += members
-            continue
-        recorded = next((f for f in sorted(files) if (REPO / f).is_file()), None)
-        if recorded is None:
-            notes.append(f"{table}: sweep file {', '.join(sorted(files))} not found; completeness not checked")
-            kept += members
-            continue
-        try:
-            _, grid = load_sweep(REPO / recorded, next(r.sweep_overrides for r in members if r.sweep_file == recorded),
-                                 CONFIG_SCHEMA)
-        except ConfigError as err:
-            notes.append(f"{table}: {recorded} does not load ({err}); completeness not checked")
-            kept += members
-            continue
-        have = {r.path.name for r in members}
-        missing = [g.name for g in grid if g.name not in have]
-        if missing:
-            notes.append(f"{table}: {len(grid) - len(missing)} of {len(grid)} runs of {recorded} "
-                         f"finished (missing: {', '.join(missing)}); left out until the sweep is complete")
-        else:
-            kept += members
-    return kept
-
-
-def adalora_budget(d: Path, summary: dict, adapter: dict, notes: List[str], root: Path) -> float:
-    """AdaLoRA's live adapter parameters in the weights it was tested with.
-
-    From ``summary.json`` (stage 3's ``adapter_report``), else ``ckpt/last.pt``. Runs that recorded
-    neither (made before stage 3 reported it; checkpoints stay out of git) get the count their
-    schedule ends with at uniform cost per rank unit: peft prunes ``init_rank * n`` units to
-    ``rank * n``, and the allocated count is ``init_rank`` units of every module, so the estimate is
-    allocated * rank / init_rank. How AdaLoRA spread those units over wide and narrow modules is not
-    known then, and the report says so.
-    """
-    report = (summary.get("adapter_report") or {}).get("final_budget")
-    if report:
-        return float(report["adapter_params"])
-    ckpt = d / "ckpt" / "last.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True).get("method") or {}
-        if "final_budget" in state:
-            return float(state["final_budget"]["adapter_params"])
-    allocated = float((summary.get("params") or {}).get("adapters", 0))
-    rank = int(adapter.get("rank", 0))
-    init_rank = int(adapter.get("adalora_init_rank") or math.ceil(1.5 * rank))
-    estimate = allocated * rank / init_rank
-    notes.append(f"{d.relative_to(root)}: no AdaLoRA final budget recorded (summary or ckpt/last.pt); "
-                 f"{int(allocated):,} allocated at rank {init_rank} -> {int(round(estimate)):,} at its "
-                 f"target rank {rank} (exact in rank units, not in how they spread over modules)")
-    return estimate
-
-
-def task_gaps(gaps: Dict[str, List[dict]]) -> tuple:
-    """Per task: block -> D averaged over its stage-2 runs; the gap metric(s) in use."""
-    out, metrics = {}, set()
-    for task in sorted(gaps):
-        profiles = gaps[task]
-        layers = profiles[0]["layers"]
-        same = [p for p in profiles if p["layers"] == layers]
-        out[task] = {"layers": layers, "D": np.mean([p["D"] for p in same], axis=0), "n_runs": len(same)}
-        metrics.update(p["metric"] for p in same)
-    return out, sorted(m for m in metrics if m)
 
 
 # ----------------------------------------------------------------------------- the analyses
@@ -383,156 +213,13 @@ def analysis_budgets(runs: List[Run], a) -> tuple:
     return buckets, combine_verdicts(verdicts)
 
 
-# ----------------------------------------------------------------------------- plots
-def plots(out: Path, knees: dict, tg: dict, dw: List[dict]) -> List[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-    meta = {"Software": None}  # no version string: the file depends on the data alone
-    if knees:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for task, k in knees.items():
-            sd = [float(np.std(e, ddof=1)) if len(e) > 1 else 0.0 for e in k["errors"]]
-            ax.errorbar(k["ranks"], k["means"], yerr=sd, marker="o", capsize=3, label=f"{task} (knee {k['knee']})")
-            ax.axvline(k["knee"], ls=":", color=ax.lines[-1].get_color())
-        ax.set_xscale("symlog", base=2, linthresh=1)
-        ax.set(xlabel="uniform LoRA rank (0 = head only)", ylabel="error (mean +- sd over seeds)",
-               title="rank vs error per task")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "hypothesis_rank_vs_error.png", dpi=110, metadata=meta)
-        plt.close(fig)
-        made.append("hypothesis_rank_vs_error.png")
-    both = [t for t in knees if t in tg]
-    if both:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        x = [float(np.mean(tg[t]["D"])) for t in both]
-        y = [knees[t]["knee"] for t in both]
-        err = [[k - knees[t]["lo"] for t, k in zip(both, y)], [knees[t]["hi"] - k for t, k in zip(both, y)]]
-        ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
-        for t, xi, yi in zip(both, x, y):
-            ax.annotate(t, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set(xlabel="task gap (mean over blocks)", ylabel="knee rank", title="gap vs knee rank")
-        fig.tight_layout()
-        fig.savefig(out / "hypothesis_gap_vs_knee.png", dpi=110, metadata=meta)
-        plt.close(fig)
-        made.append("hypothesis_gap_vs_knee.png")
-    if dw:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-        for item in dw:
-            label = f"{item['run'].task} s{item['run'].seed}"
-            axes[0].scatter(item["D"], item["energy"], label=label)
-            axes[1].scatter(item["D"], item["stable"], label=label)
-        axes[0].set(xlabel="block gap D_i", ylabel="energy rank of Delta W (mean over Linears)")
-        axes[1].set(xlabel="block gap D_i", ylabel="stable rank of Delta W (mean over Linears)")
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "hypothesis_gap_vs_delta_w.png", dpi=110, metadata=meta)
-        plt.close(fig)
-        made.append("hypothesis_gap_vs_delta_w.png")
-    return made
-
-
-# ----------------------------------------------------------------------------- the pre-registered test
-def prereg_inputs(root: Path, weights: str, primary: str) -> tuple:
-    """Run records of the pre-registered sweeps and each task's primary gap, source-initialised and
-    stage-1 aligned (rank_estimation.preregistered)."""
-    records: List[dict] = []
-    gaps: Dict[str, dict] = {}
-    gaps_aligned: Dict[str, dict] = {}
-    for summary_path in sorted(root.rglob("summary.json")) if root.is_dir() else []:
-        d = summary_path.parent
-        s = json.loads(summary_path.read_text())
-        if weights != "any" and s.get("weights") != weights:
-            continue
-        cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
-        task = (cfg or {}).get("task") or {}
-        key = task_key(task.get("name", s.get("task")), (task.get("options") or {}).get("level"))
-        experiment = s.get("experiment")
-        if s.get("stage") == "stage2" and experiment in (PREREG_GAPS, PREREG_GAPS_ALIGNED) and (d / "gaps.json").is_file():
-            prof = json.loads((d / "gaps.json").read_text())
-            blocks = [layer for layer in prof["layers"] if layer != "embed"]
-            if primary in prof["metrics"]:
-                (gaps if experiment == PREREG_GAPS else gaps_aligned)[key] = {f: float(np.mean([prof["values"][b][primary][f] for b in blocks]))
-                             for f in ("value", "lo", "hi")}
-            continue
-        table = json.loads((d / "sweep.json").read_text()).get("table") if (d / "sweep.json").is_file() else None
-        if s.get("stage") != "stage3" or not table or not table.startswith(PREREG_TABLES):
-            continue
-        error = (s.get("test") or {}).get(s.get("metric"))
-        if error is None:
-            continue
-        adapter = (cfg or {}).get("adapter") or {}
-        rec = {"key": key, "table": table, "seed": int(s.get("seed", 0)), "error": float(error), "rank": None}
-        if s.get("method") == "head":
-            rec["rank"] = 0
-        elif adapter.get("rank_map"):
-            arm, _, budget = Path(str(adapter["rank_map"])).stem.rpartition("_b")
-            rec.update(arm=arm, budget=int(budget) if budget.isdigit() else None)
-        elif s.get("method") == "lora":
-            rec["rank"] = int(adapter.get("rank", 0))
-        records.append(rec)
-    return records, gaps, gaps_aligned
-
-
-def prereg_plots(out: Path, result: dict) -> List[str]:
-    """Gap vs dial level, knee vs gap, error vs rank per task: each only from data that exist."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    meta, made = {"Software": None}, []
-    tol = f"{result['primary_tolerance']:g}"
-    dial = [t for t in result["tasks"] if t["level"] is not None and t["gap"]]
-    if dial:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.errorbar([t["level"] for t in dial], [t["gap"]["value"] for t in dial], capsize=3, marker="o",
-                    yerr=[[t["gap"]["value"] - t["gap"]["lo"] for t in dial], [t["gap"]["hi"] - t["gap"]["value"] for t in dial]])
-        ax.set(xlabel="dial level", ylabel=f"{result['primary_metric']} (mean over blocks)", title="gap vs dial level")
-        fig.tight_layout()
-        fig.savefig(out / "hypothesis_dial_gap.png", dpi=110, metadata=meta)
-        plt.close(fig)
-        made.append("hypothesis_dial_gap.png")
-    both = [t for t in result["tasks"] if t["gap"] and t["knees"] and t["complete"]]
-    if both:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        x = [t["gap"]["value"] for t in both]
-        y = [t["knees"][tol]["knee"] for t in both]
-        ax.errorbar(x, y, fmt="o", capsize=3, xerr=[[v - t["gap"]["lo"] for v, t in zip(x, both)],
-                                                     [t["gap"]["hi"] - v for v, t in zip(x, both)]],
-                    yerr=[[k - t["knees"][tol]["lo"] for k, t in zip(y, both)], [t["knees"][tol]["hi"] - k for k, t in zip(y, both)]])
-        for t, xi, yi in zip(both, x, y):
-            ax.annotate(t["key"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_yscale("symlog", base=2, linthresh=1)
-        ax.set(xlabel=f"gap ({result['primary_metric']})", ylabel=f"knee rank (tolerance {tol})", title="knee vs gap")
-        fig.tight_layout()
-        fig.savefig(out / "hypothesis_knee_vs_gap.png", dpi=110, metadata=meta)
-        plt.close(fig)
-        made.append("hypothesis_knee_vs_gap.png")
-    curves = [t for t in result["tasks"] if t["errors"]]
-    if curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for t in curves:
-            ranks = [int(k) for k in t["errors"]]
-            errs = list(t["errors"].values())
-            ax.errorbar(ranks, [float(np.mean(e)) for e in errs], marker="o", capsize=3, label=t["key"],
-                        yerr=[float(np.std(e, ddof=1)) if len(e) > 1 else 0.0 for e in errs])
-        ax.set_xscale("symlog", base=2, linthresh=1)
-        ax.set(xlabel="LoRA rank (0 = the frozen warm-up)", ylabel="test error (mean +- sd over seeds)",
-               title="error vs rank per task")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / "hypothesis_error_vs_rank.png", dpi=110, metadata=meta)
-        plt.close(fig)
-        made.append("hypothesis_error_vs_rank.png")
-    return made
-
-
 # ----------------------------------------------------------------------------- the report
+def table(header: List[str], rows: List[List[Any]]) -> List[str]:
+    """A markdown table's lines: the header, its rule, one line per row, then a blank line."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(map(str, row)) + " |" for row in rows] + [""])
+
+
 def fmt_corr(c: dict) -> str:
     if "error" in c:
         return f"not computed ({c['error']})"
@@ -559,11 +246,9 @@ def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> 
     # (a)
     L += ["## (a) Knee rank per task", ""]
     if knees:
-        L += ["| task | knee | CI | best rank | best error | ranks | seeds per rank |", "|---|---|---|---|---|---|---|"]
-        for t, k in knees.items():
-            L.append(f"| {t} | {k['knee']} | [{k['lo']}, {k['hi']}] ({int(k['level'] * 100)}%) | {k['best_rank']} | "
-                     f"{k['best']:.4g} | {', '.join(map(str, k['ranks']))} | {', '.join(map(str, k['n_seeds']))} |")
-        L.append("")
+        L += table(["task", "knee", "CI", "best rank", "best error", "ranks", "seeds per rank"],
+                   [[t, k["knee"], f"[{k['lo']}, {k['hi']}] ({int(k['level'] * 100)}%)", k["best_rank"], f"{k['best']:.4g}",
+                     ", ".join(map(str, k["ranks"])), ", ".join(map(str, k["n_seeds"]))] for t, k in knees.items()])
     else:
         L += ["Missing: no task has uniform-rank runs at >= 2 ranks.", ""]
     L += [f"Verdict (a), larger-gap task has a larger knee: **{verdict_knees(knees, tg)}**", ""]
@@ -571,11 +256,9 @@ def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> 
     L += ["## (b) Task gap vs knee rank across tasks", ""]
     both = [t for t in knees if t in tg]
     if both:
-        L += ["| task | mean gap | max gap | first block | last block | knee |", "|---|---|---|---|---|---|"]
-        for t in both:
-            D = np.asarray(tg[t]["D"])
-            L.append(f"| {t} | " + " | ".join(f"{float(f(D)):.4g}" for f in GAP_SUMMARIES.values()) + f" | {knees[t]['knee']} |")
-        L.append("")
+        L += table(["task", "mean gap", "max gap", "first block", "last block", "knee"],
+                   [[t, *(f"{float(f(np.asarray(tg[t]['D']))):.4g}" for f in GAP_SUMMARIES.values()), knees[t]["knee"]]
+                    for t in both])
     primary = "inconclusive (reason: n tasks = %d < 3)" % len(both)
     if len(both) >= 3 and 2 / math.factorial(len(both)) >= a.alpha:
         # a perfect rank order is 2 of the n! orderings: below alpha only from 5 tasks on (2/120)
@@ -625,11 +308,9 @@ def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> 
     # (d)
     L += ["## (d) Adaptive rank maps vs uniform ranks vs AdaLoRA at equal budgets", ""]
     if buckets:
-        L += ["| task | adapter params | variant | error mean | sd | n |", "|---|---|---|---|---|---|"]
-        for b in buckets:
-            for name, v in b["variants"].items():
-                L.append(f"| {b['task']} | {int(b['budget_lo']):,}-{int(b['budget_hi']):,} | {name} | {v['mean']:.4g} | {v['sd']:.2g} | {v['n']} |")
-        L.append("")
+        L += table(["task", "adapter params", "variant", "error mean", "sd", "n"],
+                   [[b["task"], f"{int(b['budget_lo']):,}-{int(b['budget_hi']):,}", name, f"{v['mean']:.4g}", f"{v['sd']:.2g}",
+                     v["n"]] for b in buckets for name, v in b["variants"].items()])
         for b in buckets:
             for key, what in (("uniform_minus_adaptive", "best uniform"), ("adalora_minus_adaptive", "AdaLoRA")):
                 if key in b:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from orca.sweep import load_sweep
+from rank_estimation.evidence import adalora_budget
 from tests.conftest import load_script
 from rank_estimation.hypothesis import (
     bootstrap_knee,
@@ -366,16 +367,15 @@ def test_default_selection_keeps_one_body_and_the_sweeps_made_for_each_analysis(
 
 
 def test_adalora_budget_from_summary_else_its_target_share_of_the_allocation(tmp_path):
-    script = _script_module()
     d = tmp_path / "adalora_r6_s0"
     d.mkdir()
     notes = []
     recorded = {"params": {"adapters": 900}, "adapter_report": {"final_budget": {"adapter_params": 612}}}
-    assert script.adalora_budget(d, recorded, {"rank": 6}, notes, tmp_path) == 612 and not notes
+    assert adalora_budget(d, recorded, {"rank": 6}, notes, tmp_path) == 612 and not notes
     # Nothing recorded: 9 allocated units per module (ceil(1.5 * 6)) pruned to 6 -> 2/3 of the allocation.
-    assert script.adalora_budget(d, {"params": {"adapters": 900}}, {"rank": 6}, notes, tmp_path) == 600
+    assert adalora_budget(d, {"params": {"adapters": 900}}, {"rank": 6}, notes, tmp_path) == 600
     assert "no AdaLoRA final budget recorded" in notes[0] and "at its target rank 6" in notes[0]
-    assert script.adalora_budget(d, {"params": {"adapters": 800}}, {"rank": 6, "adalora_init_rank": 8},
+    assert adalora_budget(d, {"params": {"adapters": 800}}, {"rank": 6, "adalora_init_rank": 8},
                                  notes, tmp_path) == 600
 
 
