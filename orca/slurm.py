@@ -38,7 +38,7 @@ from typing import List, Optional, Sequence, Tuple, Type
 from orca.config import ExperimentConfig
 from orca.errors import OrcaError, UsageError, exit_on_error
 from orca.runs import REPO_ROOT
-from orca.sweep import check_ownership, load_sweep
+from orca.sweep import add_pool_arguments, check_ownership, check_pool_arguments, load_sweep
 
 #: Array tasks that may run at once unless ``--array-limit`` says otherwise (Slurm's ``%N`` throttle).
 DEFAULT_ARRAY_LIMIT = 16
@@ -246,26 +246,16 @@ def main(argv: Optional[Sequence[str]] = None, schema: Type[ExperimentConfig] = 
 def _main(argv: List[str], schema: Type[ExperimentConfig]) -> int:
     parser = argparse.ArgumentParser(prog="bash scripts/sweep.sh SWEEP.yaml --slurm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", help="sweep YAML (configs/experiments/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides for every run; sweep.KEY=VALUE edits the sweep")
+    add_pool_arguments(parser, gpus="each task's --gpus (default: the GPUs Slurm gives it; 0 = in the task's process)",
+                       per_gpu="runs side by side on each of a task's GPUs",
+                       pack="one array task per K runs, trained together through one shared body (orca.sweep --pack)")
     parser.add_argument("--submit", action="store_true", help="submit the array with sbatch (default: only write it)")
     parser.add_argument("--array-limit", type=int, default=DEFAULT_ARRAY_LIMIT, metavar="N",
                         help=f"at most N array tasks at once (default {DEFAULT_ARRAY_LIMIT})")
     parser.add_argument("--sbatch", default="", metavar="OPTIONS",
                         help='sbatch options for every task, e.g. "--partition=gpu --gres=gpu:1 --time=02:00:00"')
-    parser.add_argument("--gpus", type=int, default=None,
-                        help="each task's --gpus (default: the GPUs Slurm gives it; 0 = in the task's process)")
-    parser.add_argument("--per-gpu", type=int, default=1, help="runs side by side on each of a task's GPUs")
-    parser.add_argument("--pack", type=int, default=0, metavar="K",
-                        help="one array task per K runs, trained together through one shared body (orca.sweep --pack)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (or ORCA_DEBUG=1)")
     args = parser.parse_intermixed_args(_joined_sbatch(argv))
-    if args.gpus is not None and args.gpus < 0:
-        parser.error(f"--gpus must be >= 0, got {args.gpus}")
-    if args.per_gpu < 1:
-        parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
-    if args.pack < 0:
-        parser.error(f"--pack must be >= 0, got {args.pack}")
+    check_pool_arguments(parser, args)
     if args.array_limit < 1:
         parser.error(f"--array-limit must be >= 1, got {args.array_limit}")
     task_flags = ([f"--gpus={args.gpus}"] if args.gpus is not None else []) + \

@@ -554,6 +554,27 @@ def select_runs(runs: Sequence[SweepRun], names: Sequence[str], sweep_file: str)
     return [run for run in runs if run.name in wanted]
 
 
+def add_pool_arguments(parser: argparse.ArgumentParser, gpus: str, per_gpu: str, pack: str) -> None:
+    """The arguments a sweep and its Slurm array share (the sweep file, overrides, GPUs, runs per GPU,
+    packing, ``--debug``), with each command's own help for the three that mean something per command."""
+    parser.add_argument("sweep", help="sweep YAML (configs/experiments/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every run; sweep.KEY=VALUE edits the sweep")
+    parser.add_argument("--gpus", type=int, default=None, help=gpus)
+    parser.add_argument("--per-gpu", type=int, default=1, help=per_gpu)
+    parser.add_argument("--pack", type=int, default=0, metavar="K", help=pack)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (or ORCA_DEBUG=1)")
+
+
+def check_pool_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse the values of :func:`add_pool_arguments`' options that cannot be meant (usage error, exit 2)."""
+    if args.gpus is not None and args.gpus < 0:
+        parser.error(f"--gpus must be >= 0, got {args.gpus}")
+    if args.per_gpu < 1:
+        parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
+    if args.pack < 0:
+        parser.error(f"--pack must be >= 1 (or 0: off), got {args.pack}")
+
+
 def main(argv: Optional[Sequence[str]] = None, schema: Type[ExperimentConfig] = ExperimentConfig,
          prog: str = "python -m orca sweep") -> int:
     """The sweep command line (``python -m orca sweep`` passes the full schema): a config mistake ends
@@ -564,16 +585,11 @@ def main(argv: Optional[Sequence[str]] = None, schema: Type[ExperimentConfig] = 
 def _main(argv: List[str], schema: Type[ExperimentConfig], prog: str) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", help="sweep YAML (configs/experiments/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides for every run; sweep.KEY=VALUE edits the sweep")
-    parser.add_argument("--gpus", type=int, default=None,
-                        help="parallel runs, one GPU each (default: all visible; 0 = sequential in this process)")
+    add_pool_arguments(parser, gpus="parallel runs, one GPU each (default: all visible; 0 = sequential in this process)",
+                       per_gpu="concurrent runs on each GPU (default 1; more for small, launch-bound models)",
+                       pack="train up to K runs at a time in one process through one shared frozen body "
+                            "(LoRA and head runs; others train as without it)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run nothing")
-    parser.add_argument("--per-gpu", type=int, default=1,
-                        help="concurrent runs on each GPU (default 1; more for small, launch-bound models)")
-    parser.add_argument("--pack", type=int, default=0, metavar="K",
-                        help="train up to K runs at a time in one process through one shared frozen body "
-                             "(LoRA and head runs; others train as without it)")
     parser.add_argument("--pack-timing", default=None, metavar="FILE",
                         help="with --pack: append each pack's time split (setup, steps, evaluation, checkpoints) "
                              "to FILE as one JSON line")
@@ -581,14 +597,8 @@ def _main(argv: List[str], schema: Type[ExperimentConfig], prog: str) -> int:
                         help="with --pack: write a torch.profiler table of a few steps of the first pack to FILE")
     parser.add_argument("--only", default=None, metavar="NAME[,NAME...]",
                         help="run only these runs of the sweep (a Slurm array task's share, orca/slurm.py)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (or ORCA_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)
-    if args.gpus is not None and args.gpus < 0:
-        parser.error(f"--gpus must be >= 0, got {args.gpus}")
-    if args.per_gpu < 1:
-        parser.error(f"--per-gpu must be >= 1, got {args.per_gpu}")
-    if args.pack < 0:
-        parser.error(f"--pack must be >= 1 (or 0: off), got {args.pack}")
+    check_pool_arguments(parser, args)
     only = [name for name in args.only.split(",") if name] if args.only is not None else None
     failed = run_sweep(args.sweep, args.overrides, gpus=args.gpus, dry_run=args.dry_run, per_gpu=args.per_gpu,
                        pack=args.pack, pack_timing=args.pack_timing, only=only,
