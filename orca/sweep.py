@@ -1,5 +1,9 @@
 """Sweeps: a grid of stage-3 runs from one experiment YAML, resumable, one GPU per run.
 
+Why this file is long: a sweep's file (schema, grid expansion, run names) and its launcher (in
+process, one subprocess per GPU slot, packed) share every decision about which run is done, whose
+it is and how it resumes; the Slurm array is orca/slurm.py and packed training orca/packed.py.
+
     bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml --dry-run     # list runs, done/pending
     bash scripts/sweep.sh configs/experiments/table2_darcy_attn.yaml               # every visible GPU, one run each
     bash scripts/sweep.sh configs/experiments/table4_darcy_otdd.yaml model.embedder_from=results/runs/stage1__...

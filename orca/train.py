@@ -1,5 +1,9 @@
 """Stage 3: fine-tune the ORCA model with any registered adapter method, one loop for all.
 
+Why this file is long: it is stage 3 read top to bottom (setup, the loop, evaluation on the
+best checkpoint, resume, DDP), one loop for every method; what the other stages share with it lives
+in orca.runtime, orca.optimization and orca.evaluation.
+
     python -m orca stage3 --config configs/darcy_tiny.yaml train.epochs=3
     bash scripts/stage3.sh configs/darcy_swinb.yaml adapter.method=lora adapter.rank=8
     python -m orca stage3 --resume runs/stage3__darcy__...     # continue an interrupted run

@@ -1,5 +1,9 @@
 """Per-layer gaps -> an exact-budget LoRA rank map, through the IBP rank posterior P(r | D).
 
+Why this file is long: it holds the rank map's pipeline in the order a map is made (input
+checks, the calibrated posterior, the budget repair, per-block gaps onto Linears and their costs,
+the empirical-Bayes gamma), each step a function the tests pin alone.
+
 Pipeline, from posterior to rank map:
 
 1. :func:`expand` maps gaps measured per block onto the block's Linear modules.

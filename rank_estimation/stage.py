@@ -1,5 +1,8 @@
 """Stage 2: per-block modality gaps D_1..D_L -> IBP rank posterior P(r | D) -> a budgeted LoRA rank map.
 
+Why this file is long: it is stage 2 read top to bottom, the five steps below, each a
+function; the measurements themselves live in rank_estimation.features, gaps and allocate.
+
     python -m orca stage2 --config configs/darcy_tiny.yaml align.source=fractal
     bash scripts/stage2.sh configs/darcy_swinb.yaml model.embedder_from=runs/stage1__darcy__... \\
         align.source=fractal rank.budget=1600000 rank.gap_metric=mmd
