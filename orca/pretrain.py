@@ -1,6 +1,6 @@
 """Stage 0: supervised pretraining of a (reduced) Swin body on FractalDB-style classes, in a time budget.
 
-    bash scripts/stage0_pretrain.sh configs/stage0_fractal.yaml                  # < 9 min on one H100
+    bash scripts/stage0_pretrain.sh configs/stage0_fractal.yaml                  # 480 s of budget
     bash scripts/stage0_pretrain.sh configs/stage0_fractal.yaml pretrain.time_budget_s=240
     bash scripts/stage0_pretrain.sh --export results/checkpoints/fractal_swin.safetensors \\
         configs/stage0_fractal.yaml output_dir=results/runs                      # the committed body
@@ -13,7 +13,8 @@ the run writes ``body.safetensors`` with the exact timm config in its header, so
 ``model.weights=file`` (configs/body_fractal.yaml) loads it in stages 1-3 and refuses a file made for
 another variant.
 
-Why a time budget rather than epochs: the run must fit a fixed slot (9 min on one H100). The
+Why a time budget rather than epochs: a body is worth the compute spent on it, and a budget fixes
+that compute directly, on any machine, where an epoch count's cost depends on the throughput. The
 learning rate follows ORCA's warm-up + linear decay over the run's *progress*, the larger of
 steps/max_steps and elapsed/training-window, so it reaches zero exactly when the budget ends,
 whatever the throughput. The budget counts from the start of the stage (rendering and compilation

@@ -11,9 +11,8 @@ this module, which needs numpy only.
   ranks from them (the matrix functions call the spectrum functions: one implementation).
 - :data:`DELTA_W_FILE`: gzipped JSON. The singular values of every body Linear are ~140 kB of
   decimal digits per full fine-tuning run, and run directories are committed, so they weigh on
-  every clone (and on every copy of the tree sent to a GPU machine). Compressed they take 40%; the
-  content is the same JSON (``zcat delta_w.json.gz``). Older run directories hold a plain
-  ``delta_w.json``, which the reader still takes.
+  every clone. Compressed they take 40%; the content is the same JSON (``zcat delta_w.json.gz``).
+  Older run directories hold a plain ``delta_w.json``, which the reader still takes.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """delta_w.json.gz: stage 3 keeps the spectra of the full fine-tuning update Delta W = W_ft - W_0, so
-scripts/hypothesis.py analysis (c) needs no checkpoint (checkpoints never leave the GPU machine)."""
+scripts/hypothesis.py analysis (c) needs no checkpoint (checkpoints are not committed)."""
 from __future__ import annotations
 
 import json
