@@ -69,6 +69,12 @@ def _knee_curves(runs: Sequence[Mapping[str, Any]], prefixes: tuple = ("knee_", 
     return curves
 
 
+def _knee(ranks: Sequence[int], errs: Sequence[Sequence[float]], tol: float, n_boot: int, seed: int) -> Dict[str, Any]:
+    """The knee at ``tol`` with its seed-bootstrap interval (:data:`KNEE_LEVEL`)."""
+    out = bootstrap_knee(ranks, errs, tol, True, n_boot, seed, KNEE_LEVEL)
+    return {k: out[k] for k in ("knee", "lo", "hi")}
+
+
 def _complete(curve: Mapping[int, List[float]]) -> List[str]:
     gaps = [f"rank {k}: {len(curve.get(k, []))} of {MIN_SEEDS} seeds" for k in KNEE_RANKS
             if len(curve.get(k, [])) < MIN_SEEDS]
@@ -78,8 +84,7 @@ def _complete(curve: Mapping[int, List[float]]) -> List[str]:
 def _stage1(runs: Sequence[Mapping[str, Any]], source_curves: Mapping[str, Mapping[int, List[float]]],
             gaps: Mapping[str, Mapping[str, float]], gaps_aligned: Mapping[str, Mapping[str, float]], n_boot: int,
             seed: int) -> Dict[str, Any]:
-    aligned = _knee_curves([r for r in runs if str(r.get("table", "")).startswith(STAGE1_TABLE_PREFIX)],
-                           prefixes=(STAGE1_TABLE_PREFIX,))
+    aligned = _knee_curves(runs, prefixes=(STAGE1_TABLE_PREFIX,))
     rows, missing = [], []
     for key in STAGE1_KEYS:
         row: Dict[str, Any] = {"key": key, "gap_source": dict(gaps[key]) if key in gaps else None,
@@ -93,8 +98,7 @@ def _stage1(runs: Sequence[Mapping[str, Any]], source_curves: Mapping[str, Mappi
                 continue
             ranks = sorted(curve)
             errs = [curve[k] for k in ranks]
-            row[f"knee_{arm}"] = {k: v for k, v in bootstrap_knee(ranks, errs, PRIMARY_TOLERANCE, True, n_boot, seed,
-                                                                   KNEE_LEVEL).items() if k in ("knee", "lo", "hi")}
+            row[f"knee_{arm}"] = _knee(ranks, errs, PRIMARY_TOLERANCE, n_boot, seed)
             reps[arm] = knee_replicates(ranks, errs, PRIMARY_TOLERANCE, n_boot, seed + (arm == "aligned"))
         if row["gap_aligned"] is None:
             missing.append(f"stage-1 comparison on {key}: no gap profile with the aligned embedder")
@@ -164,9 +168,7 @@ def analyse(runs: Sequence[Mapping[str, Any]], gaps: Mapping[str, Mapping[str, f
             ranks = sorted(curve)
             errs = [curve[k] for k in ranks]
             entry["errors"] = {str(k): [float(v) for v in curve[k]] for k in ranks}
-            entry["knees"] = {f"{tol:g}": {k: v for k, v in bootstrap_knee(ranks, errs, tol, True, n_boot, seed,
-                                                                           KNEE_LEVEL).items()
-                                           if k in ("knee", "lo", "hi")} for tol in TOLERANCES}
+            entry["knees"] = {f"{tol:g}": _knee(ranks, errs, tol, n_boot, seed) for tol in TOLERANCES}
         tasks.append(entry)
     ready = [t for t in tasks if t["complete"] and t["gap"] is not None]
     tol_key = f"{PRIMARY_TOLERANCE:g}"
