@@ -26,6 +26,10 @@ rank map, targets, alpha, rsLoRA, LoRA+ ratio, lr, weight decay, warm-up, clippi
 embedder and head train, a stage-1 embedder. Everything else trains alone, as before
 (:func:`why_not_packable`). The pack's model is :mod:`orca.packed_model`, its optimizer
 :mod:`orca.packed_optim`.
+
+``train.compile`` (with ``train.compile_mode``) compiles the pack's training forward once per pack
+(:func:`packed_step`): the fusion a run alone cannot afford to compile for a few hundred steps is
+paid once for K runs' thousands.
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ from orca.packed_model import PackError, PackedModel
 from orca.packed_optim import PackedAdamW, to_device
 from orca.runs import CheckpointWriter, RunDir, check_arch, git_info, machine_info
 from orca.runtime import autocast_for, resolve_device
-from orca.train import EpochBatchSampler, check_finite, initial_model
+from orca.train import EpochBatchSampler, check_finite, check_steps, initial_model, uses_cuda_graphs
 
 #: Methods whose runs can share a packed model (``head`` is LoRA at rank 0 everywhere).
 PACKABLE_METHODS = ("lora", "head")
@@ -61,7 +65,7 @@ PER_RUN_KEYS = {
     "adapter": ("method", "rank", "rank_map", "alpha", "rslora", "init_a", "targets", "clip_rank",
                 "loraplus_ratio", "train_embedder", "train_head"),
     "train": ("lr", "weight_decay", "clip_grad", "warmup_epochs", "log_every", "save_every_steps", "num_workers",
-              "compile_mode", "channels_last"),
+              "channels_last"),
     "model": ("embedder_from", "embedder_init"),
 }
 
@@ -138,15 +142,19 @@ def plan_packs(cfgs: Sequence[ExperimentConfig], k: int) -> Tuple[List[List[int]
 
 
 # ----------------------------------------------------------------------------- losses and evaluation
-def run_losses(task, out: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    """``[K]``: each run's ``task.loss`` over its own rows of a packed batch."""
+def run_losses(task, k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``f(out, y) -> [K]``: each run's ``task.loss`` over its own rows of a packed batch."""
     loss = task.loss
     if hasattr(loss, "reduction"):
         per_sample = copy.copy(loss)
         per_sample.reduction = "none"
-        err = per_sample(out, y).view(k, -1)
-        return err.sum(1) if loss.reduction == "sum" else err.mean(1)
-    return torch.stack([loss(o, t) for o, t in zip(out.chunk(k), y.chunk(k))])
+        summed = loss.reduction == "sum"
+
+        def reduced(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            err = per_sample(out, y).view(k, -1)
+            return err.sum(1) if summed else err.mean(1)
+        return reduced
+    return lambda out, y: torch.stack([loss(o, t) for o, t in zip(out.chunk(k), y.chunk(k))])
 
 
 @torch.no_grad()
@@ -158,6 +166,7 @@ def evaluate_pack(model: PackedModel, loader: DataLoader, task, device: torch.de
     k = model.k
     errors, loss_sum, n = [], torch.zeros(k, dtype=torch.float64, device=device), 0
     summed = loss_reduction(task) == "sum"
+    losses_of = run_losses(task, k)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         xr, yr = x.repeat(k, *([1] * (x.ndim - 1))), y.repeat(k, *([1] * (y.ndim - 1)))
@@ -165,7 +174,7 @@ def evaluate_pack(model: PackedModel, loader: DataLoader, task, device: torch.de
             out = model(xr)
         out = out.float()
         errors.append(task.metric(decode(task, out), yr).float().view(k, -1))
-        loss_sum += run_losses(task, out, yr, k).double() * (1 if summed else len(x))
+        loss_sum += losses_of(out, yr).double() * (1 if summed else len(x))
         n += len(x)
     err = torch.cat(errors, dim=1).cpu()
     loss_sum = loss_sum.cpu()
@@ -209,6 +218,35 @@ def step_profiler(path: Optional[str], device: torch.device):
                    schedule=schedule(wait=3, warmup=2, active=5, repeat=1), on_trace_ready=write)
     prof.start()
     return prof
+
+
+def packed_step(packed: PackedModel, task, autocast, compile: bool, compile_mode: str,
+                device: torch.device) -> Tuple[Callable[..., torch.Tensor], bool]:
+    """The pack's training forward ``(x, y, drop_masks) -> [K] losses`` and whether it replays CUDA graphs.
+
+    With ``train.compile`` it is ``torch.compile``d whole (shared body, segment-wise LoRA, heads,
+    losses; its backward follows), so inductor fuses the body's norms, window shuffles and
+    elementwise ops over all K runs' rows at once; compiling is paid once per pack, where a run
+    alone pays it once per run. What keeps it one graph compiled once: the stochastic-depth masks
+    are an input (drawn outside, from each run's generator), the train batch has a static shape
+    (the samplers drop the last partial batch, as a compiled run alone does), and evaluation runs
+    the model eagerly (its batches differ in size, and no grad). A pack's model and K are its
+    own, so dynamo's cache is reset at the start of every pack: a later or smaller last pack
+    compiles afresh rather than piling entries onto one code object until dynamo's recompile limit
+    silently leaves it eager.
+    """
+    losses_of = run_losses(task, packed.k)
+
+    def forward_losses(x: torch.Tensor, y: torch.Tensor, drop_masks: Optional[torch.Tensor]) -> torch.Tensor:
+        with autocast():
+            out = packed(x, drop_masks)
+        return losses_of(out.float(), y)
+
+    if not compile:
+        return forward_losses, False
+    torch._dynamo.reset()
+    mode = None if compile_mode == "default" else compile_mode
+    return torch.compile(forward_losses, mode=mode), uses_cuda_graphs(compile_mode) and device.type == "cuda"
 
 
 class _Run:
@@ -297,7 +335,9 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
     x_train, y_train = train_tensors(task.train, device)
 
     t = cfgs[0].train
+    check_steps(cfgs[0], len(task.train))
     autocast = autocast_for(t.amp, device)
+    step_losses, graphs = packed_step(packed, task, autocast, t.compile, t.compile_mode, device)
     samplers = [EpochBatchSampler(len(task.train), t.batch_size, r.cfg.seed, drop_last=t.compile) for r in runs]
     micro_per_epoch = len(samplers[0])
     if t.max_steps_per_epoch:
@@ -378,9 +418,10 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
             index = [next(b) for b in batches]
             idx = to_device(torch.tensor([j for part in index for j in part]), device)
             x, y = x_train[idx], y_train[idx]
-            with autocast():
-                out = packed(x)
-            losses = run_losses(task, out.float(), y, k)
+            drop_masks = packed.draw_drop_masks(len(index[0]), device)  # outside any compiled graph
+            if graphs:  # a new step: the previous step's graph outputs may now be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            losses = step_losses(x, y, drop_masks)
             losses.sum().backward()
             images += len(index[0])
             loss_acc += losses.detach()

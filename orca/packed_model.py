@@ -16,7 +16,9 @@ model would compute; the per-run parts are applied segment-wise with batched mat
 - the embedder's patchify conv is one grouped conv (one group per run), its LayerNorm and the
   head's 1x1 conv / Linear take stacked per-run weights;
 - stochastic depth (DropPath) draws each run's per-sample mask from that run's own generator, in
-  the order its own model would, so a packed run's random numbers are its own.
+  the order its own model would, so a packed run's random numbers are its own; the draws happen
+  before the forward (:meth:`PackedModel.draw_drop_masks`), which takes them as an input, so the
+  forward holds no random op and compiles whole (``train.compile``).
 
 The K runs' models stay around as :class:`ORCAModel` objects that share the frozen tensors: they
 are what checkpoints are written from and loaded into (``store_to_runs`` / ``load_from_runs``),
@@ -129,31 +131,34 @@ class PackedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-class PackedDropPath(nn.Module):
-    """Stochastic depth whose per-sample keep mask for run k comes from ``generators[k]``.
+class StepMasks:
+    """This step's stochastic-depth masks, ``[drop modules, K*B]``, shared by the pack's
+    :class:`PackedDropPath` modules (set by :meth:`PackedModel.forward`, read by each module)."""
 
-    Why one draw per run rather than one for all rows: a run alone draws ``bernoulli_`` over its
-    own B samples from its own generator; K separate draws of B reproduce those numbers, one draw
-    of K*B would not (CPU and CUDA generators both split work by call).
+    def __init__(self):
+        self.masks: Optional[torch.Tensor] = None
+
+
+class PackedDropPath(nn.Module):
+    """Stochastic depth whose per-sample keep mask comes from :meth:`PackedModel.draw_drop_masks`.
+
+    Why the masks are drawn before the forward rather than in it: run k alone draws ``bernoulli_``
+    over its own B samples from its own generator, so a pack makes K draws from K generators per
+    module; a compiled forward (``train.compile``) cannot draw from a run's generator (dynamo does
+    not trace generators, and inductor's random numbers are its own), so the draws happen outside
+    it and the forward takes them as one tensor input.
     """
 
-    def __init__(self, drop: DropPath, generators: List[torch.Generator]):
+    def __init__(self, drop: DropPath, step: StepMasks, index: int):
         super().__init__()
         self.drop_prob, self.scale_by_keep = drop.drop_prob, drop.scale_by_keep
-        self.generators = generators  # shared with the PackedModel, set per pack
+        self.step, self.index = step, index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
+        if not self.training:
             return x
-        keep = 1 - self.drop_prob
-        k = len(self.generators)
-        b = x.shape[0] // k
-        mask = x.new_empty((k * b,) + (1,) * (x.ndim - 1))
-        for i, g in enumerate(self.generators):  # each run's B draws into its own rows, in place
-            mask[i * b:(i + 1) * b].bernoulli_(keep, generator=g)
-        if keep > 0.0 and self.scale_by_keep:
-            mask.div_(keep)
-        return x * mask
+        mask = self.step.masks[self.index]  # 0 or 1/keep per row, float32: x's dtype rounds 1/keep as alone
+        return x * mask.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
 
 class PackedEmbedder(nn.Module):
@@ -241,7 +246,8 @@ class PackedModel(nn.Module):
         if not isinstance(first.embedder, ConvEmbedder2d):
             raise PackError(f"embedder {type(first.embedder).__name__} has no packed form")
         self.k = k
-        self.generators: List[torch.Generator] = []
+        self.generators: List[torch.Generator] = []  # run k's stochastic-depth stream, set per pack
+        self._step = StepMasks()
         self.embedder = PackedEmbedder(first.embedder, k)
         if isinstance(first.head, DenseDecoderHead):
             self.head = PackedDenseHead(first.head, k)
@@ -265,16 +271,44 @@ class PackedModel(nn.Module):
             ranks = [run[name].r if name in run else 0 for run in layers]
             scalings = [run[name].scaling if name in run else 0.0 for run in layers]
             _replace(self.body, name, PackedLinear(self.body.get_submodule(name), ranks, scalings))
+        self.drops: List[PackedDropPath] = []  # in the order the forward calls them (timm's Swin: module order)
         for name, module in list(self.body.named_modules()):
             if isinstance(module, DropPath):
-                _replace(self.body, name, PackedDropPath(module, self.generators))
+                drop = PackedDropPath(module, self._step, len(self.drops)) if module.drop_prob > 0 else nn.Identity()
+                _replace(self.body, name, drop)
+                if module.drop_prob > 0:
+                    self.drops.append(drop)
         self._check_same_body(models, layers)
         self.slots = self._make_slots(models, layers)
         self.load_from_runs(models)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop_masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The K runs' outputs for their stacked batches; in training, ``drop_masks`` are this step's
+        stochastic-depth masks from :meth:`draw_drop_masks` (None when the body has none)."""
+        if self.training and self.drops:
+            if drop_masks is None:
+                raise ValueError("a packed training forward takes its stochastic-depth masks (draw_drop_masks)")
+            self._step.masks = drop_masks
         return self.head(self.body.forward_features(self.embedder(x)))
+
+    @torch.no_grad()
+    def draw_drop_masks(self, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+        """This training step's stochastic-depth masks ``[drop modules, K * batch]``: run k's rows of
+        module j are ``batch`` draws from ``generators[k]``, module after module, as its own model
+        draws them (timm's ``drop_path``: ``bernoulli_(keep)``, then divided by keep), so a packed run
+        consumes its own random stream exactly as alone. None when the body has no stochastic depth."""
+        if not self.drops:
+            return None
+        masks = torch.empty(len(self.drops), self.k, batch, device=device)
+        for i, gen in enumerate(self.generators):
+            for j, drop in enumerate(self.drops):
+                masks[j, i].bernoulli_(1 - drop.drop_prob, generator=gen)
+        for j, drop in enumerate(self.drops):
+            keep = 1 - drop.drop_prob
+            if keep > 0.0 and drop.scale_by_keep:
+                masks[j].div_(keep)
+        return masks.view(len(self.drops), -1)
 
     # ------------------------------------------------------------------ runs <-> stacks
     def _make_slots(self, models: Sequence[ORCAModel], layers: List[Dict[str, LoRALayer]]) -> List[Slot]:
