@@ -305,7 +305,7 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
             reusable.append(built)
         return built
 
-    bodies = BodyCache()
+    bodies = BodyCache(share_tensors=True)  # the runs' frozen bodies are one shared body below
     for run in runs:
         run_task, model = initial_model(run.cfg, build_once, bodies)
         method = build_method(run.cfg.adapter)
@@ -390,20 +390,32 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
         runs[i].error = f"{type(err).__name__}: {err}"
         log(f"[pack] FAILED {runs[i].dir.path.name}: {runs[i].error} (the other runs go on)")
 
-    def checkpoint(name: str = "last") -> None:
+    arches, shape = [m.arch() for m in models], task_shape(task)
+
+    def model_payload(i: int) -> Dict[str, Any]:
+        """Run i's model part of a checkpoint, its trained tensors read straight from the stacks."""
+        payload = model_checkpoint(models[i], rebuildable[i])
+        payload["model"].update(packed.run_tensors(i))
+        return {**payload, "arch": arches[i], "task_shape": shape}
+
+    def checkpoint(best: Sequence[int] = ()) -> None:
+        """``ckpt/best.pt`` of the runs ``best`` and ``ckpt/last.pt`` of every live run, written in
+        the background from one snapshot of all of them (:meth:`CheckpointWriter.save_many`)."""
         tc = time.time()
-        packed.store_to_runs(models)
+        items = [(runs[i].dir, "best", {**model_payload(i), "epoch": runs[i].state["best_epoch"],
+                                        f"val_{metric}": runs[i].state["best"]}) for i in best]
         for i, run in enumerate(runs):
             if not run.alive:
                 continue
-            payload = {**model_checkpoint(models[i], rebuildable[i]), "optimizer": adamw.export(i),
-                       "scheduler": schedulers[i].state_dict(), "state": dict(run.state), "arch": models[i].arch(),
-                       "task_shape": task_shape(task), "method": methods[i].state_for_checkpoint(),
+            payload = {**model_payload(i), "optimizer": adamw.export(i),
+                       "scheduler": schedulers[i].state_dict(), "state": dict(run.state),
+                       "method": methods[i].state_for_checkpoint(),
                        "rng_cpu": generators[i].get_state() if device.type == "cpu" else rng_cpu[i],
                        "config": config_dict(run.cfg)}
             if device.type == "cuda":
                 payload["rng_cuda"] = generators[i].get_state()
-            writer.save(run.dir, name, payload)
+            items.append((run.dir, "last", payload))
+        writer.save_many(items)
         timing["checkpoint_s"] += time.time() - tc
 
     profiler = step_profiler(profile_to, device)
@@ -477,7 +489,8 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
                     "train/loss": float(host[i]) / max(1, micro_per_epoch - samplers[i].skip),
                     "train/img_per_s": images / max(time.time() - t_epoch, 1e-9) if images else None}
                    for i, run in enumerate(runs)]
-        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+        evaluated = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
+        if evaluated:
             te = time.time()
             vals = evaluate_pack(packed, val_loader, task, device, autocast, desc="val")
             timing["eval_s"] += time.time() - te
@@ -492,18 +505,11 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
                 if val[metric] < run.state["best"]:
                     run.state["best"], run.state["best_epoch"] = val[metric], epoch + 1
                     improved.append(i)
-            if improved:
-                tc = time.time()
-                packed.store_to_runs(models)
-                for i in improved:
-                    writer.save(runs[i].dir, "best", {**model_checkpoint(models[i], rebuildable[i]), "arch": models[i].arch(),
-                                                         "task_shape": task_shape(task), "epoch": epoch + 1, f"val_{metric}": runs[i].state["best"]})
-                timing["checkpoint_s"] += time.time() - tc
         for run, record in zip(runs, records):
             if run.alive:
                 run.dir.log_metrics(record)
             run.state["epoch"], run.state["batch"] = epoch + 1, 0
-        checkpoint()
+        checkpoint(best=[i for i in improved if runs[i].alive] if evaluated else ())
         alive = [r for r in runs if r.alive]
         if alive and "val/" + metric in records[runs.index(alive[0])]:
             log(f"[pack] epoch {epoch + 1}/{t.epochs}: val {metric} "

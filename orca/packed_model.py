@@ -20,9 +20,10 @@ model would compute; the per-run parts are applied segment-wise with batched mat
   before the forward (:meth:`PackedModel.draw_drop_masks`), which takes them as an input, so the
   forward holds no random op and compiles whole (``train.compile``).
 
-The K runs' models stay around as :class:`ORCAModel` objects that share the frozen tensors: they
-are what checkpoints are written from and loaded into (``store_to_runs`` / ``load_from_runs``),
-so a packed run's files are those of a run trained alone.
+The K runs' models stay around as :class:`ORCAModel` objects that share the frozen tensors: a
+checkpoint is a run's own model's, with its trained tensors read from the stacks
+(``run_tensors``), and loads into it (then ``load_from_runs``), so a packed run's files are those
+of a run trained alone.
 """
 from __future__ import annotations
 
@@ -358,17 +359,14 @@ class PackedModel(nn.Module):
                 if name is not None and (only is None or i == only):
                     s.view(s.param, i).copy_(params[i][name])
 
-    @torch.no_grad()
-    def store_to_runs(self, models: Sequence[ORCAModel]) -> None:
-        """Copy the stacks back into the runs' own tensors (before a checkpoint or summary)."""
-        params = [dict(m.named_parameters()) for m in models]
-        for s in self.slots:
-            for i, name in enumerate(s.names):
-                if name is not None:
-                    params[i][name].copy_(s.view(s.param, i))
+    def run_tensors(self, i: int) -> Dict[str, torch.Tensor]:
+        """Run i's own embedder, head and LoRA tensors by state-dict name, as views of the stacks
+        (a checkpoint copies them; the run's own model keeps its initial values meanwhile)."""
+        return {s.names[i]: s.view(s.param, i).detach() for s in self.slots if s.names[i] is not None}
 
     def _check_same_body(self, models: Sequence[ORCAModel], layers: List[Dict[str, LoRALayer]]) -> None:
         shared = self.body.state_dict()
+        checked = set()  # runs of one seed share one body's tensors (BodyCache): compare those once
         for i, m in enumerate(models):
             own_state = m.body.state_dict()
             for name, t in shared.items():
@@ -376,9 +374,12 @@ class PackedModel(nn.Module):
                     continue
                 module = name.rpartition(".")[0]
                 own = own_state.get(_alone_name(name, module in layers[i]))
+                if own is not None and (own.data_ptr(), name) in checked:
+                    continue
                 if own is None or own.shape != t.shape or not torch.equal(own, t):
                     raise PackError(f"run {i}'s frozen body differs from run 0's at {name} "
                                     f"(a random body, model.weights=none, differs per seed)")
+                checked.add((own.data_ptr(), name))
 
     def share_frozen(self, models: Sequence[ORCAModel]) -> None:
         """Point every run's frozen body tensors at the shared body's, so the body is held once

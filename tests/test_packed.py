@@ -279,3 +279,21 @@ def test_body_cache_gives_the_body_and_rng_state_of_a_fresh_build(workdir):
             next(body.parameters()).add_(1.0)
         handed_out.append(body)
     assert len(bodies._built) == 2
+
+
+def test_body_cache_shares_tensors_when_asked(workdir):
+    """A pack's cache hands out module copies over one set of tensors per seed (the runs' frozen
+    bodies become one shared body anyway), still with the RNG state of a fresh build."""
+    cfg = sweep_mod.load_sweep(sweep_file(workdir))[1][0].cfg
+    bodies = BodyCache(share_tensors=True)
+    torch.manual_seed(0)
+    first = bodies(cfg.model)
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    second = bodies(cfg.model)
+    assert torch.equal(torch.rand(4), after) and first is not second
+    pairs = list(zip(first.state_dict().values(), second.state_dict().values()))
+    assert pairs and all(a.data_ptr() == b.data_ptr() for a, b in pairs)
+    torch.manual_seed(1)
+    other_seed = bodies(cfg.model)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first.parameters(), other_seed.parameters()))
