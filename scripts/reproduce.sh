@@ -119,33 +119,7 @@ gap_profile() {
       run_dir=results/runs/gaps_$name/stage2
 }
 
-# The plateau pilots (results/preregistration.md, 4): a task's pilot is its knee file at uniform
-# r = 8, seed 0, after its warm-up seed 0; the dial's is that at each of DIAL_PILOT_LEVELS, its two ends.
-DIAL_PILOT_LEVELS="0 6"
-# pilot_keys TASK: the pilot verdicts TASK's sweep needs, as results/pilots/<key>.json
-pilot_keys() {
-  local ktable; ktable=$(sed -n 's/^  table: *//p' "configs/experiments/prereg/$1_knee.yaml")
-  if [ "$1" = dial ]; then local l; for l in $DIAL_PILOT_LEVELS; do printf '%s ' "${ktable}_level-$l"; done
-  else echo "$ktable"; fi
-}
-pilots_passed() {
-  local key; for key in $(pilot_keys "$1"); do grep -q '"passed": true' "results/pilots/$key.json" 2>/dev/null || return 1; done
-}
-# pilot_suffixes TASK: the run-name infixes of TASK's pilots ("" for one; "_level-L" per dial level)
-pilot_suffixes() {
-  if [ "$1" = dial ]; then local l; for l in $DIAL_PILOT_LEVELS; do printf '%s ' "_level-$l"; done; else echo "-"; fi
-}
-# pilot_one TASK SUFFIX: its warm-up seed 0, then r = 8 seed 0, then the verdict.
-pilot_one() {
-  local task=$1 sfx=${2#-} warmup=configs/experiments/prereg/$1_warmup.yaml knee=configs/experiments/prereg/$1_knee.yaml
-  local wtable ktable; wtable=$(sed -n 's/^  table: *//p' "$warmup") ktable=$(sed -n 's/^  table: *//p' "$knee")
-  step "plateau pilot of $task${sfx}: warm-up seed 0, then r = 8 seed 0"
-  within 600 "$PY" -m orca sweep "$warmup" --only "head${sfx}_s0" sweep.output_dir=results/pilots
-  within 600 "$PY" -m orca sweep "$knee" --only "lora_r8${sfx}_s0" sweep.output_dir=results/pilots \
-      model.warmup_from=results/pilots/$wtable
-  "$PY" scripts/plateau_pilot.py "results/pilots/$ktable/lora_r8${sfx}_s0" --out "results/pilots/$ktable${sfx}.json" || \
-    echo "($task${sfx}: no plateau, or the pilot did not finish)"
-}
+source scripts/_prereg.sh   # the plateau pilots' names and verdicts
 
 case $part in
 gpu_tests)
@@ -308,7 +282,7 @@ prereg)
   for task in ${PREREG_TASKS:-darcy}; do
     warmup=configs/experiments/prereg/${task}_warmup.yaml knee=configs/experiments/prereg/${task}_knee.yaml
     if ! pilots_passed "$task"; then
-      echo "($task: no passing pilot under results/pilots/ for $(pilot_keys "$task"); run the pilot part first)"; continue
+      echo "($task: no passing pilot in $PILOTS_DIR for $(pilot_keys "$task"); run the pilot part first)"; continue
     fi
     step "knee sweep of $task: warm-ups, then ranks x seeds, ${PACK:-24} runs to a process"
     within 600 "$PY" -m orca sweep "$warmup" --pack "${PACK:-24}"
