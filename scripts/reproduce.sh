@@ -29,9 +29,10 @@
 #                  sweeps and gap profiles
 #   sweeps         tables, then hypothesis, with what is left of SECONDS
 #   pilot          the plateau pilots of PREREG_TASKS (default: darcy; a name X means
-#                  configs/experiments/prereg/X_warmup.yaml and X_knee.yaml): warm-up seed 0, then
-#                  uniform r = 8 seed 0, under results/pilots/, judged by scripts/plateau_pilot.py
-#                  into results/pilots/<knee table>.json
+#                  configs/experiments/prereg/X_warmup.yaml and X_knee.yaml), side by side: warm-up
+#                  seed 0, then uniform r = 8 seed 0 (the dial: at levels 0 and 6), under
+#                  results/pilots/, judged by scripts/plateau_pilot.py into results/pilots/<knee
+#                  table>.json (the dial: <knee table>_level-L.json)
 #   prereg         the knee sweeps of PREREG_TASKS whose pilot plateaued: every warm-up, then every
 #                  rank x seed, PACK (default 24) runs to a process
 #   prereg_stage1  the pre-registered stage-1 arm: stage 1 (OTDD) on Darcy and dial levels 2 and 5,
@@ -117,6 +118,8 @@ gap_profile() {
   within "${GAP_CAP:-200}" bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_$name task.name=$task "$@" \
       run_dir=results/runs/gaps_$name/stage2
 }
+
+source scripts/_prereg.sh   # the plateau pilots' names and verdicts
 
 case $part in
 gpu_tests)
@@ -267,23 +270,19 @@ pilot)
   # The pilot trains apart from the sweep (results/pilots/), so a knee sweep's runs all come from
   # one invocation. A pilot that does not plateau stops its task: the epoch count is doubled in the
   # committed task files before anything else of that task runs (results/preregistration.md, 4).
+  # Tasks' pilots run side by side (one process each: a lone eager run leaves the GPU mostly idle);
+  # each pilot's log is OUT_DIR/pilot_<task>[_level-L].log.
   for task in ${PREREG_TASKS:-darcy}; do
-    warmup=configs/experiments/prereg/${task}_warmup.yaml knee=configs/experiments/prereg/${task}_knee.yaml
-    wtable=$(sed -n 's/^  table: *//p' "$warmup") ktable=$(sed -n 's/^  table: *//p' "$knee")
-    step "plateau pilot of $task: warm-up seed 0, then r = 8 seed 0"
-    within 400 "$PY" -m orca sweep "$warmup" --only head_s0 sweep.output_dir=results/pilots
-    within 400 "$PY" -m orca sweep "$knee" --only lora_r8_s0 sweep.output_dir=results/pilots \
-        model.warmup_from=results/pilots/$wtable
-    "$PY" scripts/plateau_pilot.py "results/pilots/$ktable/lora_r8_s0" --out "results/pilots/$ktable.json" || \
-      echo "($task: no plateau, or the pilot did not finish)"
+    for sfx in $(pilot_suffixes "$task"); do pilot_one "$task" "$sfx" >"$out/pilot_$task${sfx#-}.log" 2>&1 & done
   done
+  wait
+  cat "$out"/pilot_*.log | grep "^\[plateau_pilot\]\|^(" || true
   ;;
 prereg)
   for task in ${PREREG_TASKS:-darcy}; do
     warmup=configs/experiments/prereg/${task}_warmup.yaml knee=configs/experiments/prereg/${task}_knee.yaml
-    ktable=$(sed -n 's/^  table: *//p' "$knee")
-    if ! grep -q '"passed": true' "results/pilots/$ktable.json" 2>/dev/null; then
-      echo "($task: no passing pilot in results/pilots/$ktable.json; run the pilot part first)"; continue
+    if ! pilots_passed "$task"; then
+      echo "($task: no passing pilot in $PILOTS_DIR for $(pilot_keys "$task"); run the pilot part first)"; continue
     fi
     step "knee sweep of $task: warm-ups, then ranks x seeds, ${PACK:-24} runs to a process"
     within 600 "$PY" -m orca sweep "$warmup" --pack "${PACK:-24}"

@@ -1,0 +1,60 @@
+"""The plateau pilots' bookkeeping (scripts/_prereg.sh): the runs it asks the sweeps for exist, and a
+task's knee sweep is released only by passing verdicts for every pilot it needs."""
+import subprocess
+
+import pytest
+
+from orca.cli import CONFIG_SCHEMA
+from orca.runs import REPO_ROOT, write_json
+from orca.sweep import load_sweep
+
+TASKS = ("darcy", "tones", "digits", "patches", "heldout", "dial")
+
+
+def prereg(call: str, pilots_dir=None) -> str:
+    """Run ``call`` in bash after sourcing scripts/_prereg.sh, from the repo root; its stdout."""
+    env = {"PATH": "/usr/bin:/bin"}
+    if pilots_dir is not None:
+        env["PILOTS_DIR"] = str(pilots_dir)
+    done = subprocess.run(["bash", "-c", f"source scripts/_prereg.sh; {call}"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def run_names(task: str, kind: str):
+    _, runs = load_sweep(REPO_ROOT / f"configs/experiments/prereg/{task}_{kind}.yaml", schema=CONFIG_SCHEMA)
+    return {run.name for run in runs}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_pilot_runs_are_runs_of_the_task_sweeps(task):
+    suffixes = [s if s != "-" else "" for s in prereg(f"pilot_suffixes {task}").split()]
+    assert len(suffixes) == (2 if task == "dial" else 1)
+    warmups, knees = run_names(task, "warmup"), run_names(task, "knee")
+    for sfx in suffixes:
+        assert f"head{sfx}_s0" in warmups
+        assert f"lora_r8{sfx}_s0" in knees
+
+
+def test_dial_pilots_sit_at_both_ends():
+    assert prereg("pilot_suffixes dial").split() == ["_level-0", "_level-6"]
+    assert prereg("pilot_keys dial").split() == ["knee_dial_level-0", "knee_dial_level-6"]
+    assert prereg("pilot_keys darcy").split() == ["knee_darcy"]
+
+
+def released(task: str, pilots_dir) -> bool:
+    return prereg(f"pilots_passed {task} && echo yes || echo no", pilots_dir).strip() == "yes"
+
+
+def test_a_sweep_needs_every_pilot_passed(tmp_path):
+    assert not released("darcy", tmp_path)
+    write_json(tmp_path / "knee_darcy.json", {"passed": False})
+    assert not released("darcy", tmp_path)
+    write_json(tmp_path / "knee_darcy.json", {"passed": True})
+    assert released("darcy", tmp_path)
+    # the dial: one end is not enough
+    write_json(tmp_path / "knee_dial_level-6.json", {"passed": True})
+    assert not released("dial", tmp_path)
+    write_json(tmp_path / "knee_dial_level-0.json", {"passed": True})
+    assert released("dial", tmp_path)
+    assert not released("tones", tmp_path)
