@@ -391,13 +391,14 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
         runs[i].error = f"{type(err).__name__}: {err}"
         log(f"[pack] FAILED {runs[i].dir.path.name}: {runs[i].error} (the other runs go on)")
 
-    arches, shape = [m.arch() for m in models], task_shape(task)
+    # what a run's checkpoints hold of its model besides the stacks' tensors never changes in a
+    # pack (shared frozen body and buffers; a pack trains nothing else): taken once per run
+    fixed = [{**model_checkpoint(m, ok), "arch": m.arch(), "task_shape": task_shape(task)}
+             for m, ok in zip(models, rebuildable)]
 
     def model_payload(i: int) -> Dict[str, Any]:
         """Run i's model part of a checkpoint, its trained tensors read straight from the stacks."""
-        payload = model_checkpoint(models[i], rebuildable[i])
-        payload["model"].update(packed.run_tensors(i))
-        return {**payload, "arch": arches[i], "task_shape": shape}
+        return {**fixed[i], "model": {**fixed[i]["model"], **packed.run_tensors(i)}}
 
     def checkpoint(best: Sequence[int] = ()) -> None:
         """``ckpt/best.pt`` of the runs ``best`` and ``ckpt/last.pt`` of every live run, written in
@@ -538,6 +539,7 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
     timing["wall_s"] = time.time() - t0
     if device.type == "cuda":
         timing["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    code, machine = git_info(), machine_info()  # the pack's runs share both: asked once, not per run
     for i, run in enumerate(runs):
         if not run.alive:
             continue
@@ -555,7 +557,7 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
             "epochs": run.cfg.train.epochs, "steps": state["step"], "params": params[i],
             "train_img_per_s": state["train_images"] / max(state["train_time"], 1e-9),
             "world_size": 1, "packed_runs": k,
-            "wall_time_s": time.time() - t0, "git": git_info(), "machine": machine_info(),
+            "wall_time_s": time.time() - t0, "git": code, "machine": machine,
             "data": task.info, "command": " ".join(sys.argv), "run_dir": str(run.dir.path),
         }
         report = methods[i].report()
