@@ -29,3 +29,11 @@ pilot_one() {
   "$PY" scripts/plateau_pilot.py "$PILOTS_DIR/$ktable/lora_r8${sfx}_s0" --out "$PILOTS_DIR/$ktable${sfx}.json" || \
     echo "($task${sfx}: no plateau, or the pilot did not finish)"
 }
+# seed_runs SWEEP_FILE: the names of its runs whose seed is in PREREG_SEEDS, comma-separated, for
+# `orca sweep --only` (a task's seeds can then train in separate invocations, each seed's warm-up
+# with its own adapter runs); empty when PREREG_SEEDS is unset.
+seed_runs() {
+  [ -z "${PREREG_SEEDS:-}" ] && return 0
+  local alt; alt=$(echo $PREREG_SEEDS | tr ' ' '|')
+  "$PY" -m orca sweep "$1" --dry-run | sed -nE "s#^  (done|pending) +.*/([^/]*_s($alt))\$#\2#p" | paste -sd, -
+}

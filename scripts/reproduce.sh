@@ -34,7 +34,8 @@
 #                  results/pilots/, judged by scripts/plateau_pilot.py into results/pilots/<knee
 #                  table>.json (the dial: <knee table>_level-L.json)
 #   prereg         the knee sweeps of PREREG_TASKS whose pilot plateaued: every warm-up, then every
-#                  rank x seed, PACK (default 24) runs to a process
+#                  rank x seed, PACK (default 24) runs to a process; PREREG_SEEDS="0 1" limits both
+#                  to those seeds (a seed's adapter runs load its warm-up's checkpoint: one machine)
 #   prereg_stage1  the pre-registered stage-1 arm: stage 1 (OTDD) on Darcy and dial levels 2 and 5,
 #                  their gap profiles with the aligned embedder, then the aligned warm-ups and knees
 #   ddp            (2+ GPUs) bench_ddp, then Darcy-85 full fine-tuning on 1 GPU and under DDP on 2
@@ -284,9 +285,11 @@ prereg)
     if ! pilots_passed "$task"; then
       echo "($task: no passing pilot in $PILOTS_DIR for $(pilot_keys "$task"); run the pilot part first)"; continue
     fi
-    step "knee sweep of $task: warm-ups, then ranks x seeds, ${PACK:-24} runs to a process"
-    within 600 "$PY" -m orca sweep "$warmup" --pack "${PACK:-24}"
-    within 600 "$PY" -m orca sweep "$knee" --pack "${PACK:-24}"
+    step "knee sweep of $task: warm-ups, then ranks x seeds${PREREG_SEEDS:+ (seeds $PREREG_SEEDS)}, ${PACK:-24} runs to a process"
+    only=(); [ -n "${PREREG_SEEDS:-}" ] && only=(--only "$(seed_runs "$warmup")")
+    within 600 "$PY" -m orca sweep "$warmup" --pack "${PACK:-24}" "${only[@]}"
+    [ -n "${PREREG_SEEDS:-}" ] && only=(--only "$(seed_runs "$knee")")
+    within 600 "$PY" -m orca sweep "$knee" --pack "${PACK:-24}" "${only[@]}"
   done
   ;;
 prereg_stage1)

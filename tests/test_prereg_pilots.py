@@ -1,6 +1,7 @@
 """The plateau pilots' bookkeeping (scripts/_prereg.sh): the runs it asks the sweeps for exist, and a
 task's knee sweep is released only by passing verdicts for every pilot it needs."""
 import subprocess
+import sys
 
 import pytest
 
@@ -11,11 +12,13 @@ from orca.sweep import load_sweep
 TASKS = ("darcy", "tones", "digits", "patches", "heldout", "dial")
 
 
-def prereg(call: str, pilots_dir=None) -> str:
+def prereg(call: str, pilots_dir=None, seeds=None) -> str:
     """Run ``call`` in bash after sourcing scripts/_prereg.sh, from the repo root; its stdout."""
-    env = {"PATH": "/usr/bin:/bin"}
+    env = {"PATH": "/usr/bin:/bin", "PY": sys.executable}
     if pilots_dir is not None:
         env["PILOTS_DIR"] = str(pilots_dir)
+    if seeds is not None:
+        env["PREREG_SEEDS"] = seeds
     done = subprocess.run(["bash", "-c", f"source scripts/_prereg.sh; {call}"], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, check=True)
     return done.stdout
@@ -58,3 +61,12 @@ def test_a_sweep_needs_every_pilot_passed(tmp_path):
     write_json(tmp_path / "knee_dial_level-0.json", {"passed": True})
     assert released("dial", tmp_path)
     assert not released("tones", tmp_path)
+
+
+def test_seed_runs_pick_whole_seeds_of_a_sweep():
+    knee = "configs/experiments/prereg/darcy_knee.yaml"
+    assert prereg(f"seed_runs {knee}").strip() == ""  # no PREREG_SEEDS: the whole sweep
+    names = prereg(f"seed_runs {knee}", seeds="0 2").strip().split(",")
+    assert sorted(names) == sorted(f"lora_r{r}_s{s}" for r in (1, 2, 4, 8, 16, 32, 64) for s in (0, 2))
+    dial = prereg("seed_runs configs/experiments/prereg/dial_warmup.yaml", seeds="1").strip().split(",")
+    assert sorted(dial) == sorted(f"head_level-{l}_s1" for l in range(7))
