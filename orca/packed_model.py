@@ -8,11 +8,12 @@ except the adapted Linears acts on each sample alone, so a run's rows see exactl
 model would compute; the per-run parts are applied segment-wise with batched matmuls:
 
 - an adapted Linear computes ``x W^T + b`` for all rows in one GEMM and adds each run's
-  ``s_k (x A_k^T) B_k^T`` with two ``bmm``s over stacked factors padded to the largest rank. The
+  ``s_k (x A_k^T) B_k^T`` with two ``bmm``s per segment of runs of similar rank
+  (:func:`rank_segments`), each over stacked factors padded to the segment's largest rank. The
   padding is exact: a padded row of A and column of B start at zero, receive zero gradient (each
   is multiplied by the other's zero) and AdamW leaves a zero with zero gradient at zero, so a
-  rank-2 run padded to 64 trains the same numbers as alone. Rank 0 (``head``, or a rank-map zero)
-  is a run whose factors are all padding;
+  rank-2 run padded to 8 trains the same numbers as alone. Rank 0 (``head``, or a rank-map zero)
+  is a run whose factors are all padding, outside every segment;
 - the embedder's patchify conv is one grouped conv (one group per run), its LayerNorm and the
   head's 1x1 conv / Linear take stacked per-run weights;
 - stochastic depth (DropPath) draws each run's per-sample mask from that run's own generator, in
@@ -28,8 +29,9 @@ of a run trained alone.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,45 +64,88 @@ class Slot:
     trained: List[bool]
 
 
+def rank_segments(ranks: Sequence[int]) -> Tuple[Tuple[int, int, int], ...]:
+    """The pack's runs (in pack order) cut into contiguous segments ``(first, end, rank)`` that one
+    Linear computes at one padded rank each, segments of rank 0 left out (they add nothing).
+
+    Why: padding every run to the pack's largest rank made a knee sweep's pack (ranks 1 to 64)
+    do the rank-r work of rank 64 for every run, four times what its ranks need. A segment costs
+    its runs x its rank, plus the largest rank once for its own kernels; the cuts minimise the
+    total (dynamic programming over the cut points). Packs keep runs of similar rank next to each
+    other (:func:`orca.packed.plan_packs`), so a knee sweep's pack of 24 runs (ranks 0-64 x 3 seeds)
+    takes three segments (ranks 1-8 at 8, 16-32 at 32, 64) and under a third of the padded work.
+    """
+    k, top = len(ranks), max(ranks, default=0)
+    cost, cut = [0] + [math.inf] * k, [0] * (k + 1)
+    for end in range(1, k + 1):
+        rank = 0
+        for first in range(end - 1, -1, -1):
+            rank = max(rank, ranks[first])
+            total = cost[first] + ((end - first) * rank + top if rank else 0)
+            if total < cost[end]:
+                cost[end], cut[end] = total, first
+    segments, end = [], k
+    while end:
+        segments.append((cut[end], end, max(ranks[cut[end]:end])))
+        end = cut[end]
+    return tuple(seg for seg in reversed(segments) if seg[2] > 0)
+
+
 class PackedLoRALinear(torch.autograd.Function):
     """K runs' ``x_k W^T + bias + (x_k A_k^T) B_k^T`` (B already scaled) with a hand-written backward:
-    :class:`orca.adapters.lora.FusedLoRALinear`'s, batched over the runs, so a packed run computes
-    what the same run alone computes, by the same formulas.
+    :class:`orca.adapters.lora.FusedLoRALinear`'s, batched over the runs of each rank segment
+    (:func:`rank_segments`), so a packed run computes what the same run alone computes, by the same
+    formulas.
 
     Why not autograd of the composed ops: it writes the rank-r update as a new N x d_out tensor
     (here it is added in place into the base GEMM's output), and builds the input gradient from
     two full-size products and a sum, where ``g_k (W + B_k A_k)`` is one GEMM against a small
-    per-run d_out x d_in weight. The frozen W and bias get no gradient.
+    per-run d_out x d_in weight. The frozen W and bias get no gradient; the factors' rows and
+    columns outside a run's segment rank get exactly zero.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b):  # x [K, n, d_in], a [K, r, d_in], b [K, d_out, r]
-        xa = torch.bmm(x, a.transpose(1, 2))
+    def forward(ctx, x, weight, bias, a, b, segments):  # x [K, n, d_in], a [K, r, d_in], b [K, d_out, r]
         out = F.linear(x, weight, bias)
-        out.baddbmm_(xa, b.transpose(1, 2))
-        ctx.save_for_backward(x, xa, weight, a, b)
+        xas = []
+        for first, end, r in segments:
+            xa = torch.bmm(x[first:end], a[first:end, :r].transpose(1, 2))
+            out[first:end].baddbmm_(xa, b[first:end, :, :r].transpose(1, 2))
+            xas.append(xa)
+        ctx.segments = segments
+        ctx.save_for_backward(x, weight, a, b, *xas)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, xa, weight, a, b = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad
+        x, weight, a, b, *xas = ctx.saved_tensors
+        segments = ctx.segments
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         if need_w or need_bias:
             raise RuntimeError("a packed Linear's base weight is frozen (shared by the pack's runs)")
         k, n = x.shape[:2]
-        many_tokens = n >= weight.shape[0]
-        gb = torch.bmm(g, b) if need_a or (need_x and not many_tokens) else None  # dL/d(x A^T): [K, n, r]
+        many_tokens = n >= weight.shape[0] and bool(segments)
         grad_x = grad_a = grad_b = None
-        if need_x:
-            if many_tokens:  # g (W + B A): the effective weight is small next to the N x d_in pass it saves
-                grad_x = torch.bmm(g, torch.baddbmm(weight.expand(k, -1, -1), b, a))
-            else:
-                grad_x = torch.matmul(g, weight).baddbmm_(gb, a)
-        if need_a:
-            grad_a = torch.bmm(gb.transpose(1, 2), x)
-        if need_b:
-            grad_b = torch.bmm(g.transpose(1, 2), xa)
-        return grad_x, None, None, grad_a, grad_b
+        if need_x and many_tokens:  # g (W + B A): the effective weight is small next to the N x d_in pass it saves
+            effective = weight.expand(k, -1, -1).clone()
+            for first, end, r in segments:
+                effective[first:end].baddbmm_(b[first:end, :, :r], a[first:end, :r])
+            grad_x = torch.bmm(g, effective)
+        elif need_x:
+            grad_x = torch.matmul(g, weight)
+        grad_a = torch.zeros_like(a) if need_a else None
+        grad_b = torch.zeros_like(b) if need_b else None
+        for (first, end, r), xa in zip(segments, xas):
+            g_seg = g[first:end]
+            if need_a or (need_x and not many_tokens):
+                gb = torch.bmm(g_seg, b[first:end, :, :r])  # dL/d(x A^T): [segment, n, r]
+                if need_x and not many_tokens:
+                    grad_x[first:end].baddbmm_(gb, a[first:end, :r])
+                if need_a:
+                    grad_a[first:end, :r] = torch.bmm(gb.transpose(1, 2), x[first:end])
+            if need_b:
+                grad_b[first:end, :, :r] = torch.bmm(g_seg.transpose(1, 2), xa)
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 class PackedLinear(nn.Module):
@@ -113,6 +158,7 @@ class PackedLinear(nn.Module):
         k, r = len(ranks), max(ranks)
         dtype = self.weight.dtype
         self.ranks = list(ranks)
+        self.segments = rank_segments(ranks)
         self.lora_A = nn.Parameter(torch.zeros(k, r, self.in_features, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(k, self.out_features, r, dtype=dtype))
         self.register_buffer("scaling", torch.tensor(list(scalings), dtype=torch.float32), persistent=False)
@@ -128,7 +174,7 @@ class PackedLinear(nn.Module):
             bias = None if bias is None else bias.to(dtype)
         else:
             x = x.to(weight.dtype)
-        out = PackedLoRALinear.apply(x.reshape(k, -1, self.in_features), weight, bias, a, b)
+        out = PackedLoRALinear.apply(x.reshape(k, -1, self.in_features), weight, bias, a, b, self.segments)
         return out.view(*x.shape[:-1], self.out_features)
 
 

@@ -176,6 +176,53 @@ def test_padding_is_exact_zero_and_gets_no_gradient(n):
     assert layer.lora_A.grad[1].abs().min() > 0 and layer.lora_A.grad[0, 0].abs().min() > 0
 
 
+def test_rank_segments_cut_the_padded_work():
+    """A knee pack (ranks 0-64 x 3 seeds, in rank order) is computed in three segments doing 480
+    rank-units instead of 24 x 64 = 1536; rank-0 runs sit in no segment."""
+    from orca.packed_model import rank_segments
+
+    knee = [r for r in (0, 1, 2, 4, 8, 16, 32, 64) for _ in range(3)]
+    segments = rank_segments(knee)
+    assert segments == ((3, 15, 8), (15, 21, 32), (21, 24, 64))
+    assert sum((end - first) * r for first, end, r in segments) == 480
+    assert rank_segments([8] * 5) == ((0, 5, 8),) and rank_segments([0, 0]) == ()
+    assert rank_segments([3, 1, 0, 6, 5]) == ((0, 2, 3), (3, 5, 6))
+
+
+@pytest.mark.parametrize("n", [4, 8], ids=["few_tokens", "many_tokens"])
+def test_segmented_linear_is_each_run_alone(n):
+    """Runs of ranks 3, 1, 0, 6, 5 (two segments and a rank-0 run between them): each run's rows
+    and its factors' gradients are those of its own Linear at its own rank, every padded entry of
+    the stacks gets exactly zero gradient, and the input gradient is the composed ops'."""
+    torch.manual_seed(0)
+    ranks, scalings = [3, 1, 0, 6, 5], [2.0, 1.0, 0.0, 0.5, 4.0]
+    base = torch.nn.Linear(6, 5).requires_grad_(False)
+    layer = PackedLinear(base, ranks=ranks, scalings=scalings)
+    assert layer.segments == ((0, 2, 3), (3, 5, 6))
+    own = [(torch.randn(r, 6, requires_grad=True), torch.randn(5, r, requires_grad=True)) for r in ranks]
+    with torch.no_grad():
+        for k, (a, b) in enumerate(own):
+            layer.lora_A[k, :ranks[k]] = a
+            layer.lora_B[k, :, :ranks[k]] = b
+    x = torch.randn(len(ranks) * n, 6, requires_grad=True)
+    g = torch.randn(len(ranks) * n, 5)
+    out = layer(x)
+    (grad_x,) = torch.autograd.grad(out, x, g, retain_graph=True)
+    out.backward(g)
+    alone_x = x.detach().clone().requires_grad_()
+    rows = alone_x.chunk(len(ranks))
+    expected = torch.cat([base(xk) + s * xk @ a.t() @ b.t() for xk, s, (a, b) in zip(rows, scalings, own)])
+    expected.backward(g)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad_x, alone_x.grad)
+    for k, (a, b) in enumerate(own):
+        r = ranks[k]
+        if r:
+            torch.testing.assert_close(layer.lora_A.grad[k, :r], a.grad)
+            torch.testing.assert_close(layer.lora_B.grad[k, :, :r], b.grad)
+        assert not layer.lora_A.grad[k, r:].count_nonzero() and not layer.lora_B.grad[k, :, r:].count_nonzero()
+
+
 def test_diverging_run_fails_alone(workdir, alone):
     include = INCLUDE.splitlines()[0] + "\n    - {adapter.rank: 2, seed: 5, train.lr: 1.0e+30}\n"
     path = sweep_file(workdir, include, "nan.yaml")
