@@ -28,8 +28,8 @@ embedder and head train, a stage-1 embedder. Everything else trains alone, as be
 :mod:`orca.packed_optim`.
 
 ``train.compile`` (with ``train.compile_mode``) compiles the pack's training forward once per pack
-(:func:`packed_step`): the fusion a run alone cannot afford to compile for a few hundred steps is
-paid once for K runs' thousands.
+(:func:`packed_step`): a compilation that a short run alone cannot repay is paid once for all K
+runs.
 """
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def step_profiler(path: Optional[str], device: torch.device):
     return prof
 
 
-def packed_step(packed: PackedModel, task, autocast, compile: bool, compile_mode: str,
+def packed_step(packed: PackedModel, task, autocast, compiled: bool, compile_mode: str,
                 device: torch.device) -> Tuple[Callable[..., torch.Tensor], bool]:
     """The pack's training forward ``(x, y, drop_masks) -> [K] losses`` and whether it replays CUDA graphs.
 
@@ -242,7 +242,7 @@ def packed_step(packed: PackedModel, task, autocast, compile: bool, compile_mode
             out = packed(x, drop_masks)
         return losses_of(out.float(), y)
 
-    if not compile:
+    if not compiled:
         return forward_losses, False
     torch._dynamo.reset()
     mode = None if compile_mode == "default" else compile_mode
