@@ -26,6 +26,10 @@ rank map, targets, alpha, rsLoRA, LoRA+ ratio, lr, weight decay, warm-up, clippi
 embedder and head train, a stage-1 embedder. Everything else trains alone, as before
 (:func:`why_not_packable`). The pack's model is :mod:`orca.packed_model`, its optimizer
 :mod:`orca.packed_optim`.
+
+``train.compile`` (with ``train.compile_mode``) compiles the pack's training forward once per pack
+(:func:`packed_step`): the fusion a run alone cannot afford to compile for a few hundred steps is
+paid once for K runs' thousands.
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ from orca.packed_model import PackError, PackedModel
 from orca.packed_optim import PackedAdamW, to_device
 from orca.runs import CheckpointWriter, RunDir, check_arch, git_info, machine_info
 from orca.runtime import autocast_for, resolve_device
-from orca.train import EpochBatchSampler, check_finite, initial_model
+from orca.train import EpochBatchSampler, check_finite, check_steps, initial_model, uses_cuda_graphs
 
 #: Methods whose runs can share a packed model (``head`` is LoRA at rank 0 everywhere).
 PACKABLE_METHODS = ("lora", "head")
@@ -61,7 +65,7 @@ PER_RUN_KEYS = {
     "adapter": ("method", "rank", "rank_map", "alpha", "rslora", "init_a", "targets", "clip_rank",
                 "loraplus_ratio", "train_embedder", "train_head"),
     "train": ("lr", "weight_decay", "clip_grad", "warmup_epochs", "log_every", "save_every_steps", "num_workers",
-              "compile_mode", "channels_last"),
+              "channels_last"),
     "model": ("embedder_from", "embedder_init"),
 }
 
@@ -138,15 +142,19 @@ def plan_packs(cfgs: Sequence[ExperimentConfig], k: int) -> Tuple[List[List[int]
 
 
 # ----------------------------------------------------------------------------- losses and evaluation
-def run_losses(task, out: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    """``[K]``: each run's ``task.loss`` over its own rows of a packed batch."""
+def run_losses(task, k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``f(out, y) -> [K]``: each run's ``task.loss`` over its own rows of a packed batch."""
     loss = task.loss
     if hasattr(loss, "reduction"):
         per_sample = copy.copy(loss)
         per_sample.reduction = "none"
-        err = per_sample(out, y).view(k, -1)
-        return err.sum(1) if loss.reduction == "sum" else err.mean(1)
-    return torch.stack([loss(o, t) for o, t in zip(out.chunk(k), y.chunk(k))])
+        summed = loss.reduction == "sum"
+
+        def reduced(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            err = per_sample(out, y).view(k, -1)
+            return err.sum(1) if summed else err.mean(1)
+        return reduced
+    return lambda out, y: torch.stack([loss(o, t) for o, t in zip(out.chunk(k), y.chunk(k))])
 
 
 @torch.no_grad()
@@ -158,6 +166,7 @@ def evaluate_pack(model: PackedModel, loader: DataLoader, task, device: torch.de
     k = model.k
     errors, loss_sum, n = [], torch.zeros(k, dtype=torch.float64, device=device), 0
     summed = loss_reduction(task) == "sum"
+    losses_of = run_losses(task, k)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         xr, yr = x.repeat(k, *([1] * (x.ndim - 1))), y.repeat(k, *([1] * (y.ndim - 1)))
@@ -165,7 +174,7 @@ def evaluate_pack(model: PackedModel, loader: DataLoader, task, device: torch.de
             out = model(xr)
         out = out.float()
         errors.append(task.metric(decode(task, out), yr).float().view(k, -1))
-        loss_sum += run_losses(task, out, yr, k).double() * (1 if summed else len(x))
+        loss_sum += losses_of(out, yr).double() * (1 if summed else len(x))
         n += len(x)
     err = torch.cat(errors, dim=1).cpu()
     loss_sum = loss_sum.cpu()
@@ -211,6 +220,35 @@ def step_profiler(path: Optional[str], device: torch.device):
     return prof
 
 
+def packed_step(packed: PackedModel, task, autocast, compile: bool, compile_mode: str,
+                device: torch.device) -> Tuple[Callable[..., torch.Tensor], bool]:
+    """The pack's training forward ``(x, y, drop_masks) -> [K] losses`` and whether it replays CUDA graphs.
+
+    With ``train.compile`` it is ``torch.compile``d whole (shared body, segment-wise LoRA, heads,
+    losses; its backward follows), so inductor fuses the body's norms, window shuffles and
+    elementwise ops over all K runs' rows at once; compiling is paid once per pack, where a run
+    alone pays it once per run. What keeps it one graph compiled once: the stochastic-depth masks
+    are an input (drawn outside, from each run's generator), the train batch has a static shape
+    (the samplers drop the last partial batch, as a compiled run alone does), and evaluation runs
+    the model eagerly (its batches differ in size, and no grad). A pack's model and K are its
+    own, so dynamo's cache is reset at the start of every pack: a later or smaller last pack
+    compiles afresh rather than piling entries onto one code object until dynamo's recompile limit
+    silently leaves it eager.
+    """
+    losses_of = run_losses(task, packed.k)
+
+    def forward_losses(x: torch.Tensor, y: torch.Tensor, drop_masks: Optional[torch.Tensor]) -> torch.Tensor:
+        with autocast():
+            out = packed(x, drop_masks)
+        return losses_of(out.float(), y)
+
+    if not compile:
+        return forward_losses, False
+    torch._dynamo.reset()
+    mode = None if compile_mode == "default" else compile_mode
+    return torch.compile(forward_losses, mode=mode), uses_cuda_graphs(compile_mode) and device.type == "cuda"
+
+
 class _Run:
     """One run of a pack: its config, directory, own model (format object), schedule and counters."""
 
@@ -249,7 +287,8 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
 def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int], None]],
                 log: Callable[[str], None], profile_to: Optional[str], writer: CheckpointWriter) -> Dict[str, Any]:
     t0 = time.time()
-    timing = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "test_s": 0.0, "steps": 0}
+    timing = {"setup_s": 0.0, "train_s": 0.0, "first_step_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "test_s": 0.0,
+              "steps": 0}
     device = resolve_device(cfgs[0].train.device)
     runs = [_Run(cfg) for cfg in cfgs]
     k = len(runs)
@@ -267,7 +306,7 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
             reusable.append(built)
         return built
 
-    bodies = BodyCache()
+    bodies = BodyCache(share_tensors=True)  # the runs' frozen bodies are one shared body below
     for run in runs:
         run_task, model = initial_model(run.cfg, build_once, bodies)
         method = build_method(run.cfg.adapter)
@@ -297,7 +336,9 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
     x_train, y_train = train_tensors(task.train, device)
 
     t = cfgs[0].train
+    check_steps(cfgs[0], len(task.train))
     autocast = autocast_for(t.amp, device)
+    step_losses, graphs = packed_step(packed, task, autocast, t.compile, t.compile_mode, device)
     samplers = [EpochBatchSampler(len(task.train), t.batch_size, r.cfg.seed, drop_last=t.compile) for r in runs]
     micro_per_epoch = len(samplers[0])
     if t.max_steps_per_epoch:
@@ -350,20 +391,33 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
         runs[i].error = f"{type(err).__name__}: {err}"
         log(f"[pack] FAILED {runs[i].dir.path.name}: {runs[i].error} (the other runs go on)")
 
-    def checkpoint(name: str = "last") -> None:
+    # what a run's checkpoints hold of its model besides the stacks' tensors never changes in a
+    # pack (shared frozen body and buffers; a pack trains nothing else): taken once per run
+    fixed = [{**model_checkpoint(m, ok), "arch": m.arch(), "task_shape": task_shape(task)}
+             for m, ok in zip(models, rebuildable)]
+
+    def model_payload(i: int) -> Dict[str, Any]:
+        """Run i's model part of a checkpoint, its trained tensors read straight from the stacks."""
+        return {**fixed[i], "model": {**fixed[i]["model"], **packed.run_tensors(i)}}
+
+    def checkpoint(best: Sequence[int] = ()) -> None:
+        """``ckpt/best.pt`` of the runs ``best`` and ``ckpt/last.pt`` of every live run, written in
+        the background from one snapshot of all of them (:meth:`CheckpointWriter.save_many`)."""
         tc = time.time()
-        packed.store_to_runs(models)
+        items = [(runs[i].dir, "best", {**model_payload(i), "epoch": runs[i].state["best_epoch"],
+                                        f"val_{metric}": runs[i].state["best"]}) for i in best]
         for i, run in enumerate(runs):
             if not run.alive:
                 continue
-            payload = {**model_checkpoint(models[i], rebuildable[i]), "optimizer": adamw.export(i),
-                       "scheduler": schedulers[i].state_dict(), "state": dict(run.state), "arch": models[i].arch(),
-                       "task_shape": task_shape(task), "method": methods[i].state_for_checkpoint(),
+            payload = {**model_payload(i), "optimizer": adamw.export(i),
+                       "scheduler": schedulers[i].state_dict(), "state": dict(run.state),
+                       "method": methods[i].state_for_checkpoint(),
                        "rng_cpu": generators[i].get_state() if device.type == "cpu" else rng_cpu[i],
                        "config": config_dict(run.cfg)}
             if device.type == "cuda":
                 payload["rng_cuda"] = generators[i].get_state()
-            writer.save(run.dir, name, payload)
+            items.append((run.dir, "last", payload))
+        writer.save_many(items)
         timing["checkpoint_s"] += time.time() - tc
 
     profiler = step_profiler(profile_to, device)
@@ -378,9 +432,10 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
             index = [next(b) for b in batches]
             idx = to_device(torch.tensor([j for part in index for j in part]), device)
             x, y = x_train[idx], y_train[idx]
-            with autocast():
-                out = packed(x)
-            losses = run_losses(task, out.float(), y, k)
+            drop_masks = packed.draw_drop_masks(len(index[0]), device)  # outside any compiled graph
+            if graphs:  # a new step: the previous step's graph outputs may now be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            losses = step_losses(x, y, drop_masks)
             losses.sum().backward()
             images += len(index[0])
             loss_acc += losses.detach()
@@ -394,6 +449,10 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
                 run.state["batch"] = micro + 1
             step = start["step"]
             timing["steps"] += 1
+            if timing["steps"] == 1:  # the first step holds the compilation, with train.compile
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                timing["first_step_s"] = time.time() - t_epoch
             logging = [i for i, r in enumerate(runs) if r.alive and step % r.cfg.train.log_every == 0]
             if logging:
                 host = losses.detach().cpu()
@@ -436,7 +495,8 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
                     "train/loss": float(host[i]) / max(1, micro_per_epoch - samplers[i].skip),
                     "train/img_per_s": images / max(time.time() - t_epoch, 1e-9) if images else None}
                    for i, run in enumerate(runs)]
-        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+        evaluated = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
+        if evaluated:
             te = time.time()
             vals = evaluate_pack(packed, val_loader, task, device, autocast, desc="val")
             timing["eval_s"] += time.time() - te
@@ -451,18 +511,11 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
                 if val[metric] < run.state["best"]:
                     run.state["best"], run.state["best_epoch"] = val[metric], epoch + 1
                     improved.append(i)
-            if improved:
-                tc = time.time()
-                packed.store_to_runs(models)
-                for i in improved:
-                    writer.save(runs[i].dir, "best", {**model_checkpoint(models[i], rebuildable[i]), "arch": models[i].arch(),
-                                                         "task_shape": task_shape(task), "epoch": epoch + 1, f"val_{metric}": runs[i].state["best"]})
-                timing["checkpoint_s"] += time.time() - tc
         for run, record in zip(runs, records):
             if run.alive:
                 run.dir.log_metrics(record)
             run.state["epoch"], run.state["batch"] = epoch + 1, 0
-        checkpoint()
+        checkpoint(best=[i for i in improved if runs[i].alive] if evaluated else ())
         alive = [r for r in runs if r.alive]
         if alive and "val/" + metric in records[runs.index(alive[0])]:
             log(f"[pack] epoch {epoch + 1}/{t.epochs}: val {metric} "
@@ -486,6 +539,7 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
     timing["wall_s"] = time.time() - t0
     if device.type == "cuda":
         timing["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    code, machine = git_info(), machine_info()  # the pack's runs share both: asked once, not per run
     for i, run in enumerate(runs):
         if not run.alive:
             continue
@@ -503,7 +557,7 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
             "epochs": run.cfg.train.epochs, "steps": state["step"], "params": params[i],
             "train_img_per_s": state["train_images"] / max(state["train_time"], 1e-9),
             "world_size": 1, "packed_runs": k,
-            "wall_time_s": time.time() - t0, "git": git_info(), "machine": machine_info(),
+            "wall_time_s": time.time() - t0, "git": code, "machine": machine,
             "data": task.info, "command": " ".join(sys.argv), "run_dir": str(run.dir.path),
         }
         report = methods[i].report()
@@ -516,6 +570,7 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
         run.dir.close()
     steps = max(timing["steps"], 1)
     log(f"[pack] {k} runs in {timing['wall_s']:.1f} s: setup {timing['setup_s']:.1f} s, "
-        f"{timing['steps']} steps {timing['train_s']:.1f} s ({1000 * timing['train_s'] / steps:.1f} ms/step), "
+        f"{timing['steps']} steps {timing['train_s']:.1f} s (the first {timing['first_step_s']:.1f} s, "
+        f"{1000 * (timing['train_s'] - timing['first_step_s']) / max(steps - 1, 1):.1f} ms per later step), "
         f"eval {timing['eval_s']:.1f} s, checkpoints {timing['checkpoint_s']:.1f} s, test {timing['test_s']:.1f} s")
     return {"errors": [r.error for r in runs], "timing": timing, "runs": [str(r.dir.path) for r in runs]}

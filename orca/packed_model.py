@@ -8,25 +8,30 @@ except the adapted Linears acts on each sample alone, so a run's rows see exactl
 model would compute; the per-run parts are applied segment-wise with batched matmuls:
 
 - an adapted Linear computes ``x W^T + b`` for all rows in one GEMM and adds each run's
-  ``s_k (x A_k^T) B_k^T`` with two ``bmm``s over stacked factors padded to the largest rank. The
+  ``s_k (x A_k^T) B_k^T`` with two ``bmm``s per segment of runs of similar rank
+  (:func:`rank_segments`), each over stacked factors padded to the segment's largest rank. The
   padding is exact: a padded row of A and column of B start at zero, receive zero gradient (each
   is multiplied by the other's zero) and AdamW leaves a zero with zero gradient at zero, so a
-  rank-2 run padded to 64 trains the same numbers as alone. Rank 0 (``head``, or a rank-map zero)
-  is a run whose factors are all padding;
+  rank-2 run padded to 8 trains the same numbers as alone. Rank 0 (``head``, or a rank-map zero)
+  is a run whose factors are all padding, outside every segment;
 - the embedder's patchify conv is one grouped conv (one group per run), its LayerNorm and the
   head's 1x1 conv / Linear take stacked per-run weights;
 - stochastic depth (DropPath) draws each run's per-sample mask from that run's own generator, in
-  the order its own model would, so a packed run's random numbers are its own.
+  the order its own model would, so a packed run's random numbers are its own; the draws happen
+  before the forward (:meth:`PackedModel.draw_drop_masks`), which takes them as an input, so the
+  forward holds no random op and compiles whole (``train.compile``).
 
-The K runs' models stay around as :class:`ORCAModel` objects that share the frozen tensors: they
-are what checkpoints are written from and loaded into (``store_to_runs`` / ``load_from_runs``),
-so a packed run's files are those of a run trained alone.
+The K runs' models stay around as :class:`ORCAModel` objects that share the frozen tensors: a
+checkpoint is a run's own model's, with its trained tensors read from the stacks
+(``run_tensors``), and loads into it (then ``load_from_runs``), so a packed run's files are those
+of a run trained alone.
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,45 +64,88 @@ class Slot:
     trained: List[bool]
 
 
+def rank_segments(ranks: Sequence[int]) -> Tuple[Tuple[int, int, int], ...]:
+    """The pack's runs (in pack order) cut into contiguous segments ``(first, end, rank)`` that one
+    Linear computes at one padded rank each, segments of rank 0 left out (they add nothing).
+
+    Why: padding every run to the pack's largest rank made a knee sweep's pack (ranks 1 to 64)
+    do the rank-r work of rank 64 for every run, four times what its ranks need. A segment costs
+    its runs x its rank, plus the largest rank once for its own kernels; the cuts minimise the
+    total (dynamic programming over the cut points). Packs keep runs of similar rank next to each
+    other (:func:`orca.packed.plan_packs`), so a knee sweep's pack of 24 runs (ranks 0-64 x 3 seeds)
+    takes three segments (ranks 1-8 at 8, 16-32 at 32, 64) and under a third of the padded work.
+    """
+    k, top = len(ranks), max(ranks, default=0)
+    cost, cut = [0] + [math.inf] * k, [0] * (k + 1)
+    for end in range(1, k + 1):
+        rank = 0
+        for first in range(end - 1, -1, -1):
+            rank = max(rank, ranks[first])
+            total = cost[first] + ((end - first) * rank + top if rank else 0)
+            if total < cost[end]:
+                cost[end], cut[end] = total, first
+    segments, end = [], k
+    while end:
+        segments.append((cut[end], end, max(ranks[cut[end]:end])))
+        end = cut[end]
+    return tuple(seg for seg in reversed(segments) if seg[2] > 0)
+
+
 class PackedLoRALinear(torch.autograd.Function):
     """K runs' ``x_k W^T + bias + (x_k A_k^T) B_k^T`` (B already scaled) with a hand-written backward:
-    :class:`orca.adapters.lora.FusedLoRALinear`'s, batched over the runs, so a packed run computes
-    what the same run alone computes, by the same formulas.
+    :class:`orca.adapters.lora.FusedLoRALinear`'s, batched over the runs of each rank segment
+    (:func:`rank_segments`), so a packed run computes what the same run alone computes, by the same
+    formulas.
 
     Why not autograd of the composed ops: it writes the rank-r update as a new N x d_out tensor
     (here it is added in place into the base GEMM's output), and builds the input gradient from
     two full-size products and a sum, where ``g_k (W + B_k A_k)`` is one GEMM against a small
-    per-run d_out x d_in weight. The frozen W and bias get no gradient.
+    per-run d_out x d_in weight. The frozen W and bias get no gradient; the factors' rows and
+    columns outside a run's segment rank get exactly zero.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b):  # x [K, n, d_in], a [K, r, d_in], b [K, d_out, r]
-        xa = torch.bmm(x, a.transpose(1, 2))
+    def forward(ctx, x, weight, bias, a, b, segments):  # x [K, n, d_in], a [K, r, d_in], b [K, d_out, r]
         out = F.linear(x, weight, bias)
-        out.baddbmm_(xa, b.transpose(1, 2))
-        ctx.save_for_backward(x, xa, weight, a, b)
+        xas = []
+        for first, end, r in segments:
+            xa = torch.bmm(x[first:end], a[first:end, :r].transpose(1, 2))
+            out[first:end].baddbmm_(xa, b[first:end, :, :r].transpose(1, 2))
+            xas.append(xa)
+        ctx.segments = segments
+        ctx.save_for_backward(x, weight, a, b, *xas)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, xa, weight, a, b = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad
+        x, weight, a, b, *xas = ctx.saved_tensors
+        segments = ctx.segments
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         if need_w or need_bias:
             raise RuntimeError("a packed Linear's base weight is frozen (shared by the pack's runs)")
         k, n = x.shape[:2]
-        many_tokens = n >= weight.shape[0]
-        gb = torch.bmm(g, b) if need_a or (need_x and not many_tokens) else None  # dL/d(x A^T): [K, n, r]
+        many_tokens = n >= weight.shape[0] and bool(segments)
         grad_x = grad_a = grad_b = None
-        if need_x:
-            if many_tokens:  # g (W + B A): the effective weight is small next to the N x d_in pass it saves
-                grad_x = torch.bmm(g, torch.baddbmm(weight.expand(k, -1, -1), b, a))
-            else:
-                grad_x = torch.matmul(g, weight).baddbmm_(gb, a)
-        if need_a:
-            grad_a = torch.bmm(gb.transpose(1, 2), x)
-        if need_b:
-            grad_b = torch.bmm(g.transpose(1, 2), xa)
-        return grad_x, None, None, grad_a, grad_b
+        if need_x and many_tokens:  # g (W + B A): the effective weight is small next to the N x d_in pass it saves
+            effective = weight.expand(k, -1, -1).clone()
+            for first, end, r in segments:
+                effective[first:end].baddbmm_(b[first:end, :, :r], a[first:end, :r])
+            grad_x = torch.bmm(g, effective)
+        elif need_x:
+            grad_x = torch.matmul(g, weight)
+        grad_a = torch.zeros_like(a) if need_a else None
+        grad_b = torch.zeros_like(b) if need_b else None
+        for (first, end, r), xa in zip(segments, xas):
+            g_seg = g[first:end]
+            if need_a or (need_x and not many_tokens):
+                gb = torch.bmm(g_seg, b[first:end, :, :r])  # dL/d(x A^T): [segment, n, r]
+                if need_x and not many_tokens:
+                    grad_x[first:end].baddbmm_(gb, a[first:end, :r])
+                if need_a:
+                    grad_a[first:end, :r] = torch.bmm(gb.transpose(1, 2), x[first:end])
+            if need_b:
+                grad_b[first:end, :, :r] = torch.bmm(g_seg.transpose(1, 2), xa)
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 class PackedLinear(nn.Module):
@@ -110,6 +158,7 @@ class PackedLinear(nn.Module):
         k, r = len(ranks), max(ranks)
         dtype = self.weight.dtype
         self.ranks = list(ranks)
+        self.segments = rank_segments(ranks)
         self.lora_A = nn.Parameter(torch.zeros(k, r, self.in_features, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(k, self.out_features, r, dtype=dtype))
         self.register_buffer("scaling", torch.tensor(list(scalings), dtype=torch.float32), persistent=False)
@@ -125,35 +174,38 @@ class PackedLinear(nn.Module):
             bias = None if bias is None else bias.to(dtype)
         else:
             x = x.to(weight.dtype)
-        out = PackedLoRALinear.apply(x.reshape(k, -1, self.in_features), weight, bias, a, b)
+        out = PackedLoRALinear.apply(x.reshape(k, -1, self.in_features), weight, bias, a, b, self.segments)
         return out.view(*x.shape[:-1], self.out_features)
 
 
-class PackedDropPath(nn.Module):
-    """Stochastic depth whose per-sample keep mask for run k comes from ``generators[k]``.
+class StepMasks:
+    """This step's stochastic-depth masks, ``[drop modules, K*B]``, shared by the pack's
+    :class:`PackedDropPath` modules (set by :meth:`PackedModel.forward`, read by each module)."""
 
-    Why one draw per run rather than one for all rows: a run alone draws ``bernoulli_`` over its
-    own B samples from its own generator; K separate draws of B reproduce those numbers, one draw
-    of K*B would not (CPU and CUDA generators both split work by call).
+    def __init__(self):
+        self.masks: Optional[torch.Tensor] = None
+
+
+class PackedDropPath(nn.Module):
+    """Stochastic depth whose per-sample keep mask comes from :meth:`PackedModel.draw_drop_masks`.
+
+    Why the masks are drawn before the forward rather than in it: run k alone draws ``bernoulli_``
+    over its own B samples from its own generator, so a pack makes K draws from K generators per
+    module; a compiled forward (``train.compile``) cannot draw from a run's generator (dynamo does
+    not trace generators, and inductor's random numbers are its own), so the draws happen outside
+    it and the forward takes them as one tensor input.
     """
 
-    def __init__(self, drop: DropPath, generators: List[torch.Generator]):
+    def __init__(self, drop: DropPath, step: StepMasks, index: int):
         super().__init__()
         self.drop_prob, self.scale_by_keep = drop.drop_prob, drop.scale_by_keep
-        self.generators = generators  # shared with the PackedModel, set per pack
+        self.step, self.index = step, index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
+        if not self.training:
             return x
-        keep = 1 - self.drop_prob
-        k = len(self.generators)
-        b = x.shape[0] // k
-        mask = x.new_empty((k * b,) + (1,) * (x.ndim - 1))
-        for i, g in enumerate(self.generators):  # each run's B draws into its own rows, in place
-            mask[i * b:(i + 1) * b].bernoulli_(keep, generator=g)
-        if keep > 0.0 and self.scale_by_keep:
-            mask.div_(keep)
-        return x * mask
+        mask = self.step.masks[self.index]  # 0 or 1/keep per row, float32: x's dtype rounds 1/keep as alone
+        return x * mask.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
 
 class PackedEmbedder(nn.Module):
@@ -241,7 +293,8 @@ class PackedModel(nn.Module):
         if not isinstance(first.embedder, ConvEmbedder2d):
             raise PackError(f"embedder {type(first.embedder).__name__} has no packed form")
         self.k = k
-        self.generators: List[torch.Generator] = []
+        self.generators: List[torch.Generator] = []  # run k's stochastic-depth stream, set per pack
+        self._step = StepMasks()
         self.embedder = PackedEmbedder(first.embedder, k)
         if isinstance(first.head, DenseDecoderHead):
             self.head = PackedDenseHead(first.head, k)
@@ -265,16 +318,44 @@ class PackedModel(nn.Module):
             ranks = [run[name].r if name in run else 0 for run in layers]
             scalings = [run[name].scaling if name in run else 0.0 for run in layers]
             _replace(self.body, name, PackedLinear(self.body.get_submodule(name), ranks, scalings))
+        self.drops: List[PackedDropPath] = []  # in the order the forward calls them (timm's Swin: module order)
         for name, module in list(self.body.named_modules()):
             if isinstance(module, DropPath):
-                _replace(self.body, name, PackedDropPath(module, self.generators))
+                drop = PackedDropPath(module, self._step, len(self.drops)) if module.drop_prob > 0 else nn.Identity()
+                _replace(self.body, name, drop)
+                if module.drop_prob > 0:
+                    self.drops.append(drop)
         self._check_same_body(models, layers)
         self.slots = self._make_slots(models, layers)
         self.load_from_runs(models)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop_masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The K runs' outputs for their stacked batches; in training, ``drop_masks`` are this step's
+        stochastic-depth masks from :meth:`draw_drop_masks` (None when the body has none)."""
+        if self.training and self.drops:
+            if drop_masks is None:
+                raise ValueError("a packed training forward takes its stochastic-depth masks (draw_drop_masks)")
+            self._step.masks = drop_masks
         return self.head(self.body.forward_features(self.embedder(x)))
+
+    @torch.no_grad()
+    def draw_drop_masks(self, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+        """This training step's stochastic-depth masks ``[drop modules, K * batch]``: run k's rows of
+        module j are ``batch`` draws from ``generators[k]``, module after module, as its own model
+        draws them (timm's ``drop_path``: ``bernoulli_(keep)``, then divided by keep), so a packed run
+        consumes its own random stream exactly as alone. None when the body has no stochastic depth."""
+        if not self.drops:
+            return None
+        masks = torch.empty(len(self.drops), self.k, batch, device=device)
+        for i, gen in enumerate(self.generators):
+            for j, drop in enumerate(self.drops):
+                masks[j, i].bernoulli_(1 - drop.drop_prob, generator=gen)
+        for j, drop in enumerate(self.drops):
+            keep = 1 - drop.drop_prob
+            if keep > 0.0 and drop.scale_by_keep:
+                masks[j].div_(keep)
+        return masks.view(len(self.drops), -1)
 
     # ------------------------------------------------------------------ runs <-> stacks
     def _make_slots(self, models: Sequence[ORCAModel], layers: List[Dict[str, LoRALayer]]) -> List[Slot]:
@@ -324,17 +405,14 @@ class PackedModel(nn.Module):
                 if name is not None and (only is None or i == only):
                     s.view(s.param, i).copy_(params[i][name])
 
-    @torch.no_grad()
-    def store_to_runs(self, models: Sequence[ORCAModel]) -> None:
-        """Copy the stacks back into the runs' own tensors (before a checkpoint or summary)."""
-        params = [dict(m.named_parameters()) for m in models]
-        for s in self.slots:
-            for i, name in enumerate(s.names):
-                if name is not None:
-                    params[i][name].copy_(s.view(s.param, i))
+    def run_tensors(self, i: int) -> Dict[str, torch.Tensor]:
+        """Run i's own embedder, head and LoRA tensors by state-dict name, as views of the stacks
+        (a checkpoint copies them; the run's own model keeps its initial values meanwhile)."""
+        return {s.names[i]: s.view(s.param, i).detach() for s in self.slots if s.names[i] is not None}
 
     def _check_same_body(self, models: Sequence[ORCAModel], layers: List[Dict[str, LoRALayer]]) -> None:
         shared = self.body.state_dict()
+        checked = set()  # runs of one seed share one body's tensors (BodyCache): compare those once
         for i, m in enumerate(models):
             own_state = m.body.state_dict()
             for name, t in shared.items():
@@ -342,9 +420,12 @@ class PackedModel(nn.Module):
                     continue
                 module = name.rpartition(".")[0]
                 own = own_state.get(_alone_name(name, module in layers[i]))
+                if own is not None and (own.data_ptr(), name) in checked:
+                    continue
                 if own is None or own.shape != t.shape or not torch.equal(own, t):
                     raise PackError(f"run {i}'s frozen body differs from run 0's at {name} "
                                     f"(a random body, model.weights=none, differs per seed)")
+                checked.add((own.data_ptr(), name))
 
     def share_frozen(self, models: Sequence[ORCAModel]) -> None:
         """Point every run's frozen body tensors at the shared body's, so the body is held once

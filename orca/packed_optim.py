@@ -121,7 +121,9 @@ class PackedAdamW:
 
     @torch.no_grad()
     def export(self, i: int) -> Dict[str, Any]:
-        """Run i's ``optimizer.state_dict()`` as its own AdamW would hold it after this many steps."""
+        """Run i's ``optimizer.state_dict()`` as its own AdamW would hold it after this many steps.
+        Its moments are views of the live stacks: copy them before the next step (a checkpoint
+        does, :meth:`orca.runs.CheckpointWriter.save_many`)."""
         opt = self.optimizers[i]
         if self.step_count:
             fused = bool(opt.defaults.get("fused"))
@@ -130,6 +132,6 @@ class PackedAdamW:
                     p = self.own[i][slot.names[i]]
                     step = torch.tensor(float(self.step_count), dtype=torch.float32,
                                         device=p.device if fused else "cpu")
-                    opt.state[p] = {"step": step, "exp_avg": slot.view(self.exp_avg[s], i).clone(),
-                                    "exp_avg_sq": slot.view(self.exp_avg_sq[s], i).clone()}
+                    opt.state[p] = {"step": step, "exp_avg": slot.view(self.exp_avg[s], i),
+                                    "exp_avg_sq": slot.view(self.exp_avg_sq[s], i)}
         return opt.state_dict()

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -333,10 +333,10 @@ class CheckpointWriter:
 
     Why: a packed sweep (:mod:`orca.packed`) writes K runs' checkpoints at once (``last`` every
     epoch, ``best`` when validation improves), and serialising them to disk held the GPU idle.
-    :meth:`save` copies the payload to host memory (so training may change the tensors), the thread
-    writes it with :meth:`RunDir.save_checkpoint` (atomically, as a run alone does), in the order
-    saved; :meth:`wait` returns once everything is on disk (before a checkpoint is read, and when
-    training ends, whether it finishes or fails: :meth:`close`).
+    :meth:`save_many` takes a snapshot of the payloads' tensors (so training may change them), the
+    thread writes each with :meth:`RunDir.save_checkpoint` (atomically, as a run alone does), in the
+    order saved; :meth:`wait` returns once everything is on disk (before a checkpoint is read, and
+    when training ends, whether it finishes or fails: :meth:`close`).
     """
 
     def __init__(self):
@@ -344,8 +344,22 @@ class CheckpointWriter:
         self._pending: List[Future] = []
 
     def save(self, run_dir: RunDir, name: str, payload: Dict[str, Any]) -> None:
-        host = _to_host(payload)
-        self._pending.append(self._pool.submit(run_dir.save_checkpoint, name, host))
+        self.save_many([(run_dir, name, payload)])
+
+    def save_many(self, items: Sequence[Tuple[RunDir, str, Dict[str, Any]]]) -> None:
+        """Queue ``(run directory, checkpoint name, payload)`` writes behind those queued before.
+
+        The snapshot is one copy per device and dtype of all the payloads' tensors together
+        (:func:`host_snapshot`), not one per tensor: K runs' checkpoints hold thousands of small
+        tensors, and each copy from a GPU waits for the device, which made checkpoints a tenth of a
+        short packed sweep.
+        """
+        tensors: List[torch.Tensor] = []
+        shapes = [_map_tensors(payload, torch.Tensor, lambda t: tensors.append(t) or _Snapshot(len(tensors) - 1))
+                  for _, _, payload in items]
+        host = host_snapshot(tensors)
+        for (run_dir, name, _), shape in zip(items, shapes):
+            self._pending.append(self._pool.submit(_write_owned, run_dir, name, shape, host))
 
     def wait(self) -> None:
         """Block until every checkpoint saved so far is written; re-raise the first write error."""
@@ -360,15 +374,44 @@ class CheckpointWriter:
             self._pool.shutdown(wait=True)
 
 
-def _to_host(obj: Any) -> Any:
-    """``obj`` with every tensor copied to host memory (a copy even where it already is)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+def host_snapshot(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Host copies of ``tensors`` as they are now: views into one new host buffer per (device,
+    dtype), filled by one concatenation and one transfer (a copy even where they already are)."""
+    out: List[Optional[torch.Tensor]] = [None] * len(tensors)
+    groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for idx in groups.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx]).to("cpu")
+        for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            out[i] = piece.view(tensors[i].shape)
+    return out  # type: ignore[return-value]
+
+
+class _Snapshot:
+    """Where a payload's tensor was: its index among the tensors of one :func:`host_snapshot`."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+def _map_tensors(obj: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
+    """``obj`` with new dicts, lists and tuples and every instance of ``kind`` replaced by ``fn(it)``."""
+    if isinstance(obj, kind):
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
+        return {k: _map_tensors(v, kind, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
+        return type(obj)(_map_tensors(v, kind, fn) for v in obj)
     return obj
+
+
+def _write_owned(run_dir: RunDir, name: str, shape: Any, host: List[torch.Tensor]) -> None:
+    """Write a checkpoint whose tensors are :class:`_Snapshot` s of ``host``; each is cloned first,
+    since ``torch.save`` writes a view's whole buffer (every run's tensors) rather than the view."""
+    run_dir.save_checkpoint(name, _map_tensors(shape, _Snapshot, lambda s: host[s.index].clone()))
 
 
 def check_arch(saved: Dict[str, Any], model: torch.nn.Module, source: str) -> None:

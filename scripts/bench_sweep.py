@@ -1,30 +1,39 @@
-"""Time the knee sweep three ways on one GPU: one run at a time, K runs side by side, and packed.
+"""Time the knee sweep on one GPU: one run at a time, K runs side by side, and packed (eager and compiled).
 
     PYTHONUNBUFFERED=1 python scripts/bench_sweep.py --out results/bench            # GPU, <= 8 minutes
+    PYTHONUNBUFFERED=1 python scripts/bench_sweep.py --out results/bench --epochs 8 \
+        --modes packed packed_compiled per_gpu --per-gpu 12                          # 496 steps a run
     python scripts/bench_sweep.py --smoke --out /tmp/bench                           # CPU, toy size
 
 The workload is the knee sweep of ``configs/experiments/table3_darcy_all.yaml``'s recipe on the
 fractal body (``configs/body_fractal.yaml``): LoRA on qkv/proj/fc1/fc2 with embedder and head
 trained, generated Darcy-85 (1,000 / 100 / 100), batch 16, ranks {0 (head only), 1, 2, 4, 8, 16,
 32, 64} x 3 seeds = 24 runs, each ``--epochs`` epochs of ``--steps-per-epoch`` steps (a real
-epoch is 62). Every mode runs the same sweep file through ``scripts/sweep.sh``'s launcher
+epoch is 62; more epochs make a longer fixed step count, each with its validation and checkpoints
+as in a real sweep). Every mode runs the same sweep file through ``scripts/sweep.sh``'s launcher
 (``python -m orca sweep``) into its own directory:
 
 - ``alone``: ``--per-gpu 1`` on ``--alone-runs`` of the 24 (one process at a time; its
   runs/GPU-hour is that of the whole sweep run this way), and the reference per-run results;
 - ``per_gpu_K``: all 24 runs with ``--per-gpu K`` for each ``--per-gpu`` value (K processes share
   the GPU, each with its own body, CUDA context and launches);
-- ``packed``: all 24 runs with ``--pack P``: one process, one body, P runs per step.
+- ``packed``: all 24 runs with ``--pack P``: one process, one body, P runs per step, eager;
+- ``packed_compiled``: the same with ``train.compile=true`` (``--compile-mode``): each pack
+  compiles its training step once, and the compilation counts in its wall time.
 
+The separate modes run eager, as such sweeps do: compiling costs each process its own
+compilation for its own few hundred steps, which a pack pays once for all its runs.
 Runs per GPU-hour = runs finished / wall seconds x 3600 with the GPU held by that mode alone;
-``speedup_vs_best_separate`` = packed over the best of ``alone`` and ``per_gpu_K``. Per-run results
+``speedup_vs_best_separate`` = the best packed mode over the best of ``alone`` and ``per_gpu_K``
+(``speedup_vs_best_separate_by_mode`` has each packed mode's). Per-run results
 are compared as the largest absolute difference of any run's best validation and test metric
 against the same run in ``alone`` (and, for all 24 runs, against the best separate mode): bf16
 autocast rounds the packed batched matmuls differently, so they agree to rounding, not bitwise.
 GPU memory is the peak of ``nvidia-smi``'s used memory during the mode minus the idle reading
 (all processes and CUDA contexts); utilisation its mean. Where the time goes: each pack's split
 (setup, steps, evaluation, checkpoints, test) and, for separate runs, the time inside stage 3
-against the launcher's wall time (the rest is process start, imports and CUDA initialisation).
+against the launcher's wall time (the rest is process start, imports and CUDA initialisation); a
+pack's first step, which holds its compilation, is reported apart from its later steps.
 
 Writes ``{out}/sweep_engine.json`` and ``.md``; run directories and data go to ``--work`` (a
 temporary directory by default: 24 runs x 3 modes of checkpoints are several GB).
@@ -52,6 +61,8 @@ from orca.sweep import build_data_once, load_sweep
 REPO = Path(__file__).resolve().parents[1]
 
 RANKS = [0, 1, 2, 4, 8, 16, 32, 64]  # 0: method head (embedder and head only)
+MODES = ["packed", "packed_compiled", "alone", "per_gpu"]
+PACKED = ("packed", "packed_compiled")
 
 
 def sweep_yaml(args, data_root: Path, body: Optional[Path], ranks: List[int], seeds: List[int]) -> str:
@@ -161,7 +172,7 @@ def metric_diff(mode: Dict[str, Any], reference: Dict[str, Any]) -> Optional[flo
 
 def render(report: Dict[str, Any]) -> str:
     w = report["workload"]
-    lines = ["# Sweep engine: the knee sweep one at a time, side by side, and packed", "",
+    lines = ["# Sweep engine: the knee sweep one at a time, side by side, and packed (eager and compiled)", "",
              f"{w['runs']} runs (ranks {w['ranks']} x seeds {w['seeds']}; rank 0 = head only), "
              f"{'/'.join(map(str, w['steps_per_run']))} steps each at batch {w['batch_size']} ({w['epochs']} epochs of at most "
              f"{w['steps_per_epoch']}), body "
@@ -176,9 +187,18 @@ def render(report: Dict[str, Any]) -> str:
         diff = report["max_abs_metric_diff_vs_alone"].get(name)
         lines.append(f"| {name} | {m['runs_finished']} | {m['wall_s']} | {m['runs_per_gpu_hour']} | {ratio} | "
                      f"{m['gpu_memory_gib']} | {m['gpu_util_mean_pct']} | {'-' if diff is None else f'{diff:.2e}'} |")
+    compiled = (f"; packed_compiled ran train.compile_mode={report['compile_mode']}, its compilation inside its wall time"
+                if report["compile_mode"] else "")
     lines += ["", f"**speedup_vs_best_separate = {report['speedup_vs_best_separate']}** "
-              f"(packed over {report['best_separate']}); packed vs the best separate mode on all its runs: "
-              f"max abs metric diff {report['max_abs_metric_diff_packed_vs_best_separate']}.", "",
+              f"({report['best_packed']} over {report['best_separate']}; by packed mode: "
+              + ", ".join(f"{n} {v}x" for n, v in report["speedup_vs_best_separate_by_mode"].items())
+              + f"); packed vs the best separate mode on all its runs: max abs metric diff "
+              + ", ".join(f"{n} {v:.2e}" for n, v in report["max_abs_metric_diff_packed_vs_best_separate"].items()
+                          if v is not None)
+              + (f"; compiled vs eager packed {report['max_abs_metric_diff_compiled_vs_eager_packed']:.2e}"
+                 if report["max_abs_metric_diff_compiled_vs_eager_packed"] is not None else "") + ".", "",
+              "The separate modes run eager, as such sweeps do: compiled, each process would pay its own "
+              "compilation for its own few hundred steps, which a pack pays once for all its runs" + compiled + ".", "",
               "## Where the time goes", ""]
     for name, prof in report["profile"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items()))
@@ -202,8 +222,10 @@ def main(argv=None) -> int:
     p.add_argument("--pack", type=int, default=24, help="runs per pack")
     p.add_argument("--alone-runs", type=int, default=3, help="runs of the one-at-a-time mode (spread over ranks)")
     p.add_argument("--budget-s", type=float, default=480, help="stop starting modes when this much time has passed")
-    p.add_argument("--modes", nargs="+", default=["packed", "alone", "per_gpu"], choices=["packed", "alone", "per_gpu"],
-                   help="which modes to time (speedup_vs_best_separate needs packed and a separate one)")
+    p.add_argument("--modes", nargs="+", default=["packed", "alone", "per_gpu"], choices=MODES,
+                   help="which modes to time (in the order above; speedup_vs_best_separate needs a packed and a separate one)")
+    p.add_argument("--compile-mode", default="default",
+                   help="train.compile_mode of packed_compiled (default | reduce-overhead | max-autotune ...)")
     p.add_argument("--profile", action="store_true",
                    help="also write a torch.profiler table of a few packed steps to sweep_engine_profile.txt "
                         "(profiling slows those steps: the packed wall time then includes it)")
@@ -236,39 +258,46 @@ def main(argv=None) -> int:
           flush=True)
     logs = out / "sweep_engine_logs"
     logs.mkdir(exist_ok=True)
-    timing_file = work / "pack_timing.jsonl"
     modes: Dict[str, Dict[str, Any]] = {}
     remaining = lambda: args.budget_s - (time.time() - t_start)  # noqa: E731
     profile_file = out / "sweep_engine_profile.txt"
-    if "packed" in args.modes:
-        flags = ["--pack", str(args.pack), "--pack-timing", str(timing_file)]
-        modes["packed"] = run_mode("packed", sweep, work / "packed",
-                                   flags + (["--pack-profile", str(profile_file)] if args.profile else []), remaining(), logs)
-    if "alone" in args.modes:
-        modes["alone"] = run_mode("alone", alone_sweep, work / "alone", ["--gpus", "1" if not args.smoke else "0"],
-                                  remaining(), logs)
-    for k in args.per_gpu if "per_gpu" in args.modes else []:
-        if remaining() < 30:
-            print(f"[bench] per_gpu_{k} skipped: the time budget is spent", flush=True)
-            continue
-        modes[f"per_gpu_{k}"] = run_mode(f"per_gpu_{k}", sweep, work / f"per_gpu_{k}",
-                                         ["--gpus", "1", "--per-gpu", str(k)], remaining(), logs)
+    for mode in sorted(args.modes, key=MODES.index):
+        if mode in PACKED:
+            flags = ["--pack", str(args.pack), "--pack-timing", str(work / f"pack_timing_{mode}.jsonl")]
+            if mode == "packed_compiled":
+                flags += ["train.compile=true", f"train.compile_mode={args.compile_mode}"]
+            elif args.profile:
+                flags += ["--pack-profile", str(profile_file)]
+            modes[mode] = run_mode(mode, sweep, work / mode, flags, remaining(), logs)
+        elif mode == "alone":
+            modes["alone"] = run_mode("alone", alone_sweep, work / "alone", ["--gpus", "1" if not args.smoke else "0"],
+                                      remaining(), logs)
+        else:
+            for k in args.per_gpu:
+                if remaining() < 30:
+                    print(f"[bench] per_gpu_{k} skipped: the time budget is spent", flush=True)
+                    continue
+                modes[f"per_gpu_{k}"] = run_mode(f"per_gpu_{k}", sweep, work / f"per_gpu_{k}",
+                                                 ["--gpus", "1", "--per-gpu", str(k)], remaining(), logs)
 
-    separate = {n: m for n, m in modes.items() if n != "packed" and m["runs_finished"] and not m["timed_out"]}
+    separate = {n: m for n, m in modes.items() if n not in PACKED and m["runs_finished"] and not m["timed_out"]}
     best = max(separate, key=lambda n: separate[n]["runs_per_gpu_hour"]) if separate else None
     best_rate = separate[best]["runs_per_gpu_hour"] if best else None
-    packed = modes.get("packed")
-    packs = [json.loads(line) for line in timing_file.read_text().splitlines()] if timing_file.exists() else []
+    by_mode = {n: round(modes[n]["runs_per_gpu_hour"] / best_rate, 2) for n in PACKED if n in modes and best_rate}
+    best_packed = max(by_mode, key=by_mode.get) if by_mode else None
     profile = {"data_generation_s": {"wall": round(data_s, 1)}}
-    for i, pack in enumerate(packs):
-        profile[f"packed, pack {i + 1} ({len(pack['runs'])} runs)"] = {
-            k: round(v, 2) if isinstance(v, float) else v for k, v in pack.items() if k != "runs"}
-        profile[f"packed, pack {i + 1} ({len(pack['runs'])} runs)"]["ms_per_step"] = round(
-            1000 * pack["train_s"] / max(pack["steps"], 1), 1)
-        profile[f"packed, pack {i + 1} ({len(pack['runs'])} runs)"]["train_img_per_s"] = round(
-            len(pack["runs"]) * args.batch_size * pack["steps"] / max(pack["train_s"], 1e-9), 1)
+    for mode in (n for n in PACKED if n in modes):
+        timing_file = work / f"pack_timing_{mode}.jsonl"
+        packs = [json.loads(line) for line in timing_file.read_text().splitlines()] if timing_file.exists() else []
+        for i, pack in enumerate(packs):
+            entry = profile[f"{mode}, pack {i + 1} ({len(pack['runs'])} runs)"] = {
+                k: round(v, 2) if isinstance(v, float) else v for k, v in pack.items() if k != "runs"}
+            later, seconds = pack["steps"] - 1, pack["train_s"] - pack["first_step_s"]  # the first step compiles
+            entry["ms_per_later_step"] = round(1000 * seconds / later, 1) if later > 0 else None
+            entry["train_img_per_s_later_steps"] = (round(len(pack["runs"]) * args.batch_size * later / seconds, 1)
+                                                    if later > 0 and seconds > 0 else None)
     for name, m in modes.items():
-        if name == "packed" or not m["runs"]:
+        if name in PACKED or not m["runs"]:
             continue
         inside = sum(r["wall_time_s"] for r in m["runs"].values())
         concurrency = 1 if name == "alone" else int(name.rsplit("_", 1)[-1])
@@ -288,10 +317,13 @@ def main(argv=None) -> int:
         "runs_per_gpu_hour": {n: m["runs_per_gpu_hour"] for n, m in modes.items()},
         "gpu_memory_gib": {n: m["gpu_memory_gib"] for n, m in modes.items()},
         "best_separate": best, "best_separate_runs_per_gpu_hour": best_rate,
-        "speedup_vs_best_separate": round(packed["runs_per_gpu_hour"] / best_rate, 2) if best_rate and packed else None,
+        "best_packed": best_packed, "speedup_vs_best_separate": by_mode.get(best_packed),
+        "speedup_vs_best_separate_by_mode": by_mode, "compile_mode": args.compile_mode if "packed_compiled" in modes else None,
         "max_abs_metric_diff_vs_alone": {n: metric_diff(m, modes["alone"]) for n, m in modes.items()
                                          if n != "alone" and "alone" in modes},
-        "max_abs_metric_diff_packed_vs_best_separate": metric_diff(packed, modes[best]) if best and packed else None,
+        "max_abs_metric_diff_packed_vs_best_separate": {n: metric_diff(modes[n], modes[best]) for n in by_mode},
+        "max_abs_metric_diff_compiled_vs_eager_packed": metric_diff(modes["packed_compiled"], modes["packed"])
+        if "packed" in modes and "packed_compiled" in modes else None,
         "profile": profile, "modes": modes,
         "packed_step_profile": profile_file.name if args.profile and profile_file.exists() else None, "data_s": round(data_s, 1),
         "command": "python " + " ".join([os.path.relpath(__file__, REPO), *(argv if argv is not None else sys.argv[1:])]),

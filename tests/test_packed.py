@@ -122,6 +122,30 @@ def test_packed_runs_equal_runs_alone(workdir, alone, capsys):
     assert summary["packed_runs"] == 4 and summary["params"]["adapters"] > 0
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_pack_equals_runs_alone(workdir, alone, backend, monkeypatch):
+    """``train.compile=true``: each pack's training forward is one graph, compiled once per pack (a
+    smaller last pack compiles its own), the stochastic-depth masks enter it as an input, and every
+    run still equals the run alone (eager). ``aot_eager`` traces the graph and its backward with
+    eager kernels (seconds); ``inductor``, the default backend, generates C++ kernels (minutes cold
+    on a 2-core CPU, hence slow) whose reordered reductions the tolerance absorbs."""
+    import torch._dynamo.utils
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: compile_(fn, mode=mode, backend=backend))
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    path = sweep_file(workdir)
+    out = workdir / f"compiled_{backend}"
+    # 8 training samples at batch 4: no partial batch for the compiled samplers to drop, so the
+    # data order is the eager runs' own; packs of 3 and 1, so two packs of two sizes compile
+    assert sweep_mod.run_sweep(path, [f"sweep.output_dir={out}", "train.compile=true"], gpus=0, pack=3) == []
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters)
+    for name in run_names(path):
+        assert_same_run(alone / name, out / "packed" / name)
+    assert json.loads((out / "packed" / run_names(path)[0] / "summary.json").read_text())["packed_runs"] in (1, 3)
+
+
 @pytest.mark.parametrize("n", [4, 8], ids=["few_tokens", "many_tokens"])  # the two input-gradient forms
 def test_padding_is_exact_zero_and_gets_no_gradient(n):
     """Padded factors contribute nothing and get exactly zero gradient, so AdamW keeps them zero; the
@@ -150,6 +174,53 @@ def test_padding_is_exact_zero_and_gets_no_gradient(n):
     torch.testing.assert_close(layer.lora_B.grad, ref_b)
     assert layer.lora_A.grad[0, 1:].abs().max() == 0 and layer.lora_B.grad[0, :, 1:].abs().max() == 0
     assert layer.lora_A.grad[1].abs().min() > 0 and layer.lora_A.grad[0, 0].abs().min() > 0
+
+
+def test_rank_segments_cut_the_padded_work():
+    """A knee pack (ranks 0-64 x 3 seeds, in rank order) is computed in three segments doing 480
+    rank-units instead of 24 x 64 = 1536; rank-0 runs sit in no segment."""
+    from orca.packed_model import rank_segments
+
+    knee = [r for r in (0, 1, 2, 4, 8, 16, 32, 64) for _ in range(3)]
+    segments = rank_segments(knee)
+    assert segments == ((3, 15, 8), (15, 21, 32), (21, 24, 64))
+    assert sum((end - first) * r for first, end, r in segments) == 480
+    assert rank_segments([8] * 5) == ((0, 5, 8),) and rank_segments([0, 0]) == ()
+    assert rank_segments([3, 1, 0, 6, 5]) == ((0, 2, 3), (3, 5, 6))
+
+
+@pytest.mark.parametrize("n", [4, 8], ids=["few_tokens", "many_tokens"])
+def test_segmented_linear_is_each_run_alone(n):
+    """Runs of ranks 3, 1, 0, 6, 5 (two segments and a rank-0 run between them): each run's rows
+    and its factors' gradients are those of its own Linear at its own rank, every padded entry of
+    the stacks gets exactly zero gradient, and the input gradient is the composed ops'."""
+    torch.manual_seed(0)
+    ranks, scalings = [3, 1, 0, 6, 5], [2.0, 1.0, 0.0, 0.5, 4.0]
+    base = torch.nn.Linear(6, 5).requires_grad_(False)
+    layer = PackedLinear(base, ranks=ranks, scalings=scalings)
+    assert layer.segments == ((0, 2, 3), (3, 5, 6))
+    own = [(torch.randn(r, 6, requires_grad=True), torch.randn(5, r, requires_grad=True)) for r in ranks]
+    with torch.no_grad():
+        for k, (a, b) in enumerate(own):
+            layer.lora_A[k, :ranks[k]] = a
+            layer.lora_B[k, :, :ranks[k]] = b
+    x = torch.randn(len(ranks) * n, 6, requires_grad=True)
+    g = torch.randn(len(ranks) * n, 5)
+    out = layer(x)
+    (grad_x,) = torch.autograd.grad(out, x, g, retain_graph=True)
+    out.backward(g)
+    alone_x = x.detach().clone().requires_grad_()
+    rows = alone_x.chunk(len(ranks))
+    expected = torch.cat([base(xk) + s * xk @ a.t() @ b.t() for xk, s, (a, b) in zip(rows, scalings, own)])
+    expected.backward(g)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad_x, alone_x.grad)
+    for k, (a, b) in enumerate(own):
+        r = ranks[k]
+        if r:
+            torch.testing.assert_close(layer.lora_A.grad[k, :r], a.grad)
+            torch.testing.assert_close(layer.lora_B.grad[k, :, :r], b.grad)
+        assert not layer.lora_A.grad[k, r:].count_nonzero() and not layer.lora_B.grad[k, :, r:].count_nonzero()
 
 
 def test_diverging_run_fails_alone(workdir, alone):
@@ -255,3 +326,21 @@ def test_body_cache_gives_the_body_and_rng_state_of_a_fresh_build(workdir):
             next(body.parameters()).add_(1.0)
         handed_out.append(body)
     assert len(bodies._built) == 2
+
+
+def test_body_cache_shares_tensors_when_asked(workdir):
+    """A pack's cache hands out module copies over one set of tensors per seed (the runs' frozen
+    bodies become one shared body anyway), still with the RNG state of a fresh build."""
+    cfg = sweep_mod.load_sweep(sweep_file(workdir))[1][0].cfg
+    bodies = BodyCache(share_tensors=True)
+    torch.manual_seed(0)
+    first = bodies(cfg.model)
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    second = bodies(cfg.model)
+    assert torch.equal(torch.rand(4), after) and first is not second
+    pairs = list(zip(first.state_dict().values(), second.state_dict().values()))
+    assert pairs and all(a.data_ptr() == b.data_ptr() for a, b in pairs)
+    torch.manual_seed(1)
+    other_seed = bodies(cfg.model)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first.parameters(), other_seed.parameters()))

@@ -141,3 +141,37 @@ def test_row_cut_short_by_a_kill_is_skipped(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as fh:
         fh.write('{"kind": "epoch", "epo')
     assert run.read_metrics() == [{"kind": "epoch", "epoch": 1, "step": 3}]
+
+
+def test_checkpoint_writer_saves_a_snapshot_with_one_copy_per_dtype(tmp_path, monkeypatch):
+    """save_many copies all payloads' tensors at once (one concatenation per device and dtype) and
+    writes each file with tensors of its own: later in-place changes reach no file, and a view of a
+    stack is written as the view, not its whole buffer."""
+    from orca import runs as runs_mod
+
+    stack = torch.arange(24.0).view(2, 3, 4)
+    moment = torch.full((2, 3, 4), 0.5)
+    index = torch.tensor([3, 1, 2])
+    items = [(RunDir(tmp_path / f"run{i}"), "last",
+              {"model": {"w": stack[i], "b": stack[i, :, :2]},  # contiguous and strided views
+               "optimizer": {"state": {0: {"step": torch.tensor(7.0), "exp_avg": moment[i]}}, "groups": [0.1, (2, 3)]},
+               "index": index, "epoch": i}) for i in range(2)]
+    concatenated = []
+    cat = torch.cat
+    monkeypatch.setattr(runs_mod.torch, "cat", lambda ts, *a, **k: concatenated.append(len(ts)) or cat(ts, *a, **k))
+    writer = runs_mod.CheckpointWriter()
+    writer.save_many(items)
+    stack.mul_(-1)
+    moment.zero_()
+    index.zero_()
+    writer.close()
+    assert sorted(concatenated) == [2, 8]  # int64: the two index entries; float32: 4 tensors per run
+    for i in range(2):
+        saved = torch.load(tmp_path / f"run{i}" / "ckpt" / "last.pt", weights_only=True)
+        expected = torch.arange(24.0).view(2, 3, 4)[i]
+        assert torch.equal(saved["model"]["w"], expected) and torch.equal(saved["model"]["b"], expected[:, :2])
+        assert saved["model"]["b"].untyped_storage().nbytes() == 6 * 4  # the view alone was written
+        state = saved["optimizer"]["state"][0]
+        assert torch.equal(state["exp_avg"], torch.full((3, 4), 0.5)) and state["step"].item() == 7.0
+        assert state["step"].shape == () and torch.equal(saved["index"], torch.tensor([3, 1, 2]))
+        assert saved["optimizer"]["groups"] == [0.1, (2, 3)] and saved["epoch"] == i
