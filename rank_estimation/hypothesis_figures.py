@@ -64,7 +64,7 @@ def plots(out: Path, knees: dict, tg: dict, dw: List[dict]) -> List[str]:
 
 
 def prereg_plots(out: Path, result: dict) -> List[str]:
-    """Gap vs dial level, knee vs gap, error vs rank per task: each only from data that exist."""
+    """Gap vs dial level, knee vs gap, error vs rank per task, the pilots' curves: each only from data that exist."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,4 +105,18 @@ def prereg_plots(out: Path, result: dict) -> List[str]:
                title="error vs rank per task")
         ax.legend(fontsize=7, ncol=2)
         _save(fig, out, "hypothesis_error_vs_rank.png", made)
+    pilots = result.get("pilots") or []
+    if pilots:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for v in pilots:
+            best = np.minimum.accumulate(np.asarray(v["curve"], dtype=float))
+            epochs = np.arange(1, len(best) + 1)
+            line, = ax.plot(epochs / len(best), best / best[-1], label=f"{v['key']} ({v['epochs']} epochs)")
+            ax.axvline(v["head_epochs"] / len(best), color=line.get_color(), lw=0.6, ls=":")
+        ax.axhline(1 + pilots[0]["tolerance"], color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0.95, 1.5)
+        ax.set(xlabel="fraction of the epochs", ylabel="best validation so far / final best",
+               title="plateau pilots (dotted: start of the last 20%; dashed: 2%)")
+        ax.legend(fontsize=7)
+        _save(fig, out, "hypothesis_pilots.png", made)
     return made

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
-from orca.errors import UsageError, reading
+from orca.errors import FileReadError, UsageError, reading
 from orca.runs import is_finished
 
 TAIL = 0.2
@@ -81,3 +81,25 @@ def run_curve(run_dir: Union[str, Path]) -> Tuple[str, List[float]]:
         raise UsageError(f"{metrics_path} holds validation for {len(by_epoch)} of {epochs} epochs",
                          fix="validate every epoch (train.eval_every=1) and rerun the pilot")
     return metric, [by_epoch[e] for e in range(1, epochs + 1)]
+
+
+#: The fields of a pilot verdict file (scripts/plateau_pilot.py --out) the report reads.
+VERDICT_FIELDS = ("metric", "epochs", "head_epochs", "best_head", "best", "improvement", "tolerance", "passed", "curve")
+
+
+def load_verdicts(pilots_dir: Union[str, Path]) -> List[Dict[str, Any]]:
+    """The pilot verdicts directly under ``pilots_dir`` (``<knee table>[_level-L].json``), by name.
+
+    Verdicts in subdirectories (superseded pilots) are not read: a task's recipe is the one its
+    latest pilot judged. An absent directory gives no verdicts.
+    """
+    verdicts = []
+    for path in sorted(Path(pilots_dir).glob("*.json")):
+        with reading(path, "the pilot verdict", "rerun scripts/plateau_pilot.py on the pilot run"):
+            data = json.loads(path.read_text())
+        lacking = [k for k in VERDICT_FIELDS if k not in data] if isinstance(data, dict) else list(VERDICT_FIELDS)
+        if lacking:
+            raise FileReadError(f"the pilot verdict lacks {', '.join(lacking)}", str(path),
+                                "rerun scripts/plateau_pilot.py on the pilot run with --out")
+        verdicts.append({"key": path.stem, **{k: data[k] for k in VERDICT_FIELDS}})
+    return verdicts

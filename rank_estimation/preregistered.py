@@ -137,13 +137,16 @@ def _placebo(runs: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> Dict[
 
 def analyse(runs: Sequence[Mapping[str, Any]], gaps: Mapping[str, Mapping[str, float]], primary_metric: str,
             n_boot: int = 2000, n_perm: int = 10000, n_draws: int = 200, seed: int = 0,
-            gaps_aligned: Optional[Mapping[str, Mapping[str, float]]] = None) -> Dict[str, Any]:
+            gaps_aligned: Optional[Mapping[str, Mapping[str, float]]] = None,
+            pilots: Sequence[Mapping[str, Any]] = ()) -> Dict[str, Any]:
     """The pre-registered analysis (module docstring) as a JSON-ready dict.
 
     Args:
         runs: run records (module docstring).
         gaps: key -> ``{"value", "lo", "hi"}`` primary gap of that task.
         gaps_aligned: the same with the stage-1 aligned embedder (the stage-1 arm's tasks).
+        pilots: the plateau pilots' verdicts (:func:`rank_estimation.plateau.load_verdicts`), reported
+            as the check of each task's recipe.
         primary_metric: the primary gap metric's name (recorded).
         n_boot, n_perm, n_draws: bootstrap replicates, permutations, posterior draws.
         seed: seed of every resampling.
@@ -175,7 +178,7 @@ def analyse(runs: Sequence[Mapping[str, Any]], gaps: Mapping[str, Mapping[str, f
     out: Dict[str, Any] = {"primary_metric": primary_metric, "primary_tolerance": PRIMARY_TOLERANCE,
                            "tolerances": list(TOLERANCES), "knee_ranks": list(KNEE_RANKS), "min_seeds": MIN_SEEDS,
                            "knee_interval_level": KNEE_LEVEL, "tasks": tasks,
-                           "analysed_tasks": [t["key"] for t in ready]}
+                           "analysed_tasks": [t["key"] for t in ready], "pilots": [dict(v) for v in pilots]}
     if len(ready) >= 3:
         x = [t["gap"]["value"] for t in ready]
         y = [t["knees"][tol_key]["knee"] for t in ready]
@@ -238,6 +241,15 @@ def render(result: Mapping[str, Any]) -> str:
         L.append(f"| {t['key']} | {_f(g.get('value'))} | [{_f(g.get('lo'))}, {_f(g.get('hi'))}] | "
                  + " | ".join(knees) + f" | {seeds} |")
     L.append("")
+    if result.get("pilots"):
+        L += ["Plateau pilots (uniform r = 8, seed 0; a task's sweep runs only after its pilot passed): the best "
+              "validation value of the first c epochs against that of all E.", "",
+              "| pilot | metric | E | c | best of first c | best of all | tail improvement | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
+        L += [f"| {v['key']} | {v['metric']} | {v['epochs']} | {v['head_epochs']} | {_f(v['best_head'])} | "
+              f"{_f(v['best'])} | {100 * v['improvement']:.2f}% | "
+              f"{'plateau' if v['passed'] else 'no plateau'} (< {100 * v['tolerance']:g}%) |" for v in result["pilots"]]
+        L.append("")
     s = result.get("spearman")
     if s and "error" not in s:
         L.append(f"Spearman(gap, knee @ {tol_key}) over {s['n_tasks']} tasks: rho = {s['rho']:.3f}, "

@@ -66,6 +66,7 @@ from rank_estimation.hypothesis import (
 )
 from rank_estimation.evidence import Run, complete_sweeps, load_runs, prereg_inputs, select, task_gaps
 from rank_estimation.hypothesis_figures import plots, prereg_plots
+from rank_estimation.plateau import load_verdicts
 from rank_estimation.preregistered import analyse, render
 
 GAP_SUMMARIES = {"mean": np.mean, "max": np.max, "first": lambda d: d[0], "last": lambda d: d[-1]}
@@ -332,6 +333,8 @@ def report(a, runs, tg, metrics, notes, knees, dw, buckets, d_verdict, pngs) -> 
 def main(argv: Optional[List[str]] = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, default=Path("results/runs"), help="root searched for run directories")
+    p.add_argument("--pilots", type=Path, default=Path("results/pilots"),
+                   help="the plateau pilots' verdicts (scripts/plateau_pilot.py --out), reported with the recipe")
     p.add_argument("--out", type=Path, default=Path("results"), help="where hypothesis.md and the PNGs go")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which error the knees are read from")
     p.add_argument("--tol", type=float, default=0.05, help="knee: error within (1 + tol) x the best rank's")
@@ -371,7 +374,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     primary = json.loads(a.calibration.read_text())["selection"]["primary"]
     records, prereg_gaps, prereg_gaps_aligned = prereg_inputs(a.runs, a.weights, primary)
     prereg = analyse(records, prereg_gaps, primary, n_boot=a.n_boot, n_perm=a.n_perm, seed=a.seed,
-                     gaps_aligned=prereg_gaps_aligned)
+                     gaps_aligned=prereg_gaps_aligned, pilots=load_verdicts(a.pilots))
     runs, gaps, notes = load_runs(a.runs, a.split, a.weights)
     tg, metrics = task_gaps(gaps)
     knee_runs = complete_sweeps(select(runs, a.knee_tables, notes, "(a)-(c)"), notes)

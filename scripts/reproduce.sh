@@ -35,12 +35,16 @@
 #                  table>.json (the dial: <knee table>_level-L.json)
 #   prereg         the knee sweeps of PREREG_TASKS whose pilot plateaued: every warm-up, then every
 #                  rank x seed, PACK (default 24) runs to a process; PREREG_SEEDS="0 1" limits both
-#                  to those seeds (a seed's adapter runs load its warm-up's checkpoint: one machine)
+#                  to those seeds; PREREG_PHASE=warmups or knees runs one half (the adapter runs load
+#                  their warm-ups' checkpoints: on another machine, bring them with the warmups part)
 #   prereg_stage1  the pre-registered stage-1 arm: stage 1 (OTDD) on Darcy and dial levels 2 and 5,
 #                  their gap profiles with the aligned embedder, then the aligned warm-ups and knees
 #   ddp            (2+ GPUs) bench_ddp, then Darcy-85 full fine-tuning on 1 GPU and under DDP on 2
 #   pack           tar every finished run directory under results/runs/ (one holding summary.json)
 #                  into OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt
+#   warmups        tar the finished warm-ups of the knee sweeps (results/runs/warmup_*) with the
+#                  checkpoint their adapter runs load into OUT_DIR/warmups.tgz, so that a later machine
+#                  trains a task's adapter runs without repeating its warm-ups
 # Run directories of sweeps go to results/runs/ (where make_tables.sh and hypothesis.py read them);
 # logs and bench outputs to OUT_DIR. Sweeps skip finished runs and resume interrupted ones, so a part
 # can be called again until nothing is pending. SECONDS, if given, is the part's whole time budget:
@@ -50,7 +54,7 @@
 # PER_GPU runs at a time (default 6): the fractal body's eager runs are bound by Python, so they share
 # one GPU well.
 source "$(dirname "$0")/_env.sh"
-parts="gpu_tests stage0 stage0_mim swinb_darcy bench profile bench_graphs bench_sdpa body_evidence body_evidence_mim body_evidence_droppath tables hypothesis sweeps pilot prereg prereg_stage1 ddp pack"
+parts="gpu_tests stage0 stage0_mim swinb_darcy bench profile bench_graphs bench_sdpa body_evidence body_evidence_mim body_evidence_droppath tables hypothesis sweeps pilot prereg prereg_stage1 ddp pack warmups"
 if [ $# -lt 2 ]; then
   echo "usage: bash scripts/reproduce.sh PART OUT_DIR [SECONDS]; PART: ${parts// / | }" >&2
   exit 2
@@ -287,9 +291,9 @@ prereg)
     fi
     step "knee sweep of $task: warm-ups, then ranks x seeds${PREREG_SEEDS:+ (seeds $PREREG_SEEDS)}, ${PACK:-24} runs to a process"
     only=(); [ -n "${PREREG_SEEDS:-}" ] && only=(--only "$(seed_runs "$warmup")")
-    within 600 "$PY" -m orca sweep "$warmup" --pack "${PACK:-24}" "${only[@]}"
+    [ "${PREREG_PHASE:-both}" != knees ] && within 600 "$PY" -m orca sweep "$warmup" --pack "${PACK:-24}" "${only[@]}"
     [ -n "${PREREG_SEEDS:-}" ] && only=(--only "$(seed_runs "$knee")")
-    within 600 "$PY" -m orca sweep "$knee" --pack "${PACK:-24}" "${only[@]}"
+    [ "${PREREG_PHASE:-both}" != warmups ] && within 600 "$PY" -m orca sweep "$knee" --pack "${PACK:-24}" "${only[@]}"
   done
   ;;
 prereg_stage1)
@@ -331,6 +335,14 @@ pack)
   find results/runs -name summary.json -printf '%h\n' | sort | \
     tar czf "$out/runs.tgz" --exclude=ckpt --exclude=tb --exclude='*.pt' -T -
   echo "$(tar tzf "$out/runs.tgz" | grep -c summary.json) run directories in $out/runs.tgz"
+  ;;
+warmups)
+  # The finished warm-ups with the checkpoint their adapter runs load (ckpt/best.pt), for a later
+  # machine: untar OUT_DIR/warmups.tgz in the repo root there, and `prereg` trains only the adapter
+  # runs. Classification warm-ups keep a few hundred kB; Darcy's dense head makes each ~6 MB.
+  find results/runs -path '*/warmup_*/*' -name summary.json -printf '%h\n' 2>/dev/null | sort | \
+    tar czf "$out/warmups.tgz" --exclude=tb --exclude=last.pt -T -
+  echo "$(tar tzf "$out/warmups.tgz" | grep -c 'ckpt/best.pt$') warm-up checkpoints in $out/warmups.tgz ($(du -h "$out/warmups.tgz" | cut -f1))"
   ;;
 esac
 step "done: $part"

@@ -94,3 +94,32 @@ def test_pilot_cli_one_line_error(tmp_path):
                        capture_output=True, text=True, env={"PYTHONPATH": ".", "PATH": "/usr/bin:/bin"})
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error: no finished run at")
+
+
+def test_verdicts_reach_the_preregistered_report(tmp_path):
+    from rank_estimation.plateau import load_verdicts
+    from rank_estimation.preregistered import analyse, render
+    (tmp_path / "a").mkdir(); (tmp_path / "b").mkdir()
+    flat = _run(tmp_path / "a", [0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    rising = _run(tmp_path / "b", [1.0 - 0.05 * e for e in range(10)])
+    pilots = tmp_path / "pilots"
+    (pilots / "superseded").mkdir(parents=True)
+    assert main([str(flat), "--out", str(pilots / "knee_x.json")]) == 0
+    assert main([str(rising), "--out", str(pilots / "knee_y.json")]) == 1
+    assert main([str(rising), "--out", str(pilots / "superseded" / "knee_y.json")]) == 1
+    verdicts = load_verdicts(pilots)
+    assert [(v["key"], v["passed"]) for v in verdicts] == [("knee_x", True), ("knee_y", False)]
+    # rising: best of the first 8 epochs 0.65, of all 10 0.55 -> the tail improved it 15.38%
+    assert verdicts[1]["improvement"] == pytest.approx(0.1 / 0.65)
+    text = render(analyse([], {}, "mmd_source", n_boot=10, n_perm=10, pilots=verdicts))
+    assert "| knee_x | val/rel_l2 | 10 | 8 | 0.1 | 0.1 | 0.00% | plateau (< 2%) |" in text
+    assert "| knee_y | val/rel_l2 | 10 | 8 | 0.65 | 0.55 | 15.38% | no plateau (< 2%) |" in text
+    assert load_verdicts(tmp_path / "no_such_dir") == []
+
+
+def test_a_verdict_without_its_fields_is_one_error(tmp_path):
+    from orca.errors import FileReadError
+    from rank_estimation.plateau import load_verdicts
+    (tmp_path / "knee_x.json").write_text(json.dumps({"passed": True}))
+    with pytest.raises(FileReadError, match="the pilot verdict lacks metric, epochs"):
+        load_verdicts(tmp_path)

@@ -1,5 +1,6 @@
 """The plateau pilots' bookkeeping (scripts/_prereg.sh): the runs it asks the sweeps for exist, and a
 task's knee sweep is released only by passing verdicts for every pilot it needs."""
+import shutil
 import subprocess
 import sys
 
@@ -70,3 +71,46 @@ def test_seed_runs_pick_whole_seeds_of_a_sweep():
     assert sorted(names) == sorted(f"lora_r{r}_s{s}" for r in (1, 2, 4, 8, 16, 32, 64) for s in (0, 2))
     dial = prereg("seed_runs configs/experiments/prereg/dial_warmup.yaml", seeds="1").strip().split(",")
     assert sorted(dial) == sorted(f"head_level-{l}_s1" for l in range(7))
+
+
+STUB_PYTHON = """#!/bin/bash
+# Stands in for Python: a sweep's dry run lists two seeds' runs, any other call is only recorded.
+if [[ " $* " == *" --dry-run "* ]]; then
+  table=$(basename "$4" .yaml)
+  for s in 0 1; do echo "  pending  results/runs/$table/run_s$s"; done
+else
+  echo "CALL $*" >> "$CALLS"
+fi
+"""
+
+
+def reproduce_prereg(tmp_path, **env):
+    """``reproduce.sh prereg`` with Python stubbed out: the sweep commands it would run."""
+    stub, calls, pilots = tmp_path / "python", tmp_path / "calls", tmp_path / "pilots"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    pilots.mkdir()
+    write_json(pilots / "knee_darcy.json", {"passed": True})
+    base = {"PATH": "/usr/bin:/bin", "ORCA_PYTHON": str(stub), "CALLS": str(calls), "PILOTS_DIR": str(pilots),
+            "PREREG_TASKS": "darcy tones"}
+    done = subprocess.run(["bash", "scripts/reproduce.sh", "prereg", str(tmp_path / "out")], cwd=REPO_ROOT,
+                          env={**base, **env}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "tones: no passing pilot" in done.stdout  # tones has no verdict in PILOTS_DIR: skipped
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_prereg_runs_warmups_then_knees_of_released_tasks_only(tmp_path):
+    calls = reproduce_prereg(tmp_path)
+    assert [c.split()[4] for c in calls] == ["configs/experiments/prereg/darcy_warmup.yaml",
+                                             "configs/experiments/prereg/darcy_knee.yaml"]
+    assert all("--pack 24" in c and "--only" not in c for c in calls)
+
+
+def test_prereg_seeds_and_phases(tmp_path):
+    calls = reproduce_prereg(tmp_path, PREREG_SEEDS="1", PREREG_PHASE="knees", PACK="7")
+    assert calls == ["CALL -m orca sweep configs/experiments/prereg/darcy_knee.yaml --pack 7 --only run_s1"]
+    (tmp_path / "calls").unlink()
+    shutil.rmtree(tmp_path / "pilots")
+    calls = reproduce_prereg(tmp_path, PREREG_PHASE="warmups")
+    assert calls == ["CALL -m orca sweep configs/experiments/prereg/darcy_warmup.yaml --pack 24"]
