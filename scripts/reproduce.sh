@@ -339,7 +339,8 @@ pack)
 warmups)
   # The finished warm-ups with the checkpoint their adapter runs load (ckpt/best.pt), for a later
   # machine: untar OUT_DIR/warmups.tgz in the repo root there, and `prereg` trains only the adapter
-  # runs. Classification warm-ups keep a few hundred kB; Darcy's dense head makes each ~6 MB.
+  # runs. A warm-up checkpoint holds the embedder, the head and the body's buffers; Darcy's dense
+  # head adds ~6 MB to each.
   find results/runs -path '*/warmup_*/*' -name summary.json -printf '%h\n' 2>/dev/null | sort | \
     tar czf "$out/warmups.tgz" --exclude=tb --exclude=last.pt -T -
   echo "$(tar tzf "$out/warmups.tgz" | grep -c 'ckpt/best.pt$') warm-up checkpoints in $out/warmups.tgz ($(du -h "$out/warmups.tgz" | cut -f1))"
