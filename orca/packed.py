@@ -495,12 +495,11 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
                     "train/loss": float(host[i]) / max(1, micro_per_epoch - samplers[i].skip),
                     "train/img_per_s": images / max(time.time() - t_epoch, 1e-9) if images else None}
                    for i, run in enumerate(runs)]
-        evaluated = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
-        if evaluated:
+        improved: List[int] = []  # live runs whose validation improved: their best checkpoints
+        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
             te = time.time()
             vals = evaluate_pack(packed, val_loader, task, device, autocast, desc="val")
             timing["eval_s"] += time.time() - te
-            improved = []
             for i, (run, val) in enumerate(zip(runs, vals)):
                 if not run.alive:
                     continue
@@ -515,7 +514,7 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
             if run.alive:
                 run.dir.log_metrics(record)
             run.state["epoch"], run.state["batch"] = epoch + 1, 0
-        checkpoint(best=[i for i in improved if runs[i].alive] if evaluated else ())
+        checkpoint(best=improved)
         alive = [r for r in runs if r.alive]
         if alive and "val/" + metric in records[runs.index(alive[0])]:
             log(f"[pack] epoch {epoch + 1}/{t.epochs}: val {metric} "
