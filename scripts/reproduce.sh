@@ -290,10 +290,9 @@ prereg)
       echo "($task: no passing pilot in $PILOTS_DIR for $(pilot_keys "$task"); run the pilot part first)"; continue
     fi
     step "knee sweep of $task: warm-ups, then ranks x seeds${PREREG_SEEDS:+ (seeds $PREREG_SEEDS)}, ${PACK:-24} runs to a process"
-    only=(); [ -n "${PREREG_SEEDS:-}" ] && only=(--only "$(seed_runs "$warmup")")
-    [ "${PREREG_PHASE:-both}" != knees ] && within 600 "$PY" -m orca sweep "$warmup" --pack "${PACK:-24}" "${only[@]}"
-    [ -n "${PREREG_SEEDS:-}" ] && only=(--only "$(seed_runs "$knee")")
-    [ "${PREREG_PHASE:-both}" != warmups ] && within 600 "$PY" -m orca sweep "$knee" --pack "${PACK:-24}" "${only[@]}"
+    seeds=(); [ -n "${PREREG_SEEDS:-}" ] && seeds=("sweep.grid.seed=[$(echo $PREREG_SEEDS | tr ' ' ,)]")
+    [ "${PREREG_PHASE:-both}" != knees ] && within 600 "$PY" -m orca sweep "$warmup" --pack "${PACK:-24}" "${seeds[@]}"
+    [ "${PREREG_PHASE:-both}" != warmups ] && within 600 "$PY" -m orca sweep "$knee" --pack "${PACK:-24}" "${seeds[@]}"
   done
   ;;
 prereg_stage1)

@@ -2,7 +2,6 @@
 task's knee sweep is released only by passing verdicts for every pilot it needs."""
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -13,13 +12,11 @@ from orca.sweep import load_sweep
 TASKS = ("darcy", "tones", "digits", "patches", "heldout", "dial")
 
 
-def prereg(call: str, pilots_dir=None, seeds=None) -> str:
+def prereg(call: str, pilots_dir=None) -> str:
     """Run ``call`` in bash after sourcing scripts/_prereg.sh, from the repo root; its stdout."""
-    env = {"PATH": "/usr/bin:/bin", "PY": sys.executable}
+    env = {"PATH": "/usr/bin:/bin"}
     if pilots_dir is not None:
         env["PILOTS_DIR"] = str(pilots_dir)
-    if seeds is not None:
-        env["PREREG_SEEDS"] = seeds
     done = subprocess.run(["bash", "-c", f"source scripts/_prereg.sh; {call}"], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, check=True)
     return done.stdout
@@ -64,23 +61,19 @@ def test_a_sweep_needs_every_pilot_passed(tmp_path):
     assert not released("tones", tmp_path)
 
 
-def test_seed_runs_pick_whole_seeds_of_a_sweep():
-    knee = "configs/experiments/prereg/darcy_knee.yaml"
-    assert prereg(f"seed_runs {knee}").strip() == ""  # no PREREG_SEEDS: the whole sweep
-    names = prereg(f"seed_runs {knee}", seeds="0 2").strip().split(",")
-    assert sorted(names) == sorted(f"lora_r{r}_s{s}" for r in (1, 2, 4, 8, 16, 32, 64) for s in (0, 2))
-    dial = prereg("seed_runs configs/experiments/prereg/dial_warmup.yaml", seeds="1").strip().split(",")
-    assert sorted(dial) == sorted(f"head_level-{l}_s1" for l in range(7))
+def test_a_seeds_override_picks_whole_seeds_of_a_sweep():
+    """PREREG_SEEDS="0 2" reaches the sweep as this override (see test_prereg_seeds_and_phases)."""
+    _, runs = load_sweep(REPO_ROOT / "configs/experiments/prereg/darcy_knee.yaml", ["sweep.grid.seed=[0,2]"],
+                         schema=CONFIG_SCHEMA)
+    assert sorted(r.name for r in runs) == sorted(f"lora_r{r}_s{s}" for r in (1, 2, 4, 8, 16, 32, 64) for s in (0, 2))
+    _, runs = load_sweep(REPO_ROOT / "configs/experiments/prereg/dial_warmup.yaml", ["sweep.grid.seed=[1]"],
+                         schema=CONFIG_SCHEMA)
+    assert sorted(r.name for r in runs) == sorted(f"head_level-{l}_s1" for l in range(7))
 
 
 STUB_PYTHON = """#!/bin/bash
-# Stands in for Python: a sweep's dry run lists two seeds' runs, any other call is only recorded.
-if [[ " $* " == *" --dry-run "* ]]; then
-  table=$(basename "$4" .yaml)
-  for s in 0 1; do echo "  pending  results/runs/$table/run_s$s"; done
-else
-  echo "CALL $*" >> "$CALLS"
-fi
+# Stands in for Python: every call is only recorded.
+echo "CALL $*" >> "$CALLS"
 """
 
 
@@ -104,12 +97,12 @@ def test_prereg_runs_warmups_then_knees_of_released_tasks_only(tmp_path):
     calls = reproduce_prereg(tmp_path)
     assert [c.split()[4] for c in calls] == ["configs/experiments/prereg/darcy_warmup.yaml",
                                              "configs/experiments/prereg/darcy_knee.yaml"]
-    assert all("--pack 24" in c and "--only" not in c for c in calls)
+    assert all("--pack 24" in c and "sweep.grid.seed" not in c for c in calls)
 
 
 def test_prereg_seeds_and_phases(tmp_path):
-    calls = reproduce_prereg(tmp_path, PREREG_SEEDS="1", PREREG_PHASE="knees", PACK="7")
-    assert calls == ["CALL -m orca sweep configs/experiments/prereg/darcy_knee.yaml --pack 7 --only run_s1"]
+    calls = reproduce_prereg(tmp_path, PREREG_SEEDS="0 2", PREREG_PHASE="knees", PACK="7")
+    assert calls == ["CALL -m orca sweep configs/experiments/prereg/darcy_knee.yaml --pack 7 sweep.grid.seed=[0,2]"]
     (tmp_path / "calls").unlink()
     shutil.rmtree(tmp_path / "pilots")
     calls = reproduce_prereg(tmp_path, PREREG_PHASE="warmups")
