@@ -48,8 +48,8 @@
 #   prereg_stage1  the pre-registered stage-1 arm: stage 1 (OTDD) on Darcy and dial levels 2 and 5,
 #                  their gap profiles with the aligned embedder, then the aligned warm-ups and knees
 #   ddp            (2+ GPUs) bench_ddp, then Darcy-85 full fine-tuning on 1 GPU and under DDP on 2
-#   pack           tar every finished run directory under results/runs/ (one holding summary.json)
-#                  into OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt
+#   pack           tar every finished run directory under results/runs/ (one holding summary.json) and
+#                  the placebo rank maps into OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt
 #   warmups        tar the finished warm-ups of the knee sweeps (results/runs/warmup_*) with the
 #                  checkpoint their adapter runs load into OUT_DIR/warmups.tgz, so that a later machine
 #                  trains a task's adapter runs without repeating its warm-ups
@@ -126,7 +126,7 @@ rank_maps() {
 # within GAP_CAP (default 200 s).
 gap_profile() {
   local name=$1 task=$2; shift 2
-  [ -f results/runs/gaps_$name/stage2/summary.json ] && return 0
+  finished results/runs/gaps_$name/stage2 && return 0
   step "gap profile of $task"
   within "${GAP_CAP:-200}" bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_$name task.name=$task "$@" \
       run_dir=results/runs/gaps_$name/stage2
@@ -381,8 +381,8 @@ sweeps)
   done
   ;;
 pack)
-  find results/runs -name summary.json -printf '%h\n' | sort | \
-    tar czf "$out/runs.tgz" --exclude=ckpt --exclude=tb --exclude='*.pt' -T -
+  find results/runs \( -name summary.json -printf '%h\n' \) -o \( -path 'results/runs/placebo_maps/*.json' -print \) | \
+    sort | tar czf "$out/runs.tgz" --exclude=ckpt --exclude=tb --exclude='*.pt' -T -
   echo "$(tar tzf "$out/runs.tgz" | grep -c summary.json) run directories in $out/runs.tgz"
   ;;
 warmups)

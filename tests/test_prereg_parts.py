@@ -16,7 +16,7 @@ from orca.config import config_dict, load_config
 from orca.runs import REPO_ROOT, write_json
 from orca.sweep import load_sweep
 from rank_estimation.allocate import swin_linear_costs
-from rank_estimation.evidence import prereg_inputs
+from rank_estimation.evidence import load_runs, prereg_inputs
 from rank_estimation.placebo import adapter_params
 from rank_estimation.preregistered import PLACEBO_ARMS, PLACEBO_KEYS, TASK_KEYS
 
@@ -265,6 +265,8 @@ def test_gaps_from_maps_become_the_files_the_placebo_sweep_names(tree, tmp_path)
     blocks = [layer for layer in profile["layers"] if layer != "embed"]
     assert list(gaps) == ["darcy"]
     assert gaps["darcy"]["value"] == pytest.approx(np.mean([profile["values"][b]["mmd_source"]["value"] for b in blocks]))
+    # ... and none of them enters the exploratory analysis' task profiles (another metric, other embedders)
+    assert load_runs(runs, "test")[1] == {}
 
 
 def test_prereg_stage1_uses_the_same_tasks_and_skips_finished_steps(tree):
@@ -285,3 +287,17 @@ def test_prereg_stage1_uses_the_same_tasks_and_skips_finished_steps(tree):
                     "run_dir=results/runs/prereg_gaps_aligned/dial5").replace("gaps.yaml", "gaps_aligned.yaml")]
     assert [c.split()[4] for c in calls[5:]] == [f"configs/experiments/prereg/{n}_aligned_{k}.yaml"
                                                  for n in ("darcy", "dial") for k in ("warmup", "knee")]
+
+
+def test_pack_carries_the_placebo_maps_with_the_finished_runs(tree):
+    summary(tree / "results/runs/prereg_stage2/darcy_b99584", "finished")
+    (tree / "results/runs/prereg_stage2/darcy_b99584/ckpt").mkdir()
+    (tree / "results/runs/prereg_stage2/darcy_b99584/ckpt/last.pt").write_bytes(b"x")
+    write_json(tree / "results/runs/placebo_maps/darcy/depth_b99584.json", {})
+    (tree / "results/runs/placebo_maps/darcy/notes.txt").write_text("not a map")
+    out, calls = reproduce(tree, "pack")
+    listed = subprocess.run(["tar", "tzf", str(tree.parent / "out/runs.tgz")], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert sorted(p for p in listed if not p.endswith("/")) == [
+        "results/runs/placebo_maps/darcy/depth_b99584.json", "results/runs/prereg_stage2/darcy_b99584/summary.json"]
+    assert calls == [] and "1 run directories in" in out
