@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 PREREG_TABLES = ("warmup_", "knee_", "placebo_", "aligned_")      # the pre-registered sweeps (table prefixes)
 PREREG_GAPS = "prereg_gaps"                                       # experiment name of their stage-2 gap runs
 PREREG_GAPS_ALIGNED = "prereg_gaps_aligned"                       # ... and of those with a stage-1 embedder
+PREREG_EXPERIMENTS = "prereg_"   # experiment-name prefix of every pre-registered stage-2 run (gaps, placebo maps)
 
 
 @dataclass
@@ -50,6 +51,10 @@ def load_runs(root: Path, split: str, weights: str = "any") -> tuple:
 
     ``weights``: keep only runs whose body weights (the summaries' ``weights``) are these; ``any``
     keeps all. Why: gaps and knees of one analysis must come from one body.
+
+    The pre-registered stage-2 runs (experiments ``prereg_*``) stay out of these gaps: they measure
+    another primary metric, seven dial levels under one task name and aligned embedders, which averaged
+    into a task's profile here would mix what :func:`prereg_inputs` keeps apart.
     """
     runs: List[Run] = []
     gaps: Dict[str, List[dict]] = defaultdict(list)
@@ -62,6 +67,8 @@ def load_runs(root: Path, split: str, weights: str = "any") -> tuple:
             continue
         if weights != "any" and s.get("stage") in ("stage2", "stage3") and s.get("weights") != weights:
             other_body[str(s.get("weights"))] += 1
+            continue
+        if s.get("stage") == "stage2" and str(s.get("experiment", "")).startswith(PREREG_EXPERIMENTS):
             continue
         if s.get("stage") == "stage2" and (d / "rank_map.json").is_file():
             rm = json.loads((d / "rank_map.json").read_text())

@@ -30,3 +30,36 @@ pilot_one() {
   "$PY" scripts/plateau_pilot.py "$PILOTS_DIR/$ktable/lora_r8${sfx}_s0" --out "$PILOTS_DIR/$ktable${sfx}.json" || \
     echo "($task${sfx}: no plateau, or the pilot did not finish)"
 }
+
+# The 12 pre-registered tasks by the key the analysis files their runs under
+# (rank_estimation/preregistered.py, TASK_KEYS), the placebo comparison's two first.
+PREREG_ALL_KEYS="darcy dial3 dial0 dial1 dial2 dial4 dial5 dial6 tones digits natural_patches fractal_heldout"
+# prereg_task KEY: sets the array task_args to the overrides that make KEY's task exactly as its knee
+# sweep trains it (same name and options), so that a gap and a knee are measured on the same data.
+prereg_task() {
+  case $1 in
+    dial[0-6]) task_args=(task.name=fractal_dial "task.options={level: ${1#dial}, cache: true, device: cuda}") ;;
+    fractal_heldout) task_args=(task.name=fractal_heldout "task.options={cache: true, device: cuda}") ;;
+    darcy | tones | digits | natural_patches) task_args=(task.name="$1") ;;
+    *) echo "error: no pre-registered task '$1'; choose one of: $PREREG_ALL_KEYS" >&2; return 2 ;;
+  esac
+}
+# finished DIR: whether DIR holds a finished run (a summary.json that is neither running nor failed)
+finished() { [ -f "$1/summary.json" ] && ! grep -q '^  "status": "\(running\|failed\)"' "$1/summary.json"; }
+
+# The equal-budget placebo comparison (results/preregistration.md, 5), read from its sweep file
+# configs/experiments/prereg/placebo_KEY.yaml: the rank-map files of its grid, their budgets, and the
+# head-only warm-ups its runs load (model.warmup_from: the knee sweep's, one per seed).
+placebo_file() { echo "configs/experiments/prereg/placebo_$1.yaml"; }
+# placebo_maps_of KEY: the rank-map files the sweep's grid names, in grid order
+placebo_maps_of() { sed -n 's/^      - \(.*\.json\) *$/\1/p' "$(placebo_file "$1")"; }
+# placebo_budgets KEY: the budgets of its stage-2 maps ({arm}_b{budget}.json), in grid order
+placebo_budgets() { placebo_maps_of "$1" | sed -n 's/.*\/stage2_b\([0-9]*\)\.json$/\1/p' | tr '\n' ' '; }
+# placebo_warmups_missing KEY: the warm-up run directories the sweep loads that hold no checkpoint
+placebo_warmups_missing() {
+  local file seeds sfx="" s dir; file=$(placebo_file "$1")
+  dir=$(sed -n 's/^  warmup_from: *//p' "$file")
+  seeds=$(sed -n 's/^    seed: *\[\(.*\)\] *$/\1/p' "$file" | tr -d ' ' | tr , ' ')
+  [[ $1 == dial* ]] && sfx=_level-${1#dial}
+  for s in $seeds; do [ -f "$dir/head${sfx}_s$s/ckpt/best.pt" ] || printf '%s ' "$dir/head${sfx}_s$s"; done
+}

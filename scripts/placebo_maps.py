@@ -8,7 +8,8 @@ For each stage-2 run directory (its ``rank_map.json`` and ``config.yaml``) and t
 was allocated at, writes ``{arm}_b{budget}.json`` for arm in stage2 / uniform / shuffled / depth:
 the stage-2 map itself and the placebos of ``rank_estimation.placebo`` with exactly its module set
 and adapter parameter count. Stage 3 reads each through ``adapter.rank_map=FILE``; the file stem
-names the run (``lora_rankmap_rank_map-shuffled_b99584_s0``) and tells the analysis its arm and budget.
+names the run (``lora_rankmap_rank_map-shuffled-b99584_s0``) and tells the analysis its arm and budget.
+``bash scripts/reproduce.sh prereg_placebo OUT`` runs the stage-2 maps, this and the sweeps in order.
 """
 from __future__ import annotations
 

@@ -37,11 +37,19 @@
 #                  rank x seed, PACK (default 24) runs to a process; PREREG_SEEDS="0 1" limits both
 #                  to those seeds; PREREG_PHASE=warmups or knees runs one half (the adapter runs load
 #                  their warm-ups' checkpoints: on another machine, bring them with the warmups part)
+#   prereg_gaps    the pre-registered gap profiles (stage 2 with configs/experiments/prereg/gaps.yaml) of
+#                  PREREG_KEYS (default all 12: darcy dial3 dial0..6 tones digits natural_patches
+#                  fractal_heldout) into results/runs/prereg_gaps/KEY, one after another, each at most
+#                  GAP_CAP seconds (default 400); finished profiles are skipped
+#   prereg_placebo the equal-budget placebo comparison on PLACEBO_KEYS (default: darcy dial3): stage-2 maps at
+#                  the budgets of placebo_KEY.yaml from the measured gap profile (prereg_gaps first), the four
+#                  arms' map files (scripts/placebo_maps.py), then the sweep, PACK runs to a process; it
+#                  needs the knee sweep's warm-ups of the task's seeds (the prereg part, or warmups.tgz)
 #   prereg_stage1  the pre-registered stage-1 arm: stage 1 (OTDD) on Darcy and dial levels 2 and 5,
 #                  their gap profiles with the aligned embedder, then the aligned warm-ups and knees
 #   ddp            (2+ GPUs) bench_ddp, then Darcy-85 full fine-tuning on 1 GPU and under DDP on 2
-#   pack           tar every finished run directory under results/runs/ (one holding summary.json)
-#                  into OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt
+#   pack           tar every finished run directory under results/runs/ (one holding summary.json) and
+#                  the placebo rank maps into OUT_DIR/runs.tgz, without checkpoints, TensorBoard files or *.pt
 #   warmups        tar the finished warm-ups of the knee sweeps (results/runs/warmup_*) with the
 #                  checkpoint their adapter runs load into OUT_DIR/warmups.tgz, so that a later machine
 #                  trains a task's adapter runs without repeating its warm-ups
@@ -54,7 +62,7 @@
 # PER_GPU runs at a time (default 6): the fractal body's eager runs are bound by Python, so they share
 # one GPU well.
 source "$(dirname "$0")/_env.sh"
-parts="gpu_tests stage0 stage0_mim swinb_darcy bench profile bench_graphs bench_sdpa body_evidence body_evidence_mim body_evidence_droppath tables hypothesis sweeps pilot prereg prereg_stage1 ddp pack warmups"
+parts="gpu_tests stage0 stage0_mim swinb_darcy bench profile bench_graphs bench_sdpa body_evidence body_evidence_mim body_evidence_droppath tables hypothesis sweeps pilot prereg prereg_gaps prereg_placebo prereg_stage1 ddp pack warmups"
 if [ $# -lt 2 ]; then
   echo "usage: bash scripts/reproduce.sh PART OUT_DIR [SECONDS]; PART: ${parts// / | }" >&2
   exit 2
@@ -118,7 +126,7 @@ rank_maps() {
 # within GAP_CAP (default 200 s).
 gap_profile() {
   local name=$1 task=$2; shift 2
-  [ -f results/runs/gaps_$name/stage2/summary.json ] && return 0
+  finished results/runs/gaps_$name/stage2 && return 0
   step "gap profile of $task"
   within "${GAP_CAP:-200}" bash scripts/stage2.sh configs/body_fractal.yaml name=gaps_$name task.name=$task "$@" \
       run_dir=results/runs/gaps_$name/stage2
@@ -295,16 +303,58 @@ prereg)
     [ "${PREREG_PHASE:-both}" != warmups ] && within 600 "$PY" -m orca sweep "$knee" --pack "${PACK:-24}" "${seeds[@]}"
   done
   ;;
+prereg_gaps)
+  # One profile at a time: a profile's OTDD and bootstraps keep the GPU busy on their own.
+  for key in ${PREREG_KEYS:-$PREREG_ALL_KEYS}; do
+    prereg_task "$key"
+    gaps=results/runs/prereg_gaps/$key
+    finished $gaps && { echo "($key: gap profile finished in $gaps)"; continue; }
+    step "gap profile of $key (stage 2, configs/experiments/prereg/gaps.yaml)"
+    within "${GAP_CAP:-400}" bash scripts/stage2.sh configs/experiments/prereg/gaps.yaml "${task_args[@]}" run_dir=$gaps
+  done
+  ;;
+prereg_placebo)
+  # Each step is skipped when its output exists, so the part resumes where a budget cut it.
+  for key in ${PLACEBO_KEYS:-darcy dial3}; do
+    prereg_task "$key"
+    gaps=results/runs/prereg_gaps/$key
+    if ! finished $gaps; then echo "($key: no finished gap profile in $gaps; run the prereg_gaps part first)"; continue; fi
+    budgets=($(placebo_budgets "$key")) stage2=() ready=1
+    for b in "${budgets[@]}"; do
+      s2=results/runs/prereg_stage2/${key}_b$b
+      stage2+=($s2)
+      finished $s2 && continue
+      step "stage-2 map of $key at budget $b from its gap profile"
+      within 120 bash scripts/stage2.sh configs/experiments/prereg/gaps.yaml "${task_args[@]}" name=prereg_stage2 \
+          rank.budget=$b rank.gaps_from=$gaps run_dir=$s2
+      finished $s2 || ready=0
+    done
+    if (( ! ready )); then echo "($key: a stage-2 map did not finish; the maps and the sweep wait for it)"; continue; fi
+    maps=($(placebo_maps_of "$key")) absent=0
+    for m in "${maps[@]}"; do [ -f "$m" ] || absent=1; done
+    if (( absent )); then
+      step "the four arms' rank maps of $key at budgets ${budgets[*]}"
+      within 120 "$PY" scripts/placebo_maps.py --out "$(dirname "${maps[0]}")" --stage2 "${stage2[@]}" --budgets "${budgets[@]}"
+    fi
+    missing=$(placebo_warmups_missing "$key")
+    if [ -n "$missing" ]; then
+      echo "($key: the placebo runs load the knee sweep's warm-ups, and these have no checkpoint: ${missing% };"
+      echo " train them first (PREREG_TASKS=${key%%[0-9]*} PREREG_PHASE=warmups with the prereg part) or untar warmups.tgz)"
+      continue
+    fi
+    step "placebo sweep of $key: 4 arms x ${#budgets[@]} budgets x 3 seeds, ${PACK:-24} runs to a process"
+    within 600 "$PY" -m orca sweep "$(placebo_file "$key")" --pack "${PACK:-24}"
+  done
+  ;;
 prereg_stage1)
   for key in darcy dial2 dial5; do
-    if [ $key = darcy ]; then task=(task.name=darcy); else
-      task=(task.name=fractal_dial "task.options={level: ${key#dial}, cache: true, device: cuda}"); fi
+    prereg_task "$key"
     s1=results/runs/prereg_stage1/$key
     step "stage 1 (OTDD) on $key"
-    [ -f $s1/summary.json ] || within 600 bash scripts/stage1.sh configs/experiments/prereg/stage1.yaml "${task[@]}" run_dir=$s1
+    finished $s1 || within 600 bash scripts/stage1.sh configs/experiments/prereg/stage1.yaml "${task_args[@]}" run_dir=$s1
     step "gap profile of $key with the aligned embedder"
-    [ -f results/runs/prereg_gaps_aligned/$key/summary.json ] || within 400 bash scripts/stage2.sh \
-        configs/experiments/prereg/gaps_aligned.yaml "${task[@]}" model.embedder_from=$s1 run_dir=results/runs/prereg_gaps_aligned/$key
+    finished results/runs/prereg_gaps_aligned/$key || within 400 bash scripts/stage2.sh \
+        configs/experiments/prereg/gaps_aligned.yaml "${task_args[@]}" model.embedder_from=$s1 run_dir=results/runs/prereg_gaps_aligned/$key
   done
   for name in darcy dial; do
     step "aligned warm-ups and knees: $name, ${PACK:-24} runs to a process"
@@ -331,8 +381,8 @@ sweeps)
   done
   ;;
 pack)
-  find results/runs -name summary.json -printf '%h\n' | sort | \
-    tar czf "$out/runs.tgz" --exclude=ckpt --exclude=tb --exclude='*.pt' -T -
+  find results/runs \( -name summary.json -printf '%h\n' \) -o \( -path 'results/runs/placebo_maps/*.json' -print \) | \
+    sort | tar czf "$out/runs.tgz" --exclude=ckpt --exclude=tb --exclude='*.pt' -T -
   echo "$(tar tzf "$out/runs.tgz" | grep -c summary.json) run directories in $out/runs.tgz"
   ;;
 warmups)
