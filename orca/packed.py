@@ -453,6 +453,8 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 timing["first_step_s"] = time.time() - t_epoch
+                log(f"[pack] first step {timing['first_step_s']:.1f} s"
+                    + (" (with its compilation)" if t.compile else ""))
             logging = [i for i, r in enumerate(runs) if r.alive and step % r.cfg.train.log_every == 0]
             if logging:
                 host = losses.detach().cpu()
