@@ -287,7 +287,8 @@ def train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int
 def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[int], None]],
                 log: Callable[[str], None], profile_to: Optional[str], writer: CheckpointWriter) -> Dict[str, Any]:
     t0 = time.time()
-    timing = {"setup_s": 0.0, "train_s": 0.0, "first_step_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "test_s": 0.0,
+    timing = {"setup_s": 0.0, "train_s": 0.0, "first_step_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0,
+              "checkpoint_wait_s": 0.0, "test_s": 0.0,
               "steps": 0}
     device = resolve_device(cfgs[0].train.device)
     runs = [_Run(cfg) for cfg in cfgs]
@@ -453,6 +454,8 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 timing["first_step_s"] = time.time() - t_epoch
+                log(f"[pack] first step {timing['first_step_s']:.1f} s"
+                    + (" (with its compilation)" if t.compile else ""))
             logging = [i for i, r in enumerate(runs) if r.alive and step % r.cfg.train.log_every == 0]
             if logging:
                 host = losses.detach().cpu()
@@ -527,6 +530,7 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
     tc = time.time()
     writer.wait()  # the best checkpoints are read back below
     timing["checkpoint_s"] += time.time() - tc
+    timing["checkpoint_wait_s"] = writer.wait_s  # of checkpoint_s: waiting for the writer thread
     tt = time.time()
     for i, run in enumerate(runs):
         best = run.dir.load_checkpoint("best") if run.alive else None
@@ -571,5 +575,6 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
     log(f"[pack] {k} runs in {timing['wall_s']:.1f} s: setup {timing['setup_s']:.1f} s, "
         f"{timing['steps']} steps {timing['train_s']:.1f} s (the first {timing['first_step_s']:.1f} s, "
         f"{1000 * (timing['train_s'] - timing['first_step_s']) / max(steps - 1, 1):.1f} ms per later step), "
-        f"eval {timing['eval_s']:.1f} s, checkpoints {timing['checkpoint_s']:.1f} s, test {timing['test_s']:.1f} s")
+        f"eval {timing['eval_s']:.1f} s, checkpoints {timing['checkpoint_s']:.1f} s "
+        f"({timing['checkpoint_wait_s']:.1f} s of it waiting for writes), test {timing['test_s']:.1f} s")
     return {"errors": [r.error for r in runs], "timing": timing, "runs": [str(r.dir.path) for r in runs]}

@@ -336,36 +336,49 @@ class CheckpointWriter:
     :meth:`save_many` takes a snapshot of the payloads' tensors (so training may change them), the
     thread writes each with :meth:`RunDir.save_checkpoint` (atomically, as a run alone does), in the
     order saved; :meth:`wait` returns once everything is on disk (before a checkpoint is read, and
-    when training ends, whether it finishes or fails: :meth:`close`).
+    when training ends, whether it finishes or fails: :meth:`close`). At most one batch of writes
+    is pending: :meth:`save_many` waits for the previous one after taking its own snapshot, so host
+    memory holds at most two snapshots and a write error surfaces at the next save as itself.
+    ``wait_s`` is the time callers spent waiting for writes (the part of checkpointing the
+    background thread did not hide).
     """
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoints")
         self._pending: List[Future] = []
+        self.wait_s = 0.0
 
     def save(self, run_dir: RunDir, name: str, payload: Dict[str, Any]) -> None:
         self.save_many([(run_dir, name, payload)])
 
     def save_many(self, items: Sequence[Tuple[RunDir, str, Dict[str, Any]]]) -> None:
-        """Queue ``(run directory, checkpoint name, payload)`` writes behind those queued before.
+        """Queue ``(run directory, checkpoint name, payload)`` writes once those queued before are written.
 
         The snapshot is one copy per device and dtype of all the payloads' tensors together
         (:func:`host_snapshot`), not one per tensor: K runs' checkpoints hold thousands of small
         tensors, and each copy from a GPU waits for the device, which made checkpoints a tenth of a
         short packed sweep.
+
+        Raises:
+            the first error of an earlier write (nothing of this call is queued then).
         """
         tensors: List[torch.Tensor] = []
         shapes = [_map_tensors(payload, torch.Tensor, lambda t: tensors.append(t) or _Snapshot(len(tensors) - 1))
                   for _, _, payload in items]
         host = host_snapshot(tensors)
+        self.wait()
         for (run_dir, name, _), shape in zip(items, shapes):
             self._pending.append(self._pool.submit(_write_owned, run_dir, name, shape, host))
 
     def wait(self) -> None:
         """Block until every checkpoint saved so far is written; re-raise the first write error."""
+        t0 = time.perf_counter()
         pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
+        try:
+            for future in pending:
+                future.result()
+        finally:
+            self.wait_s += time.perf_counter() - t0
 
     def close(self) -> None:
         try:

@@ -72,7 +72,7 @@ class RankConfig:
     n_source: int = field(default=5000, metadata={
         "help": "source images through the pretrained patch embedding and the body (ORCA: 5,000)"})
     n_target: Optional[int] = field(default=None, metadata={
-        "help": "first N target training inputs through the target embedder and the body (None = all)"})
+        "help": "N target training inputs, drawn uniformly by the run's seed, through the target embedder and the body (None = all)"})
     source: Optional[str] = field(default=None, metadata={
         "help": "labelled source task (cifar10, fractal); None = align.source, the set stage 1 aligned to"})
     source_options: Optional[Dict[str, Any]] = field(default=None, metadata={

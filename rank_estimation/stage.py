@@ -14,7 +14,7 @@ What it does, top to bottom:
    so a bad setting fails in seconds rather than after the feature capture.
 2. Source stream: ``rank.n_source`` labelled source images (``rank.source``, default the set stage 1
    aligned to: ``align.source``) through the body's pretrained patch embedding, then the body.
-   Target stream: the first ``rank.n_target`` target training inputs through the model's embedder
+   Target stream: ``rank.n_target`` target training inputs (a seeded uniform sample) through the model's embedder
    (stage 1's when ``model.embedder_from`` is set, else the initial one), then the same body.
    Features are hooked at the embedder and every block (``rank_estimation.features``).
 3. Every metric of ``rank.metrics`` at every layer with bootstrap intervals
@@ -84,14 +84,22 @@ def stage2_metrics(rank_cfg) -> List[str]:
     return metrics
 
 
-def target_positions(n_train: int, n_target: Optional[int]) -> List[int]:
-    """The first ``n_target`` training items (all when None)."""
+def target_positions(n_train: int, n_target: Optional[int], seed: int) -> List[int]:
+    """``n_target`` training items drawn uniformly without replacement by ``seed``, in index order
+    (all when None or when it is the whole set).
+
+    Why not the first ``n_target``: class-ordered sets (the fractal tasks, natural patches) would
+    then show stage 2 only their first classes, and the gap would describe a narrower distribution
+    than the one training sees."""
     if n_train < 2:
         raise ConfigError(f"the target task has {n_train} training samples; a gap needs at least 2")
     if n_target is not None and n_target > n_train:
         raise ConfigError(f"rank.n_target={n_target} exceeds the {n_train} training samples of the target task; "
                          f"lower it or set it to null (all)")
-    return list(range(n_train if n_target is None else n_target))
+    if n_target is None or n_target == n_train:
+        return list(range(n_train))
+    drawn = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:n_target]
+    return sorted(drawn.tolist())
 
 
 def block_gaps(profile: Mapping[str, Any], metric: str, blocks: List[str]) -> Tuple[Dict[str, float], List[str]]:
@@ -475,7 +483,7 @@ def run_stage2(cfg: Stage2Config) -> RunDir:
         body = body_only(cfg.model)
     else:
         task = build_task(cfg.task.name, cfg.task.options, cfg.task.data_root)
-        positions = target_positions(len(task.train), r.n_target)
+        positions = target_positions(len(task.train), r.n_target, cfg.seed)
         seed_everything(cfg.seed, cfg.train.deterministic)
         model = build_model(cfg.model, task).eval().requires_grad_(False)
         body = model.body

@@ -35,6 +35,11 @@ GPU memory is the peak of ``nvidia-smi``'s used memory during the mode minus the
 against the launcher's wall time (the rest is process start, imports and CUDA initialisation); a
 pack's first step, which holds its compilation, is reported apart from its later steps.
 
+Each mode runs within ``--mode-cap-s`` (where given) and what is left of ``--budget-s``; a mode
+stopped there, or whose runs failed, is reported as unfinished (runs finished of total, wall time,
+its pack's progress lines such as the first step with its compilation) and left out of the rates
+and speedups. The report is rewritten after every mode, so a bench cut short keeps what it measured.
+
 Writes ``{out}/sweep_engine.json`` and ``.md``; run directories and data go to ``--work`` (a
 temporary directory by default: 24 runs x 3 modes of checkpoints are several GB).
 """
@@ -43,7 +48,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,8 +61,8 @@ from typing import Any, Dict, List, Optional
 
 from orca.bodies import create_body, save_body
 from orca.cli import CONFIG_SCHEMA
-from orca.errors import exit_on_error
-from orca.runs import git_info, machine_info, write_json
+from orca.errors import UsageError, exit_on_error
+from orca.runs import git_info, is_finished, machine_info, write_json
 from orca.sweep import build_data_once, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,37 +137,84 @@ class GpuMonitor:
                 "gpu_util_mean_pct": round(sum(u for _, u in self.samples) / len(self.samples), 1)}
 
 
-def run_mode(name: str, sweep: Path, out: Path, flags: List[str], timeout_s: float, log_dir: Path) -> Dict[str, Any]:
-    """One launcher invocation; its wall time, finished runs, GPU readings and per-run results."""
+def finished_runs(out: Path) -> Dict[str, Dict[str, Any]]:
+    """The finished runs under a mode's output directory (a run cut short or failed has no results)."""
+    runs = {}
+    for summary in sorted((out / "knee").glob("*/summary.json")):
+        try:
+            s = json.loads(summary.read_text())
+        except (OSError, ValueError):
+            continue
+        metric = s.get("metric") if is_finished(s) else None
+        if metric is None or metric not in s.get("val", {}) or metric not in s.get("test", {}):
+            continue
+        runs[summary.parent.name] = {"val": s["val"][metric], "test": s["test"][metric],
+                                     "wall_time_s": s["wall_time_s"], "train_img_per_s": s["train_img_per_s"],
+                                     "steps": s["steps"]}
+    return runs
+
+
+def pack_lines(log_file: Path) -> List[str]:
+    """The pack's progress lines of a launcher log (setup, first step, epochs, time split)."""
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line.strip() for line in lines if line.startswith("[pack]") and "run directory:" not in line
+            and ": test " not in line]
+
+
+def run_mode(name: str, sweep: Path, out: Path, flags: List[str], timeout_s: float, log_dir: Path,
+             runs_total: int) -> Dict[str, Any]:
+    """One launcher invocation; its wall time, finished runs, GPU readings and per-run results.
+
+    A mode that runs past ``timeout_s`` is stopped (its whole process group: the launcher and the
+    runs it started) and reported as unfinished with what it reached; so is one whose runs failed.
+    """
     cmd = [sys.executable, "-m", "orca", "sweep", str(sweep), *flags, f"sweep.output_dir={out}"]
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
-    print(f"[bench] {name}: {' '.join(cmd[1:])}", flush=True)
-    log = open(log_dir / f"{name}.log", "w")
+    print(f"[bench] {name} (at most {timeout_s:.0f} s): {' '.join(cmd[1:])}", flush=True)
+    log_file = log_dir / f"{name}.log"
     t0 = time.time()
-    with GpuMonitor() as gpu:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    with open(log_file, "w") as log, GpuMonitor() as gpu:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)
         try:
-            proc.wait(timeout=timeout_s)
+            proc.wait(timeout=max(timeout_s, 0.0))
             timed_out = False
         except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait()
             timed_out = True
+            stop_group(proc)
     wall = time.time() - t0
-    log.close()
-    runs = {}
-    for summary in sorted((out / "knee").glob("*/summary.json")):
-        s = json.loads(summary.read_text())
-        runs[summary.parent.name] = {"val": s["val"][s["metric"]], "test": s["test"][s["metric"]],
-                                     "wall_time_s": s["wall_time_s"], "train_img_per_s": s["train_img_per_s"],
-                                     "steps": s["steps"]}
-    result = {"flags": flags, "wall_s": round(wall, 2), "runs_finished": len(runs), "timed_out": timed_out,
+    runs = finished_runs(out)
+    finished = not timed_out and proc.returncode == 0 and len(runs) == runs_total
+    result = {"flags": flags, "status": "finished" if finished else "unfinished", "wall_s": round(wall, 2),
+              "runs_finished": len(runs), "runs_total": runs_total, "timed_out": timed_out,
               "exit_code": proc.returncode, "runs_per_gpu_hour": round(len(runs) / wall * 3600, 1) if runs else 0.0,
               **gpu.result(), "runs": runs}
-    print(f"[bench] {name}: {len(runs)} runs in {wall:.1f} s = {result['runs_per_gpu_hour']} runs/GPU-hour"
-          f"{' (TIMED OUT)' if timed_out else ''}; GPU memory {result['gpu_memory_gib']} GiB", flush=True)
+    if not finished:
+        result["pack_lines"] = pack_lines(log_file)
+    print(f"[bench] {name}: {len(runs)}/{runs_total} runs in {wall:.1f} s = {result['runs_per_gpu_hour']} "
+          f"runs/GPU-hour{' (TIMED OUT)' if timed_out else ''}{'' if finished else ' UNFINISHED'}; "
+          f"GPU memory {result['gpu_memory_gib']} GiB", flush=True)
     return result
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the launcher's process group, then after at most ``grace_s`` SIGKILL whatever of it is
+    left (run subprocesses a launcher leaves behind would hold the GPU during the next mode)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        if sig == signal.SIGTERM:
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+    proc.wait()
 
 
 def metric_diff(mode: Dict[str, Any], reference: Dict[str, Any]) -> Optional[float]:
@@ -183,10 +237,17 @@ def render(report: Dict[str, Any]) -> str:
              "max abs metric diff vs alone |", "|---|---|---|---|---|---|---|---|"]
     best = report["best_separate_runs_per_gpu_hour"]
     for name, m in report["modes"].items():
-        ratio = f"{m['runs_per_gpu_hour'] / best:.2f}x" if best else "-"
+        finished = m["status"] == "finished"
+        ratio = f"{m['runs_per_gpu_hour'] / best:.2f}x" if best and finished else "-"
+        rate = m["runs_per_gpu_hour"] if finished else "unfinished"
         diff = report["max_abs_metric_diff_vs_alone"].get(name)
-        lines.append(f"| {name} | {m['runs_finished']} | {m['wall_s']} | {m['runs_per_gpu_hour']} | {ratio} | "
+        lines.append(f"| {name} | {m['runs_finished']}/{m['runs_total']} | {m['wall_s']} | {rate} | {ratio} | "
                      f"{m['gpu_memory_gib']} | {m['gpu_util_mean_pct']} | {'-' if diff is None else f'{diff:.2e}'} |")
+    for name, u in report["unfinished"].items():
+        why = "stopped at its time cap" if u["timed_out"] else f"exit code {u['exit_code']}"
+        lines += ["", f"{name} is unfinished ({why}): {u['runs_finished']} of {u['runs_total']} runs in "
+                  f"{u['wall_s']} s; rates and speedups leave it out."]
+        lines += [f"    {line}" for line in u["pack_lines"][-12:]]
     compiled = (f"; packed_compiled ran train.compile_mode={report['compile_mode']}, "
                 "its compilation inside its wall time" if report["compile_mode"] else "")
     lines += ["", f"**speedup_vs_best_separate = {report['speedup_vs_best_separate']}** "
@@ -227,10 +288,14 @@ def main(argv=None) -> int:
                         "speedup_vs_best_separate needs a packed and a separate one)")
     p.add_argument("--compile-mode", default="default",
                    help="train.compile_mode of packed_compiled (default | reduce-overhead | max-autotune ...)")
+    p.add_argument("--mode-cap-s", nargs="+", default=[], metavar="MODE=SECONDS",
+                   help="the most a mode may take (e.g. packed_compiled=240 per_gpu=150; per_gpu caps every K); "
+                        "a mode stopped by its cap or the budget is reported unfinished with what it reached")
     p.add_argument("--profile", action="store_true",
                    help="also write a torch.profiler table of a few packed steps to sweep_engine_profile.txt "
                         "(profiling slows those steps: the packed wall time then includes it)")
     args = p.parse_args(argv)
+    caps = mode_caps(args.mode_cap_s)
     t_start = time.time()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_sweep_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -262,6 +327,17 @@ def main(argv=None) -> int:
     modes: Dict[str, Dict[str, Any]] = {}
     remaining = lambda: args.budget_s - (time.time() - t_start)  # noqa: E731
     profile_file = out / "sweep_engine_profile.txt"
+
+    def timed(name: str, family: str, sweep_file: Path, flags: List[str], total: int) -> None:
+        """Run one mode within its cap and the budget left, then write the report as it stands."""
+        left = remaining()
+        if left < 30:
+            print(f"[bench] {name} skipped: the time budget is spent", flush=True)
+            return
+        cap = min(left, caps.get(name, caps.get(family, left)))
+        modes[name] = run_mode(name, sweep_file, work / name, flags, cap, logs, total)
+        write_report(out, build_report(args, argv, modes, work, runs, ranks, seeds, data_s, profile_file))
+
     for mode in dict.fromkeys(args.modes):  # in the order given: the budget cuts the last
         if mode in PACKED:
             flags = ["--pack", str(args.pack), "--pack-timing", str(work / f"pack_timing_{mode}.jsonl")]
@@ -269,24 +345,51 @@ def main(argv=None) -> int:
                 flags += ["train.compile=true", f"train.compile_mode={args.compile_mode}"]
             elif args.profile:
                 flags += ["--pack-profile", str(profile_file)]
-            modes[mode] = run_mode(mode, sweep, work / mode, flags, remaining(), logs)
+            timed(mode, mode, sweep, flags, len(runs))
         elif mode == "alone":
-            modes["alone"] = run_mode("alone", alone_sweep, work / "alone", ["--gpus", "1" if not args.smoke else "0"],
-                                      remaining(), logs)
+            timed("alone", "alone", alone_sweep, ["--gpus", "1" if not args.smoke else "0"], len(picks))
         else:
             for k in args.per_gpu:
-                if remaining() < 30:
-                    print(f"[bench] per_gpu_{k} skipped: the time budget is spent", flush=True)
-                    continue
-                modes[f"per_gpu_{k}"] = run_mode(f"per_gpu_{k}", sweep, work / f"per_gpu_{k}",
-                                                 ["--gpus", "1", "--per-gpu", str(k)], remaining(), logs)
+                timed(f"per_gpu_{k}", "per_gpu", sweep, ["--gpus", "1", "--per-gpu", str(k)], len(runs))
+    report = build_report(args, argv, modes, work, runs, ranks, seeds, data_s, profile_file)
+    write_report(out, report)
+    print(render(report), flush=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
 
-    separate = {n: m for n, m in modes.items() if n not in PACKED and m["runs_finished"] and not m["timed_out"]}
+
+def mode_caps(items: List[str]) -> Dict[str, float]:
+    """``--mode-cap-s`` values ``MODE=SECONDS`` (a mode, ``per_gpu_K``, or ``per_gpu`` for every K) as a dict."""
+    caps = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not (name in MODES or re.fullmatch(r"per_gpu_\d+", name)) or not seconds > 0:
+            raise UsageError(f"--mode-cap-s {item}: not MODE=SECONDS", None,
+                             f"give a mode ({', '.join(MODES)} or per_gpu_K) and seconds > 0, e.g. packed_compiled=240")
+        caps[name] = seconds
+    return caps
+
+
+def write_report(out: Path, report: Dict[str, Any]) -> None:
+    write_json(out / "sweep_engine.json", report)
+    (out / "sweep_engine.md").write_text(render(report))
+
+
+def build_report(args, argv, modes: Dict[str, Dict[str, Any]], work: Path, runs, ranks, seeds, data_s: float,
+                 profile_file: Path) -> Dict[str, Any]:
+    """The report over the modes timed so far; rates and speedups compare finished modes only."""
+    done = {n: m for n, m in modes.items() if m["status"] == "finished"}
+    separate = {n: m for n, m in done.items() if n not in PACKED}
     best = max(separate, key=lambda n: separate[n]["runs_per_gpu_hour"]) if separate else None
     best_rate = separate[best]["runs_per_gpu_hour"] if best else None
-    by_mode = {n: round(modes[n]["runs_per_gpu_hour"] / best_rate, 2) for n in PACKED if n in modes and best_rate}
+    by_mode = {n: round(done[n]["runs_per_gpu_hour"] / best_rate, 2) for n in PACKED if n in done and best_rate}
     best_packed = max(by_mode, key=by_mode.get) if by_mode else None
-    profile = {"data_generation_s": {"wall": round(data_s, 1)}}
+    profile: Dict[str, Dict[str, Any]] = {"data_generation_s": {"wall": round(data_s, 1)}}
     for mode in (n for n in PACKED if n in modes):
         timing_file = work / f"pack_timing_{mode}.jsonl"
         packs = [json.loads(line) for line in timing_file.read_text().splitlines()] if timing_file.exists() else []
@@ -309,13 +412,19 @@ def main(argv=None) -> int:
         # K runs training side by side: what the GPU does for them together while all K train
         profile[name]["train_img_per_s_all_concurrent_runs"] = round(
             profile[name]["mean_train_img_per_s_per_run"] * concurrency, 1)
-    report = {
+    return {
         "workload": {"runs": len(runs), "ranks": ranks, "seeds": seeds, "epochs": args.epochs,
-                     "steps_per_epoch": args.steps_per_epoch, "steps_per_run": sorted({r["steps"] for m in modes.values() for r in m["runs"].values()}),
-                     "batch_size": args.batch_size, "task": "darcy (toy)" if args.smoke else f"darcy-85, n_train {args.n_train}",
+                     "steps_per_epoch": args.steps_per_epoch,
+                     "steps_per_run": sorted({r["steps"] for m in modes.values() for r in m["runs"].values()}),
+                     "batch_size": args.batch_size,
+                     "task": "darcy (toy)" if args.smoke else f"darcy-85, n_train {args.n_train}",
                      "body": "toy Swin (smoke)" if args.smoke else "fractal Swin (configs/body_fractal.yaml)",
                      "alone_runs": sorted(modes["alone"]["runs"]) if "alone" in modes else []},
-        "runs_per_gpu_hour": {n: m["runs_per_gpu_hour"] for n, m in modes.items()},
+        "runs_per_gpu_hour": {n: m["runs_per_gpu_hour"] for n, m in done.items()},
+        "unfinished": {n: {"runs_finished": m["runs_finished"], "runs_total": m["runs_total"], "wall_s": m["wall_s"],
+                           "timed_out": m["timed_out"], "exit_code": m["exit_code"],
+                           "pack_lines": m.get("pack_lines", [])}
+                       for n, m in modes.items() if m["status"] != "finished"},
         "gpu_memory_gib": {n: m["gpu_memory_gib"] for n, m in modes.items()},
         "best_separate": best, "best_separate_runs_per_gpu_hour": best_rate,
         "best_packed": best_packed, "speedup_vs_best_separate": by_mode.get(best_packed),
@@ -327,17 +436,11 @@ def main(argv=None) -> int:
         "max_abs_metric_diff_compiled_vs_eager_packed": metric_diff(modes["packed_compiled"], modes["packed"])
         if "packed" in modes and "packed_compiled" in modes else None,
         "profile": profile, "modes": modes,
-        "packed_step_profile": profile_file.name if args.profile and profile_file.exists() else None, "data_s": round(data_s, 1),
+        "packed_step_profile": profile_file.name if args.profile and profile_file.exists() else None,
+        "data_s": round(data_s, 1),
         "command": "python " + " ".join([os.path.relpath(__file__, REPO), *(argv if argv is not None else sys.argv[1:])]),
         "git": git_info(), "machine": machine_info(),
     }
-    write_json(out / "sweep_engine.json", report)
-    (out / "sweep_engine.md").write_text(render(report))
-    print(render(report), flush=True)
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(exit_on_error(main))

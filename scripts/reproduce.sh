@@ -316,6 +316,8 @@ prereg_gaps)
 prereg_placebo)
   # Each step is skipped when its output exists, so the part resumes where a budget cut it.
   for key in ${PLACEBO_KEYS:-darcy dial3}; do
+    [ -f "$(placebo_file "$key")" ] || { echo "error: PLACEBO_KEYS names '$key', which has no placebo sweep" \
+        "$(placebo_file "$key"); the pre-registered ones are darcy and dial3" >&2; exit 2; }
     prereg_task "$key"
     gaps=results/runs/prereg_gaps/$key
     if ! finished $gaps; then echo "($key: no finished gap profile in $gaps; run the prereg_gaps part first)"; continue; fi

@@ -19,6 +19,7 @@ from rank_estimation.allocate import swin_linear_costs
 from rank_estimation.evidence import load_runs, prereg_inputs
 from rank_estimation.placebo import adapter_params
 from rank_estimation.preregistered import PLACEBO_ARMS, PLACEBO_KEYS, TASK_KEYS
+from tests.conftest import load_script
 
 PREREG = REPO_ROOT / "configs/experiments/prereg"
 KNEE_FILE = {"darcy": "darcy", "tones": "tones", "digits": "digits", "natural_patches": "patches",
@@ -168,6 +169,17 @@ def test_prereg_placebo_waits_for_the_gap_profile(tree):
     assert "(dial3: no finished gap profile" in out
 
 
+def test_prereg_placebo_refuses_a_task_without_a_placebo_sweep(tree):
+    summary(tree / "results/runs/prereg_gaps/darcy", "finished")
+    done = subprocess.run(["bash", "scripts/reproduce.sh", "prereg_placebo", str(tree.parent / "out")], cwd=tree,
+                          env={"PATH": "/usr/bin:/bin", "ORCA_PYTHON": str(tree.parent / "python"),
+                               "CALLS": str(tree.parent / "calls"), "PLACEBO_KEYS": "tones darcy"},
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and not (tree.parent / "calls").exists()
+    assert done.stderr == ("error: PLACEBO_KEYS names 'tones', which has no placebo sweep "
+                           "configs/experiments/prereg/placebo_tones.yaml; the pre-registered ones are darcy and dial3\n")
+
+
 def test_prereg_placebo_maps_then_says_which_warmups_are_missing_then_sweeps(tree):
     summary(tree / "results/runs/prereg_gaps/dial3", "finished")
     budgets = (99584, 398336, 1593344)
@@ -229,7 +241,7 @@ def test_gaps_from_maps_become_the_files_the_placebo_sweep_names(tree, tmp_path)
     fractal architecture, so the pre-registered budgets fit): the map files are exactly the sweep's grid, every
     arm has the stage-2 map's parameter count, and the analysis reads one gap for darcy and the arms' names."""
     from rank_estimation.stage import run_stage2
-    import scripts.placebo_maps as placebo_maps
+    placebo_maps = load_script("placebo_maps.py")
 
     _, gap_calls = reproduce(tree, "prereg_gaps", PREREG_KEYS="darcy")   # the stub leaves it finished
     _, calls = reproduce(tree, "prereg_placebo", PLACEBO_KEYS="darcy")

@@ -175,3 +175,62 @@ def test_checkpoint_writer_saves_a_snapshot_with_one_copy_per_dtype(tmp_path, mo
         assert torch.equal(state["exp_avg"], torch.full((3, 4), 0.5)) and state["step"].item() == 7.0
         assert state["step"].shape == () and torch.equal(saved["index"], torch.tensor([3, 1, 2]))
         assert saved["optimizer"]["groups"] == [0.1, (2, 3)] and saved["epoch"] == i
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_checkpoint_writer_writes_what_a_synchronous_save_writes(tmp_path):
+    """The background writer's files load to the same tensors, optimizer states and values as
+    RunDir.save_checkpoint of the same payload written in the caller's thread."""
+    from orca import runs as runs_mod
+
+    torch.manual_seed(0)
+    weights = torch.randn(3, 5, 4)
+    model = torch.nn.Linear(4, 5)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    payloads = [{"model": {"w": weights[i], "half": weights[i].half()[:, ::2], **model.state_dict()},
+                 "optimizer": opt.state_dict(), "state": {"epoch": 2, "best": 0.25 * i},
+                 "rng_cpu": torch.get_rng_state(), "config": {"seed": i}} for i in range(3)]
+    for i, payload in enumerate(payloads):
+        RunDir(tmp_path / "sync" / str(i)).save_checkpoint("last", payload)
+    writer = runs_mod.CheckpointWriter()
+    writer.save_many([(RunDir(tmp_path / "bg" / str(i)), "last", p) for i, p in enumerate(payloads[:2])])
+    writer.save_many([(RunDir(tmp_path / "bg" / "2"), "last", payloads[2])])  # waits for the first batch
+    writer.close()
+    for i in range(3):
+        sync = torch.load(tmp_path / "sync" / str(i) / "ckpt" / "last.pt", weights_only=True)
+        background = torch.load(tmp_path / "bg" / str(i) / "ckpt" / "last.pt", weights_only=True)
+        assert _same(sync, background) and sync["optimizer"]["state"][0]["exp_avg"].abs().sum() > 0
+    assert not _same(torch.load(tmp_path / "bg" / "0" / "ckpt" / "last.pt", weights_only=True),
+                     torch.load(tmp_path / "bg" / "1" / "ckpt" / "last.pt", weights_only=True))
+
+
+def test_checkpoint_writer_error_surfaces_as_itself(tmp_path):
+    """A write that fails in the writer thread raises its own error in the caller: at the next
+    save (at most one batch of writes is pending) or at wait/close, never silently."""
+    from orca import runs as runs_mod
+
+    blocked = RunDir(tmp_path / "blocked")
+    blocked.ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    blocked.ckpt_dir.write_text("a file where the checkpoint directory should be")
+    writer = runs_mod.CheckpointWriter()
+    writer.save_many([(blocked, "last", {"w": torch.ones(3)})])  # fails in the writer thread
+    ok = RunDir(tmp_path / "ok")
+    with pytest.raises((FileExistsError, NotADirectoryError)) as raised:
+        writer.save_many([(ok, "last", {"w": torch.zeros(3)})])
+    assert "blocked" in str(raised.value)
+    assert not (ok.ckpt_dir / "last.pt").exists()  # nothing of the failing call was queued
+    writer.save_many([(blocked, "best", {"w": torch.ones(3)})])
+    with pytest.raises((FileExistsError, NotADirectoryError)):
+        writer.close()
+    assert blocked.ckpt_dir.read_text().startswith("a file")

@@ -202,6 +202,20 @@ def test_bad_rank_config(tiny_overrides, extra, message):
     assert message in str(err.value)
 
 
+def test_target_sample_spans_a_class_ordered_set():
+    """n_target < n_train draws across the whole set by the seed; None or all keeps every item."""
+    from rank_estimation.stage import target_positions
+
+    labels = [i // 50 for i in range(5000)]  # 100 classes of 50, in class order (the fractal tasks)
+    pos = target_positions(5000, 1000, seed=0)
+    assert len(pos) == len(set(pos)) == 1000 and pos == sorted(pos)
+    assert len({labels[i] for i in pos}) == 100  # the first 1,000 would hold 20 classes
+    assert pos == target_positions(5000, 1000, seed=0) != target_positions(5000, 1000, seed=1)
+    assert target_positions(1000, 1000, seed=3) == target_positions(1000, None, seed=3) == list(range(1000))
+    with pytest.raises(ValueError, match="rank.n_target=1001 exceeds the 1000 training samples"):
+        target_positions(1000, 1001, seed=0)
+
+
 def test_unresolved_gaps_and_empty_targets_are_refused():
     from rank_estimation.allocate import check_budget
     from rank_estimation.stage import block_gaps, target_positions
@@ -212,7 +226,7 @@ def test_unresolved_gaps_and_empty_targets_are_refused():
     profile["values"]["b"]["mmd"]["value"] = 0.2
     assert block_gaps(profile, "mmd", ["a", "b"]) == ({"a": 0.0, "b": 0.2}, ["a"])
     with pytest.raises(ValueError, match="the target task has 0 training samples"):
-        target_positions(0, None)
+        target_positions(0, None, 0)
     with pytest.raises(ValueError, match="r_min=4 > r_max=2"):
         check_budget({"a": 10}, 30, 4, 2)
     with pytest.raises(ValueError, match="costs is empty"):
