@@ -25,7 +25,7 @@ def test_bench_ddp_smoke_joins_one_and_two_process_runs(tmp_path, monkeypatch):
     assert set(rows) == {("full", 4), ("lora", 4)} and joined["gpus"] == 2
     for key, r in rows.items():
         assert r["img_per_s_1gpu"] == base[key]
-        assert r["scaling"] == pytest.approx(r["img_per_s_2gpu"] / base[key], rel=1e-3)
+        assert r["scaling"] == pytest.approx(r["img_per_s_2gpu"] / base[key], abs=5e-4)  # rounded to 0.001
         assert r["efficiency"] == pytest.approx(r["scaling"] / 2, abs=1e-3)
     text = md.read_text()
     assert "| 4 | lora |" in text and "nproc_per_node=2" in text
