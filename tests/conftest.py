@@ -17,6 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 # the way scripts/_env.sh gives them to the stage scripts, installed or not.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # scripts/test.sh runs one pytest-xdist worker per core: a second intra-op thread per worker only
+    # contends (spin-waiting) for the core the other worker uses, and the subprocesses tests start
+    # (python scripts/x.py, torchrun) inherit the same limit. Tests that set their own keep theirs.
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def load_script(filename: str, name: Optional[str] = None) -> ModuleType:
     """Import ``scripts/<filename>`` as a module (the scripts are not a package), freshly each call.
@@ -77,6 +84,11 @@ needs_nf4_cpu = pytest.mark.skipif(NF4_CPU_REASON is not None, reason=f"no NF4 o
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        # under pytest-xdist (--dist loadgroup) the GPU tests share one worker: one at a time on the
+        # device, as their timings and memory checks assume
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.xdist_group("gpu"))
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -219,6 +219,13 @@ def _script_module():
     return load_script("hypothesis.py", "hypothesis_script")
 
 
+def _main(monkeypatch, *argv) -> Path:
+    """scripts/hypothesis.py's main in this process, from the checkout as the command runs: the same code
+    without a fresh interpreter's imports (test_script_end_to_end_is_deterministic runs the command)."""
+    monkeypatch.chdir(ROOT)
+    return _script_module().main([str(a) for a in argv])
+
+
 def _run_script(runs: Path, out: Path):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs),
                            "--out", str(out), "--n-boot", "200", "--n-perm", "2000", *POOL],
@@ -244,14 +251,15 @@ def test_script_end_to_end_is_deterministic(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_script_without_runs_says_what_is_missing(tmp_path):
-    proc = _run_script(tmp_path / "nothing", tmp_path / "results")
-    assert proc.returncode == 0, proc.stderr
-    report = (tmp_path / "results" / "hypothesis.md").read_text()
+def test_script_without_runs_says_what_is_missing(tmp_path, monkeypatch):
+    md = _main(monkeypatch, "--runs", tmp_path / "nothing", "--out", tmp_path / "results", "--n-boot", "200",
+               "--n-perm", "2000", *POOL)
+    assert md == tmp_path / "results" / "hypothesis.md"
+    report = md.read_text()
     assert "No stage-3 runs" in report and "rho =" not in report
 
 
-def test_script_delta_w_from_a_given_base_state(tmp_path):
+def test_script_delta_w_from_a_given_base_state(tmp_path, monkeypatch):
     """(c) on a synthetic full fine-tuning checkpoint whose update rank rises with the block gap."""
     import torch
 
@@ -273,10 +281,8 @@ def test_script_delta_w_from_a_given_base_state(tmp_path):
     (d / "ckpt").mkdir()
     torch.save({"model": tuned}, d / "ckpt" / "best.pt")
     torch.save(base, tmp_path / "base.pt")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs),
-                           "--out", str(out), "--n-boot", "100", "--n-perm", "1000",
-                           "--base-state", str(tmp_path / "base.pt"), *POOL], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    _main(monkeypatch, "--runs", runs, "--out", out, "--n-boot", "100", "--n-perm", "1000",
+          "--base-state", tmp_path / "base.pt", *POOL)
     report = (out / "hypothesis.md").read_text()
     section = report.split("## (c)")[1].split("## (d)")[0]
     # 4 blocks: exact permutation p = 2/24 for a perfect rank order -> inconclusive at alpha 0.05.
@@ -338,7 +344,7 @@ def test_script_delta_w_from_json_equals_checkpoint_of_a_real_full_run(tiny_over
     assert strip(from_json) == strip(from_ckpt)
 
 
-def test_default_selection_keeps_one_body_and_the_sweeps_made_for_each_analysis(tmp_path):
+def test_default_selection_keeps_one_body_and_the_sweeps_made_for_each_analysis(tmp_path, monkeypatch):
     """By default only the fractal body's runs of the knee tables enter (a); a run of another body, or
     of another table (here: same task and rank, but a different recipe), would bend the curve."""
     runs, out = tmp_path / "runs", tmp_path / "results"
@@ -356,10 +362,7 @@ def test_default_selection_keeps_one_body_and_the_sweeps_made_for_each_analysis(
             run(f"table3/lora_r{r}_s{seed}", "table3", r, err + 0.001 * seed, seed)
         run(f"evidence/lora_r1_s{seed}", "body_evidence_darcy", 1, 0.01, seed)            # another recipe
         run(f"random/lora_r16_s{seed}", "table3", 16, 0.5, seed, body="none (random init)")  # another body
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs),
-                           "--out", str(out), "--n-boot", "50", "--n-perm", "100"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    _main(monkeypatch, "--runs", runs, "--out", out, "--n-boot", "50", "--n-perm", "100")
     report = (out / "hypothesis.md").read_text()
     assert "| darcy | 4 |" in report  # knee from table3 alone: r = 4 is within 5% of the best
     assert "2 run(s) with body weights 'none (random init)' skipped" in report
@@ -416,20 +419,20 @@ def test_a_partial_sweep_is_left_out_of_the_knees_and_named(tmp_path):
     assert "| tones | 4 |" in knee_table(report) and "left out until" not in report
 
 
-def test_check_passes_on_a_fresh_report_and_fails_on_one_changed_byte(tmp_path):
+def test_check_passes_on_a_fresh_report_and_fails_on_one_changed_byte(tmp_path, monkeypatch, capsys):
     runs, out = tmp_path / "runs", tmp_path / "results"
     _synthetic_results(runs)
-    assert _run_script(runs, out).returncode == 0
+    args = ["--runs", runs, "--out", out, "--n-boot", "200", "--n-perm", "2000", *POOL]
+    _main(monkeypatch, *args)
     payload = json.loads((out / "hypothesis.json").read_text())
     assert payload["primary_metric"] == "mmd_source"
     assert all(row["knee_aligned"] is None and row["gap_aligned"] is None for row in payload["stage1"]["rows"])
     assert "stage-1 comparison on darcy: no gap profile with the aligned embedder" in payload["missing"]
     assert "dial0: knee sweep not run" in payload["missing"]
-    check = [sys.executable, str(ROOT / "scripts" / "hypothesis.py"), "--runs", str(runs), "--out", str(out),
-             "--n-boot", "200", "--n-perm", "2000", *POOL, "--check"]
-    ok = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr
     md = out / "hypothesis.md"
+    assert _main(monkeypatch, *args, "--check") == md
     md.write_text(md.read_text().replace("Pre-registered test", "Pre-registered tesT", 1))
-    bad = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "hypothesis.md differ" in bad.stderr.replace(str(out) + "/", "")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        _main(monkeypatch, *args, "--check")
+    assert exc.value.code == 1 and "hypothesis.md differ" in capsys.readouterr().err.replace(str(out) + "/", "")

@@ -4,12 +4,14 @@ Warnings are errors here: a normal call must not warn, at any feature scale stag
 """
 from __future__ import annotations
 
+import numpy as np
+import ot
 import pytest
 import torch
 
 from orca.align.otdd import OTDD, otdd
 from orca.align.sinkhorn import SinkhornOptions
-from tests.otdd_reference import converged_otdd, microsoft_otdd
+from tests.otdd_reference import _entropic_ot, _entropic_ot_self, converged_otdd, microsoft_otdd
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -70,8 +72,18 @@ def test_per_cluster_is_orcas_loop_of_single_label_calls():
         assert float(values[k]) == pytest.approx(ref, rel=1e-3)
 
 
+@pytest.mark.parametrize("sizes", [(40,), (16, 20, 12)], ids=["one blob", "three classes"])
+def test_reference_self_term_solver_equals_pot_sinkhorn(sizes):
+    """The oracle's symmetric solver for OT_eps(a, a) reaches POT's alternating Sinkhorn's value."""
+    x, y = class_blobs(sizes, dim=6, spread=1.0, seed=11, dtype=torch.float64)
+    cost = ot.dist(x.numpy(), x.numpy(), metric="sqeuclidean") + 0.3 * (y[:, None] != y[None, :]).numpy()
+    assert _entropic_ot_self(cost, 0.1) == pytest.approx(_entropic_ot(cost, 0.1), rel=1e-9)
+    assert _entropic_ot_self(cost, 0.1) > 0.01  # the entropic term: nonzero for a self transport
+    assert not np.allclose(_entropic_ot_self(cost, 0.1), _entropic_ot_self(cost, 0.2))
+
+
 def test_converged_schedule_matches_the_pot_solved_value():
-    """float32, schedule "converged" vs every OT term solved to 1e-11 by POT in float64 (standardised features)."""
+    """float32, schedule "converged" vs every OT term solved to 1e-11 in float64 (standardised features)."""
     xs, ys = class_blobs((16, 20, 12), dim=6, spread=1.0, seed=5)
     xt, yt = class_blobs((10, 14), dim=6, spread=1.0, seed=6)
     ours = float(otdd(xt + 0.1, yt, xs, ys, sinkhorn=SinkhornOptions(schedule="converged")))
