@@ -3,6 +3,9 @@
     PYTHONUNBUFFERED=1 python scripts/bench_sweep.py --out results/bench            # GPU, <= 8 minutes
     PYTHONUNBUFFERED=1 python scripts/bench_sweep.py --out results/bench --epochs 6 \
         --modes per_gpu packed packed_compiled --per-gpu 12                          # 372 steps a run
+    PYTHONUNBUFFERED=1 python scripts/bench_sweep.py --out results/bench --epochs 6 \
+        --modes packed_compiled packed per_gpu --per-gpu 12 --profile \
+        --mode-cap-s packed_compiled=230 packed=100 per_gpu=150 --budget-s 520    # compiled first, capped
     python scripts/bench_sweep.py --smoke --out /tmp/bench                           # CPU, toy size
 
 The workload is the knee sweep of ``configs/experiments/table3_darcy_all.yaml``'s recipe on the
