@@ -11,6 +11,9 @@
 # `start` exits 0 once a job can be scheduled; otherwise 1 with the reason on stderr.
 set -euo pipefail
 
+# The daemons (slurmctld, slurmd, munged) live in sbin, which a non-login or minimal PATH may lack.
+for d in /usr/sbin /sbin /usr/local/sbin; do [[ :$PATH: == *:$d:* ]] || PATH=$PATH:$d; done
+export PATH
 DIR=${ORCA_SLURM_DIR:-/var/tmp/orca-slurm}
 CONF=$DIR/slurm.conf
 export SLURM_CONF=$CONF
