@@ -44,7 +44,8 @@ prereg_task() {
     *) echo "error: no pre-registered task '$1'; choose one of: $PREREG_ALL_KEYS" >&2; return 2 ;;
   esac
 }
-# finished DIR: whether DIR holds a finished run (a summary.json that is neither running nor failed)
+# finished DIR: whether DIR holds a finished run (a summary.json that is neither running nor failed:
+# orca.runs.is_finished's rule)
 finished() { [ -f "$1/summary.json" ] && ! grep -q '^  "status": "\(running\|failed\)"' "$1/summary.json"; }
 
 # The equal-budget placebo comparison (results/preregistration.md, 5), read from its sweep file

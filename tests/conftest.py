@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +24,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # (python scripts/x.py, torchrun) inherit the same limit. Tests that set their own keep theirs.
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def prereg_shell(call: str, pilots_dir: Optional[Path] = None) -> str:
+    """Run ``call`` in bash after sourcing scripts/_prereg.sh (reproduce.sh's pre-registration
+    bookkeeping), from the repo root with a bare PATH; its stdout."""
+    env = {"PATH": "/usr/bin:/bin", **({"PILOTS_DIR": str(pilots_dir)} if pilots_dir is not None else {})}
+    done = subprocess.run(["bash", "-c", f"source scripts/_prereg.sh; {call}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=True)
+    return done.stdout
 
 
 def load_script(filename: str, name: Optional[str] = None) -> ModuleType:

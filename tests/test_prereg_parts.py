@@ -19,22 +19,15 @@ from rank_estimation.allocate import swin_linear_costs
 from rank_estimation.evidence import load_runs, prereg_inputs
 from rank_estimation.placebo import adapter_params
 from rank_estimation.preregistered import PLACEBO_ARMS, PLACEBO_KEYS, TASK_KEYS
-from tests.conftest import load_script
+from tests.conftest import load_script, prereg_shell
 
 PREREG = REPO_ROOT / "configs/experiments/prereg"
 KNEE_FILE = {"darcy": "darcy", "tones": "tones", "digits": "digits", "natural_patches": "patches",
              "fractal_heldout": "heldout"}  # the other keys are dial levels: dial_knee.yaml
 
 
-def bash(call: str, root: Path = REPO_ROOT) -> str:
-    """``call`` in bash after sourcing scripts/_prereg.sh in ``root``; its stdout."""
-    done = subprocess.run(["bash", "-c", f"source scripts/_prereg.sh; {call}"], cwd=root, env={"PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, check=True)
-    return done.stdout
-
-
 def task_args(key: str) -> list:
-    return bash(f'prereg_task {key}; printf "%s\\n" "${{task_args[@]}}"').splitlines()
+    return prereg_shell(f'prereg_task {key}; printf "%s\\n" "${{task_args[@]}}"').splitlines()
 
 
 def knee_run_cfg(key: str):
@@ -46,7 +39,7 @@ def knee_run_cfg(key: str):
 
 
 def test_every_analysed_task_has_a_gap_profile_of_its_knee_sweeps_data():
-    keys = bash("echo $PREREG_ALL_KEYS").split()
+    keys = prereg_shell("echo $PREREG_ALL_KEYS").split()
     assert sorted(keys) == sorted(TASK_KEYS) and keys[:2] == list(PLACEBO_KEYS)
     for key in keys:
         cfg = load_config(str(PREREG / "gaps.yaml"), task_args(key) + [f"run_dir=results/runs/prereg_gaps/{key}"],
@@ -69,10 +62,10 @@ def placebo_grid(key: str) -> list:
 @pytest.mark.parametrize("key", PLACEBO_KEYS)
 def test_placebo_budgets_are_the_preregistered_uniform_rank_budgets(key):
     """Uniform r = 2, 8, 32 on the `all` module set of the fractal body (results/preregistration.md, 5)."""
-    budgets = [int(b) for b in bash(f"placebo_budgets {key}").split()]
+    budgets = [int(b) for b in prereg_shell(f"placebo_budgets {key}").split()]
     per_rank = sum(swin_linear_costs(embed_dim=64, depths=(2, 2, 6, 2), targets="all").values())
     assert budgets == [2 * per_rank, 8 * per_rank, 32 * per_rank] == [99584, 398336, 1593344]
-    assert bash(f"placebo_maps_of {key}").split() == placebo_grid(key)
+    assert prereg_shell(f"placebo_maps_of {key}").split() == placebo_grid(key)
 
 
 @pytest.mark.parametrize("key", PLACEBO_KEYS)
@@ -82,7 +75,7 @@ def test_placebo_warmups_are_the_knee_sweeps_warmups_of_the_same_task(key, tmp_p
     spec, warmups = load_sweep(warmup, schema=CONFIG_SCHEMA)
     _, placebo = load_sweep(PREREG / f"placebo_{key}.yaml", schema=CONFIG_SCHEMA)
     by_dir = {f"{spec.output_dir}/{spec.table}/{r.name}": r.cfg for r in warmups}
-    missing = bash(f"placebo_warmups_missing {key}").split()
+    missing = prereg_shell(f"placebo_warmups_missing {key}").split()
     seeds = sorted({r.cfg.seed for r in placebo})
     assert len(missing) == len(seeds) == 3
     for run in placebo:
@@ -147,7 +140,7 @@ def test_prereg_gaps_runs_each_missing_profile_once(tree):
     summary(gaps / "dial5", "running")
     out, calls = reproduce(tree, "prereg_gaps")
     keys = [c.rsplit("run_dir=results/runs/prereg_gaps/", 1)[1] for c in calls]
-    assert keys == [k for k in bash("echo $PREREG_ALL_KEYS").split() if k != "tones"]
+    assert keys == [k for k in prereg_shell("echo $PREREG_ALL_KEYS").split() if k != "tones"]
     assert calls[0] == stage2_call("task.name=darcy run_dir=results/runs/prereg_gaps/darcy")
     assert calls[1] == stage2_call("task.name=fractal_dial task.options={level: 3, cache: true, device: cuda}",
                                    "run_dir=results/runs/prereg_gaps/dial3")
@@ -264,7 +257,7 @@ def test_gaps_from_maps_become_the_files_the_placebo_sweep_names(tree, tmp_path)
         arm, _, budget = Path(g).stem.rpartition("_b")    # how rank_estimation.evidence reads a placebo run
         assert arm in PLACEBO_ARMS and budget.isdigit()
     costs = swin_linear_costs(embed_dim=64, depths=(2, 2, 6, 2), targets="all")
-    for budget in bash("placebo_budgets darcy").split():
+    for budget in prereg_shell("placebo_budgets darcy").split():
         maps = {arm: json.loads((runs / f"placebo_maps/darcy/{arm}_b{budget}.json").read_text()) for arm in PLACEBO_ARMS}
         params = {arm: m["params"] for arm, m in maps.items()}
         assert len(set(params.values())) == 1 and abs(params["stage2"] - int(budget)) <= 0.01 * int(budget), params

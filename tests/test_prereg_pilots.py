@@ -8,18 +8,9 @@ import pytest
 from orca.cli import CONFIG_SCHEMA
 from orca.runs import REPO_ROOT, write_json
 from orca.sweep import load_sweep
+from tests.conftest import prereg_shell
 
 TASKS = ("darcy", "tones", "digits", "patches", "heldout", "dial")
-
-
-def prereg(call: str, pilots_dir=None) -> str:
-    """Run ``call`` in bash after sourcing scripts/_prereg.sh, from the repo root; its stdout."""
-    env = {"PATH": "/usr/bin:/bin"}
-    if pilots_dir is not None:
-        env["PILOTS_DIR"] = str(pilots_dir)
-    done = subprocess.run(["bash", "-c", f"source scripts/_prereg.sh; {call}"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, check=True)
-    return done.stdout
 
 
 def run_names(task: str, kind: str):
@@ -29,7 +20,7 @@ def run_names(task: str, kind: str):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_pilot_runs_are_runs_of_the_task_sweeps(task):
-    suffixes = [s if s != "-" else "" for s in prereg(f"pilot_suffixes {task}").split()]
+    suffixes = [s if s != "-" else "" for s in prereg_shell(f"pilot_suffixes {task}").split()]
     assert len(suffixes) == (2 if task == "dial" else 1)
     warmups, knees = run_names(task, "warmup"), run_names(task, "knee")
     for sfx in suffixes:
@@ -38,13 +29,13 @@ def test_pilot_runs_are_runs_of_the_task_sweeps(task):
 
 
 def test_dial_pilots_sit_at_both_ends():
-    assert prereg("pilot_suffixes dial").split() == ["_level-0", "_level-6"]
-    assert prereg("pilot_keys dial").split() == ["knee_dial_level-0", "knee_dial_level-6"]
-    assert prereg("pilot_keys darcy").split() == ["knee_darcy"]
+    assert prereg_shell("pilot_suffixes dial").split() == ["_level-0", "_level-6"]
+    assert prereg_shell("pilot_keys dial").split() == ["knee_dial_level-0", "knee_dial_level-6"]
+    assert prereg_shell("pilot_keys darcy").split() == ["knee_darcy"]
 
 
 def released(task: str, pilots_dir) -> bool:
-    return prereg(f"pilots_passed {task} && echo yes || echo no", pilots_dir).strip() == "yes"
+    return prereg_shell(f"pilots_passed {task} && echo yes || echo no", pilots_dir).strip() == "yes"
 
 
 def test_a_sweep_needs_every_pilot_passed(tmp_path):
