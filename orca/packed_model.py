@@ -91,61 +91,98 @@ def rank_segments(ranks: Sequence[int]) -> Tuple[Tuple[int, int, int], ...]:
     return tuple(seg for seg in reversed(segments) if seg[2] > 0)
 
 
-class PackedLoRALinear(torch.autograd.Function):
-    """K runs' ``x_k W^T + bias + (x_k A_k^T) B_k^T`` (B already scaled) with a hand-written backward:
-    :class:`orca.adapters.lora.FusedLoRALinear`'s, batched over the runs of each rank segment
-    (:func:`rank_segments`), so a packed run computes what the same run alone computes, by the same
-    formulas.
+def _segments(flat: Sequence[int]) -> List[Tuple[int, int, int]]:
+    """``(first, end, rank)`` triples back from the flat int list a custom op's schema can carry."""
+    return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
 
-    Why not autograd of the composed ops: it writes the rank-r update as a new N x d_out tensor
-    (here it is added in place into the base GEMM's output), and builds the input gradient from
-    two full-size products and a sum, where ``g_k (W + B_k A_k)`` is one GEMM against a small
-    per-run d_out x d_in weight. The frozen W and bias get no gradient; the factors' rows and
-    columns outside a run's segment rank get exactly zero.
+
+@torch.library.custom_op("orca::packed_lora_linear", mutates_args=())
+def packed_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], a: torch.Tensor,
+                       b: torch.Tensor, segments: List[int]) -> torch.Tensor:
+    """K runs' ``x_k W^T + bias + (x_k A_k^T) B_k^T`` (B already scaled): one GEMM for the frozen
+    weight, then two ``bmm``s per rank segment (:func:`rank_segments`, flattened) added in place.
+
+    x [K, n, d_in], a [K, r, d_in], b [K, d_out, r]. The backward (:func:`packed_lora_linear_backward`)
+    is :class:`orca.adapters.lora.FusedLoRALinear`'s, batched over each segment's runs, so a packed run
+    computes what the same run alone computes, by the same formulas.
+
+    Why a custom op rather than autograd of the composed ops: autograd would write the rank-r update
+    as a new N x d_out tensor (here it is added into the base GEMM's output) and build the input
+    gradient from two full-size products. Why opaque to ``torch.compile``: traced, the segment loops
+    put some 700 graph nodes per segment and Linear into the compiled training step (a knee pack's
+    48 Linears x 3 segments: most of the graph), and compilation time grows with them; these are
+    cuBLAS calls either way, so inductor has nothing to fuse in them, and it still fuses everything
+    around (casts, norms, window shuffles).
     """
+    out = F.linear(x, weight, bias)
+    for first, end, r in _segments(segments):
+        xa = torch.bmm(x[first:end], a[first:end, :r].transpose(1, 2))
+        out[first:end].baddbmm_(xa, b[first:end, :, :r].transpose(1, 2))
+    return out
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, segments):  # x [K, n, d_in], a [K, r, d_in], b [K, d_out, r]
-        out = F.linear(x, weight, bias)
-        xas = []
-        for first, end, r in segments:
+
+@packed_lora_linear.register_fake
+def _(x, weight, bias, a, b, segments):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("orca::packed_lora_linear_backward", mutates_args=())
+def packed_lora_linear_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
+                                b: torch.Tensor, segments: List[int], need_x: bool, need_a: bool,
+                                need_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dA, dL/dB) of :func:`packed_lora_linear` from its output gradient g; an empty
+    tensor for each one not needed. The frozen W and bias get no gradient; the factors' rows and
+    columns outside a run's segment rank get exactly zero. x A^T is recomputed (one rank-r
+    ``bmm`` per segment) rather than kept from the forward."""
+    segs = _segments(segments)
+    k, n = x.shape[:2]
+    many_tokens = n >= weight.shape[0] and bool(segs)
+    grad_x = x.new_empty(0)
+    if need_x and many_tokens:  # g (W + B A): the effective weight is small next to the N x d_in pass it saves
+        effective = weight.expand(k, -1, -1).clone()
+        for first, end, r in segs:
+            effective[first:end].baddbmm_(b[first:end, :, :r], a[first:end, :r])
+        grad_x = torch.bmm(g, effective)
+    elif need_x:
+        grad_x = torch.matmul(g, weight)
+    grad_a = torch.zeros_like(a) if need_a else a.new_empty(0)
+    grad_b = torch.zeros_like(b) if need_b else b.new_empty(0)
+    for first, end, r in segs:
+        g_seg = g[first:end]
+        if need_a or (need_x and not many_tokens):
+            gb = torch.bmm(g_seg, b[first:end, :, :r])  # dL/d(x A^T): [segment, n, r]
+            if need_x and not many_tokens:
+                grad_x[first:end].baddbmm_(gb, a[first:end, :r])
+            if need_a:
+                grad_a[first:end, :r] = torch.bmm(gb.transpose(1, 2), x[first:end])
+        if need_b:
             xa = torch.bmm(x[first:end], a[first:end, :r].transpose(1, 2))
-            out[first:end].baddbmm_(xa, b[first:end, :, :r].transpose(1, 2))
-            xas.append(xa)
-        ctx.segments = segments
-        ctx.save_for_backward(x, weight, a, b, *xas)
-        return out
+            grad_b[first:end, :, :r] = torch.bmm(g_seg.transpose(1, 2), xa)
+    return grad_x, grad_a, grad_b
 
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, a, b, *xas = ctx.saved_tensors
-        segments = ctx.segments
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        if need_w or need_bias:
-            raise RuntimeError("a packed Linear's base weight is frozen (shared by the pack's runs)")
-        k, n = x.shape[:2]
-        many_tokens = n >= weight.shape[0] and bool(segments)
-        grad_x = grad_a = grad_b = None
-        if need_x and many_tokens:  # g (W + B A): the effective weight is small next to the N x d_in pass it saves
-            effective = weight.expand(k, -1, -1).clone()
-            for first, end, r in segments:
-                effective[first:end].baddbmm_(b[first:end, :, :r], a[first:end, :r])
-            grad_x = torch.bmm(g, effective)
-        elif need_x:
-            grad_x = torch.matmul(g, weight)
-        grad_a = torch.zeros_like(a) if need_a else None
-        grad_b = torch.zeros_like(b) if need_b else None
-        for (first, end, r), xa in zip(segments, xas):
-            g_seg = g[first:end]
-            if need_a or (need_x and not many_tokens):
-                gb = torch.bmm(g_seg, b[first:end, :, :r])  # dL/d(x A^T): [segment, n, r]
-                if need_x and not many_tokens:
-                    grad_x[first:end].baddbmm_(gb, a[first:end, :r])
-                if need_a:
-                    grad_a[first:end, :r] = torch.bmm(gb.transpose(1, 2), x[first:end])
-            if need_b:
-                grad_b[first:end, :, :r] = torch.bmm(g_seg.transpose(1, 2), xa)
-        return grad_x, None, None, grad_a, grad_b, None
+
+@packed_lora_linear_backward.register_fake
+def _(g, x, weight, a, b, segments, need_x, need_a, need_b):
+    return (x.new_empty(x.shape if need_x else (0,)), a.new_empty(a.shape if need_a else (0,)),
+            b.new_empty(b.shape if need_b else (0,)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, a, b, segments = inputs
+    ctx.save_for_backward(x, weight, a, b)
+    ctx.segments = segments
+
+
+def _backward(ctx, g):
+    x, weight, a, b = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    if need_w or need_bias:
+        raise RuntimeError("a packed Linear's base weight is frozen (shared by the pack's runs)")
+    grad_x, grad_a, grad_b = packed_lora_linear_backward(g, x, weight, a, b, ctx.segments, need_x, need_a, need_b)
+    return (grad_x if need_x else None), None, None, (grad_a if need_a else None), (grad_b if need_b else None), None
+
+
+packed_lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 class PackedLinear(nn.Module):
@@ -159,6 +196,7 @@ class PackedLinear(nn.Module):
         dtype = self.weight.dtype
         self.ranks = list(ranks)
         self.segments = rank_segments(ranks)
+        self.flat_segments = [v for segment in self.segments for v in segment]
         self.lora_A = nn.Parameter(torch.zeros(k, r, self.in_features, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(k, self.out_features, r, dtype=dtype))
         self.register_buffer("scaling", torch.tensor(list(scalings), dtype=torch.float32), persistent=False)
@@ -174,7 +212,7 @@ class PackedLinear(nn.Module):
             bias = None if bias is None else bias.to(dtype)
         else:
             x = x.to(weight.dtype)
-        out = PackedLoRALinear.apply(x.reshape(k, -1, self.in_features), weight, bias, a, b, self.segments)
+        out = packed_lora_linear(x.reshape(k, -1, self.in_features), weight, bias, a, b, self.flat_segments)
         return out.view(*x.shape[:-1], self.out_features)
 
 

@@ -189,6 +189,40 @@ def test_rank_segments_cut_the_padded_work():
     assert rank_segments([3, 1, 0, 6, 5]) == ((0, 2, 3), (3, 5, 6))
 
 
+def test_compiled_packed_linear_is_one_op_each_way():
+    """Compiled, an adapted Linear of a pack is one opaque op in the forward graph and one in the
+    backward graph, whatever its segments: the segment loops (cuBLAS calls) stay out of the graph
+    that inductor lowers, so the training step's graph does not grow with the segments."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    base = torch.nn.Linear(6, 5).requires_grad_(False)
+    layer = PackedLinear(base, ranks=[3, 1, 0, 6, 5], scalings=[2.0, 1.0, 0.0, 0.5, 4.0])
+    assert len(layer.segments) == 2
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(5 * 8, 6, requires_grad=True)
+    step = torch.compile(lambda x: layer(x).square().sum(), backend=aot_autograd(fw_compiler=keep("fw"),
+                                                                                 bw_compiler=keep("bw")))
+    step(x).backward()
+    ops = torch.ops.orca
+    assert graphs["fw"].count(ops.packed_lora_linear.default) == 1
+    assert graphs["bw"].count(ops.packed_lora_linear_backward.default) == 1
+    matmuls = {torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default, torch.ops.aten.mm.default}
+    assert not matmuls & set(graphs["fw"] + graphs["bw"])
+    assert layer.lora_A.grad[2].count_nonzero() == 0 and layer.lora_A.grad[0, :3].abs().min() > 0
+
+
 @pytest.mark.parametrize("n", [4, 8], ids=["few_tokens", "many_tokens"])
 def test_segmented_linear_is_each_run_alone(n):
     """Runs of ranks 3, 1, 0, 6, 5 (two segments and a rank-0 run between them): each run's rows
