@@ -96,6 +96,7 @@ class TrainConfig:
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bitwise-reproducible resume on CPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU); the train loader then drops its last partial batch so shapes stay static"})
     compile_mode: str = field(default="default", metadata={"help": "torch.compile mode: default | reduce-overhead (CUDA graphs: small batches, launch-bound) | max-autotune | max-autotune-no-cudagraphs"})
+    compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend: inductor (fused kernels; minutes to compile a Swin training step) | cudagraphs (the eager kernels recorded as CUDA graphs: seconds to capture, no fusion; for launch-bound steps such as packed sweeps; compile_mode stays default)"})
     grad_checkpointing: Optional[List[Union[int, str]]] = field(default=None, metadata={"help": "blocks that recompute activations in backward (memory for compute; None = off): each entry a 0-based body stage S (all its blocks) or a quoted string \"S:K\" (its first K >= 1 blocks), e.g. [0, 1, \"2:6\"]; unquoted 2:6 is base-60 126 in YAML"})
     channels_last: bool = field(default=False, metadata={"help": "channels-last memory format for the conv embedder (GPU)"})
     max_steps_per_epoch: Optional[int] = field(default=None, metadata={"min": 1, "help": "truncate epochs (debugging, smoke tests)"})
@@ -107,6 +108,10 @@ class TrainConfig:
         check_choice("train.amp", self.amp, AMP_MODES)
         check_choice("train.compile_mode", self.compile_mode,
                      ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        check_choice("train.compile_backend", self.compile_backend, ("inductor", "cudagraphs"))
+        if self.compile_backend == "cudagraphs" and self.compile_mode != "default":
+            raise ConfigError(f"train.compile_mode={self.compile_mode} is an inductor mode; with "
+                              "train.compile_backend=cudagraphs leave it at default")
         # syntax and distinct stages here; stage count and depths when the body exists (orca.checkpointing)
         self.grad_checkpointing = normalize_checkpointing(self.grad_checkpointing, "train.grad_checkpointing")
         # ranges (lr > 0, counts >= 1, ...) are in each field's metadata, checked by orca.schema

@@ -46,7 +46,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from torch.utils.data import DataLoader
 
 from orca.adapters import build_method
-from orca.config import ExperimentConfig, config_dict, config_yaml
+from orca.config import ExperimentConfig, TrainConfig, config_dict, config_yaml
 from orca.model import BodyCache, task_shape
 from orca.model_state import body_rebuildable, frozen_body_names, load_model_state, model_checkpoint, share_digest
 from orca.evaluation import decode, loss_reduction
@@ -55,7 +55,8 @@ from orca.packed_model import PackError, PackedModel
 from orca.packed_optim import PackedAdamW, to_device
 from orca.runs import CheckpointWriter, RunDir, check_arch, git_info, machine_info
 from orca.runtime import autocast_for, resolve_device
-from orca.train import EpochBatchSampler, check_finite, check_steps, initial_model, uses_cuda_graphs
+from orca.train import (EpochBatchSampler, check_finite, check_steps, compile_for_training, initial_model,
+                        uses_cuda_graphs)
 
 #: Methods whose runs can share a packed model (``head`` is LoRA at rank 0 everywhere).
 PACKABLE_METHODS = ("lora", "head")
@@ -220,14 +221,16 @@ def step_profiler(path: Optional[str], device: torch.device):
     return prof
 
 
-def packed_step(packed: PackedModel, task, autocast, compiled: bool, compile_mode: str,
+def packed_step(packed: PackedModel, task, autocast, train: TrainConfig,
                 device: torch.device) -> Tuple[Callable[..., torch.Tensor], bool]:
     """The pack's training forward ``(x, y, drop_masks) -> [K] losses`` and whether it replays CUDA graphs.
 
     With ``train.compile`` it is ``torch.compile``d whole (shared body, segment-wise LoRA, heads,
     losses; its backward follows), so inductor fuses the body's norms, window shuffles and
     elementwise ops over all K runs' rows at once; compiling is paid once per pack, where a run
-    alone pays it once per run. What keeps it one graph compiled once: the stochastic-depth masks
+    alone pays it once per run. ``train.compile_backend=cudagraphs`` instead records the step's
+    eager kernels as CUDA graphs: no fusion, but the thousands of small launches of a pack's step
+    (the rank segments, per-run heads and embedders) go in one replay, after seconds of capture. What keeps it one graph compiled once: the stochastic-depth masks
     are an input (drawn outside, from each run's generator), the train batch has a static shape
     (the samplers drop the last partial batch, as a compiled run alone does), and evaluation runs
     the model eagerly (its batches differ in size, and no grad). A pack's model and K are its
@@ -242,11 +245,11 @@ def packed_step(packed: PackedModel, task, autocast, compiled: bool, compile_mod
             out = packed(x, drop_masks)
         return losses_of(out.float(), y)
 
-    if not compiled:
+    if not train.compile:
         return forward_losses, False
     torch._dynamo.reset()
-    mode = None if compile_mode == "default" else compile_mode
-    return torch.compile(forward_losses, mode=mode), uses_cuda_graphs(compile_mode) and device.type == "cuda"
+    graphs = uses_cuda_graphs(train.compile_mode, train.compile_backend) and device.type == "cuda"
+    return compile_for_training(forward_losses, train), graphs
 
 
 class _Run:
@@ -339,7 +342,7 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
     t = cfgs[0].train
     check_steps(cfgs[0], len(task.train))
     autocast = autocast_for(t.amp, device)
-    step_losses, graphs = packed_step(packed, task, autocast, t.compile, t.compile_mode, device)
+    step_losses, graphs = packed_step(packed, task, autocast, t, device)
     samplers = [EpochBatchSampler(len(task.train), t.batch_size, r.cfg.seed, drop_last=t.compile) for r in runs]
     micro_per_epoch = len(samplers[0])
     if t.max_steps_per_epoch:

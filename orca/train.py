@@ -50,7 +50,7 @@ from datasets.progress import Progress
 from datasets.registry import TaskData, build_task
 from orca.adapters import build_method
 from orca.checkpointing import set_checkpointing, summary as checkpointing_summary
-from orca.config import ExperimentConfig, config_dict, config_yaml
+from orca.config import ExperimentConfig, TrainConfig, config_dict, config_yaml
 from orca.delta_w import DELTA_W_FILE, DELTA_W_METHODS, body_linear_weights, write_delta_w
 from orca.distributed import Dist, setup_distributed
 from orca.errors import UsageError
@@ -318,7 +318,8 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
     # but half of it for a per-batch *sum* (ORCA's Darcy loss): scale sums by the world size.
     summed = loss_reduction(task) == "sum"
     rescale = summed and dist_.world > 1
-    graphs = cfg.train.compile and uses_cuda_graphs(cfg.train.compile_mode) and device.type == "cuda"
+    graphs = (cfg.train.compile and uses_cuda_graphs(cfg.train.compile_mode, cfg.train.compile_backend)
+              and device.type == "cuda")
 
     def global_loss(value: torch.Tensor) -> torch.Tensor:
         """The whole global batch's loss (sum or mean as the task defines it); a collective under DDP."""
@@ -486,19 +487,26 @@ def wrap_for_training(model: torch.nn.Module, cfg: ExperimentConfig, dist_: Dist
                    else {"broadcast_buffers": False})
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                           find_unused_parameters=False, gradient_as_bucket_view=True, **no_sync)
-    if cfg.train.compile:
-        mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
-        train_model = torch.compile(train_model, mode=mode)
-    return train_model
+    return compile_for_training(train_model, cfg.train) if cfg.train.compile else train_model
 
 
-def uses_cuda_graphs(compile_mode: Optional[str]) -> bool:
-    """Whether torch.compile's ``compile_mode`` records CUDA graphs, as torch itself defines the modes
-    (reduce-overhead and max-autotune do). Such a graph's outputs are overwritten by its next replay,
-    so a training loop marks where each step begins, and its memory pool is taken at capture, so
-    peak-memory readings after warm-up count the pool, not the step."""
+def compile_for_training(fn: Callable, train: TrainConfig) -> Callable:
+    """``torch.compile(fn)`` with ``train.compile_mode`` and ``train.compile_backend``: the one place
+    a training step (a run alone's or a pack's) is compiled."""
+    mode = None if train.compile_mode == "default" else train.compile_mode
+    return torch.compile(fn, mode=mode, backend=train.compile_backend)
+
+
+def uses_cuda_graphs(compile_mode: Optional[str], backend: str = "inductor") -> bool:
+    """Whether torch.compile with ``compile_mode`` and ``backend`` records CUDA graphs: the
+    cudagraphs backend always; inductor in the modes torch itself defines so (reduce-overhead and
+    max-autotune). Such a graph's outputs are overwritten by its next replay, so a training loop
+    marks where each step begins, and its memory pool is taken at capture, so peak-memory readings
+    after warm-up count the pool, not the step."""
     from torch._inductor import list_mode_options
 
+    if backend == "cudagraphs":
+        return True
     return bool(list_mode_options(compile_mode or "default").get("triton.cudagraphs", False))
 
 

@@ -122,25 +122,39 @@ def test_packed_runs_equal_runs_alone(workdir, alone, capsys):
     assert summary["packed_runs"] == 4 and summary["params"]["adapters"] > 0
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_pack_equals_runs_alone(workdir, alone, backend, monkeypatch):
+@pytest.mark.parametrize("case", ["aot_eager", "cudagraphs", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_pack_equals_runs_alone(workdir, alone, case, monkeypatch):
     """``train.compile=true``: each pack's training forward is one graph, compiled once per pack (a
     smaller last pack compiles its own), the stochastic-depth masks enter it as an input, and every
     run still equals the run alone (eager). ``aot_eager`` traces the graph and its backward with
-    eager kernels (seconds); ``inductor``, the default backend, generates C++ kernels (minutes cold
+    eager kernels (seconds); ``cudagraphs`` is ``train.compile_backend=cudagraphs`` as configured
+    (on a CPU it records no graph and replays the traced graph's eager kernels, so this checks the
+    wiring and the trace); ``inductor``, the default backend, generates C++ kernels (minutes cold
     on a 2-core CPU, hence slow) whose reordered reductions the tolerance absorbs."""
     import torch._dynamo.utils
 
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: compile_(fn, mode=mode, backend=backend))
+    backends = []
+
+    def compile_as_configured(fn, mode=None, backend="inductor"):
+        backends.append(backend)  # the configured backend; inductor becomes aot_eager but in its own (slow) case
+        return compile_(fn, mode=mode, backend="aot_eager" if backend == "inductor" and case == "aot_eager" else backend)
+
+    monkeypatch.setattr(torch, "compile", compile_as_configured)
     counters = torch._dynamo.utils.counters
     counters.clear()
     path = sweep_file(workdir)
-    out = workdir / f"compiled_{backend}"
+    out = workdir / f"compiled_{case}"
+    overrides = [f"sweep.output_dir={out}", "train.compile=true"]
+    if case == "cudagraphs":
+        overrides.append("train.compile_backend=cudagraphs")
     # 8 training samples at batch 4: no partial batch for the compiled samplers to drop, so the
     # data order is the eager runs' own; packs of 3 and 1, so two packs of two sizes compile
-    assert sweep_mod.run_sweep(path, [f"sweep.output_dir={out}", "train.compile=true"], gpus=0, pack=3) == []
+    assert sweep_mod.run_sweep(path, overrides, gpus=0, pack=3) == []
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters)
+    assert backends == ["cudagraphs" if case == "cudagraphs" else "inductor"] * 2
+    if case == "cudagraphs":  # the backend ran: it declined to record graphs of CPU tensors
+        assert counters["inductor"]["cudagraph_skips"] >= 2, dict(counters)
     for name in run_names(path):
         assert_same_run(alone / name, out / "packed" / name)
     assert json.loads((out / "packed" / run_names(path)[0] / "summary.json").read_text())["packed_runs"] in (1, 3)

@@ -44,7 +44,45 @@ def test_checkpointing_a_missing_stage_is_refused(tiny_overrides):
                                          ("max-autotune", True), ("max-autotune-no-cudagraphs", False)])
 def test_which_compile_modes_record_cuda_graphs(mode, graphs):
     """max-autotune records CUDA graphs too: its training steps need the same step marks as
-    reduce-overhead's, and benchmarks must not report its graph pool as a peak."""
+    reduce-overhead's, and benchmarks must not report its graph pool as a peak. The cudagraphs
+    backend records them in its only mode."""
     from orca.train import uses_cuda_graphs
 
-    assert uses_cuda_graphs(mode) is graphs
+    assert uses_cuda_graphs(mode) is graphs and uses_cuda_graphs(mode, "inductor") is graphs
+    assert uses_cuda_graphs("default", "cudagraphs") is True
+
+
+def test_compile_backend_is_checked(tiny_overrides):
+    """An unknown backend, or an inductor mode with the cudagraphs backend, is refused in one line
+    when the config is read (before any run starts)."""
+    cfg = load_config(None, tiny_overrides + ["train.compile=true", "train.compile_backend=cudagraphs"])
+    assert cfg.train.compile_backend == "cudagraphs" and cfg.train.compile_mode == "default"
+    assert load_config(None, tiny_overrides).train.compile_backend == "inductor"
+    with pytest.raises(ConfigError, match=r"^train.compile_mode=reduce-overhead is an inductor mode; with "
+                                          r"train.compile_backend=cudagraphs leave it at default$"):
+        load_config(None, tiny_overrides + ["train.compile_backend=cudagraphs", "train.compile_mode=reduce-overhead"])
+    with pytest.raises(ConfigError, match=r"train.compile_backend.*'tvm'.*inductor.*cudagraphs"):
+        load_config(None, tiny_overrides + ["train.compile_backend=tvm"])
+
+
+def test_cudagraphs_backend_trains_the_run_the_traced_step_trains(tiny_overrides, tmp_path, monkeypatch):
+    """A run alone with ``train.compile_backend=cudagraphs`` compiles its step with that backend and
+    trains the numbers of the same traced step run eagerly (``aot_eager``): on a CPU the backend
+    records no graph, so this checks that the choice reaches stage 3 and changes no result."""
+    import torch
+
+    compile_ = torch.compile
+    backends = []
+
+    def recording(fn, mode=None, backend="inductor"):
+        backends.append(backend)
+        return compile_(fn, mode=mode, backend="aot_eager" if backend == "inductor" else backend)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    base = tiny_overrides + ["train.epochs=1", "adapter.method=lora", "adapter.rank=4", "train.compile=true"]
+    traced = run_stage3(load_config(None, base + [f"run_dir={tmp_path / 'traced'}"]))
+    graphs = run_stage3(load_config(None, base + [f"run_dir={tmp_path / 'graphs'}", "train.compile_backend=cudagraphs"]))
+    assert backends == ["inductor", "cudagraphs"]
+    a, b = (json.loads((r.path / "summary.json").read_text()) for r in (traced, graphs))
+    assert b["test"]["rel_l2"] == pytest.approx(a["test"]["rel_l2"], rel=1e-6, abs=0)
+    assert "compile_backend: cudagraphs" in (graphs.path / "config.yaml").read_text()
