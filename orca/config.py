@@ -94,7 +94,7 @@ class TrainConfig:
     num_workers: int = field(default=0, metadata={"min": 0, "help": "DataLoader workers"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (bitwise-reproducible resume on CPU)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU); the train loader then drops its last partial batch so shapes stay static"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU) for full batches; an epoch's last, smaller batch runs eagerly, so shapes stay static and the data are those of an eager run"})
     compile_mode: str = field(default="default", metadata={"help": "torch.compile mode: default | reduce-overhead (CUDA graphs: small batches, launch-bound) | max-autotune | max-autotune-no-cudagraphs"})
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend: inductor (fused kernels; minutes to compile a Swin training step) | cudagraphs (the eager kernels recorded as CUDA graphs: seconds to capture, no fusion; for launch-bound steps such as packed sweeps; compile_mode stays default)"})
     grad_checkpointing: Optional[List[Union[int, str]]] = field(default=None, metadata={"help": "blocks that recompute activations in backward (memory for compute; None = off): each entry a 0-based body stage S (all its blocks) or a quoted string \"S:K\" (its first K >= 1 blocks), e.g. [0, 1, \"2:6\"]; unquoted 2:6 is base-60 126 in YAML"})

@@ -231,9 +231,10 @@ def packed_step(packed: PackedModel, task, autocast, train: TrainConfig,
     alone pays it once per run. ``train.compile_backend=cudagraphs`` instead records the step's
     eager kernels as CUDA graphs: no fusion, but the thousands of small launches of a pack's step
     (the rank segments, per-run heads and embedders) go in one replay, after seconds of capture. What keeps it one graph compiled once: the stochastic-depth masks
-    are an input (drawn outside, from each run's generator), the train batch has a static shape
-    (the samplers drop the last partial batch, as a compiled run alone does), and evaluation runs
-    the model eagerly (its batches differ in size, and no grad). A pack's model and K are its
+    are an input (drawn outside, from each run's generator), the compiled step sees full batches
+    only (an epoch's last, smaller batch takes the eager forward, as in a compiled run alone, so
+    compiling changes no run's data), and evaluation runs the model eagerly (its batches differ in
+    size, and no grad). A pack's model and K are its
     own, so dynamo's cache is reset at the start of every pack: a later or smaller last pack
     compiles afresh rather than piling entries onto one code object until dynamo's recompile limit
     silently leaves it eager.
@@ -248,8 +249,11 @@ def packed_step(packed: PackedModel, task, autocast, train: TrainConfig,
     if not train.compile:
         return forward_losses, False
     torch._dynamo.reset()
-    graphs = uses_cuda_graphs(train.compile_mode, train.compile_backend) and device.type == "cuda"
-    return compile_for_training(forward_losses, train), graphs
+    compiled, full = compile_for_training(forward_losses, train), packed.k * train.batch_size
+
+    def step_losses(x: torch.Tensor, y: torch.Tensor, drop_masks: Optional[torch.Tensor]) -> torch.Tensor:
+        return (compiled if len(x) == full else forward_losses)(x, y, drop_masks)
+    return step_losses, uses_cuda_graphs(train.compile_mode, train.compile_backend) and device.type == "cuda"
 
 
 class _Run:
@@ -343,7 +347,7 @@ def _train_pack(cfgs: Sequence[ExperimentConfig], on_step: Optional[Callable[[in
     check_steps(cfgs[0], len(task.train))
     autocast = autocast_for(t.amp, device)
     step_losses, graphs = packed_step(packed, task, autocast, t, device)
-    samplers = [EpochBatchSampler(len(task.train), t.batch_size, r.cfg.seed, drop_last=t.compile) for r in runs]
+    samplers = [EpochBatchSampler(len(task.train), t.batch_size, r.cfg.seed) for r in runs]
     micro_per_epoch = len(samplers[0])
     if t.max_steps_per_epoch:
         micro_per_epoch = min(micro_per_epoch, t.max_steps_per_epoch)

@@ -76,17 +76,16 @@ class EpochBatchSampler(Sampler[List[int]]):
         batch_size: samples per global batch.
         seed: base seed; epoch ``e`` uses ``seed * 100003 + e``.
         rank, world: this process's slice of each global batch (``batch_size % world == 0``).
-        drop_last: drop the last, smaller batch (static shapes for torch.compile / CUDA graphs).
-            Without it the last batch is kept, unless ``world`` does not divide its size: an uneven
-            split would weigh samples unequally in the averaged gradient.
+            The last, smaller batch is kept, unless ``world`` does not divide its size: an uneven
+            split would weigh samples unequally in the averaged gradient. (A compiled step runs it
+            eagerly: compiling changes no run's data.)
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 drop_last: bool = False):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         if batch_size % world:
             raise ConfigError(f"train.batch_size={batch_size} is not divisible by world size {world}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.rank, self.world = rank, world
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -94,7 +93,7 @@ class EpochBatchSampler(Sampler[List[int]]):
 
     def _global_batches(self) -> int:
         tail = self.n % self.batch_size
-        keep_tail = tail and not self.drop_last and tail % self.world == 0
+        keep_tail = tail and tail % self.world == 0
         return self.n // self.batch_size + (1 if keep_tail else 0)
 
     def __iter__(self) -> Iterator[List[int]]:
@@ -115,13 +114,12 @@ def check_steps(cfg: ExperimentConfig, n_train: int, world: int = 1) -> None:
     Raises:
         ConfigError: fewer micro-batches per epoch than ``train.grad_accum``, naming the sizes.
     """
-    micro = len(EpochBatchSampler(n_train, cfg.train.batch_size, cfg.seed, world=world, drop_last=cfg.train.compile))
+    micro = len(EpochBatchSampler(n_train, cfg.train.batch_size, cfg.seed, world=world))
     if cfg.train.max_steps_per_epoch:
         micro = min(micro, cfg.train.max_steps_per_epoch * cfg.train.grad_accum)
     if micro < cfg.train.grad_accum:
-        dropped = " (train.compile drops the last partial batch)" if cfg.train.compile else ""
         raise ConfigError(f"this run would take no optimizer step: {n_train} training samples make {micro} "
-                          f"batches of {cfg.train.batch_size}{dropped} per epoch, fewer than "
+                          f"batches of {cfg.train.batch_size} per epoch, fewer than "
                           f"train.grad_accum={cfg.train.grad_accum}", "train.batch_size",
                           "lower train.batch_size or train.grad_accum, or train on more samples")
 
@@ -263,10 +261,8 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
 
     groups = method.param_groups(model, cfg.train.lr, cfg.train.weight_decay)
     optimizer = build_optimizer(cfg, groups, device)
-    # Compiled steps keep static shapes: a smaller last batch would trigger a recompile (or a new
-    # CUDA graph) every epoch, so it is dropped when compiling.
     train_sampler = EpochBatchSampler(len(task.train), cfg.train.batch_size, cfg.seed, rank=dist_.rank,
-                                      world=dist_.world, drop_last=cfg.train.compile)
+                                      world=dist_.world)
     # Own generator: a DataLoader iterator otherwise draws its base seed from the global RNG at
     # every epoch start, which would shift dropout / drop-path randomness after a mid-epoch resume.
     pin = device.type == "cuda"
@@ -313,7 +309,12 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
                                                      "wall_time_s": time.time() - t0, "git": git_info()}
 
     method.on_train_start(model, total_steps)  # after load_state: a resumed method keeps its own
-    train_model = wrap_for_training(model, cfg, dist_, device)
+    # The compiled step takes full batches only: static shapes, one compilation (or CUDA graph). An
+    # epoch's last, smaller batch goes through the same model uncompiled, so compiling changes the
+    # speed of a run, not its data.
+    eager_model = wrap_for_training(model, cfg, dist_, device)
+    train_model = compile_for_training(eager_model, cfg.train) if cfg.train.compile else eager_model
+    full_micro = cfg.train.batch_size // dist_.world
     # DDP averages gradients over ranks. That is the full-batch gradient for a per-batch mean loss,
     # but half of it for a per-batch *sum* (ORCA's Darcy loss): scale sums by the world size.
     summed = loss_reduction(task) == "sum"
@@ -365,7 +366,7 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
                     torch.compiler.cudagraph_mark_step_begin()
                 with sync:
                     with autocast():
-                        out = train_model(x)
+                        out = (train_model if len(x) == full_micro else eager_model)(x)
                     loss = task.loss(out.float(), y)
                     reg = method.regularization(model)
                     scaled = loss * dist_.world if rescale else loss
@@ -472,7 +473,8 @@ def _run_stage3(cfg: ExperimentConfig, run: Optional[RunDir], on_step: Optional[
 
 def wrap_for_training(model: torch.nn.Module, cfg: ExperimentConfig, dist_: Dist,
                       device: torch.device) -> torch.nn.Module:
-    """The module the training step calls: DDP-wrapped under torchrun, then compiled if asked.
+    """The module the training step calls: DDP-wrapped under torchrun (stage 3 then compiles it if
+    asked, :func:`compile_for_training`).
 
     DDP sees only parameters that require grad, so frozen body weights get neither gradient buffers
     nor all-reduce traffic. Buffers (Swin's attention masks and position indices, QLoRA's quantised
@@ -487,7 +489,7 @@ def wrap_for_training(model: torch.nn.Module, cfg: ExperimentConfig, dist_: Dist
                    else {"broadcast_buffers": False})
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                           find_unused_parameters=False, gradient_as_bucket_view=True, **no_sync)
-    return compile_for_training(train_model, cfg.train) if cfg.train.compile else train_model
+    return train_model
 
 
 def compile_for_training(fn: Callable, train: TrainConfig) -> Callable:

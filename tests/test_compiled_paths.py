@@ -1,4 +1,4 @@
-"""The LoRA-family checks on the compiled path (issue 7): ``torch.compile`` must change speed, never
+"""The LoRA-family checks on the compiled path: ``torch.compile`` must change speed, never
 results. Stage 3 compiles the whole model (``orca/train.py::wrap_for_training``), so every adapter's
 forward -- the hand-written :class:`FusedLoRALinear` (dropout off), ``lora_forward_generic``
 (dropout on), DyLoRA's per-step rank b, Delta-LoRA's in-place W updates, merge / unmerge -- runs

@@ -159,7 +159,7 @@ SWIN_B_BLOCK_DIMS = [128] * 2 + [256] * 2 + [512] * 18 + [1024] * 2
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_swin_b_profile_budget():
-    """The issue's budget: every metric at all 24 Swin-B blocks, 5000 x 5000 features, < 30 s."""
+    """Stage 2's time budget: every metric at all 24 Swin-B blocks, 5000 x 5000 features, < 30 s."""
     gen = torch.Generator().manual_seed(0)
     src = {f"blocks.{i}": torch.randn(5000, d, generator=gen) for i, d in enumerate(SWIN_B_BLOCK_DIMS)}
     tgt = {k: torch.randn(5000, v.shape[1], generator=gen) + 0.1 for k, v in src.items()}

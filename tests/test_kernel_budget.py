@@ -104,4 +104,4 @@ def test_committed_budget_reproduces_from_its_profile(tmp_path, monkeypatch):
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["rows"] == committed["rows"]
     lora = next(r for r in committed["rows"] if r["config"] == "lora" and r["batch"] == 256)
-    assert lora["ceiling"] < 1.31  # the figure issue 7's note quotes: 1.3x needs zero GEMM excess
+    assert lora["ceiling"] < 1.31  # 1.3x over full fine-tuning needs zero GEMM excess

@@ -148,8 +148,8 @@ def test_compiled_pack_equals_runs_alone(workdir, alone, case, monkeypatch):
     overrides = [f"sweep.output_dir={out}", "train.compile=true"]
     if case == "cudagraphs":
         overrides.append("train.compile_backend=cudagraphs")
-    # 8 training samples at batch 4: no partial batch for the compiled samplers to drop, so the
-    # data order is the eager runs' own; packs of 3 and 1, so two packs of two sizes compile
+    # 8 training samples at batch 4: full batches only, all through the compiled step; packs of 3
+    # and 1, so two packs of two sizes compile
     assert sweep_mod.run_sweep(path, overrides, gpus=0, pack=3) == []
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters)
     assert backends == ["cudagraphs" if case == "cudagraphs" else "inductor"] * 2
@@ -201,6 +201,34 @@ def test_rank_segments_cut_the_padded_work():
     assert sum((end - first) * r for first, end, r in segments) == 480
     assert rank_segments([8] * 5) == ((0, 5, 8),) and rank_segments([0, 0]) == ()
     assert rank_segments([3, 1, 0, 6, 5]) == ((0, 2, 3), (3, 5, 6))
+
+
+def test_compiled_pack_trains_the_eager_packs_data(workdir, monkeypatch):
+    """10 samples at batch 4 make two full batches and one of 2 per epoch. A compiled pack still
+    trains all three: its compiled step sees full batches only (one graph, no recompilation) and the
+    batches of 2 take the eager forward, so its runs equal the eager pack's runs."""
+    import torch._dynamo.utils
+
+    compile_ = torch.compile
+    seen = []
+
+    def recording(fn, mode=None, backend="inductor"):
+        compiled = compile_(fn, mode=mode, backend="aot_eager")
+        return lambda x, y, masks: seen.append(len(x)) or compiled(x, y, masks)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    include = "- {adapter.rank: 1, seed: 0}\n- {adapter.rank: 3, seed: 1}\n"
+    path = sweep_file(workdir, include, name="partial.yaml")
+    common = ["task.options.n_train=10", "task.options.n_val=2"]
+    for out, flags in (("partial_eager", []), ("partial_compiled", ["train.compile=true"])):
+        assert sweep_mod.run_sweep(path, [f"sweep.output_dir={workdir / out}", *common, *flags], gpus=0, pack=2) == []
+    assert seen == [2 * 4] * 4 and counters["stats"]["unique_graphs"] == 1  # 2 epochs x 2 full batches of 2 runs
+    for name in run_names(path):
+        eager, compiled = workdir / "partial_eager" / "packed" / name, workdir / "partial_compiled" / "packed" / name
+        assert [r["step"] for r in read(compiled)[0] if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+        assert_same_run(eager, compiled)
 
 
 def test_compiled_packed_linear_is_one_op_each_way():

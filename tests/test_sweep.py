@@ -266,7 +266,7 @@ def test_interrupted_run_fails_then_resumes(tmp_path, data_root, monkeypatch, ca
 
 @pytest.mark.parametrize("name", ["adaptive_darcy", "adaptive_patches"])
 def test_adaptive_sweeps_match_budgets(name):
-    """Issue 8 (d): uniform, AdaLoRA and stage-2 maps at the same three budgets, 3 seeds each; a map's
+    """Comparison (d): uniform, AdaLoRA and stage-2 maps at the same three budgets, 3 seeds each; a map's
     run is named after its stage-2 directory, and the sweep's grid is not inherited from a table."""
     spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml", schema=Stage2Config)
     assert spec.table == name and len(runs) == 27
@@ -286,7 +286,7 @@ def test_adaptive_sweeps_match_budgets(name):
 @pytest.mark.parametrize("name, method", [("body_evidence_darcy", "lora"), ("body_evidence_darcy_full", "full"),
                                           ("body_evidence_darcy_head", "head")])
 def test_body_evidence_sweeps_pair_the_bodies(name, method):
-    """Issue 4: each evidence sweep trains one method from the fractal and from a random body, 3 seeds each,
+    """Body evidence: each evidence sweep trains one method from the fractal and from a random body, 3 seeds each,
     with everything else equal."""
     spec, runs = sweep_mod.load_sweep(REPO / "configs/experiments" / f"{name}.yaml", schema=Stage2Config)
     assert spec.table == name and len(runs) == 6
@@ -332,7 +332,7 @@ def test_gpus_per_run_must_be_positive(tmp_path, data_root):
 
 
 def test_ddp_darcy_sweeps_differ_only_in_gpus():
-    """Issue 7's DDP check: the 2-GPU sweep trains exactly the 1-GPU sweep's runs (global batch included)."""
+    """The DDP check: the 2-GPU sweep trains exactly the 1-GPU sweep's runs (global batch included)."""
     spec1, one = sweep_mod.load_sweep(REPO / "configs/experiments/ddp_darcy_1gpu.yaml", schema=Stage2Config)
     spec2, two = sweep_mod.load_sweep(REPO / "configs/experiments/ddp_darcy_2gpu.yaml", schema=Stage2Config)
     assert (spec1.gpus_per_run, spec2.gpus_per_run) == (1, 2) and {r.gpus for r in two} == {2}

@@ -86,3 +86,32 @@ def test_cudagraphs_backend_trains_the_run_the_traced_step_trains(tiny_overrides
     a, b = (json.loads((r.path / "summary.json").read_text()) for r in (traced, graphs))
     assert b["test"]["rel_l2"] == pytest.approx(a["test"]["rel_l2"], rel=1e-6, abs=0)
     assert "compile_backend: cudagraphs" in (graphs.path / "config.yaml").read_text()
+
+
+def test_compiled_run_trains_the_eager_runs_data(tiny_overrides, tmp_path, monkeypatch):
+    """20 samples at batch 8 make two full batches and one of 4 per epoch. Compiled, the run still
+    trains all three (the data of the eager run, to rounding): the compiled step sees the full
+    batches only, so it keeps one static shape, and the last batch goes through the same model
+    uncompiled."""
+    import torch
+
+    compile_ = torch.compile
+    seen = []
+
+    def recording(fn, mode=None, backend="inductor"):
+        compiled = compile_(fn, mode=mode, backend="aot_eager")
+        return lambda x: seen.append(len(x)) or compiled(x)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    base = tiny_overrides + ["train.epochs=2", "adapter.method=lora", "adapter.rank=4", "task.options.n_train=20"]
+    eager = run_stage3(load_config(None, base + [f"run_dir={tmp_path / 'eager'}"]))
+    compiled = run_stage3(load_config(None, base + [f"run_dir={tmp_path / 'compiled'}", "train.compile=true"]))
+    assert seen == [8, 8] * 2  # two epochs of two full batches; the batches of 4 ran eagerly
+    rows = [[json.loads(x) for x in (r.path / "metrics.jsonl").read_text().splitlines()] for r in (eager, compiled)]
+    steps = [[r["step"] for r in run if r["kind"] == "train"] for run in rows]
+    assert steps[0] == steps[1] == [1, 2, 3, 4, 5, 6]  # three optimizer steps an epoch
+    for a, b in zip(*rows):
+        if a["kind"] == "train":
+            assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+    a, b = (json.loads((r.path / "summary.json").read_text()) for r in (eager, compiled))
+    assert b["test"]["rel_l2"] == pytest.approx(a["test"]["rel_l2"], rel=1e-5)

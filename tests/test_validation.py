@@ -45,12 +45,14 @@ def test_valid_edges_are_accepted():
 
 
 def test_a_run_that_would_take_no_step_is_refused_before_its_directory(tmp_path, capsys, tiny_overrides):
-    """24 training samples in batches of 32 with the last partial batch dropped (compile): 0 steps."""
-    assert cli.main(["stage3", *tiny_overrides, "train.batch_size=32", "train.compile=true"]) == 2
+    """24 training samples in batches of 16 make 2 micro-batches, fewer than 4 to accumulate: 0 steps.
+    A batch larger than the set is one partial batch, a step (compiled or not)."""
+    assert cli.main(["stage3", *tiny_overrides, "train.batch_size=16", "train.grad_accum=4"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line == ("error: this run would take no optimizer step: 24 training samples make 0 batches of 32 "
-                    "(train.compile drops the last partial batch) per epoch, fewer than train.grad_accum=1, "
+    assert line == ("error: this run would take no optimizer step: 24 training samples make 2 batches of 16 "
+                    "per epoch, fewer than train.grad_accum=4, "
                     "train.batch_size, lower train.batch_size or train.grad_accum, or train on more samples")
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="make 3 batches of 8 per epoch, fewer than train.grad_accum=4"):
         check_steps(load_config(None, [*tiny_overrides, "train.grad_accum=4"]), 24)
+    check_steps(load_config(None, [*tiny_overrides, "train.batch_size=32", "train.compile=true"]), 24)
