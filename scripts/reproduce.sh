@@ -60,7 +60,8 @@
 # step cannot take the later steps with it; without it every step runs to completion. Steps run one
 # after another unless said otherwise, so every timing is taken on an otherwise idle GPU. Sweeps run
 # PER_GPU runs at a time (default 6): the fractal body's eager runs are bound by Python, so they share
-# one GPU well.
+# one GPU well. The pre-registered parts' packed sweeps take PACK_OVERRIDES, dotted overrides for
+# every pack (e.g. "train.compile=true train.compile_backend=cudagraphs": speed, not data).
 source "$(dirname "$0")/_env.sh"
 parts="gpu_tests stage0 stage0_mim swinb_darcy bench profile bench_graphs bench_sdpa body_evidence body_evidence_mim body_evidence_droppath tables hypothesis sweeps pilot prereg prereg_gaps prereg_placebo prereg_stage1 ddp pack warmups"
 if [ $# -lt 2 ]; then
@@ -73,6 +74,7 @@ part=$1 out=$2 budget=${3:-}
 deadline=$(( $(date +%s) + ${budget:-0} ))
 mkdir -p "$out"
 darcy=configs/darcy_swinb.yaml
+read -r -a pack_overrides <<< "${PACK_OVERRIDES:-}"
 swinb_offline=(model.weights=none align.source=fractal)   # no hub weights, no CIFAR offline
 per_gpu=${PER_GPU:-6}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}   # PER_GPU processes x every core's threads would thrash
@@ -299,8 +301,8 @@ prereg)
     fi
     step "knee sweep of $task: warm-ups, then ranks x seeds${PREREG_SEEDS:+ (seeds $PREREG_SEEDS)}, ${PACK:-24} runs to a process"
     seeds=(); [ -n "${PREREG_SEEDS:-}" ] && seeds=("sweep.grid.seed=[$(echo $PREREG_SEEDS | tr ' ' ,)]")
-    [ "${PREREG_PHASE:-both}" != knees ] && within 600 "$PY" -m orca sweep "$warmup" --pack "${PACK:-24}" "${seeds[@]}"
-    [ "${PREREG_PHASE:-both}" != warmups ] && within 600 "$PY" -m orca sweep "$knee" --pack "${PACK:-24}" "${seeds[@]}"
+    [ "${PREREG_PHASE:-both}" != knees ] && within 600 "$PY" -m orca sweep "$warmup" --pack "${PACK:-24}" "${seeds[@]}" "${pack_overrides[@]}"
+    [ "${PREREG_PHASE:-both}" != warmups ] && within 600 "$PY" -m orca sweep "$knee" --pack "${PACK:-24}" "${seeds[@]}" "${pack_overrides[@]}"
   done
   ;;
 prereg_gaps)
@@ -345,7 +347,7 @@ prereg_placebo)
       continue
     fi
     step "placebo sweep of $key: 4 arms x ${#budgets[@]} budgets x 3 seeds, ${PACK:-24} runs to a process"
-    within 600 "$PY" -m orca sweep "$(placebo_file "$key")" --pack "${PACK:-24}"
+    within 600 "$PY" -m orca sweep "$(placebo_file "$key")" --pack "${PACK:-24}" "${pack_overrides[@]}"
   done
   ;;
 prereg_stage1)
@@ -360,8 +362,8 @@ prereg_stage1)
   done
   for name in darcy dial; do
     step "aligned warm-ups and knees: $name, ${PACK:-24} runs to a process"
-    within 600 "$PY" -m orca sweep configs/experiments/prereg/${name}_aligned_warmup.yaml --pack "${PACK:-24}"
-    within 600 "$PY" -m orca sweep configs/experiments/prereg/${name}_aligned_knee.yaml --pack "${PACK:-24}"
+    within 600 "$PY" -m orca sweep configs/experiments/prereg/${name}_aligned_warmup.yaml --pack "${PACK:-24}" "${pack_overrides[@]}"
+    within 600 "$PY" -m orca sweep configs/experiments/prereg/${name}_aligned_knee.yaml --pack "${PACK:-24}" "${pack_overrides[@]}"
   done
   ;;
 ddp)

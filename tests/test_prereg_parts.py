@@ -198,8 +198,10 @@ def test_prereg_placebo_maps_then_says_which_warmups_are_missing_then_sweeps(tre
     assert calls == [] and f"have no checkpoint: {warmups[2]};" in out
     (tree / warmups[2] / "ckpt").mkdir(parents=True)
     (tree / warmups[2] / "ckpt/best.pt").write_bytes(b"")
-    _, calls = reproduce(tree, "prereg_placebo", PLACEBO_KEYS="dial3", PACK="12")
-    assert calls == ["CALL -m orca sweep configs/experiments/prereg/placebo_dial3.yaml --pack 12"]
+    _, calls = reproduce(tree, "prereg_placebo", PLACEBO_KEYS="dial3", PACK="12",
+                         PACK_OVERRIDES="train.compile=true train.compile_backend=cudagraphs")
+    assert calls == ["CALL -m orca sweep configs/experiments/prereg/placebo_dial3.yaml --pack 12 "
+                     "train.compile=true train.compile_backend=cudagraphs"]
 
 
 def test_prereg_placebo_redoes_only_what_is_missing(tree):
@@ -292,6 +294,7 @@ def test_prereg_stage1_uses_the_same_tasks_and_skips_finished_steps(tree):
                     "run_dir=results/runs/prereg_gaps_aligned/dial5").replace("gaps.yaml", "gaps_aligned.yaml")]
     assert [c.split()[4] for c in calls[5:]] == [f"configs/experiments/prereg/{n}_aligned_{k}.yaml"
                                                  for n in ("darcy", "dial") for k in ("warmup", "knee")]
+    assert all(c.endswith("--pack 24") for c in calls[5:])  # no PACK_OVERRIDES, nothing added
 
 
 def test_pack_carries_the_placebo_maps_with_the_finished_runs(tree):

@@ -92,8 +92,10 @@ def test_prereg_runs_warmups_then_knees_of_released_tasks_only(tmp_path):
 
 
 def test_prereg_seeds_and_phases(tmp_path):
-    calls = reproduce_prereg(tmp_path, PREREG_SEEDS="0 2", PREREG_PHASE="knees", PACK="7")
-    assert calls == ["CALL -m orca sweep configs/experiments/prereg/darcy_knee.yaml --pack 7 sweep.grid.seed=[0,2]"]
+    calls = reproduce_prereg(tmp_path, PREREG_SEEDS="0 2", PREREG_PHASE="knees", PACK="7",
+                             PACK_OVERRIDES="train.compile=true")
+    assert calls == ["CALL -m orca sweep configs/experiments/prereg/darcy_knee.yaml --pack 7 sweep.grid.seed=[0,2] "
+                     "train.compile=true"]
     (tmp_path / "calls").unlink()
     shutil.rmtree(tmp_path / "pilots")
     calls = reproduce_prereg(tmp_path, PREREG_PHASE="warmups")
