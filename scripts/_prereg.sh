@@ -36,10 +36,13 @@ pilot_one() {
 PREREG_ALL_KEYS="darcy dial3 dial0 dial1 dial2 dial4 dial5 dial6 tones digits natural_patches fractal_heldout"
 # prereg_task KEY: sets the array task_args to the overrides that make KEY's task exactly as its knee
 # sweep trains it (same name and options), so that a gap and a knee are measured on the same data.
+# RENDER_DEVICE (default cuda) renders the fractal tasks on another device, e.g. cpu for a gap profile
+# on a machine without a GPU: the same images (tests/test_fractal.py: CUDA renders equal CPU's).
 prereg_task() {
+  local dev=${RENDER_DEVICE:-cuda}
   case $1 in
-    dial[0-6]) task_args=(task.name=fractal_dial "task.options={level: ${1#dial}, cache: true, device: cuda}") ;;
-    fractal_heldout) task_args=(task.name=fractal_heldout "task.options={cache: true, device: cuda}") ;;
+    dial[0-6]) task_args=(task.name=fractal_dial "task.options={level: ${1#dial}, cache: true, device: $dev}") ;;
+    fractal_heldout) task_args=(task.name=fractal_heldout "task.options={cache: true, device: $dev}") ;;
     darcy | tones | digits | natural_patches) task_args=(task.name="$1") ;;
     *) echo "error: no pre-registered task '$1'; choose one of: $PREREG_ALL_KEYS" >&2; return 2 ;;
   esac

@@ -40,7 +40,8 @@
 #   prereg_gaps    the pre-registered gap profiles (stage 2 with configs/experiments/prereg/gaps.yaml) of
 #                  PREREG_KEYS (default all 12: darcy dial3 dial0..6 tones digits natural_patches
 #                  fractal_heldout) into results/runs/prereg_gaps/KEY, one after another, each at most
-#                  GAP_CAP seconds (default 400); finished profiles are skipped
+#                  GAP_CAP seconds (default 400); finished profiles are skipped; RENDER_DEVICE=cpu (default
+#                  cuda) renders the fractal tasks on the CPU, so a machine without a GPU can compute them
 #   prereg_placebo the equal-budget placebo comparison on PLACEBO_KEYS (default: darcy dial3): stage-2 maps at
 #                  the budgets of placebo_KEY.yaml from the measured gap profile (prereg_gaps first), the four
 #                  arms' map files (scripts/placebo_maps.py), then the sweep, PACK runs to a process; it

@@ -48,6 +48,16 @@ def test_every_analysed_task_has_a_gap_profile_of_its_knee_sweeps_data():
         assert cfg.name == "prereg_gaps"  # the experiment name rank_estimation.evidence reads gaps from
 
 
+def test_render_device_moves_only_the_fractal_rendering():
+    """RENDER_DEVICE=cpu: the fractal tasks' options name the CPU as render device, nothing else changes."""
+    show = 'prereg_task {}; printf "%s\\n" "${{task_args[@]}}"'
+    cuda = prereg_shell(show.format("dial3")).splitlines()
+    cpu = prereg_shell("RENDER_DEVICE=cpu " + show.format("dial3")).splitlines()
+    assert cuda == ["task.name=fractal_dial", "task.options={level: 3, cache: true, device: cuda}"]
+    assert cpu == [cuda[0], cuda[1].replace("cuda", "cpu")]
+    assert prereg_shell("RENDER_DEVICE=cpu " + show.format("darcy")).splitlines() == ["task.name=darcy"]
+
+
 def test_an_unknown_task_key_is_refused():
     done = subprocess.run(["bash", "-c", "source scripts/_prereg.sh; prereg_task dial7"], cwd=REPO_ROOT,
                           capture_output=True, text=True)
