@@ -230,14 +230,15 @@ def packed_step(packed: PackedModel, task, autocast, train: TrainConfig,
     elementwise ops over all K runs' rows at once; compiling is paid once per pack, where a run
     alone pays it once per run. ``train.compile_backend=cudagraphs`` instead records the step's
     eager kernels as CUDA graphs: no fusion, but the thousands of small launches of a pack's step
-    (the rank segments, per-run heads and embedders) go in one replay, after seconds of capture. What keeps it one graph compiled once: the stochastic-depth masks
-    are an input (drawn outside, from each run's generator), the compiled step sees full batches
-    only (an epoch's last, smaller batch takes the eager forward, as in a compiled run alone, so
-    compiling changes no run's data), and evaluation runs the model eagerly (its batches differ in
-    size, and no grad). A pack's model and K are its
-    own, so dynamo's cache is reset at the start of every pack: a later or smaller last pack
-    compiles afresh rather than piling entries onto one code object until dynamo's recompile limit
-    silently leaves it eager.
+    (the rank segments, per-run heads and embedders) go in one replay, after seconds of capture.
+
+    What keeps it one graph compiled once: the stochastic-depth masks are an input (drawn outside,
+    from each run's generator), the compiled step sees full batches only (an epoch's last, smaller
+    batch takes the eager forward, as in a compiled run alone, so compiling changes no run's data),
+    and evaluation runs the model eagerly (its batches differ in size, and no grad). A pack's model
+    and K are its own, so dynamo's cache is reset at the start of every pack: a later or smaller
+    last pack compiles afresh rather than piling entries onto one code object until dynamo's
+    recompile limit silently leaves it eager.
     """
     losses_of = run_losses(task, packed.k)
 
