@@ -231,6 +231,33 @@ def test_compiled_pack_trains_the_eager_packs_data(workdir, monkeypatch):
         assert_same_run(eager, compiled)
 
 
+def test_packed_step_graphs_hold_nothing_cuda_graphs_refuse(workdir, monkeypatch):
+    """What ``train.compile_backend=cudagraphs`` records, checked where no GPU is: the pack's traced
+    forward and backward graphs hold no op that CUDA graphs refuse (torch's own test, which the
+    backend applies before recording: ops tagged unsafe, data-dependent shapes)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    found = {}
+
+    def check(name):
+        def compiler(gm, example_inputs):
+            found[name] = (get_first_incompatible_cudagraph_node(gm),
+                           sum(n.target in (torch.ops.orca.packed_lora_linear.default,
+                                            torch.ops.orca.packed_lora_linear_backward.default) for n in gm.graph.nodes))
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    checking, compile_ = aot_autograd(fw_compiler=check("forward"), bw_compiler=check("backward")), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **configured: compile_(fn, backend=checking))
+    path = sweep_file(workdir, "- {adapter.rank: 1, seed: 0}\n- {adapter.rank: 3, seed: 1}\n", name="graphs.yaml")
+    assert sweep_mod.run_sweep(path, [f"sweep.output_dir={workdir / 'graphs'}", "train.compile=true",
+                                      "train.compile_backend=cudagraphs"], gpus=0, pack=2) == []
+    assert found["forward"][0] is None and found["backward"][0] is None
+    assert found["forward"][1] == found["backward"][1] == 19  # the pack's: 4 blocks x 4 Linears, 3 patch merges
+
+
 def test_compiled_packed_linear_is_one_op_each_way():
     """Compiled, an adapted Linear of a pack is one opaque op in the forward graph and one in the
     backward graph, whatever its segments: the segment loops (cuBLAS calls) stay out of the graph
