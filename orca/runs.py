@@ -24,6 +24,7 @@ new row is written. A temporary file left by a killed write is removed when the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -50,10 +51,18 @@ class CheckpointMismatch(OrcaError, ValueError):
 def git_info() -> Dict[str, Any]:
     """Commit and dirty flag of the code that runs (``unknown`` outside a git checkout).
 
+    Read once per process, at the first call: a run makes that call when its run directory is made
+    (:class:`RunDir`), before any work, so a run that takes an hour reports the commit it started
+    from, not one made in the checkout while it ran (its summaries are written at the end).
     ``ORCA_GIT_COMMIT`` overrides both (dirty = False): for machines that receive a copy of a clean,
     committed tree without its current history (e.g. a GPU machine sent only the working tree),
     where ``git`` would report whatever stale ``.git`` happens to be there.
     """
+    return dict(_git_at_first_call())
+
+
+@functools.lru_cache(maxsize=None)
+def _git_at_first_call() -> Dict[str, Any]:
     if os.environ.get("ORCA_GIT_COMMIT"):
         return {"commit": os.environ["ORCA_GIT_COMMIT"], "dirty": False, "source": "ORCA_GIT_COMMIT"}
 
@@ -184,6 +193,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        git_info()  # the commit this run starts from, before any work (see git_info)
         self._tb = None
         self._keep: Optional[Callable[[Dict[str, Any]], bool]] = None  # a resume's pending metrics filter
 

@@ -148,3 +148,20 @@ def test_stage2_that_fails_says_so_in_its_summary(chain, tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["reason"] == "RuntimeError: allocation broke"
     assert summary["stage"] == "stage2" and summary["target_embedder"] == str(chain["stage1"])
+
+
+def test_a_run_reports_the_commit_it_started_from(tmp_path, monkeypatch):
+    """The commit is read when the run directory is made and kept for the process: a commit made
+    while a run works (its summary is written at the end) is not the one it reports."""
+    from orca import runs
+
+    runs._git_at_first_call.cache_clear()
+    monkeypatch.setenv("ORCA_GIT_COMMIT", "a" * 40)
+    runs.RunDir(tmp_path / "run")
+    monkeypatch.setenv("ORCA_GIT_COMMIT", "b" * 40)  # the checkout moves on while the run works
+    try:
+        assert runs.git_info() == {"commit": "a" * 40, "dirty": False, "source": "ORCA_GIT_COMMIT"}
+        runs.git_info()["commit"] = "changed"  # a caller's copy: the process's record stays
+        assert runs.git_info()["commit"] == "a" * 40
+    finally:
+        runs._git_at_first_call.cache_clear()  # later tests in this process read the real checkout
