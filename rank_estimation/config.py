@@ -97,6 +97,10 @@ class RankConfig:
     metric_kwargs: Dict[str, Dict[str, Any]] = field(default_factory=dict, metadata={
         "help": "per-metric options, e.g. {sinkhorn: {blur: 0.1}, pad: {max_samples: 1000}}"})
     batch_size: int = field(default=64, metadata={"help": "images per forward pass of the feature capture"})
+    allocate: bool = field(default=True, metadata={
+        "help": "allocate ranks under the budget and write the rank map; false measures the gap profile "
+                "only (gaps.json, gaps.png), also for a task whose gap is unresolved at every block (the "
+                "source distribution itself); a later run with rank.gaps_from allocates from it"})
     gaps_from: Optional[str] = field(default=None, metadata={
         "help": "stage-2 run directory whose gaps.json is reused: no feature capture or gap measurement, "
                 "only the allocation at this run's budget/prior (same task, body, weights and target "
@@ -182,6 +186,10 @@ class RankConfig:
             raise _bad("metric_kwargs", self.metric_kwargs, "a mapping metric name -> mapping of options")
         if self.gaps_from is not None and (not isinstance(self.gaps_from, str) or not self.gaps_from):
             raise _bad("gaps_from", self.gaps_from, "None (measure the gaps) or a stage-2 run directory")
+        if not isinstance(self.allocate, bool):
+            raise _bad("allocate", self.allocate, "true or false")
+        if not self.allocate and self.gaps_from is not None:
+            raise _bad("allocate", self.allocate, "true with gaps_from (a run that reads a profile only allocates)")
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-dict form (tuples as lists) for YAML/JSON run records."""

@@ -430,21 +430,15 @@ def allocate_and_write(cfg: Stage2Config, run: RunDir, gaps: Dict[str, Any], bod
         "provenance": provenance,
     })
     write_json(rank_map_path, payload)
-    write_json(run.file("gaps.json"), {**gaps, "chosen": r.gap_metric})
-    plot_gaps(gaps, r.gap_metric, run.file("gaps.png"))
+    write_profile_files(cfg, run, gaps)
     plot_ranks(alloc, blocks, chosen, r.gap_metric, run.file("ranks.png"))
 
     wall = time.time() - t0
     summary = {
-        "stage": "stage2", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed, "body": cfg.model.body,
-        "weights": body.orca_weights, "target_embedder": target_embedder(cfg.model),
-        "gap_metric": r.gap_metric, "metrics": list(gaps["metrics"]), "gaps_from": r.gaps_from,
-        "seconds_per_metric": gaps["seconds"], "timing_s": times,
+        **profile_summary(cfg, run, gaps, body, times),
         "budget": alloc.budget, "trainable": alloc.trainable, "tolerance": alloc.tolerance,
         "n_modules": len(alloc.rank_map), "rank_range": [min(alloc.rank_map.values()), max(alloc.rank_map.values())],
-        "max_rhat": alloc.diagnostics.get("max_rhat"), "source": provenance["source"],
-        "n_target": provenance["n_target"], "rank_map": str(rank_map_path), "wall_time_s": wall, "git": git_info(),
-        "machine": machine_info(), "command": " ".join(sys.argv), "run_dir": str(run.path),
+        "max_rhat": alloc.diagnostics.get("max_rhat"), "rank_map": str(rank_map_path), "wall_time_s": wall,
     }
     run.write_summary(summary)
     run.close()
@@ -455,6 +449,47 @@ def allocate_and_write(cfg: Stage2Config, run: RunDir, gaps: Dict[str, Any], bod
           f"{summary['rank_range'][0]}..{summary['rank_range'][1]}; {wall:.1f}s", flush=True)
     print(f"[stage2] rank map: {rank_map_path}", flush=True)
     print(f"[stage2] next: {stage3_command(cfg, run)}", flush=True)
+
+
+def write_profile_files(cfg: Stage2Config, run: RunDir, gaps: Dict[str, Any]) -> None:
+    """The gap profile's files: ``gaps.json`` (every metric at every layer, with its intervals) and its plot."""
+    write_json(run.file("gaps.json"), {**gaps, "chosen": cfg.rank.gap_metric})
+    plot_gaps(gaps, cfg.rank.gap_metric, run.file("gaps.png"))
+
+
+def profile_summary(cfg: Stage2Config, run: RunDir, gaps: Dict[str, Any], body: torch.nn.Module,
+                    times: Dict[str, Optional[float]]) -> Dict[str, Any]:
+    """The summary fields of a stage-2 run that describe its gap profile (an allocation adds its own)."""
+    r = cfg.rank
+    return {
+        "stage": "stage2", "task": cfg.task.name, "experiment": cfg.name, "seed": cfg.seed, "body": cfg.model.body,
+        "weights": body.orca_weights, "target_embedder": target_embedder(cfg.model),
+        "gap_metric": r.gap_metric, "metrics": list(gaps["metrics"]), "gaps_from": r.gaps_from,
+        "seconds_per_metric": gaps["seconds"], "timing_s": times, "source": gaps["provenance"]["source"],
+        "n_target": gaps["provenance"]["n_target"], "git": git_info(), "machine": machine_info(),
+        "command": " ".join(sys.argv), "run_dir": str(run.path),
+    }
+
+
+def write_profile(cfg: Stage2Config, run: RunDir, gaps: Dict[str, Any], body: torch.nn.Module,
+                  times: Dict[str, Optional[float]], t0: float) -> None:
+    """A run with ``rank.allocate=false``: the measured gap profile and its summary, no rank map.
+
+    Why a profile may stand alone: the gap is the measurement (of how far a task sits from the
+    body's source at every block); a task at the source distribution itself has a gap unresolved
+    at every block, which no allocation can turn into ranks but which is the measured result."""
+    write_profile_files(cfg, run, gaps)
+    blocks = [layer for layer in gaps["layers"] if layer != EMBED]
+    unresolved = [b for b in blocks if gaps["values"][b][cfg.rank.gap_metric]["value"] <= 0]
+    run.write_summary({**profile_summary(cfg, run, gaps, body, times), "rank_map": None,
+                       "unresolved_blocks": unresolved, "wall_time_s": time.time() - t0})
+    run.close()
+    per_metric = ", ".join(f"{m} {s:.2f}s" for m, s in gaps["seconds"].items())
+    print(f"[stage2] gaps at {len(gaps['layers'])} layers ({per_metric}); {cfg.rank.gap_metric} unresolved "
+          f"(<= 0) at {len(unresolved)} of {len(blocks)} blocks; no rank map (rank.allocate=false); "
+          f"{time.time() - t0:.1f}s", flush=True)
+    print(f"[stage2] next: the same config with rank.gaps_from={run.path} and a rank.budget allocates ranks "
+          f"from this profile", flush=True)
 
 
 def stage3_command(cfg: Stage2Config, run: RunDir) -> str:
@@ -513,5 +548,8 @@ def run_stage2(cfg: Stage2Config) -> RunDir:
                   flush=True)
         else:
             gaps, times = measure_gaps(cfg, task, model, positions, metrics)
-        allocate_and_write(cfg, run, gaps, body, costs, times, t0)
+        if r.allocate:
+            allocate_and_write(cfg, run, gaps, body, costs, times, t0)
+        else:
+            write_profile(cfg, run, gaps, body, times, t0)
     return run

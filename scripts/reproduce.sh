@@ -331,7 +331,7 @@ prereg_placebo)
       finished $s2 && continue
       step "stage-2 map of $key at budget $b from its gap profile"
       within 120 bash scripts/stage2.sh configs/experiments/prereg/gaps.yaml "${task_args[@]}" name=prereg_stage2 \
-          rank.budget=$b rank.gaps_from=$gaps run_dir=$s2
+          rank.allocate=true rank.budget=$b rank.gaps_from=$gaps run_dir=$s2
       finished $s2 || ready=0
     done
     if (( ! ready )); then echo "($key: a stage-2 map did not finish; the maps and the sweep wait for it)"; continue; fi

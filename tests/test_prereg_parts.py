@@ -189,7 +189,7 @@ def test_prereg_placebo_maps_then_says_which_warmups_are_missing_then_sweeps(tre
     s2 = [f"results/runs/prereg_stage2/dial3_b{b}" for b in budgets]
     out, calls = reproduce(tree, "prereg_placebo", PLACEBO_KEYS="dial3")
     task = "task.name=fractal_dial task.options={level: 3, cache: true, device: cuda}"
-    assert calls == [stage2_call(task, f"name=prereg_stage2 rank.budget={b}",
+    assert calls == [stage2_call(task, f"name=prereg_stage2 rank.allocate=true rank.budget={b}",
                                  f"rank.gaps_from=results/runs/prereg_gaps/dial3 run_dir={d}")
                      for b, d in zip(budgets, s2)] + \
         [f"CALL scripts/placebo_maps.py --out results/runs/placebo_maps/dial3 --stage2 {' '.join(s2)} "

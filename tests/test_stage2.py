@@ -332,6 +332,37 @@ def test_stage2_gaps_from_bad_inputs_fail_before_writing(tiny_overrides, measure
     assert (sorted(runs.iterdir()) if runs.exists() else []) == before
 
 
+def test_a_profile_unresolved_at_every_block_is_measured_without_a_rank_map(tiny_overrides, measured_stage2,
+                                                                           monkeypatch):
+    """A task at the source distribution itself (a gap dial's level 0): the gap is <= 0 at every
+    block. The allocation refuses it and the measured values are lost; ``rank.allocate=false``
+    keeps the profile (the measurement) as a finished run without a rank map."""
+    import rank_estimation.stage as stage
+
+    measured = json.loads((measured_stage2 / "gaps.json").read_text())
+    source_like = json.loads(json.dumps(measured))
+    for layer in source_like["values"].values():
+        layer["mmd"]["value"] = -abs(layer["mmd"]["value"]) * 1e-3
+    monkeypatch.setattr(stage, "measure_gaps", lambda *args: (json.loads(json.dumps(source_like)),
+                                                              {"data_s": 0.0, "capture_s": 0.0, "gaps_s": 0.0}))
+    refused = measured_stage2.parent / "refused"
+    with pytest.raises(ConfigError, match="gap metric 'mmd' is <= 0 at every block"):
+        stage.run_stage2(load_config(None, _stage2_overrides(tiny_overrides, f"run_dir={refused}")))
+    assert json.loads((refused / "summary.json").read_text())["status"] == "failed"
+    assert not (refused / "gaps.json").exists()
+
+    run = stage.run_stage2(load_config(None, _stage2_overrides(tiny_overrides, "rank.allocate=false")))
+    assert sorted(p.name for p in run.path.iterdir() if p.is_file()) == ["config.yaml", "gaps.json", "gaps.png",
+                                                                         "summary.json"]
+    summary = json.loads((run.path / "summary.json").read_text())
+    blocks = [layer for layer in measured["layers"] if layer != "embed"]
+    assert summary["status"] == "finished" and summary["rank_map"] is None and "budget" not in summary
+    assert summary["unresolved_blocks"] == blocks and summary["metrics"] == ["mmd", "sinkhorn"]
+    assert json.loads((run.path / "gaps.json").read_text()) == {**source_like, "chosen": "mmd"}
+    with pytest.raises(ValueError, match="RankConfig.allocate=False is not allowed; expected true with gaps_from"):
+        load_config(None, _stage2_overrides(tiny_overrides, "rank.allocate=false", f"rank.gaps_from={run.path}"))
+
+
 def test_gaps_from_must_be_a_directory_name(tiny_overrides):
     with pytest.raises(ConfigError, match="RankConfig.gaps_from=''"):
         load_config(None, _stage2_overrides(tiny_overrides, "rank.gaps_from=''"))
