@@ -1,9 +1,9 @@
 """Does the LoRA rank a task needs grow with its modality gap? Test it on the runs that exist.
 
-    python scripts/hypothesis.py                                   # results/runs -> results/hypothesis.{md,json}
-    python scripts/hypothesis.py --check                           # exit 1 if they are not what the runs give
-    python scripts/hypothesis.py --runs runs --out results --tol 0.05 --split test
-    python scripts/hypothesis.py --base-state body_init.pt         # (c): initial weights from a file
+    bash scripts/hypothesis.sh                                     # results/runs -> results/hypothesis.{md,json}
+    bash scripts/hypothesis.sh --check                             # exit 1 if they are not what the runs give
+    bash scripts/hypothesis.sh --runs runs --out results --tol 0.05 --split test
+    bash scripts/hypothesis.sh --base-state body_init.pt           # (c): initial weights from a file
 
 Reads every ``summary.json`` under ``--runs`` (stage-3 runs, grouped by task and by method / rank
 through the ``config.yaml`` beside it; stage-2 runs through their ``rank_map.json``) and writes
