@@ -16,6 +16,9 @@ What is estimated, each only from complete data (every rank of :data:`KNEE_RANKS
 - gamma's posterior in log D = log beta + gamma log(1 + knee) (:mod:`rank_estimation.gamma_posterior`),
   averaged over bootstrap draws of knees and gaps; tasks whose gap interval contains 0 stay out of
   this fit (log D is undefined there) and in the correlation;
+- the dial's gaps level by level: whether the primary gap rises strictly from each level to the
+  next and whether adjacent levels' intervals are apart (the calibration's criterion, section 1,
+  read off the pre-registered profiles);
 - the equal-budget table: the stage-2 map against its uniform, shuffled-gap and depth-only placebos;
 - the stage-1 arm (tables ``aligned_*``, gaps of ``prereg_gaps_aligned``): on :data:`STAGE1_KEYS`, the
   gap and the knee with the stage-1 aligned embedder beside the source-initialised one, and the knee
@@ -178,7 +181,8 @@ def analyse(runs: Sequence[Mapping[str, Any]], gaps: Mapping[str, Mapping[str, f
     out: Dict[str, Any] = {"primary_metric": primary_metric, "primary_tolerance": PRIMARY_TOLERANCE,
                            "tolerances": list(TOLERANCES), "knee_ranks": list(KNEE_RANKS), "min_seeds": MIN_SEEDS,
                            "knee_interval_level": KNEE_LEVEL, "tasks": tasks,
-                           "analysed_tasks": [t["key"] for t in ready], "pilots": [dict(v) for v in pilots]}
+                           "analysed_tasks": [t["key"] for t in ready], "pilots": [dict(v) for v in pilots],
+                           "dial": dial_order(gaps)}
     if len(ready) >= 3:
         x = [t["gap"]["value"] for t in ready]
         y = [t["knees"][tol_key]["knee"] for t in ready]
@@ -219,6 +223,19 @@ def analyse(runs: Sequence[Mapping[str, Any]], gaps: Mapping[str, Mapping[str, f
     return out
 
 
+def dial_order(gaps: Mapping[str, Mapping[str, float]]) -> Dict[str, Any]:
+    """The dial levels that have a gap, in level order, and how each level's gap stands to the next
+    measured one: ``rises`` (value strictly larger) and ``apart`` (its interval's lower end above the
+    previous one's upper end). ``strictly_increasing`` / ``adjacent_apart`` hold when every step does,
+    over at least two measured levels (None otherwise)."""
+    levels = [int(k[4:]) for k in DIAL_KEYS if k in gaps]
+    steps = [{"from": a, "to": b, "rises": gaps[f"dial{b}"]["value"] > gaps[f"dial{a}"]["value"],
+              "apart": gaps[f"dial{b}"]["lo"] > gaps[f"dial{a}"]["hi"]} for a, b in zip(levels, levels[1:])]
+    return {"levels": levels, "steps": steps,
+            "strictly_increasing": all(s["rises"] for s in steps) if steps else None,
+            "adjacent_apart": all(s["apart"] for s in steps) if steps else None}
+
+
 def _f(v: Optional[float], digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}g}"
 
@@ -241,6 +258,18 @@ def render(result: Mapping[str, Any]) -> str:
         L.append(f"| {t['key']} | {_f(g.get('value'))} | [{_f(g.get('lo'))}, {_f(g.get('hi'))}] | "
                  + " | ".join(knees) + f" | {seeds} |")
     L.append("")
+    dial = result.get("dial")
+    if dial and dial["steps"]:
+        def yes(v: bool) -> str:
+            return "yes" if v else "no"
+
+        L.append(f"Gap dial ({len(dial['levels'])} of 7 levels measured: {', '.join(map(str, dial['levels']))}): "
+                 f"the primary gap rises strictly from level to level: {yes(dial['strictly_increasing'])}; "
+                 f"adjacent levels' intervals apart: {yes(dial['adjacent_apart'])}"
+                 + "".join(f"; {s['from']} -> {s['to']}: {'rises' if s['rises'] else 'does not rise'}"
+                           f"{'' if s['apart'] else ', intervals overlap'}"
+                           for s in dial["steps"] if not (s["rises"] and s["apart"])) + ".")
+        L.append("")
     if result.get("pilots"):
         L += ["Plateau pilots (uniform r = 8, seed 0; a task's sweep runs only after its pilot passed): the best "
               "validation value of the first c epochs against that of all E.", "",

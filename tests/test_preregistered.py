@@ -110,3 +110,29 @@ def test_stage1_arm_knees_side_by_side_and_their_difference():
     assert "stage-1 comparison on dial5: no gap profile with the aligned embedder" in res["missing"]
     md = render(res)
     assert "| darcy | 0.9 [0.85, 0.95] | 0.4 [0.35, 0.45] | 8 [" in md and "| -6 [" in md
+
+
+def test_dial_gaps_are_checked_level_by_level():
+    """The dial's primary gap, level after measured level: a strict rise with intervals apart
+    everywhere, and each step that falls short named (here 2 -> 4 overlaps, 4 -> 5 falls);
+    fewer than two measured levels give no verdict."""
+    def gap(v, half=0.01):
+        return {"value": v, "lo": v - half, "hi": v + half}
+
+    gaps = {"dial0": gap(0.0), "dial1": gap(0.05), "dial2": gap(0.1), "dial4": gap(0.115), "dial5": gap(0.11),
+            "darcy": gap(1.0)}
+    dial = analyse([], gaps, "mmd_source", n_boot=10)["dial"]
+    assert dial["levels"] == [0, 1, 2, 4, 5]
+    assert [(s["from"], s["to"], s["rises"], s["apart"]) for s in dial["steps"]] == [
+        (0, 1, True, True), (1, 2, True, True), (2, 4, True, False), (4, 5, False, False)]
+    assert dial["strictly_increasing"] is False and dial["adjacent_apart"] is False
+    md = render(analyse([], gaps, "mmd_source", n_boot=10))
+    assert ("Gap dial (5 of 7 levels measured: 0, 1, 2, 4, 5): the primary gap rises strictly from level to "
+            "level: no; adjacent levels' intervals apart: no; 2 -> 4: rises, intervals overlap; "
+            "4 -> 5: does not rise, intervals overlap.") in md
+    rising = {f"dial{level}": gap(0.05 * level, 0.001) for level in range(7)}
+    assert analyse([], rising, "mmd_source", n_boot=10)["dial"]["strictly_increasing"] is True
+    assert analyse([], rising, "mmd_source", n_boot=10)["dial"]["adjacent_apart"] is True
+    alone = analyse([], {"dial3": gap(0.1)}, "mmd_source", n_boot=10)
+    assert alone["dial"] == {"levels": [3], "steps": [], "strictly_increasing": None, "adjacent_apart": None}
+    assert "Gap dial" not in render(alone)
