@@ -481,15 +481,16 @@ def write_profile(cfg: Stage2Config, run: RunDir, gaps: Dict[str, Any], body: to
     write_profile_files(cfg, run, gaps)
     blocks = [layer for layer in gaps["layers"] if layer != EMBED]
     unresolved = [b for b in blocks if gaps["values"][b][cfg.rank.gap_metric]["value"] <= 0]
+    wall = time.time() - t0
     run.write_summary({**profile_summary(cfg, run, gaps, body, times), "rank_map": None,
-                       "unresolved_blocks": unresolved, "wall_time_s": time.time() - t0})
+                       "unresolved_blocks": unresolved, "wall_time_s": wall})
     run.close()
     per_metric = ", ".join(f"{m} {s:.2f}s" for m, s in gaps["seconds"].items())
     print(f"[stage2] gaps at {len(gaps['layers'])} layers ({per_metric}); {cfg.rank.gap_metric} unresolved "
           f"(<= 0) at {len(unresolved)} of {len(blocks)} blocks; no rank map (rank.allocate=false); "
-          f"{time.time() - t0:.1f}s", flush=True)
-    print(f"[stage2] next: the same config with rank.gaps_from={run.path} and a rank.budget allocates ranks "
-          f"from this profile", flush=True)
+          f"{wall:.1f}s", flush=True)
+    print(f"[stage2] next: the same config with rank.allocate=true rank.gaps_from={run.path} and a rank.budget "
+          f"allocates ranks from this profile", flush=True)
 
 
 def stage3_command(cfg: Stage2Config, run: RunDir) -> str:

@@ -333,7 +333,7 @@ def test_stage2_gaps_from_bad_inputs_fail_before_writing(tiny_overrides, measure
 
 
 def test_a_profile_unresolved_at_every_block_is_measured_without_a_rank_map(tiny_overrides, measured_stage2,
-                                                                           monkeypatch):
+                                                                           monkeypatch, capsys):
     """A task at the source distribution itself (a gap dial's level 0): the gap is <= 0 at every
     block. The allocation refuses it and the measured values are lost; ``rank.allocate=false``
     keeps the profile (the measurement) as a finished run without a rank map."""
@@ -351,7 +351,11 @@ def test_a_profile_unresolved_at_every_block_is_measured_without_a_rank_map(tiny
     assert json.loads((refused / "summary.json").read_text())["status"] == "failed"
     assert not (refused / "gaps.json").exists()
 
+    capsys.readouterr()
     run = stage.run_stage2(load_config(None, _stage2_overrides(tiny_overrides, "rank.allocate=false")))
+    hint = f"rank.allocate=true rank.gaps_from={run.path}"  # the printed next step overrides the profile's config
+    assert hint in capsys.readouterr().out
+    assert load_config(None, _stage2_overrides(tiny_overrides, "rank.allocate=false", *hint.split())).rank.allocate
     assert sorted(p.name for p in run.path.iterdir() if p.is_file()) == ["config.yaml", "gaps.json", "gaps.png",
                                                                          "summary.json"]
     summary = json.loads((run.path / "summary.json").read_text())
